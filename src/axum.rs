@@ -1,0 +1,65 @@
+//! axum extractors for the identity the layer verified.
+
+use std::fmt;
+
+use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum_core::response::{IntoResponse, Response};
+use http::request::Parts;
+use http::StatusCode;
+
+use crate::identity::MatrixUser;
+
+/// The rejection of the [`MatrixUser`] extractor: the request has no verified user, which on a
+/// route the layer covers can only mean the layer is missing or skips this route.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MissingMatrixUser;
+
+impl fmt::Display for MissingMatrixUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "no MatrixUser in the request extensions: is `MatrixAuthLayer` applied to this \
+             route (and not skipped or optional here)? Use `Option<MatrixUser>` on optional routes.",
+        )
+    }
+}
+
+impl std::error::Error for MissingMatrixUser {}
+
+impl IntoResponse for MissingMatrixUser {
+    fn into_response(self) -> Response {
+        // A server misconfiguration, not the client's fault: 500 with the Matrix error shape.
+        tracing::error!("{self}");
+        let body = serde_json::json!({
+            "errcode": "M_UNKNOWN",
+            "error": "The server is misconfigured: authentication layer missing.",
+        });
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(http::header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for MatrixUser {
+    type Rejection = MissingMatrixUser;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<MatrixUser>()
+            .cloned()
+            .ok_or(MissingMatrixUser)
+    }
+}
+
+/// `Option<MatrixUser>` in a handler: `None` on routes where the layer is optional and the
+/// request came without a token.
+impl<S: Send + Sync> OptionalFromRequestParts<S> for MatrixUser {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<MatrixUser>().cloned())
+    }
+}

@@ -1,0 +1,241 @@
+//! Why a request was refused, and the Matrix JSON error that says so.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::caveat::CaveatFailure;
+use crate::wire::FormatError;
+
+/// Why a request was refused: a small opaque type to query with `is_*()` and render.
+///
+/// `Display` gives the text sent to the client; `Debug` adds the internal reason (e.g. which
+/// caveat rule failed). Neither ever contains the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Rejection {
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Missing(Missing),
+    Unknown(Unknown),
+    GuestForbidden,
+    Unavailable,
+}
+
+/// Token extraction failures: all `401 M_MISSING_TOKEN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Missing {
+    NoToken,
+    Mixed,
+    TooManyHeaders,
+    TooManyQueryTokens,
+    NotBearer,
+}
+
+/// Verification failures: all `401 M_UNKNOWN_TOKEN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unknown {
+    TooLong,
+    Format(FormatError),
+    UnknownKey,
+    BadSignature,
+    Caveat(CaveatFailure),
+    Expired,
+    Revoked,
+}
+
+impl Rejection {
+    pub(crate) fn missing(why: Missing) -> Self {
+        Self {
+            kind: Kind::Missing(why),
+        }
+    }
+
+    pub(crate) fn unknown(why: Unknown) -> Self {
+        Self {
+            kind: Kind::Unknown(why),
+        }
+    }
+
+    pub(crate) fn guest_forbidden() -> Self {
+        Self {
+            kind: Kind::GuestForbidden,
+        }
+    }
+
+    pub(crate) fn unavailable() -> Self {
+        Self {
+            kind: Kind::Unavailable,
+        }
+    }
+
+    /// The HTTP status: 401, 403 for a guest where guests may not go, 503 when the revocation
+    /// state could not be read.
+    pub fn status(&self) -> StatusCode {
+        match self.kind {
+            Kind::Missing(_) | Kind::Unknown(_) => StatusCode::UNAUTHORIZED,
+            Kind::GuestForbidden => StatusCode::FORBIDDEN,
+            Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The Matrix `errcode`.
+    pub fn errcode(&self) -> &'static str {
+        match self.kind {
+            Kind::Missing(_) => "M_MISSING_TOKEN",
+            Kind::Unknown(_) => "M_UNKNOWN_TOKEN",
+            Kind::GuestForbidden => "M_GUEST_ACCESS_FORBIDDEN",
+            Kind::Unavailable => "M_UNKNOWN",
+        }
+    }
+
+    /// The human-readable `error` text sent to the client.
+    pub fn message(&self) -> &'static str {
+        match self.kind {
+            Kind::Missing(Missing::NoToken) => "Missing access token.",
+            Kind::Missing(Missing::Mixed) => {
+                "Mixing Authorization headers and access_token query parameters."
+            }
+            Kind::Missing(Missing::TooManyHeaders) => "Too many Authorization headers.",
+            Kind::Missing(Missing::TooManyQueryTokens) => "Too many access_token query parameters.",
+            Kind::Missing(Missing::NotBearer) => {
+                "Invalid Authorization header: expected `Authorization: Bearer <access token>`."
+            }
+            Kind::Unknown(Unknown::Expired) => "Access token has expired.",
+            Kind::Unknown(_) => "Unrecognised access token.",
+            Kind::GuestForbidden => "Guest access is not allowed here.",
+            Kind::Unavailable => "Cannot check the access token right now; try again later.",
+        }
+    }
+
+    /// Whether the client should refresh or log in again without wiping its data: the token
+    /// was valid but its `time <` caveat no longer holds.
+    pub fn soft_logout(&self) -> bool {
+        self.is_expired()
+    }
+
+    /// No usable token in the request (`M_MISSING_TOKEN`).
+    pub fn is_missing_token(&self) -> bool {
+        matches!(self.kind, Kind::Missing(_))
+    }
+
+    /// A token was present but is not valid here (`M_UNKNOWN_TOKEN`).
+    pub fn is_unknown_token(&self) -> bool {
+        matches!(self.kind, Kind::Unknown(_))
+    }
+
+    /// The token is genuine but has expired.
+    pub fn is_expired(&self) -> bool {
+        self.kind == Kind::Unknown(Unknown::Expired)
+    }
+
+    /// The token is genuine but the revocation check says it was revoked.
+    pub fn is_revoked(&self) -> bool {
+        self.kind == Kind::Unknown(Unknown::Revoked)
+    }
+
+    /// A guest token on a route that does not allow guests.
+    pub fn is_guest_forbidden(&self) -> bool {
+        self.kind == Kind::GuestForbidden
+    }
+
+    /// The revocation state could not be read, so the request was refused (fail closed).
+    pub fn is_unavailable(&self) -> bool {
+        self.kind == Kind::Unavailable
+    }
+
+    /// What went wrong internally, for logs: never the token, never shown to the client.
+    pub fn reason(&self) -> &'static str {
+        match self.kind {
+            Kind::Missing(Missing::NoToken) => "no access token in the request",
+            Kind::Missing(Missing::Mixed) => "both an Authorization header and a query token",
+            Kind::Missing(Missing::TooManyHeaders) => "more than one Authorization header",
+            Kind::Missing(Missing::TooManyQueryTokens) => "more than one access_token parameter",
+            Kind::Missing(Missing::NotBearer) => "Authorization header is not `Bearer <token>`",
+            Kind::Unknown(Unknown::TooLong) => "token longer than the configured limit",
+            Kind::Unknown(Unknown::Format(FormatError::TooManyCaveats)) => {
+                "more caveats than the configured limit"
+            }
+            Kind::Unknown(Unknown::Format(_)) => "not a macaroon in any supported format",
+            Kind::Unknown(Unknown::UnknownKey) => "macaroon identifier names no key in the ring",
+            Kind::Unknown(Unknown::BadSignature) => "signature does not verify",
+            Kind::Unknown(Unknown::Caveat(failure)) => failure.describe(),
+            Kind::Unknown(Unknown::Expired) => "a `time <` caveat no longer holds",
+            Kind::Unknown(Unknown::Revoked) => "token was revoked",
+            Kind::GuestForbidden => "guest token on a route that forbids guests",
+            Kind::Unavailable => "revocation check failed",
+        }
+    }
+
+    /// The Matrix JSON body: `{"errcode", "error"}`, plus `"soft_logout": true` when it applies.
+    pub fn to_json(&self) -> String {
+        let mut body = serde_json::json!({
+            "errcode": self.errcode(),
+            "error": self.message(),
+        });
+        if self.soft_logout() {
+            body["soft_logout"] = true.into();
+        }
+        body.to_string()
+    }
+
+    /// The complete response: status, `Content-Type: application/json` and the JSON body.
+    pub fn to_response(&self) -> Response<Bytes> {
+        let mut response = Response::new(Bytes::from(self.to_json()));
+        *response.status_mut() = self.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self.is_unavailable() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl fmt::Debug for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rejection")
+            .field("errcode", &self.errcode())
+            .field("reason", &self.reason())
+            .finish()
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_bodies() {
+        let expired = Rejection::unknown(Unknown::Expired);
+        let body: serde_json::Value = serde_json::from_str(&expired.to_json()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"errcode": "M_UNKNOWN_TOKEN", "error": "Access token has expired.", "soft_logout": true})
+        );
+        let forged = Rejection::unknown(Unknown::BadSignature);
+        let body: serde_json::Value = serde_json::from_str(&forged.to_json()).unwrap();
+        assert_eq!(body.get("soft_logout"), None);
+        assert_eq!(body["errcode"], "M_UNKNOWN_TOKEN");
+        let response = Rejection::missing(Missing::Mixed).to_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        assert_eq!(Rejection::guest_forbidden().status(), StatusCode::FORBIDDEN);
+        assert!(format!("{forged:?}").contains("signature does not verify"));
+    }
+}

@@ -1,0 +1,239 @@
+//! Finding the access token in a request: the `Authorization: Bearer` header and the
+//! `access_token` query parameter, with the Matrix rules for conflicts.
+//!
+//! | request | outcome |
+//! |---|---|
+//! | no header, no parameter (or only empty ones) | no token |
+//! | `Authorization: Bearer <t>` (scheme in any case, one space, one token) | `<t>` |
+//! | `?access_token=<t>` (percent-decoded; `+` stays `+`) | `<t>`, if query tokens are allowed |
+//! | header token and non-empty parameter | `M_MISSING_TOKEN` (mixing) |
+//! | two `Authorization` headers | `M_MISSING_TOKEN` |
+//! | two `access_token` parameters (empty or not) | `M_MISSING_TOKEN` |
+//! | `Authorization` that is not `Bearer <visible ASCII>` (`Basic …`, two tokens, bytes > 0x7e) | `M_MISSING_TOKEN` |
+//!
+//! An empty token (`Bearer` with nothing after it, `?access_token=`) counts as no token.
+
+use std::borrow::Cow;
+
+use http::header::AUTHORIZATION;
+use http::request::Parts;
+use http::uri::{PathAndQuery, Uri};
+
+use crate::error::Missing;
+
+/// The query parameter the Matrix spec names.
+const PARAM: &[u8] = b"access_token";
+
+/// The token a request carries, if any.
+pub(crate) fn find_token(
+    parts: &Parts,
+    query_tokens: bool,
+) -> Result<Option<Cow<'_, [u8]>>, Missing> {
+    let header = header_token(parts)?;
+    let query = if query_tokens {
+        query_token(parts.uri.query())?
+    } else {
+        None
+    };
+    match (header, query) {
+        (Some(_), Some(_)) => Err(Missing::Mixed),
+        (Some(token), None) => Ok(Some(Cow::Borrowed(token))),
+        (None, query) => Ok(query),
+    }
+}
+
+/// `Authorization: Bearer <token>`, or `None` if there is no header or an empty token.
+fn header_token(parts: &Parts) -> Result<Option<&[u8]>, Missing> {
+    let mut values = parts.headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Missing::TooManyHeaders);
+    }
+    let value = value.as_bytes();
+    let (scheme, token) = match value.iter().position(|&b| b == b' ') {
+        Some(space) => (&value[..space], &value[space + 1..]),
+        None => (value, &b""[..]),
+    };
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return Err(Missing::NotBearer);
+    }
+    if !token.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(Missing::NotBearer);
+    }
+    Ok((!token.is_empty()).then_some(token))
+}
+
+/// The `access_token` parameter: `None` if absent or empty, an error if given twice.
+fn query_token(query: Option<&str>) -> Result<Option<Cow<'_, [u8]>>, Missing> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    let mut found: Option<Cow<'_, [u8]>> = None;
+    let mut seen = false;
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !is_token_param(key) {
+            continue;
+        }
+        if seen {
+            return Err(Missing::TooManyQueryTokens);
+        }
+        seen = true;
+        if !value.is_empty() {
+            found = Some(percent_decode(value.as_bytes()));
+        }
+    }
+    Ok(found)
+}
+
+fn is_token_param(key: &str) -> bool {
+    key.len() >= PARAM.len() && percent_decode(key.as_bytes()) == PARAM
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Percent-decoding; malformed escapes stay as they are. `+` is not a space here: a token never
+/// holds a space, but standard base64 holds `+`.
+fn percent_decode(input: &[u8]) -> Cow<'_, [u8]> {
+    if !input.contains(&b'%') {
+        return Cow::Borrowed(input);
+    }
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        let escaped = match input.get(i..i + 3) {
+            Some([b'%', hi, lo]) => hex_value(*hi).zip(hex_value(*lo)),
+            _ => None,
+        };
+        match escaped {
+            Some((hi, lo)) => {
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            None => {
+                out.push(input[i]);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The URI without any `access_token` parameter, or `None` if it has none, so that nothing
+/// after the layer (a `TraceLayer`, an access log) can record the token.
+pub(crate) fn strip_query_token(uri: &Uri) -> Option<Uri> {
+    let query = uri.query()?;
+    if !query
+        .split('&')
+        .any(|pair| is_token_param(pair.split('=').next().unwrap_or(pair)))
+    {
+        return None;
+    }
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !is_token_param(pair.split('=').next().unwrap_or(pair)))
+        .collect();
+    let mut path_and_query = uri.path().to_owned();
+    if !kept.is_empty() {
+        path_and_query.push('?');
+        path_and_query.push_str(&kept.join("&"));
+    }
+    let mut parts = uri.clone().into_parts();
+    // Removing whole pairs from a valid query leaves a valid one; the path alone is the
+    // fallback that still drops the token.
+    parts.path_and_query = Some(
+        PathAndQuery::try_from(path_and_query).unwrap_or_else(|_| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn parts(uri: &str, headers: &[&[u8]]) -> Parts {
+        let mut builder = Request::get(uri);
+        for h in headers {
+            builder = builder.header(AUTHORIZATION, http::HeaderValue::from_bytes(h).unwrap());
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn found(uri: &str, headers: &[&[u8]]) -> Result<Option<Vec<u8>>, Missing> {
+        find_token(&parts(uri, headers), true).map(|t| t.map(Cow::into_owned))
+    }
+
+    #[test]
+    fn rules_table() {
+        let some = |t: &str| Ok(Some(t.as_bytes().to_vec()));
+        assert_eq!(found("/x", &[]), Ok(None));
+        assert_eq!(found("/x", &[b"Bearer abc"]), some("abc"));
+        assert_eq!(found("/x", &[b"bEaReR abc"]), some("abc"));
+        assert_eq!(found("/x?access_token=abc", &[]), some("abc"));
+        assert_eq!(found("/x?a=1&access_token=a%2Bb%3D&b=2", &[]), some("a+b="));
+        assert_eq!(found("/x?access_token=a+b", &[]), some("a+b"));
+        assert_eq!(found("/x?access%5Ftoken=abc", &[]), some("abc"));
+        assert_eq!(found("/x?access_token=", &[]), Ok(None));
+        assert_eq!(found("/x?access_token", &[]), Ok(None));
+        assert_eq!(found("/x", &[b"Bearer"]), Ok(None));
+        assert_eq!(found("/x?access_token=", &[b"Bearer abc"]), some("abc"));
+        assert_eq!(found("/x?access_token=q", &[b"Bearer"]), some("q"));
+        assert_eq!(
+            found("/x?access_token=q", &[b"Bearer abc"]),
+            Err(Missing::Mixed)
+        );
+        assert_eq!(
+            found("/x", &[b"Bearer a", b"Bearer b"]),
+            Err(Missing::TooManyHeaders)
+        );
+        assert_eq!(
+            found("/x?access_token=a&access_token=b", &[]),
+            Err(Missing::TooManyQueryTokens)
+        );
+        assert_eq!(
+            found("/x?access_token=&access_token=b", &[]),
+            Err(Missing::TooManyQueryTokens)
+        );
+        for bad in [
+            &b"Basic dXNlcjpwYXNz"[..],
+            b"Bearer  abc",
+            b"Bearer a b",
+            b"Bearerabc",
+            b"X-Matrix origin=a,key=b,sig=c",
+            b"Bearer abc\xff",
+            b"Bearer \xc3\xa9t\xc3\xa9",
+        ] {
+            assert_eq!(found("/x", &[bad]), Err(Missing::NotBearer), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn query_tokens_can_be_switched_off() {
+        let p = parts("/x?access_token=abc&access_token=d", &[b"Bearer h"]);
+        assert_eq!(find_token(&p, false).unwrap().as_deref(), Some(&b"h"[..]));
+        let p = parts("/x?access_token=abc", &[]);
+        assert_eq!(find_token(&p, false).unwrap(), None);
+    }
+
+    #[test]
+    fn stripping() {
+        let strip = |u: &str| strip_query_token(&u.parse().unwrap()).map(|u| u.to_string());
+        assert_eq!(strip("/x?access_token=abc"), Some("/x".into()));
+        assert_eq!(
+            strip("/x?a=1&access_token=abc&b=2"),
+            Some("/x?a=1&b=2".into())
+        );
+        assert_eq!(strip("/x?access%5ftoken=abc&b=2"), Some("/x?b=2".into()));
+        assert_eq!(
+            strip("http://h/x?access_token=abc"),
+            Some("http://h/x".into())
+        );
+        assert_eq!(strip("/x?a=1"), None);
+        assert_eq!(strip("/x"), None);
+    }
+}

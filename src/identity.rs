@@ -1,0 +1,265 @@
+//! The verified identity the layer puts into request extensions.
+
+use std::fmt;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+/// What a token may be used for: the `type` caveat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TokenType {
+    /// `type = access`: every endpoint except the refresh exchange.
+    Access,
+    /// `type = refresh`: only the refresh exchange.
+    Refresh,
+    /// `type = login`: only `m.login.token` login.
+    Login,
+}
+
+impl TokenType {
+    /// The caveat value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenType::Access => "access",
+            TokenType::Refresh => "refresh",
+            TokenType::Login => "login",
+        }
+    }
+
+    pub(crate) fn from_caveat_value(value: &str) -> Option<Self> {
+        match value {
+            "access" => Some(TokenType::Access),
+            "refresh" => Some(TokenType::Refresh),
+            "login" => Some(TokenType::Login),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for TokenType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stable, non-secret id of a minted token, for revocation.
+///
+/// It is the SHA-256 (first 16 bytes) of the user id and the token's first `nonce` caveat, so a
+/// holder who appends caveats (attenuation) keeps the same id and cannot escape a revocation.
+/// A token without a nonce (Synapse before 0.18.5) gets the hash of its signature instead, which
+/// attenuation does change: mint with a nonce when revocation matters (this crate always does).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenId([u8; 16]);
+
+impl TokenId {
+    pub(crate) fn from_nonce(user_id: &str, nonce: &str) -> Self {
+        let digest = Sha256::new()
+            .chain_update(b"nonce\0")
+            .chain_update(user_id.as_bytes())
+            .chain_update([0])
+            .chain_update(nonce.as_bytes())
+            .finalize();
+        Self::from_digest(&digest)
+    }
+
+    pub(crate) fn from_signature(signature: &[u8; 32]) -> Self {
+        let digest = Sha256::new()
+            .chain_update(b"signature\0")
+            .chain_update(signature)
+            .finalize();
+        Self::from_digest(&digest)
+    }
+
+    fn from_digest(digest: &[u8]) -> Self {
+        let mut id = [0; 16];
+        id.copy_from_slice(&digest[..16]);
+        Self(id)
+    }
+
+    /// The raw 16 bytes (e.g. for a database key).
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    /// Rebuilds an id from bytes a store kept.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+}
+
+impl fmt::Display for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenId({self})")
+    }
+}
+
+/// A Matrix user whose token the layer verified, found in the request's extensions.
+///
+/// With the `axum` feature it is also an extractor; otherwise read it with
+/// `request.extensions().get::<MatrixUser>()`. Cloning is cheap (one reference count).
+/// `Debug` shows who the user is, never the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MatrixUser {
+    inner: Arc<Inner>,
+}
+
+#[derive(PartialEq, Eq)]
+struct Inner {
+    /// user id, then device id, then nonce, in one allocation.
+    text: Box<str>,
+    user_id_end: usize,
+    device_id_end: Option<usize>,
+    has_nonce: bool,
+    is_guest: bool,
+    token_type: TokenType,
+    expires_at_ms: Option<u64>,
+    token_id: TokenId,
+}
+
+/// The parts of a verified token that make up a [`MatrixUser`].
+pub(crate) struct VerifiedClaims<'a> {
+    pub(crate) user_id: &'a str,
+    pub(crate) device_id: Option<&'a str>,
+    pub(crate) nonce: Option<&'a str>,
+    pub(crate) is_guest: bool,
+    pub(crate) token_type: TokenType,
+    pub(crate) expires_at_ms: Option<u64>,
+    pub(crate) signature: &'a [u8; 32],
+}
+
+impl MatrixUser {
+    pub(crate) fn from_claims(claims: VerifiedClaims<'_>) -> Self {
+        let token_id = match claims.nonce {
+            Some(nonce) => TokenId::from_nonce(claims.user_id, nonce),
+            None => TokenId::from_signature(claims.signature),
+        };
+        let mut text = String::with_capacity(
+            claims.user_id.len()
+                + claims.device_id.map_or(0, str::len)
+                + claims.nonce.map_or(0, str::len),
+        );
+        text.push_str(claims.user_id);
+        let user_id_end = text.len();
+        let device_id_end = claims.device_id.map(|d| {
+            text.push_str(d);
+            text.len()
+        });
+        if let Some(nonce) = claims.nonce {
+            text.push_str(nonce);
+        }
+        Self {
+            inner: Arc::new(Inner {
+                text: text.into_boxed_str(),
+                user_id_end,
+                device_id_end,
+                has_nonce: claims.nonce.is_some(),
+                is_guest: claims.is_guest,
+                token_type: claims.token_type,
+                expires_at_ms: claims.expires_at_ms,
+                token_id,
+            }),
+        }
+    }
+
+    /// The user id from the `user_id` caveat, e.g. `@alice:example.org`.
+    pub fn user_id(&self) -> &str {
+        &self.inner.text[..self.inner.user_id_end]
+    }
+
+    /// The `device_id` caveat, if the token was issued to a device.
+    pub fn device_id(&self) -> Option<&str> {
+        self.inner
+            .device_id_end
+            .map(|end| &self.inner.text[self.inner.user_id_end..end])
+    }
+
+    /// Whether the token carries `guest = true`.
+    pub fn is_guest(&self) -> bool {
+        self.inner.is_guest
+    }
+
+    /// The token's `type` caveat.
+    pub fn token_type(&self) -> TokenType {
+        self.inner.token_type
+    }
+
+    /// When the token stops being valid (the earliest `time <` caveat), in ms since the epoch.
+    pub fn expires_at_ms(&self) -> Option<u64> {
+        self.inner.expires_at_ms
+    }
+
+    /// The stable id revocation stores key on.
+    pub fn token_id(&self) -> TokenId {
+        self.inner.token_id
+    }
+
+    /// The value of the token's first `nonce` caveat: the part of the token the minter chose to
+    /// make it unique. Not a credential on its own, but it is kept out of `Debug` all the same.
+    pub fn nonce(&self) -> Option<&str> {
+        if !self.inner.has_nonce {
+            return None;
+        }
+        let start = self.inner.device_id_end.unwrap_or(self.inner.user_id_end);
+        Some(&self.inner.text[start..])
+    }
+}
+
+impl fmt::Debug for MatrixUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MatrixUser")
+            .field("user_id", &self.user_id())
+            .field("device_id", &self.device_id())
+            .field("is_guest", &self.is_guest())
+            .field("token_type", &self.token_type())
+            .field("expires_at_ms", &self.expires_at_ms())
+            .field("token_id", &self.token_id())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_come_back_out_of_the_shared_buffer() {
+        let user = MatrixUser::from_claims(VerifiedClaims {
+            user_id: "@alice:example.org",
+            device_id: Some("DEVICE"),
+            nonce: Some("n0nce"),
+            is_guest: false,
+            token_type: TokenType::Access,
+            expires_at_ms: Some(5),
+            signature: &[1; 32],
+        });
+        assert_eq!(user.user_id(), "@alice:example.org");
+        assert_eq!(user.device_id(), Some("DEVICE"));
+        assert_eq!(user.nonce(), Some("n0nce"));
+        assert_eq!(
+            user.token_id(),
+            TokenId::from_nonce("@alice:example.org", "n0nce")
+        );
+        let debug = format!("{user:?}");
+        assert!(debug.contains("@alice:example.org") && !debug.contains("n0nce"));
+
+        let bare = MatrixUser::from_claims(VerifiedClaims {
+            user_id: "@bob:example.org",
+            device_id: None,
+            nonce: None,
+            is_guest: true,
+            token_type: TokenType::Access,
+            expires_at_ms: None,
+            signature: &[2; 32],
+        });
+        assert_eq!((bare.device_id(), bare.nonce()), (None, None));
+        assert_eq!(bare.token_id(), TokenId::from_signature(&[2; 32]));
+        assert_ne!(bare.token_id(), TokenId::from_signature(&[3; 32]));
+    }
+}

@@ -1,0 +1,187 @@
+//! Root keys: the secret a homeserver configures, derived the libmacaroons way, and the key ring
+//! that lets keys rotate (one key mints, every key in the ring verifies).
+
+use std::fmt;
+use std::sync::Arc;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::wire::SIGNATURE_LEN;
+
+pub(crate) type HmacSha256 = Hmac<Sha256>;
+
+/// HMAC-SHA256 of `message` under `key`.
+pub(crate) fn hmac(key: &[u8], message: &[u8]) -> [u8; SIGNATURE_LEN] {
+    // HMAC takes keys of any length, so this cannot fail.
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts any key length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
+/// The fixed key libmacaroons (and so pymacaroons and the `macaroon` crate) uses to turn a
+/// secret of any length into a 32-byte root key.
+const KEY_GENERATOR: &[u8] = b"macaroons-key-generator";
+
+/// A macaroon root secret. Its `Debug` output never shows the key.
+///
+/// ```
+/// use tower_matrix_auth::MacaroonSecret;
+/// // A Synapse deployment's `macaroon_secret_key`, derived as pymacaroons does.
+/// let secret = MacaroonSecret::from_passphrase("my synapse macaroon_secret_key");
+/// assert_eq!(format!("{secret:?}"), "MacaroonSecret(<redacted>)");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct MacaroonSecret {
+    root_key: [u8; SIGNATURE_LEN],
+}
+
+impl MacaroonSecret {
+    /// Derives the root key from a secret of any length the way libmacaroons and pymacaroons do:
+    /// HMAC-SHA256 keyed with `"macaroons-key-generator"` over the secret. This is what Synapse's
+    /// `macaroon_secret_key` went through, so its tokens verify with this key.
+    pub fn from_passphrase(secret: impl AsRef<[u8]>) -> Self {
+        Self {
+            root_key: hmac(KEY_GENERATOR, secret.as_ref()),
+        }
+    }
+
+    /// Uses 32 bytes as the root key as they are, with no derivation.
+    pub fn from_root_key(root_key: [u8; SIGNATURE_LEN]) -> Self {
+        Self { root_key }
+    }
+
+    pub(crate) fn root_key(&self) -> &[u8; SIGNATURE_LEN] {
+        &self.root_key
+    }
+}
+
+impl fmt::Debug for MacaroonSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MacaroonSecret(<redacted>)")
+    }
+}
+
+/// One key of the ring: its identifier and the chain's first link, computed once.
+#[derive(Clone)]
+pub(crate) struct RingKey {
+    pub(crate) identifier: Box<[u8]>,
+    /// `HMAC(root_key, identifier)`: every token under this key starts its chain here, so it is
+    /// computed when the key is added instead of on every request.
+    pub(crate) first_link: [u8; SIGNATURE_LEN],
+}
+
+/// The keys a layer verifies with, looked up by the macaroon identifier.
+///
+/// The first key added mints (see [`KeyRing::minting_key`]); every key verifies, so a deployment
+/// rotates by adding a new key in front and keeping the old ones until their tokens have expired.
+/// `Debug` lists the identifiers only.
+///
+/// ```
+/// use tower_matrix_auth::{KeyRing, MacaroonSecret};
+/// let ring = KeyRing::new()
+///     .with_key("key2", MacaroonSecret::from_passphrase("the new secret"))
+///     .with_key("key", MacaroonSecret::from_passphrase("the old synapse secret"));
+/// assert_eq!(ring.minting_key(), Some("key2".as_bytes()));
+/// assert!(format!("{ring:?}").contains("key2"));
+/// assert!(!format!("{ring:?}").contains("secret"));
+/// ```
+#[derive(Clone, Default)]
+pub struct KeyRing {
+    keys: Arc<[RingKey]>,
+}
+
+impl KeyRing {
+    /// An empty ring: it verifies nothing until keys are added.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a key under a macaroon identifier (Synapse used `key`). A later key with an identifier
+    /// already in the ring replaces it.
+    pub fn with_key(self, identifier: impl AsRef<[u8]>, secret: MacaroonSecret) -> Self {
+        let identifier: Box<[u8]> = identifier.as_ref().into();
+        let first_link = hmac(secret.root_key(), &identifier);
+        let mut keys: Vec<RingKey> = self
+            .keys
+            .iter()
+            .filter(|k| k.identifier != identifier)
+            .cloned()
+            .collect();
+        let key = RingKey {
+            identifier,
+            first_link,
+        };
+        // Replacing keeps the position: the minting key stays the minting key.
+        match self
+            .keys
+            .iter()
+            .position(|k| k.identifier == key.identifier)
+        {
+            Some(at) => keys.insert(at, key),
+            None => keys.push(key),
+        }
+        Self { keys: keys.into() }
+    }
+
+    /// The identifier of the key that mints (the first one added).
+    pub fn minting_key(&self) -> Option<&[u8]> {
+        self.keys.first().map(|k| &*k.identifier)
+    }
+
+    /// How many keys the ring holds.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether the ring holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The key for a macaroon identifier. Identifiers are public, so a plain comparison is fine.
+    pub(crate) fn find(&self, identifier: &[u8]) -> Option<&RingKey> {
+        self.keys.iter().find(|k| &*k.identifier == identifier)
+    }
+
+    pub(crate) fn minting(&self) -> Option<&RingKey> {
+        self.keys.first()
+    }
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(
+                self.keys
+                    .iter()
+                    .map(|k| String::from_utf8_lossy(&k.identifier).into_owned()),
+            )
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derivation_matches_the_macaroon_crate() {
+        let ours = MacaroonSecret::from_passphrase("a secret");
+        let theirs = macaroon::MacaroonKey::generate(b"a secret");
+        assert_eq!(&ours.root_key[..], &theirs[..]);
+    }
+
+    #[test]
+    fn replacing_a_key_keeps_its_place() {
+        let ring = KeyRing::new()
+            .with_key("a", MacaroonSecret::from_passphrase("1"))
+            .with_key("b", MacaroonSecret::from_passphrase("2"))
+            .with_key("a", MacaroonSecret::from_passphrase("3"));
+        assert_eq!(ring.len(), 2);
+        assert_eq!(ring.minting_key(), Some(&b"a"[..]));
+        let expected = hmac(MacaroonSecret::from_passphrase("3").root_key(), b"a");
+        assert_eq!(ring.find(b"a").unwrap().first_link, expected);
+        assert!(ring.find(b"c").is_none());
+    }
+}

@@ -1,0 +1,269 @@
+//! The layer and its configuration.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::Response;
+use tower_layer::Layer;
+
+use crate::caveat::Caveat;
+use crate::clock::Clock;
+use crate::error::Rejection;
+use crate::keys::KeyRing;
+use crate::revocation::{NeverRevoked, Revocation};
+use crate::service::MatrixAuth;
+use crate::verify::Verifier;
+
+/// Whether the `access_token` query parameter is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueryToken {
+    /// Read it (spec v1.19: servers MUST support both places). The default.
+    #[default]
+    Allowed,
+    /// Ignore it: only `Authorization: Bearer` authenticates (the spec after v1.19, MSC4127).
+    Ignored,
+}
+
+/// Whether guest tokens (`guest = true`) reach the inner service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestPolicy {
+    /// Guests get `403 M_GUEST_ACCESS_FORBIDDEN`. The default.
+    #[default]
+    Forbidden,
+    /// Guests pass, marked by [`crate::MatrixUser::is_guest`].
+    Allowed,
+}
+
+type Predicate = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
+type Renderer = Arc<dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync>;
+
+/// How the layer treats one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Requirement {
+    /// Not ours (federation, `/versions`): passed on untouched.
+    Skip,
+    /// A token is verified if present; without one the request passes unauthenticated.
+    Optional,
+    /// A valid token is required.
+    Required,
+}
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) verifier: Verifier,
+    pub(crate) query_token: QueryToken,
+    pub(crate) strip_query_token: bool,
+    pub(crate) guests: GuestPolicy,
+    pub(crate) guests_allowed_when: Vec<Predicate>,
+    pub(crate) skip_when: Vec<Predicate>,
+    pub(crate) optional: bool,
+    pub(crate) optional_when: Vec<Predicate>,
+    pub(crate) revocation: Arc<dyn Revocation>,
+    pub(crate) renderer: Option<Renderer>,
+}
+
+impl Config {
+    pub(crate) fn requirement(&self, parts: &Parts) -> Requirement {
+        if self.skip_when.iter().any(|p| p(parts)) {
+            Requirement::Skip
+        } else if self.optional || self.optional_when.iter().any(|p| p(parts)) {
+            Requirement::Optional
+        } else {
+            Requirement::Required
+        }
+    }
+
+    pub(crate) fn guests_allowed(&self, parts: &Parts) -> bool {
+        self.guests == GuestPolicy::Allowed || self.guests_allowed_when.iter().any(|p| p(parts))
+    }
+
+    pub(crate) fn render(&self, rejection: &Rejection) -> Response<Bytes> {
+        match &self.renderer {
+            Some(render) => render(rejection),
+            None => rejection.to_response(),
+        }
+    }
+}
+
+/// Authenticates Matrix client-server requests with macaroon access tokens.
+///
+/// Every request that reaches the inner service carries a verified [`crate::MatrixUser`] in its
+/// extensions (unless a [`skip_when`](Self::skip_when) or optional rule let it through without
+/// one); every other request gets the Matrix JSON error. Cloning is cheap: the configuration is
+/// shared.
+///
+/// See the [crate docs](crate) for an example.
+#[derive(Clone)]
+pub struct MatrixAuthLayer {
+    config: Arc<Config>,
+}
+
+impl MatrixAuthLayer {
+    /// A layer verifying with `keys`: header and query tokens, guests forbidden, nothing
+    /// skipped, nothing revoked, the system clock.
+    pub fn new(keys: KeyRing) -> Self {
+        Self::with_verifier(Verifier::new(keys))
+    }
+
+    /// A layer around a configured [`Verifier`].
+    pub fn with_verifier(verifier: Verifier) -> Self {
+        Self {
+            config: Arc::new(Config {
+                verifier,
+                query_token: QueryToken::Allowed,
+                strip_query_token: true,
+                guests: GuestPolicy::Forbidden,
+                guests_allowed_when: Vec::new(),
+                skip_when: Vec::new(),
+                optional: false,
+                optional_when: Vec::new(),
+                revocation: Arc::new(NeverRevoked),
+                renderer: None,
+            }),
+        }
+    }
+
+    fn update(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// Whether the `access_token` query parameter is read (default: allowed).
+    pub fn query_token(self, policy: QueryToken) -> Self {
+        self.update(|c| c.query_token = policy)
+    }
+
+    /// Whether `access_token` is removed from the URI the inner service sees (default: yes), so
+    /// that a `TraceLayer` or access log after this layer cannot record it.
+    pub fn strip_query_token(self, strip: bool) -> Self {
+        self.update(|c| c.strip_query_token = strip)
+    }
+
+    /// Whether guest tokens pass (default: forbidden).
+    pub fn guests(self, policy: GuestPolicy) -> Self {
+        self.update(|c| c.guests = policy)
+    }
+
+    /// Lets guests through on the requests `predicate` picks, e.g. whoami.
+    pub fn allow_guests_when<F>(self, predicate: F) -> Self
+    where
+        F: Fn(&Parts) -> bool + Send + Sync + 'static,
+    {
+        self.update(|c| c.guests_allowed_when.push(Arc::new(predicate)))
+    }
+
+    /// Passes requests that `predicate` picks on untouched: no token needed, none checked.
+    pub fn skip_when<F>(self, predicate: F) -> Self
+    where
+        F: Fn(&Parts) -> bool + Send + Sync + 'static,
+    {
+        self.update(|c| c.skip_when.push(Arc::new(predicate)))
+    }
+
+    /// Passes requests whose path starts with `prefix` on untouched, e.g.
+    /// `/_matrix/federation/` (authenticated by `Authorization: X-Matrix`, not by us).
+    pub fn skip_path_prefix(self, prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
+        self.skip_when(move |parts| parts.uri.path().starts_with(&prefix))
+    }
+
+    /// Passes requests for exactly `path` on untouched, e.g. `/_matrix/client/versions`.
+    pub fn skip_path(self, path: impl Into<String>) -> Self {
+        let path = path.into();
+        self.skip_when(move |parts| parts.uri.path() == path)
+    }
+
+    /// Makes authentication optional everywhere: a request without a token passes with no
+    /// identity; a request with a token still needs a valid one.
+    pub fn optional(self) -> Self {
+        self.update(|c| c.optional = true)
+    }
+
+    /// Makes authentication optional on the requests `predicate` picks.
+    pub fn optional_when<F>(self, predicate: F) -> Self
+    where
+        F: Fn(&Parts) -> bool + Send + Sync + 'static,
+    {
+        self.update(|c| c.optional_when.push(Arc::new(predicate)))
+    }
+
+    /// Consults `revocation` for every token whose signature and caveats hold.
+    pub fn revocation(self, revocation: impl Revocation) -> Self {
+        self.update(|c| c.revocation = Arc::new(revocation))
+    }
+
+    /// Renders rejections with `render` instead of the standard Matrix JSON.
+    pub fn render_rejection<F>(self, render: F) -> Self
+    where
+        F: Fn(&Rejection) -> Response<Bytes> + Send + Sync + 'static,
+    {
+        self.update(|c| c.renderer = Some(Arc::new(render)))
+    }
+
+    /// Accepts caveats with `key` when `check` says they hold (see [`Verifier::caveat`]).
+    pub fn caveat<F>(self, key: &str, check: F) -> Self
+    where
+        F: Fn(&Caveat<'_>, &Parts) -> bool + Send + Sync + 'static,
+    {
+        self.update(|c| c.verifier = c.verifier.clone().caveat(key, check))
+    }
+
+    /// Replaces the clock for `time` caveats.
+    pub fn clock(self, clock: impl Clock) -> Self {
+        self.update(|c| c.verifier = c.verifier.clone().clock(clock))
+    }
+
+    /// Tolerance for `time` caveats.
+    pub fn leeway_ms(self, leeway_ms: u64) -> Self {
+        self.update(|c| c.verifier = c.verifier.clone().leeway_ms(leeway_ms))
+    }
+
+    /// Longest token accepted (default 4 KiB).
+    pub fn max_token_len(self, max: usize) -> Self {
+        self.update(|c| c.verifier = c.verifier.clone().max_token_len(max))
+    }
+
+    /// Most caveats accepted (default 64).
+    pub fn max_caveats(self, max: usize) -> Self {
+        self.update(|c| c.verifier = c.verifier.clone().max_caveats(max))
+    }
+
+    /// The verifier this layer uses, e.g. to check refresh or login tokens elsewhere.
+    pub fn verifier(&self) -> &Verifier {
+        &self.config.verifier
+    }
+}
+
+impl<S> Layer<S> for MatrixAuthLayer {
+    type Service = MatrixAuth<S>;
+
+    fn layer(&self, inner: S) -> MatrixAuth<S> {
+        MatrixAuth::new(inner, self.config.clone())
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MatrixAuthConfig")
+            .field("verifier", &self.verifier)
+            .field("query_token", &self.query_token)
+            .field("strip_query_token", &self.strip_query_token)
+            .field("guests", &self.guests)
+            .field("guest_rules", &self.guests_allowed_when.len())
+            .field("skip_rules", &self.skip_when.len())
+            .field("optional", &self.optional)
+            .field("optional_rules", &self.optional_when.len())
+            .field("custom_renderer", &self.renderer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for MatrixAuthLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("MatrixAuthLayer")
+            .field(&self.config)
+            .finish()
+    }
+}

@@ -1,0 +1,87 @@
+//! Authenticate Matrix client-server requests with macaroon access tokens, as a tower layer.
+//!
+//! [`MatrixAuthLayer`] takes the access token from `Authorization: Bearer` or the
+//! `access_token` query parameter, verifies it as a macaroon (the HMAC chain, compared in
+//! constant time, and every caveat, failing closed on anything unknown), puts the verified
+//! [`MatrixUser`] into the request's extensions and answers everything else with the Matrix JSON
+//! error: `401 M_MISSING_TOKEN`, `401 M_UNKNOWN_TOKEN` (with `"soft_logout": true` when the token
+//! merely expired) or `403 M_GUEST_ACCESS_FORBIDDEN`.
+//!
+//! ```
+//! use http::{Request, Response, StatusCode};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_matrix_auth::{KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, TokenType};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase("macaroon secret"));
+//! let token = keys.mint("@alice:example.org", TokenType::Access).unwrap().nonce("n1").to_token();
+//!
+//! let service = ServiceBuilder::new()
+//!     .layer(MatrixAuthLayer::new(keys))
+//!     .service(service_fn(|request: Request<String>| async move {
+//!         let user = request.extensions().get::<MatrixUser>().expect("the layer put it there");
+//!         Ok::<_, std::convert::Infallible>(Response::new(user.user_id().to_owned()))
+//!     }));
+//!
+//! // Accepted: the inner service sees Alice.
+//! let request = Request::get("/_matrix/client/v3/account/whoami")
+//!     .header("Authorization", format!("Bearer {token}"))
+//!     .body(String::new())?;
+//! let response = service.clone().oneshot(request).await?;
+//! assert_eq!(response.status(), StatusCode::OK);
+//!
+//! // Rejected: no token, so the inner service never runs.
+//! let request = Request::get("/_matrix/client/v3/account/whoami").body(String::new())?;
+//! let response = service.oneshot(request).await?;
+//! assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+//! let body = http_body_util::BodyExt::collect(response.into_body()).await?.to_bytes();
+//! assert_eq!(&body[..], br#"{"errcode":"M_MISSING_TOKEN","error":"Missing access token."}"#);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Modules, each one concern: [`extract`](crate::QueryToken) finds the token, `wire` reads the
+//! macaroon formats, `verify` computes the chain, `caveat` holds every caveat rule, `identity`
+//! is what handlers receive, `error` and `body` are the Matrix error responses, and `layer`,
+//! `service` and `future` are the tower plumbing.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod caveat;
+mod clock;
+mod error;
+mod extract;
+mod future;
+mod identity;
+mod keys;
+mod layer;
+mod mint;
+mod revocation;
+mod service;
+mod verify;
+mod wire;
+
+#[cfg(feature = "axum")]
+mod axum;
+
+pub use body::ResponseBody;
+pub use caveat::{is_valid_user_id, Caveat};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::Rejection;
+pub use future::ResponseFuture;
+pub use identity::{MatrixUser, TokenId, TokenType};
+pub use keys::{KeyRing, MacaroonSecret};
+pub use layer::{GuestPolicy, MatrixAuthLayer, QueryToken};
+pub use mint::{attenuate, TokenBuilder};
+pub use revocation::{
+    NeverRevoked, Revocation, RevocationCheck, RevocationError, RevocationStatus,
+};
+pub use service::MatrixAuth;
+pub use verify::{Verifier, DEFAULT_MAX_CAVEATS, DEFAULT_MAX_TOKEN_LEN};
+pub use wire::Format;
+
+#[cfg(feature = "axum")]
+pub use crate::axum::MissingMatrixUser;
