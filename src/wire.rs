@@ -389,8 +389,10 @@ fn json_field(
     object: &serde_json::Map<String, serde_json::Value>,
     name: &str,
 ) -> Result<Option<Vec<u8>>, FormatError> {
-    let plain = object.get(name);
-    let encoded = object.get(&format!("{name}64"));
+    // The `macaroon` crate writes absent fields as `null`.
+    let present = |key: &str| object.get(key).filter(|v| !v.is_null());
+    let plain = present(name);
+    let encoded = present(&format!("{name}64"));
     match (plain, encoded) {
         (Some(_), Some(_)) => Err(FormatError::Json),
         (Some(v), None) => Ok(Some(
