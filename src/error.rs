@@ -40,7 +40,7 @@ pub(crate) enum Missing {
 pub(crate) enum Unknown {
     TooLong,
     Format(FormatError),
-    UnknownKey,
+    NoSuchKey,
     BadSignature,
     Caveat(CaveatFailure),
     Expired,
@@ -160,7 +160,7 @@ impl Rejection {
                 "more caveats than the configured limit"
             }
             Kind::Unknown(Unknown::Format(_)) => "not a macaroon in any supported format",
-            Kind::Unknown(Unknown::UnknownKey) => "macaroon identifier names no key in the ring",
+            Kind::Unknown(Unknown::NoSuchKey) => "macaroon identifier names no key in the ring",
             Kind::Unknown(Unknown::BadSignature) => "signature does not verify",
             Kind::Unknown(Unknown::Caveat(failure)) => failure.describe(),
             Kind::Unknown(Unknown::Expired) => "a `time <` caveat no longer holds",

@@ -52,6 +52,8 @@
 mod body;
 mod caveat;
 mod clock;
+#[cfg(test)]
+mod differential_tests;
 mod error;
 mod extract;
 mod future;

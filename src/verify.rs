@@ -145,7 +145,7 @@ impl Verifier {
         let key = self
             .keys
             .find(macaroon.identifier)
-            .ok_or(Rejection::unknown(Unknown::UnknownKey))?;
+            .ok_or(Rejection::unknown(Unknown::NoSuchKey))?;
 
         let mut signature = key.first_link;
         for caveat in macaroon.caveats() {

@@ -7,6 +7,7 @@ outcome our access-token layer must produce at now_ms.
 
     python3 -m venv .venv && .venv/bin/pip install -r tests/vectors/requirements.txt
     .venv/bin/python tests/vectors/generate.py      # run from the repo root
+    (--output PATH writes elsewhere; ./scripts/test.sh uses it to check the file is reproducible)
 
 Deterministic: fixed nonces and times, and a fixed NaCl nonce for the one
 third-party caveat, so rerunning reproduces the file byte for byte.
@@ -23,6 +24,7 @@ no_type_v1: a caveat-by-caveat verifier cannot notice a *missing* caveat).
 import base64
 import json
 import os
+import sys
 
 import pymacaroons
 from pymacaroons import Macaroon, MACAROON_V1, MACAROON_V2, Verifier
@@ -194,6 +196,9 @@ def build():
 
 
 def main():
+    out = OUT
+    if len(sys.argv) == 3 and sys.argv[1] == "--output":
+        out = sys.argv[2]  # the test script regenerates elsewhere and compares
     vectors = []
     for name, desc, token, fmt, exp in build():
         m = parse(token, fmt)
@@ -229,10 +234,10 @@ def main():
         "keys": KEYS,
         "vectors": vectors,
     }
-    with open(OUT, "w") as f:
+    with open(out, "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
-    print("wrote %d vectors to %s" % (len(vectors), OUT))
+    print("wrote %d vectors to %s" % (len(vectors), out))
 
 
 if __name__ == "__main__":

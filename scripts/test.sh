@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The project's test command, as the README gives it: `./scripts/test.sh`.
+# Needs only the Rust toolchain (with rustfmt and clippy) and Python 3; CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy (all targets, all features, warnings are errors)"
+cargo clippy --all-targets --all-features -- -D warnings
+
+step "docs (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features --quiet
+
+step "build without optional features"
+cargo build --no-default-features --quiet
+
+step "pymacaroons vectors regenerate byte for byte"
+venv=target/pyvenv
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/vectors/requirements.txt
+"$venv/bin/python" tests/vectors/generate.py --output target/pymacaroons.regenerated.json
+cmp tests/vectors/pymacaroons.json target/pymacaroons.regenerated.json
+
+step "tests (unit, integration, doc)"
+cargo test --all-features
