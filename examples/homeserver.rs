@@ -1,1 +1,309 @@
-fn main() {}
+//! A tiny Matrix homeserver: just enough client-server API to show (and test) the layer.
+//!
+//! Run it with
+//!
+//! ```text
+//! cargo run --release --example homeserver --features axum
+//! ```
+//!
+//! Configuration, all from the environment:
+//!
+//! | variable                  | meaning                                                     | default          |
+//! |---------------------------|-------------------------------------------------------------|------------------|
+//! | `MATRIX_SERVER_NAME`      | the server name (written into minted tokens' location)      | `localhost`      |
+//! | `MATRIX_MACAROON_SECRET`  | Synapse's `macaroon_secret_key`; tokens use identifier `key` | random, per run  |
+//! | `MATRIX_LISTEN`           | the address to bind                                         | `127.0.0.1:8008` |
+//! | `MATRIX_PRINT_TOKEN_FOR`  | a user id (or bare localpart): mint and print a token for it | unset            |
+//! | `RUST_LOG`                | log filter                                                  | `info,tower_http=debug,tower_matrix_auth=debug` |
+//!
+//! Without `MATRIX_MACAROON_SECRET` a random secret is generated, so tokens do not survive a
+//! restart. Any token Synapse minted with the same `macaroon_secret_key` is accepted, because
+//! the layer verifies Synapse's macaroons (identifier `key`, libmacaroons key derivation).
+//!
+//! Standard output carries only machine-readable lines: the minted token (when
+//! `MATRIX_PRINT_TOKEN_FOR` is set) on a line of its own, then `listening on http://ADDR` once
+//! the socket is bound. Logs go to standard error.
+//!
+//! Getting a token:
+//!
+//! ```text
+//! MATRIX_PRINT_TOKEN_FOR=@alice:localhost cargo run --example homeserver --features axum
+//! curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8008/_matrix/client/v3/account/whoami
+//! ```
+//!
+//! or mint one in Rust with the same secret:
+//!
+//! ```
+//! use tower_matrix_auth::{KeyRing, MacaroonSecret, TokenType};
+//! let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase("the secret"));
+//! let token = keys
+//!     .mint("@alice:localhost", TokenType::Access)
+//!     .unwrap()
+//!     .nonce("a unique value")
+//!     .device_id("PHONE") // optional
+//!     .to_token();
+//! ```
+//!
+//! or with pymacaroons, as Synapse did:
+//!
+//! ```text
+//! m = pymacaroons.Macaroon(location="localhost", identifier="key", key=secret)
+//! for c in ["gen = 1", "user_id = @alice:localhost", "type = access", "nonce = x1y2z3"]:
+//!     m.add_first_party_caveat(c)
+//! print(m.serialize())
+//! ```
+//!
+//! Endpoints:
+//!
+//! * `GET /_matrix/client/versions`: no authentication.
+//! * `GET /_matrix/client/{v3,r0}/account/whoami`: users and guests.
+//! * `GET /_matrix/client/{v3,r0}/devices`: users only (guests get `403 M_GUEST_ACCESS_FORBIDDEN`).
+//! * any other path: `404 M_UNRECOGNIZED`, token or not.
+//! * a known path with another method: `405 M_UNRECOGNIZED` (authentication comes first there,
+//!   so without a valid token it is the 401).
+
+use std::net::SocketAddr;
+
+use axum::http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{HeaderName, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use serde_json::{json, Value};
+use tower_http::cors::{Any, CorsLayer};
+use tower_http::trace::TraceLayer;
+use tower_matrix_auth::{
+    is_valid_user_id, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, TokenType,
+};
+use tracing_subscriber::EnvFilter;
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:8008";
+const DEFAULT_LOG_FILTER: &str = "info,tower_http=debug,tower_matrix_auth=debug";
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let server_name = env_or("MATRIX_SERVER_NAME", "localhost");
+    let listen = env_or("MATRIX_LISTEN", DEFAULT_LISTEN);
+    let secret = match std::env::var("MATRIX_MACAROON_SECRET") {
+        Ok(secret) if !secret.is_empty() => secret,
+        _ => {
+            tracing::warn!(
+                "MATRIX_MACAROON_SECRET is not set: using a random secret, so access tokens will \
+                 not survive a restart"
+            );
+            random_string(32)
+        }
+    };
+    let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase(secret));
+
+    if let Some(who) = std::env::var("MATRIX_PRINT_TOKEN_FOR")
+        .ok()
+        .filter(|who| !who.is_empty())
+    {
+        // A bare localpart means a user of this server.
+        let user_id = if who.starts_with('@') {
+            who
+        } else {
+            format!("@{who}:{server_name}")
+        };
+        if !is_valid_user_id(&user_id) {
+            return Err(
+                format!("MATRIX_PRINT_TOKEN_FOR: `{user_id}` is not a Matrix user id").into(),
+            );
+        }
+        let token = keys
+            .mint(&user_id, TokenType::Access)
+            .expect("the ring has a key")
+            .location(server_name.as_str())
+            .nonce(random_string(16))
+            .to_token();
+        tracing::info!(%user_id, "minted an access token (printed on standard output)");
+        println!("{token}");
+    }
+
+    let auth = MatrixAuthLayer::new(keys)
+        // Discovery happens before login: never authenticated.
+        .skip_path("/_matrix/client/versions")
+        // Server-server traffic is signed with `Authorization: X-Matrix`, not access tokens.
+        .skip_path_prefix("/_matrix/federation/")
+        .skip_path_prefix("/_matrix/key/")
+        // Guests may ask who they are, and nothing else here.
+        .allow_guests_when(|parts| parts.uri.path().ends_with("/account/whoami"));
+
+    let app = Router::new()
+        .route("/_matrix/client/versions", get(versions))
+        .route("/_matrix/client/v3/account/whoami", get(whoami))
+        .route("/_matrix/client/r0/account/whoami", get(whoami))
+        .route("/_matrix/client/v3/devices", get(devices))
+        .route("/_matrix/client/r0/devices", get(devices))
+        .method_not_allowed_fallback(method_not_allowed)
+        // Authentication covers the routes above only (`/versions` is skipped by the layer
+        // itself): an unknown endpoint answers 404 M_UNRECOGNIZED whether or not the request
+        // carries a token, as the spec asks, instead of a 401 for a route that does not exist.
+        // (`route_layer` also wraps these routes' 405 fallback, so a wrong method gets the 401
+        // first when it comes without a valid token.)
+        .route_layer(auth)
+        .fallback(unrecognized)
+        // Each `.layer` wraps everything above it, so the last one is the outermost:
+        //
+        // * Tracing outside the auth layer, so that rejected requests are logged too. The auth
+        //   layer removes `access_token` from the URI only for the services inside it, so the
+        //   default span (which records the full URI) would log the token from
+        //   `?access_token=`: this span records the path alone, never the query. Its empty
+        //   `user_id` field is filled in by the auth layer once the token is verified.
+        // * CORS outermost, so that a preflight (`OPTIONS` with `Origin`, which never carries a
+        //   token) is answered by `CorsLayer` before authentication could refuse it with a 401,
+        //   and so that every response, errors included, carries the CORS headers browser
+        //   clients need to read it.
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = request.uri().path(),
+                    user_id = tracing::field::Empty,
+                )
+            }),
+        )
+        .layer(cors());
+
+    let listener = tokio::net::TcpListener::bind(&listen).await?;
+    let address: SocketAddr = listener.local_addr()?;
+    tracing::info!(%server_name, "listening on http://{address}");
+    println!("listening on http://{address}");
+
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// `GET /_matrix/client/versions`.
+async fn versions() -> Json<Value> {
+    let mut versions = vec!["r0.6.1".to_owned()];
+    versions.extend((1..=19).map(|minor| format!("v1.{minor}")));
+    Json(json!({ "versions": versions, "unstable_features": {} }))
+}
+
+/// `GET /_matrix/client/v3/account/whoami`: the layer verified the token, the extractor hands
+/// over who it belongs to.
+async fn whoami(user: MatrixUser) -> Json<Value> {
+    let mut body = json!({
+        "user_id": user.user_id(),
+        "is_guest": user.is_guest(),
+    });
+    if let Some(device_id) = user.device_id() {
+        body["device_id"] = device_id.into();
+    }
+    Json(body)
+}
+
+/// `GET /_matrix/client/v3/devices`: this server keeps no device list, so it reports the device
+/// the token was issued to, if any. Guests never get here: the layer answers them with 403.
+async fn devices(user: MatrixUser) -> Json<Value> {
+    let devices: Vec<Value> = user
+        .device_id()
+        .map(|device_id| json!({ "device_id": device_id }))
+        .into_iter()
+        .collect();
+    Json(json!({ "devices": devices }))
+}
+
+/// Any endpoint this server does not know.
+async fn unrecognized() -> Response {
+    matrix_error(
+        StatusCode::NOT_FOUND,
+        "M_UNRECOGNIZED",
+        "Unrecognized request",
+    )
+}
+
+/// A known endpoint with a method it does not support.
+async fn method_not_allowed() -> Response {
+    matrix_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "M_UNRECOGNIZED",
+        "Unrecognized request",
+    )
+}
+
+fn matrix_error(status: StatusCode, errcode: &str, error: &str) -> Response {
+    (status, Json(json!({ "errcode": errcode, "error": error }))).into_response()
+}
+
+/// Matrix clients run in browsers on any origin; the spec asks servers to allow them all.
+fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            AUTHORIZATION,
+            CONTENT_TYPE,
+            ACCEPT,
+            HeaderName::from_static("x-requested-with"),
+        ])
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|value| !value.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+fn random_string(len: usize) -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

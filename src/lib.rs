@@ -41,10 +41,10 @@
 //! # }
 //! ```
 //!
-//! Modules, each one concern: [`extract`](crate::QueryToken) finds the token, `wire` reads the
-//! macaroon formats, `verify` computes the chain, `caveat` holds every caveat rule, `identity`
-//! is what handlers receive, `error` and `body` are the Matrix error responses, and `layer`,
-//! `service` and `future` are the tower plumbing.
+//! The source has one module per concern: `extract` finds the token, `wire` reads the macaroon
+//! formats, `verify` computes the chain, `caveat` holds every caveat rule (the whole policy in one
+//! file), `identity` is what handlers receive, `error` and `body` are the Matrix error responses,
+//! `mint` writes tokens, and `layer`, `service` and `future` are the tower plumbing.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

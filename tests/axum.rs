@@ -10,7 +10,9 @@ use http::StatusCode;
 use tower_matrix_auth::{GuestPolicy, ManualClock, MatrixAuthLayer, MatrixUser};
 
 async fn whoami(user: MatrixUser) -> Json<serde_json::Value> {
-    Json(serde_json::json!({"user_id": user.user_id(), "device_id": user.device_id(), "is_guest": user.is_guest()}))
+    Json(
+        serde_json::json!({"user_id": user.user_id(), "device_id": user.device_id(), "is_guest": user.is_guest()}),
+    )
 }
 
 async fn maybe(user: Option<MatrixUser>) -> String {
@@ -24,21 +26,37 @@ async fn serve(app: Router) -> std::net::SocketAddr {
     addr
 }
 
-async fn fetch(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (StatusCode, String) {
+async fn fetch(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> (StatusCode, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
-    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
     let mut response = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response)
+        .await
+        .unwrap();
     let status: u16 = response[9..12].parse().unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
     (StatusCode::from_u16(status).unwrap(), body)
 }
 
 #[tokio::test]
 async fn extractors_in_a_router() {
-    let auth = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS)).guests(GuestPolicy::Allowed);
+    let auth = MatrixAuthLayer::new(keys())
+        .clock(ManualClock::new(NOW_MS))
+        .guests(GuestPolicy::Allowed);
     let app = Router::new()
         .route("/whoami", get(whoami))
         .route("/maybe", get(maybe).layer(auth.clone().optional()))
@@ -50,7 +68,10 @@ async fn extractors_in_a_router() {
     let (status, body) = fetch(addr, "/whoami", Some(&token)).await;
     assert_eq!(status, StatusCode::OK);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((json["user_id"].as_str(), json["device_id"].as_str()), (Some(ALICE), Some("PHONE")));
+    assert_eq!(
+        (json["user_id"].as_str(), json["device_id"].as_str()),
+        (Some(ALICE), Some("PHONE"))
+    );
 
     let (status, body) = fetch(addr, "/whoami", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -58,7 +79,10 @@ async fn extractors_in_a_router() {
 
     assert_eq!(fetch(addr, "/maybe", None).await.1, "anonymous");
     assert_eq!(fetch(addr, "/maybe", Some(&token)).await.1, ALICE);
-    assert_eq!(fetch(addr, "/maybe", Some("forged")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        fetch(addr, "/maybe", Some("forged")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
 
     // A route the layer does not cover: the extractor says what is misconfigured.
     let (status, body) = fetch(addr, "/unguarded", Some(&token)).await;

@@ -21,7 +21,9 @@ use tower_matrix_auth::{ManualClock, MatrixAuthLayer, MatrixUser};
 async fn whoami(request: Request<Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
     let user = request.extensions().get::<MatrixUser>().expect("layer ran");
     let body = serde_json::json!({"user_id": user.user_id(), "uri": request.uri().to_string()});
-    Ok(http::Response::new(Full::new(Bytes::from(body.to_string()))))
+    Ok(http::Response::new(Full::new(Bytes::from(
+        body.to_string(),
+    ))))
 }
 
 /// Starts a server with the layer on an ephemeral loopback port; it lives as long as the runtime.
@@ -51,7 +53,10 @@ async fn get(addr: SocketAddr, path: &str, auth: Option<&str>) -> (StatusCode, s
     if let Some(auth) = auth {
         request = request.header("authorization", auth);
     }
-    let response = client.request(request.body(Full::default()).unwrap()).await.unwrap();
+    let response = client
+        .request(request.body(Full::default()).unwrap())
+        .await
+        .unwrap();
     let status = response.status();
     let content_type = response.headers().get("content-type").cloned();
     let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -74,30 +79,51 @@ async fn raw(addr: SocketAddr, request: &[u8]) -> String {
             break;
         }
     }
-    String::from_utf8_lossy(&response).lines().next().unwrap_or_default().to_owned()
+    String::from_utf8_lossy(&response)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_real_http() {
     let addr = start().await;
     let token = access_token(&[]);
-    let (status, json) = get(addr, "/_matrix/client/v3/account/whoami", Some(&format!("Bearer {token}"))).await;
-    assert_eq!((status, json["user_id"].as_str()), (StatusCode::OK, Some(ALICE)));
+    let (status, json) = get(
+        addr,
+        "/_matrix/client/v3/account/whoami",
+        Some(&format!("Bearer {token}")),
+    )
+    .await;
+    assert_eq!(
+        (status, json["user_id"].as_str()),
+        (StatusCode::OK, Some(ALICE))
+    );
 
     let (status, json) = get(addr, &format!("/whoami?x=1&access_token={token}"), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json["uri"], "/whoami?x=1");
 
     let (status, json) = get(addr, "/whoami", None).await;
-    assert_eq!((status, json["errcode"].as_str()), (StatusCode::UNAUTHORIZED, Some("M_MISSING_TOKEN")));
+    assert_eq!(
+        (status, json["errcode"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("M_MISSING_TOKEN"))
+    );
 
     let expired = access_token(&[&format!("time < {}", NOW_MS - 1)]);
     let (status, json) = get(addr, "/whoami", Some(&format!("Bearer {expired}"))).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!((json["errcode"].as_str(), json["soft_logout"].as_bool()), (Some("M_UNKNOWN_TOKEN"), Some(true)));
+    assert_eq!(
+        (json["errcode"].as_str(), json["soft_logout"].as_bool()),
+        (Some("M_UNKNOWN_TOKEN"), Some(true))
+    );
 
     let (status, json) = get(addr, "/whoami", Some("Bearer not-a-macaroon")).await;
-    assert_eq!((status, json["errcode"].as_str()), (StatusCode::UNAUTHORIZED, Some("M_UNKNOWN_TOKEN")));
+    assert_eq!(
+        (status, json["errcode"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("M_UNKNOWN_TOKEN"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,14 +151,25 @@ async fn hostile_bytes_get_clean_401s() {
 async fn concurrent_mixed_traffic_gets_exact_answers() {
     let addr = start().await;
     let valid = format!("Bearer {}", access_token(&[]));
-    let forged = format!("Bearer {}", mint_with("wrong", "key", &["user_id = @alice:example.org", "type = access"], macaroon::Format::V1));
+    let forged = format!(
+        "Bearer {}",
+        mint_with(
+            "wrong",
+            "key",
+            &["user_id = @alice:example.org", "type = access"],
+            macaroon::Format::V1
+        )
+    );
     let mut tasks = Vec::new();
     for i in 0..200 {
         let (valid, forged) = (valid.clone(), forged.clone());
         tasks.push(tokio::spawn(async move {
             match i % 3 {
                 0 => assert_eq!(get(addr, "/x", Some(&valid)).await.0, StatusCode::OK),
-                1 => assert_eq!(get(addr, "/x", Some(&forged)).await.1["errcode"], "M_UNKNOWN_TOKEN"),
+                1 => assert_eq!(
+                    get(addr, "/x", Some(&forged)).await.1["errcode"],
+                    "M_UNKNOWN_TOKEN"
+                ),
                 _ => assert_eq!(get(addr, "/x", None).await.1["errcode"], "M_MISSING_TOKEN"),
             }
         }));

@@ -4,15 +4,21 @@ use serde_json::Value;
 use tower_matrix_auth::{KeyRing, MacaroonSecret, ManualClock, TokenType, Verifier};
 
 fn load() -> Value {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/pymacaroons.json"))
-        .expect("vectors file");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/vectors/pymacaroons.json"
+    ))
+    .expect("vectors file");
     serde_json::from_str(&text).expect("valid JSON")
 }
 
 fn verifier(doc: &Value) -> Verifier {
     let mut keys = KeyRing::new();
     for (id, secret) in doc["keys"].as_object().unwrap() {
-        keys = keys.with_key(id, MacaroonSecret::from_passphrase(secret.as_str().unwrap()));
+        keys = keys.with_key(
+            id,
+            MacaroonSecret::from_passphrase(secret.as_str().unwrap()),
+        );
     }
     Verifier::new(keys).clock(ManualClock::new(doc["now_ms"].as_u64().unwrap()))
 }
@@ -45,8 +51,16 @@ fn every_pymacaroons_vector_gets_the_expected_verdict() {
                 accepted += 1;
                 assert_eq!(Some(user.user_id()), expect["user_id"].as_str(), "{name}");
                 assert_eq!(user.device_id(), expect["device_id"].as_str(), "{name}");
-                assert_eq!(user.is_guest(), expect["is_guest"].as_bool().unwrap(), "{name}");
-                assert_eq!(user.expires_at_ms(), expect["expires_at_ms"].as_u64(), "{name}");
+                assert_eq!(
+                    user.is_guest(),
+                    expect["is_guest"].as_bool().unwrap(),
+                    "{name}"
+                );
+                assert_eq!(
+                    user.expires_at_ms(),
+                    expect["expires_at_ms"].as_u64(),
+                    "{name}"
+                );
                 assert_eq!(user.token_type(), TokenType::Access, "{name}");
             }
             (false, Err(rejection)) => {
@@ -65,7 +79,11 @@ fn every_pymacaroons_vector_gets_the_expected_verdict() {
                 .unwrap_or_else(|r| panic!("{name} as {kind}: {r:?}"));
             assert_eq!(user.token_type().as_str(), kind);
             assert_eq!(Some(user.user_id()), expect["user_id"].as_str(), "{name}");
-            assert_eq!(user.expires_at_ms(), expect["expires_at_ms"].as_u64(), "{name}");
+            assert_eq!(
+                user.expires_at_ms(),
+                expect["expires_at_ms"].as_u64(),
+                "{name}"
+            );
         }
     }
     assert!(accepted >= 8, "too few valid vectors: {accepted}");
@@ -74,8 +92,12 @@ fn every_pymacaroons_vector_gets_the_expected_verdict() {
 #[test]
 fn vectors_cover_every_format() {
     let doc = load();
-    let formats: std::collections::HashSet<&str> =
-        doc["vectors"].as_array().unwrap().iter().map(|v| v["format"].as_str().unwrap()).collect();
+    let formats: std::collections::HashSet<&str> = doc["vectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["format"].as_str().unwrap())
+        .collect();
     for f in ["v1", "v2", "v2json"] {
         assert!(formats.contains(f), "no {f} vector");
     }
@@ -88,10 +110,16 @@ fn a_synapse_deployment_secret_verifies_synapse_tokens_only_under_identifier_key
     let token = doc["vectors"][0]["token"].as_str().unwrap();
     let parts = http::Request::new(()).into_parts().0;
     let clock = ManualClock::new(doc["now_ms"].as_u64().unwrap());
-    let right = Verifier::new(KeyRing::new().with_key("key", MacaroonSecret::from_passphrase(secret)))
-        .clock(clock.clone());
-    assert!(right.verify(token.as_bytes(), TokenType::Access, &parts).is_ok());
-    let renamed = Verifier::new(KeyRing::new().with_key("other", MacaroonSecret::from_passphrase(secret)))
-        .clock(clock);
-    assert!(renamed.verify(token.as_bytes(), TokenType::Access, &parts).is_err());
+    let right =
+        Verifier::new(KeyRing::new().with_key("key", MacaroonSecret::from_passphrase(secret)))
+            .clock(clock.clone());
+    assert!(right
+        .verify(token.as_bytes(), TokenType::Access, &parts)
+        .is_ok());
+    let renamed =
+        Verifier::new(KeyRing::new().with_key("other", MacaroonSecret::from_passphrase(secret)))
+            .clock(clock);
+    assert!(renamed
+        .verify(token.as_bytes(), TokenType::Access, &parts)
+        .is_err());
 }

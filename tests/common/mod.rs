@@ -23,7 +23,12 @@ pub fn mint_raw(caveats: &[&str]) -> String {
     mint_with(SECRET, "key", caveats, macaroon::Format::V1)
 }
 
-pub fn mint_with(secret: &str, identifier: &str, caveats: &[&str], format: macaroon::Format) -> String {
+pub fn mint_with(
+    secret: &str,
+    identifier: &str,
+    caveats: &[&str],
+    format: macaroon::Format,
+) -> String {
     let key = macaroon::MacaroonKey::generate(secret.as_bytes());
     let mut m = macaroon::Macaroon::create(Some("example.org".into()), &key, identifier.into())
         .expect("non-empty identifier");
@@ -35,7 +40,12 @@ pub fn mint_with(secret: &str, identifier: &str, caveats: &[&str], format: macar
 
 /// The Synapse shape: gen, user_id, type = access, nonce, plus `extra`.
 pub fn access_token(extra: &[&str]) -> String {
-    let mut caveats = vec!["gen = 1", "user_id = @alice:example.org", "type = access", "nonce = abcdefgh12345678"];
+    let mut caveats = vec![
+        "gen = 1",
+        "user_id = @alice:example.org",
+        "type = access",
+        "nonce = abcdefgh12345678",
+    ];
     caveats.extend_from_slice(extra);
     mint_raw(&caveats)
 }
@@ -79,7 +89,11 @@ pub async fn call(layer: &MatrixAuthLayer, request: Request<Full<Bytes>>) -> Out
     let headers = response.headers().clone();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-    Outcome { status, json, headers }
+    Outcome {
+        status,
+        json,
+        headers,
+    }
 }
 
 pub fn bearer(uri: &str, token: &str) -> Request<Full<Bytes>> {
