@@ -1,0 +1,74 @@
+//! What the layer logs: the user id after success and the reason of a rejection, never a token.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use http::StatusCode;
+use tower_matrix_auth::{ManualClock, MatrixAuthLayer};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn logs_name_the_user_and_the_reason_but_never_the_token() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
+    let token = access_token(&[]);
+    let forged = mint_with(
+        "wrong secret",
+        "key",
+        &["user_id = @alice:example.org", "type = access"],
+        macaroon::Format::V1,
+    );
+    let expired = access_token(&[&format!("time < {}", NOW_MS - 1)]);
+
+    let out = call(&layer, plain(&format!("/x?access_token={token}"))).await;
+    assert_eq!(out.status, StatusCode::OK);
+    tracing::info!(uri = %out.json["uri"], "inner service saw");
+    assert_eq!(
+        call(&layer, bearer("/x", &forged)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&layer, bearer("/x", &expired)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("matrix_auth") && logs.contains(ALICE),
+        "{logs}"
+    );
+    assert!(logs.contains("signature does not verify"), "{logs}");
+    assert!(logs.contains("time <"), "{logs}");
+    for secret in [token.as_str(), forged.as_str(), expired.as_str(), SECRET] {
+        assert!(
+            !logs.contains(secret),
+            "a token or key reached the log:\n{logs}"
+        );
+    }
+    // Not even a recognisable piece of one (the nonce is part of every token here).
+    assert!(!logs.contains("abcdefgh12345678"), "{logs}");
+}
