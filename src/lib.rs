@@ -56,6 +56,9 @@ mod clock;
 mod differential_tests;
 mod error;
 mod extract;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod future;
 mod identity;
 mod keys;
