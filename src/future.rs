@@ -15,7 +15,7 @@ use tower_service::Service;
 use crate::body::ResponseBody;
 use crate::layer::Config;
 use crate::revocation::RevocationCheck;
-use crate::service::settle;
+use crate::service::{settle, Allowances};
 use crate::verify::Verified;
 
 /// A request whose token verified, parked until the revocation store answers.
@@ -24,7 +24,7 @@ pub(crate) struct Waiting<S, B> {
     pub(crate) parts: Parts,
     pub(crate) body: B,
     pub(crate) verified: Verified,
-    pub(crate) guests_allowed: bool,
+    pub(crate) allowed: Allowances,
     pub(crate) config: Arc<Config>,
 }
 
@@ -106,10 +106,10 @@ where
                         parts,
                         body,
                         verified,
-                        guests_allowed,
+                        allowed,
                         config,
                     } = *waiting.take().expect("polled after completion");
-                    match settle(outcome, verified, guests_allowed) {
+                    match settle(outcome, verified, allowed) {
                         Ok(user) => {
                             let (request, span) = config.admit(parts, body, Some(user));
                             let future = {

@@ -60,6 +60,7 @@ pub(crate) struct Config {
     pub(crate) skip_when: Vec<Predicate>,
     pub(crate) optional: bool,
     pub(crate) optional_when: Vec<Predicate>,
+    pub(crate) expired_allowed_when: Vec<Predicate>,
     pub(crate) revocation: Arc<dyn Revocation>,
     pub(crate) renderer: Option<Renderer>,
 }
@@ -77,6 +78,10 @@ impl Config {
 
     pub(crate) fn guests_allowed(&self, parts: &Parts) -> bool {
         self.guests == GuestPolicy::Allowed || self.guests_allowed_when.iter().any(|p| p(parts))
+    }
+
+    pub(crate) fn expired_allowed(&self, parts: &Parts) -> bool {
+        self.expired_allowed_when.iter().any(|p| p(parts))
     }
 
     pub(crate) fn render(&self, rejection: &Rejection) -> Response<Bytes> {
@@ -119,6 +124,7 @@ impl MatrixAuthLayer {
                 skip_when: Vec::new(),
                 optional: false,
                 optional_when: Vec::new(),
+                expired_allowed_when: Vec::new(),
                 revocation: Arc::new(NeverRevoked),
                 renderer: None,
             }),
@@ -187,6 +193,15 @@ impl MatrixAuthLayer {
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
     {
         self.update(|c| c.optional_when.push(Arc::new(predicate)))
+    }
+
+    /// Lets expired (but otherwise valid, unrevoked) tokens through on the requests `predicate`
+    /// picks: the spec requires `/logout` and `/logout/all` to accept them.
+    pub fn allow_expired_when<F>(self, predicate: F) -> Self
+    where
+        F: Fn(&Parts) -> bool + Send + Sync + 'static,
+    {
+        self.update(|c| c.expired_allowed_when.push(Arc::new(predicate)))
     }
 
     /// Consults `revocation` for every token whose signature and caveats hold.

@@ -61,11 +61,14 @@ mod extract;
 pub mod fuzzing;
 mod future;
 mod identity;
+mod issuer;
 mod keys;
 mod layer;
 mod mint;
 mod revocation;
 mod service;
+mod sessions;
+pub mod store;
 mod verify;
 mod wire;
 
@@ -78,6 +81,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::Rejection;
 pub use future::ResponseFuture;
 pub use identity::{MatrixUser, TokenId, TokenType};
+pub use issuer::{IssuedTokens, Issuer, NonceKind, SessionId, SessionRequest, TokenNonce};
 pub use keys::{KeyRing, MacaroonSecret};
 pub use layer::{GuestPolicy, MatrixAuthLayer, QueryToken};
 pub use mint::{attenuate, TokenBuilder};
@@ -85,6 +89,8 @@ pub use revocation::{
     NeverRevoked, Revocation, RevocationCheck, RevocationError, RevocationStatus,
 };
 pub use service::MatrixAuth;
+pub use sessions::{ExchangeError, RateLimit, RefreshEndpoint, Sessions};
+pub use store::{memory::MemoryStore, RefreshMode, TokenStore};
 pub use verify::{Verifier, DEFAULT_MAX_CAVEATS, DEFAULT_MAX_TOKEN_LEN};
 pub use wire::Format;
 

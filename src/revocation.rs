@@ -149,7 +149,7 @@ impl Revocation for NeverRevoked {
     }
 }
 
-impl<R: Revocation> Revocation for std::sync::Arc<R> {
+impl<R: Revocation + ?Sized> Revocation for std::sync::Arc<R> {
     fn check(&self, user: &MatrixUser) -> RevocationCheck {
         (**self).check(user)
     }

@@ -32,7 +32,7 @@ pub(crate) enum Decision {
     AwaitRevocation {
         check: RevocationCheck,
         verified: Verified,
-        guests_allowed: bool,
+        allowed: Allowances,
     },
 }
 
@@ -78,16 +78,19 @@ impl Config {
             Ok(verified) => verified,
             Err(rejection) => return Decision::Reject(rejection),
         };
-        let guests_allowed = self.guests_allowed(parts);
+        let allowed = Allowances {
+            guests: self.guests_allowed(parts),
+            expired: verified.expired && self.expired_allowed(parts),
+        };
         match self.revocation.check(&verified.user).now_or_later() {
-            Ok(outcome) => match settle(outcome, verified, guests_allowed) {
+            Ok(outcome) => match settle(outcome, verified, allowed) {
                 Ok(user) => Decision::Pass(Some(user)),
                 Err(rejection) => Decision::Reject(rejection),
             },
             Err(check) => Decision::AwaitRevocation {
                 check,
                 verified,
-                guests_allowed,
+                allowed,
             },
         }
     }
@@ -133,12 +136,20 @@ impl Config {
     }
 }
 
+/// What the route allows beyond a plain valid token.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Allowances {
+    pub(crate) guests: bool,
+    /// The token expired and the route takes expired tokens (logout).
+    pub(crate) expired: bool,
+}
+
 /// The verdict once the revocation state is known. A revoked token is refused outright, even
 /// when expired: a soft logout would only invite a refresh that cannot succeed.
 pub(crate) fn settle(
     outcome: Result<RevocationStatus, RevocationError>,
     verified: Verified,
-    guests_allowed: bool,
+    allowed: Allowances,
 ) -> Result<MatrixUser, Rejection> {
     match outcome {
         Err(error) => {
@@ -146,10 +157,10 @@ pub(crate) fn settle(
             Err(Rejection::unavailable())
         }
         Ok(RevocationStatus::Revoked) => Err(Rejection::unknown(Unknown::Revoked)),
-        Ok(RevocationStatus::Active) if verified.expired => {
+        Ok(RevocationStatus::Active) if verified.expired && !allowed.expired => {
             Err(Rejection::unknown(Unknown::Expired))
         }
-        Ok(RevocationStatus::Active) if verified.user.is_guest() && !guests_allowed => {
+        Ok(RevocationStatus::Active) if verified.user.is_guest() && !allowed.guests => {
             Err(Rejection::guest_forbidden())
         }
         Ok(RevocationStatus::Active) => Ok(verified.user),
@@ -183,7 +194,7 @@ where
             Decision::AwaitRevocation {
                 check,
                 verified,
-                guests_allowed,
+                allowed,
             } => {
                 // The service that was driven ready goes into the future; a clone stays here.
                 let clone = self.inner.clone();
@@ -195,7 +206,7 @@ where
                         parts,
                         body,
                         verified,
-                        guests_allowed,
+                        allowed,
                         config: self.config.clone(),
                     },
                 )

@@ -1,0 +1,439 @@
+//! The life of a token: login, the refresh exchange (both endpoints), logout, log out everywhere,
+//! single-use login tokens. One engine, [`Sessions`], over an [`Issuer`], a [`Verifier`] and a
+//! [`TokenStore`]; the refresh endpoints are tower services a homeserver mounts as they are.
+//!
+//! | token | valid from | until |
+//! |---|---|---|
+//! | access (generation g) | minted | its `time <`; its session logged out; the user logged out everywhere; a refresh of generation g used its successor (`/v3/refresh`) or happened (`/r0/tokenrefresh`) |
+//! | refresh (generation g) | minted | the same, and: used once at `/r0/tokenrefresh` |
+//! | successor (generation g+1) of `/v3/refresh` | minted | as above; its first use revokes generation g |
+//! | login token | minted | two minutes, or its one use |
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use tower_service::Service;
+
+use crate::identity::{MatrixUser, TokenType};
+use crate::issuer::{IssuedTokens, Issuer, SessionRequest};
+use crate::revocation::{RevocationError, RevocationStatus};
+use crate::store::{RefreshMode, TokenRef, TokenStore};
+use crate::verify::Verifier;
+
+/// Largest request body the refresh endpoints read.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Decides whether a request may go on, for the refresh endpoints: `Some(retry_after)` refuses
+/// it with `429 M_LIMIT_EXCEEDED`.
+pub trait RateLimit: Send + Sync + 'static {
+    /// Checks one request.
+    fn check(&self, parts: &Parts) -> Option<Duration>;
+}
+
+impl<F> RateLimit for F
+where
+    F: Fn(&Parts) -> Option<Duration> + Send + Sync + 'static,
+{
+    fn check(&self, parts: &Parts) -> Option<Duration> {
+        self(parts)
+    }
+}
+
+/// Why a refresh or a login token was refused.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ExchangeError {
+    /// The token is not a valid token of the expected type, or was revoked or already used.
+    Invalid,
+    /// The store could not answer: fail closed.
+    Unavailable(RevocationError),
+}
+
+impl fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExchangeError::Invalid => f.write_str("token is not valid for this exchange"),
+            ExchangeError::Unavailable(e) => write!(f, "token state unavailable: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ExchangeError {}
+
+struct Inner {
+    issuer: Issuer,
+    verifier: Verifier,
+    store: Arc<dyn TokenStore>,
+    rate_limit: Option<Arc<dyn RateLimit>>,
+}
+
+/// The token lifecycle engine. Cloning is cheap; clones share everything.
+///
+/// The layer must consult the same store, e.g.
+/// `MatrixAuthLayer::with_verifier(verifier).revocation(sessions.store())`.
+#[derive(Clone)]
+pub struct Sessions {
+    inner: Arc<Inner>,
+}
+
+impl Sessions {
+    /// An engine minting with `issuer`, checking tokens with `verifier` (use the layer's, so both
+    /// agree on keys, clock and caveats) and keeping state in `store`.
+    pub fn new(issuer: Issuer, verifier: Verifier, store: impl TokenStore) -> Self {
+        Self::with_shared_store(issuer, verifier, Arc::new(store))
+    }
+
+    /// Like [`Sessions::new`] with a store shared elsewhere.
+    pub fn with_shared_store(
+        issuer: Issuer,
+        verifier: Verifier,
+        store: Arc<dyn TokenStore>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                issuer,
+                verifier,
+                store,
+                rate_limit: None,
+            }),
+        }
+    }
+
+    /// Rate-limits the refresh endpoints.
+    pub fn rate_limit(self, limit: impl RateLimit) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(Inner {
+                issuer: inner.issuer.clone(),
+                verifier: inner.verifier.clone(),
+                store: inner.store.clone(),
+                rate_limit: Some(Arc::new(limit)),
+            }),
+        }
+    }
+
+    /// The store, to hand to the layer as its revocation check.
+    pub fn store(&self) -> Arc<dyn TokenStore> {
+        self.inner.store.clone()
+    }
+
+    /// The issuer.
+    pub fn issuer(&self) -> &Issuer {
+        &self.inner.issuer
+    }
+
+    /// The verifier.
+    pub fn verifier(&self) -> &Verifier {
+        &self.inner.verifier
+    }
+
+    /// Mints the tokens of a new login. Nothing is stored: a session needs state only once it
+    /// is refreshed or logged out.
+    pub fn login(&self, user_id: &str, request: &SessionRequest) -> IssuedTokens {
+        self.inner.issuer.new_session(user_id, request)
+    }
+
+    /// Exchanges a refresh token for the next generation of its session.
+    pub async fn refresh(
+        &self,
+        refresh_token: &[u8],
+        mode: RefreshMode,
+        parts: &Parts,
+    ) -> Result<IssuedTokens, ExchangeError> {
+        let user = self
+            .inner
+            .verifier
+            .verify(refresh_token, TokenType::Refresh, parts)
+            .map_err(|_| ExchangeError::Invalid)?;
+        let token = TokenRef::of(&user);
+        let until = self.successor_until_ms();
+        let generation = self
+            .inner
+            .store
+            .refresh(&token, mode, until)
+            .await
+            .map_err(ExchangeError::Unavailable)?
+            .ok_or(ExchangeError::Invalid)?;
+        Ok(self
+            .inner
+            .issuer
+            .successor(&user, token.session, generation))
+    }
+
+    /// When every token a refresh mints will have expired.
+    fn successor_until_ms(&self) -> u64 {
+        self.inner
+            .issuer
+            .max_lifetime_ms()
+            .map_or(u64::MAX, |l| self.inner.issuer.now_ms().saturating_add(l))
+    }
+
+    /// Logs out the session of a verified token: the token, the refresh token issued with it
+    /// and every other generation of that login.
+    pub async fn logout(&self, user: &MatrixUser) -> Result<(), RevocationError> {
+        let until = self.successor_until_ms();
+        self.inner
+            .store
+            .revoke_session(&TokenRef::of(user), until)
+            .await
+    }
+
+    /// Logs the user out everywhere: every token of theirs minted before now.
+    pub async fn logout_all(&self, user: &MatrixUser) -> Result<(), RevocationError> {
+        let now = self.inner.issuer.now_ms();
+        self.inner.store.revoke_user(user.user_id(), now).await
+    }
+
+    /// Mints a single-use login token for `m.login.token`; returns it and its lifetime in ms.
+    pub fn login_token(&self, user_id: &str) -> (String, u64) {
+        self.inner.issuer.login_token(user_id)
+    }
+
+    /// Redeems a login token: valid, unexpired and unused, it is used up and its user returned.
+    pub async fn redeem_login_token(
+        &self,
+        token: &[u8],
+        parts: &Parts,
+    ) -> Result<MatrixUser, ExchangeError> {
+        let user = self
+            .inner
+            .verifier
+            .verify(token, TokenType::Login, parts)
+            .map_err(|_| ExchangeError::Invalid)?;
+        let until = user.expires_at_ms().unwrap_or(u64::MAX);
+        let status = self
+            .inner
+            .store
+            .check(&user)
+            .await
+            .map_err(ExchangeError::Unavailable)?;
+        if status == RevocationStatus::Revoked {
+            return Err(ExchangeError::Invalid);
+        }
+        let first = self
+            .inner
+            .store
+            .consume_once(&TokenRef::of(&user), until)
+            .await
+            .map_err(ExchangeError::Unavailable)?;
+        if first {
+            Ok(user)
+        } else {
+            Err(ExchangeError::Invalid)
+        }
+    }
+
+    /// `POST /_matrix/client/v3/refresh` (MSC2918) as a tower service: body
+    /// `{"refresh_token"}`, answers `{"access_token", "refresh_token", "expires_in_ms"}`; failure
+    /// is `401 M_UNKNOWN_TOKEN`. Mount it where the authentication layer does not run.
+    pub fn refresh_endpoint(&self) -> RefreshEndpoint {
+        RefreshEndpoint {
+            sessions: self.clone(),
+            mode: RefreshMode::Rotating,
+        }
+    }
+
+    /// `POST /_matrix/client/r0/tokenrefresh` (the original spec) as a tower service: strictly
+    /// single use; answers `{"access_token", "refresh_token"}`; failure is `403 M_FORBIDDEN`.
+    pub fn token_refresh_endpoint(&self) -> RefreshEndpoint {
+        RefreshEndpoint {
+            sessions: self.clone(),
+            mode: RefreshMode::SingleUse,
+        }
+    }
+}
+
+impl fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sessions")
+            .field("issuer", &self.inner.issuer)
+            .field("rate_limited", &self.inner.rate_limit.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A refresh endpoint; see [`Sessions::refresh_endpoint`] and
+/// [`Sessions::token_refresh_endpoint`].
+#[derive(Clone, Debug)]
+pub struct RefreshEndpoint {
+    sessions: Sessions,
+    mode: RefreshMode,
+}
+
+/// A Matrix JSON response.
+pub(crate) fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A Matrix JSON error response.
+pub(crate) fn matrix_error(
+    status: StatusCode,
+    errcode: &str,
+    error: &str,
+) -> Response<Full<Bytes>> {
+    json_response(
+        status,
+        serde_json::json!({"errcode": errcode, "error": error}),
+    )
+}
+
+/// Reads `refresh_token` from a JSON body, or the 400 that says what is wrong with it.
+fn refresh_token_from(body: &[u8]) -> Result<String, Response<Full<Bytes>>> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|_| matrix_error(StatusCode::BAD_REQUEST, "M_NOT_JSON", "Content not JSON."))?;
+    let object = value.as_object().ok_or_else(|| {
+        matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            "The body must be a JSON object.",
+        )
+    })?;
+    match object.get("refresh_token") {
+        None | Some(serde_json::Value::Null) => Err(matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_MISSING_PARAM",
+            "Missing refresh_token.",
+        )),
+        Some(serde_json::Value::String(token)) => Ok(token.clone()),
+        Some(_) => Err(matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            "refresh_token must be a string.",
+        )),
+    }
+}
+
+impl RefreshEndpoint {
+    async fn handle<B>(self, request: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body + Send,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (parts, body) = request.into_parts();
+        if parts.method != Method::POST {
+            return matrix_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "M_UNRECOGNIZED",
+                "Only POST is allowed here.",
+            );
+        }
+        if let Some(limit) = &self.sessions.inner.rate_limit {
+            if let Some(retry_after) = limit.check(&parts) {
+                return rate_limited(retry_after);
+            }
+        }
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => {
+                return matrix_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "M_TOO_LARGE",
+                    "Request body too large.",
+                )
+            }
+        };
+        let token = match refresh_token_from(&body) {
+            Ok(token) => token,
+            Err(response) => return response,
+        };
+        match self
+            .sessions
+            .refresh(token.as_bytes(), self.mode, &parts)
+            .await
+        {
+            Ok(tokens) => {
+                let mut answer = serde_json::json!({
+                    "access_token": tokens.access_token,
+                    "refresh_token": tokens.refresh_token,
+                });
+                if let (RefreshMode::Rotating, Some(ms)) = (self.mode, tokens.expires_in_ms) {
+                    answer["expires_in_ms"] = ms.into();
+                }
+                json_response(StatusCode::OK, answer)
+            }
+            Err(ExchangeError::Invalid) => {
+                tracing::debug!(mode = ?self.mode, "refresh refused");
+                match self.mode {
+                    RefreshMode::Rotating => matrix_error(
+                        StatusCode::UNAUTHORIZED,
+                        "M_UNKNOWN_TOKEN",
+                        "Refresh token is not valid.",
+                    ),
+                    RefreshMode::SingleUse => matrix_error(
+                        StatusCode::FORBIDDEN,
+                        "M_FORBIDDEN",
+                        "Refresh token is not valid.",
+                    ),
+                }
+            }
+            Err(ExchangeError::Unavailable(error)) => {
+                tracing::warn!(%error, "refresh failed: store unavailable");
+                let mut response = matrix_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "M_UNKNOWN",
+                    "Cannot refresh right now; try again later.",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                response
+            }
+        }
+    }
+}
+
+/// `429 M_LIMIT_EXCEEDED` with `retry_after_ms` and `Retry-After` (whole seconds, rounded up).
+pub(crate) fn rate_limited(retry_after: Duration) -> Response<Full<Bytes>> {
+    let ms = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
+    let mut response = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        serde_json::json!({
+            "errcode": "M_LIMIT_EXCEEDED",
+            "error": "Too many requests.",
+            "retry_after_ms": ms,
+        }),
+    );
+    let seconds = ms.div_ceil(1000).max(1);
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_str(&seconds.to_string()).expect("digits are a valid header value"),
+    );
+    response
+}
+
+impl<B> Service<Request<B>> for RefreshEndpoint
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.handle(request).await) })
+    }
+}

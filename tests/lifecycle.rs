@@ -1,0 +1,483 @@
+//! The token lifecycle end to end over HTTP: login, whoami, both refresh endpoints, logout,
+//! log out everywhere, login tokens; with real concurrency against a real server.
+#![cfg(feature = "axum")]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use common::*;
+use http::StatusCode;
+use tower_matrix_auth::{
+    Issuer, ManualClock, MatrixAuthLayer, MatrixUser, MemoryStore, SessionRequest, Sessions,
+    TokenStore, Verifier,
+};
+
+struct Server {
+    addr: std::net::SocketAddr,
+    sessions: Sessions,
+    clock: ManualClock,
+}
+
+async fn whoami(user: MatrixUser) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"user_id": user.user_id(), "device_id": user.device_id()}))
+}
+
+async fn start_with(store: Arc<dyn TokenStore>) -> Server {
+    let clock = ManualClock::new(NOW_MS);
+    let verifier = Verifier::new(keys()).clock(clock.clone());
+    let issuer = Issuer::new(keys())
+        .clock(clock.clone())
+        .refreshable_access_lifetime_ms(60_000);
+    let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store).rate_limit(
+        |parts: &http::request::Parts| {
+            (parts.headers.get("x-test-flood").is_some()).then(|| Duration::from_millis(1500))
+        },
+    );
+    let auth = MatrixAuthLayer::with_verifier(verifier)
+        .revocation(sessions.store())
+        .allow_expired_when(|parts| parts.uri.path().starts_with("/_matrix/client/v3/logout"));
+    let logout_sessions = sessions.clone();
+    let logout_all_sessions = sessions.clone();
+    let app = Router::new()
+        .route("/_matrix/client/v3/account/whoami", get(whoami))
+        .route(
+            "/_matrix/client/v3/logout",
+            post(move |user: MatrixUser| async move {
+                logout_sessions.logout(&user).await.unwrap();
+                Json(serde_json::json!({}))
+            }),
+        )
+        .route(
+            "/_matrix/client/v3/logout/all",
+            post(move |user: MatrixUser| async move {
+                logout_all_sessions.logout_all(&user).await.unwrap();
+                Json(serde_json::json!({}))
+            }),
+        )
+        .route_layer(auth)
+        .route_service("/_matrix/client/v3/refresh", sessions.refresh_endpoint())
+        .route_service(
+            "/_matrix/client/r0/tokenrefresh",
+            sessions.token_refresh_endpoint(),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Server {
+        addr,
+        sessions,
+        clock,
+    }
+}
+
+async fn start() -> Server {
+    start_with(Arc::new(MemoryStore::new())).await
+}
+
+/// Raw HTTP/1.1 so the test sees exactly what a client sees.
+async fn send(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (StatusCode, serde_json::Value, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = StatusCode::from_u16(response[9..12].parse().unwrap()).unwrap();
+    let (head, payload) = response.split_once("\r\n\r\n").unwrap();
+    (
+        status,
+        serde_json::from_str(payload).unwrap_or(serde_json::Value::Null),
+        head.to_owned(),
+    )
+}
+
+fn refresh_body(token: &str) -> String {
+    serde_json::json!({ "refresh_token": token }).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_refresh_keeps_old_tokens_until_the_new_ones_are_used() {
+    let s = start().await;
+    let login = s.sessions.login(
+        ALICE,
+        &SessionRequest {
+            device_id: Some("PHONE".into()),
+            refresh: true,
+            guest: false,
+        },
+    );
+    let (a0, r0) = (
+        login.access_token.clone(),
+        login.refresh_token.clone().unwrap(),
+    );
+    assert_eq!(login.expires_in_ms, Some(60_000));
+    let whoami = "/_matrix/client/v3/account/whoami";
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&a0), None).await.0,
+        StatusCode::OK
+    );
+
+    // An access token is never accepted by a refresh endpoint, nor a refresh token by the layer.
+    let (status, json, _) = send(
+        s.addr,
+        "POST",
+        "/_matrix/client/v3/refresh",
+        None,
+        Some(&refresh_body(&a0)),
+    )
+    .await;
+    assert_eq!(
+        (status, json["errcode"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("M_UNKNOWN_TOKEN"))
+    );
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&r0), None).await.1["errcode"],
+        "M_UNKNOWN_TOKEN"
+    );
+
+    let (status, json, _) = send(
+        s.addr,
+        "POST",
+        "/_matrix/client/v3/refresh",
+        None,
+        Some(&refresh_body(&r0)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["expires_in_ms"], 60_000);
+    let (a1, r1) = (
+        json["access_token"].as_str().unwrap().to_owned(),
+        json["refresh_token"].as_str().unwrap().to_owned(),
+    );
+
+    // Until a1 or r1 is used, a0 and r0 still work.
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&a0), None).await.0,
+        StatusCode::OK
+    );
+    // First use of the successor: a0 and r0 die.
+    let (status, json, _) = send(s.addr, "GET", whoami, Some(&a1), None).await;
+    assert_eq!(
+        (status, json["device_id"].as_str()),
+        (StatusCode::OK, Some("PHONE"))
+    );
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&a0), None).await.1["errcode"],
+        "M_UNKNOWN_TOKEN"
+    );
+    let (status, _, _) = send(
+        s.addr,
+        "POST",
+        "/_matrix/client/v3/refresh",
+        None,
+        Some(&refresh_body(&r0)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "reused refresh token");
+
+    // The access token expires; the refresh token still refreshes.
+    s.clock.advance_ms(60_001);
+    let (status, json, _) = send(s.addr, "GET", whoami, Some(&a1), None).await;
+    assert_eq!(
+        (status, json["soft_logout"].as_bool()),
+        (StatusCode::UNAUTHORIZED, Some(true))
+    );
+    let (status, json, _) = send(
+        s.addr,
+        "POST",
+        "/_matrix/client/v3/refresh",
+        None,
+        Some(&refresh_body(&r1)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let a2 = json["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&a2), None).await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenrefresh_is_single_use_and_exactly_one_of_many_concurrent_calls_wins() {
+    let s = start().await;
+    let login = s.sessions.login(
+        ALICE,
+        &SessionRequest {
+            device_id: None,
+            refresh: true,
+            guest: false,
+        },
+    );
+    let r0 = login.refresh_token.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (addr, body) = (s.addr, refresh_body(&r0));
+        tasks.push(tokio::spawn(async move {
+            send(
+                addr,
+                "POST",
+                "/_matrix/client/r0/tokenrefresh",
+                None,
+                Some(&body),
+            )
+            .await
+        }));
+    }
+    let mut won = Vec::new();
+    for task in tasks {
+        let (status, json, _) = task.await.unwrap();
+        match status {
+            StatusCode::OK => won.push(json),
+            StatusCode::FORBIDDEN => assert_eq!(json["errcode"], "M_FORBIDDEN"),
+            other => panic!("unexpected {other}: {json}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one concurrent refresh succeeds");
+    // The old access token died at once; the new one works.
+    let whoami = "/_matrix/client/v3/account/whoami";
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&login.access_token), None)
+            .await
+            .1["errcode"],
+        "M_UNKNOWN_TOKEN"
+    );
+    let a1 = won[0]["access_token"].as_str().unwrap();
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(a1), None).await.0,
+        StatusCode::OK
+    );
+    assert!(won[0]["refresh_token"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_endpoints_answer_bad_bodies_and_rate_limits() {
+    let s = start().await;
+    for (path, failure) in [
+        ("/_matrix/client/v3/refresh", StatusCode::UNAUTHORIZED),
+        ("/_matrix/client/r0/tokenrefresh", StatusCode::FORBIDDEN),
+    ] {
+        let cases = [
+            ("not json", "M_NOT_JSON"),
+            ("[1,2]", "M_BAD_JSON"),
+            ("{}", "M_MISSING_PARAM"),
+            ("{\"refresh_token\": 5}", "M_BAD_JSON"),
+        ];
+        for (body, errcode) in cases {
+            let (status, json, _) = send(s.addr, "POST", path, None, Some(body)).await;
+            assert_eq!(
+                (status, json["errcode"].as_str()),
+                (StatusCode::BAD_REQUEST, Some(errcode)),
+                "{path} {body}"
+            );
+        }
+        let (status, _, _) = send(s.addr, "POST", path, None, Some(&refresh_body("forged"))).await;
+        assert_eq!(status, failure);
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    stream
+        .write_all(b"POST /_matrix/client/v3/refresh HTTP/1.1\r\nHost: x\r\nx-test-flood: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 429"), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("retry-after: 2"),
+        "{response}"
+    );
+    assert!(
+        response.contains("\"retry_after_ms\":1500") && response.contains("M_LIMIT_EXCEEDED"),
+        "{response}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_and_logout_all_accept_expired_tokens_and_revoke_linked_ones() {
+    let s = start().await;
+    let whoami = "/_matrix/client/v3/account/whoami";
+    let phone = s.sessions.login(
+        ALICE,
+        &SessionRequest {
+            device_id: Some("PHONE".into()),
+            refresh: true,
+            guest: false,
+        },
+    );
+    let laptop = s.sessions.login(
+        ALICE,
+        &SessionRequest {
+            device_id: Some("LAPTOP".into()),
+            refresh: false,
+            guest: false,
+        },
+    );
+    let bob = s
+        .sessions
+        .login("@bob:example.org", &SessionRequest::default());
+
+    // Logout with an expired access token: accepted; its refresh token dies with it.
+    s.clock.advance_ms(60_001);
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&phone.access_token), None)
+            .await
+            .1["soft_logout"],
+        true
+    );
+    let (status, _, _) = send(
+        s.addr,
+        "POST",
+        "/_matrix/client/v3/logout",
+        Some(&phone.access_token),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let body = refresh_body(phone.refresh_token.as_deref().unwrap());
+    assert_eq!(
+        send(
+            s.addr,
+            "POST",
+            "/_matrix/client/v3/refresh",
+            None,
+            Some(&body)
+        )
+        .await
+        .0,
+        StatusCode::UNAUTHORIZED
+    );
+    // Expired routes other than logout still ask for a soft logout.
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&laptop.access_token), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+
+    // Log out everywhere: every token of Alice's minted before now, none of Bob's.
+    s.clock.advance_ms(1);
+    let (status, _, _) = send(
+        s.addr,
+        "POST",
+        "/_matrix/client/v3/logout/all",
+        Some(&laptop.access_token),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&laptop.access_token), None)
+            .await
+            .1["errcode"],
+        "M_UNKNOWN_TOKEN"
+    );
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&bob.access_token), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    s.clock.advance_ms(1);
+    let fresh = s.sessions.login(ALICE, &SessionRequest::default());
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&fresh.access_token), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn login_tokens_are_single_use() {
+    let s = start().await;
+    let (token, lifetime) = s.sessions.login_token(ALICE);
+    assert_eq!(lifetime, 120_000);
+    let parts = http::Request::new(()).into_parts().0;
+    // Not an access token.
+    let whoami = "/_matrix/client/v3/account/whoami";
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&token), None).await.1["errcode"],
+        "M_UNKNOWN_TOKEN"
+    );
+    let user = s
+        .sessions
+        .redeem_login_token(token.as_bytes(), &parts)
+        .await
+        .unwrap();
+    assert_eq!(user.user_id(), ALICE);
+    assert!(
+        s.sessions
+            .redeem_login_token(token.as_bytes(), &parts)
+            .await
+            .is_err(),
+        "second use"
+    );
+    let (late, _) = s.sessions.login_token(ALICE);
+    s.clock.advance_ms(120_000);
+    assert!(
+        s.sessions
+            .redeem_login_token(late.as_bytes(), &parts)
+            .await
+            .is_err(),
+        "expired"
+    );
+}
+
+#[tokio::test]
+async fn minted_access_tokens_have_synapse_caveats_plus_device_id() {
+    let s = start().await;
+    let login = s.sessions.login(
+        ALICE,
+        &SessionRequest {
+            device_id: Some("D".into()),
+            refresh: false,
+            guest: true,
+        },
+    );
+    let parsed = macaroon::Macaroon::deserialize(&login.access_token).unwrap();
+    let caveats: Vec<String> = parsed
+        .first_party_caveats()
+        .iter()
+        .map(|c| match c {
+            macaroon::Caveat::FirstParty(fp) => {
+                String::from_utf8(fp.predicate().0.clone()).unwrap()
+            }
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(
+        caveats[..3],
+        [
+            "gen = 1".to_owned(),
+            format!("user_id = {ALICE}"),
+            "type = access".to_owned()
+        ]
+    );
+    assert!(caveats[3].starts_with("nonce = "));
+    assert_eq!(
+        caveats[4..],
+        ["guest = true".to_owned(), "device_id = D".to_owned()]
+    );
+    assert!(
+        !login.access_token.contains('='),
+        "V1 base64url without padding"
+    );
+}
