@@ -27,5 +27,9 @@ fi
 "$venv/bin/python" tests/vectors/generate.py --output target/pymacaroons.regenerated.json
 cmp tests/vectors/pymacaroons.json target/pymacaroons.regenerated.json
 
+step "PostgreSQL on loopback for the postgres store's tests (installed if missing)"
+eval "$(scripts/postgres.sh start)"
+trap 'scripts/postgres.sh stop "$MATRIX_TEST_PG_DIR"' EXIT
+
 step "tests (unit, integration, doc)"
 cargo test --all-features

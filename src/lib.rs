@@ -91,6 +91,8 @@ pub use revocation::{
 pub use service::MatrixAuth;
 pub use sessions::{ExchangeError, RateLimit, RefreshEndpoint, Sessions};
 pub use store::{memory::MemoryStore, RefreshMode, TokenStore};
+#[cfg(feature = "postgres")]
+pub use store::postgres::PostgresStore;
 pub use verify::{Verifier, DEFAULT_MAX_CAVEATS, DEFAULT_MAX_TOKEN_LEN};
 pub use wire::Format;
 

@@ -4,113 +4,10 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use common::server::{refresh_body, send, start_memory as start};
 use common::*;
 use http::StatusCode;
-use tower_matrix_auth::{
-    Issuer, ManualClock, MatrixAuthLayer, MatrixUser, MemoryStore, SessionRequest, Sessions,
-    TokenStore, Verifier,
-};
-
-struct Server {
-    addr: std::net::SocketAddr,
-    sessions: Sessions,
-    clock: ManualClock,
-}
-
-async fn whoami(user: MatrixUser) -> Json<serde_json::Value> {
-    Json(serde_json::json!({"user_id": user.user_id(), "device_id": user.device_id()}))
-}
-
-async fn start_with(store: Arc<dyn TokenStore>) -> Server {
-    let clock = ManualClock::new(NOW_MS);
-    let verifier = Verifier::new(keys()).clock(clock.clone());
-    let issuer = Issuer::new(keys())
-        .clock(clock.clone())
-        .refreshable_access_lifetime_ms(60_000);
-    let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store).rate_limit(
-        |parts: &http::request::Parts| {
-            (parts.headers.get("x-test-flood").is_some()).then(|| Duration::from_millis(1500))
-        },
-    );
-    let auth = MatrixAuthLayer::with_verifier(verifier)
-        .revocation(sessions.store())
-        .allow_expired_when(|parts| parts.uri.path().starts_with("/_matrix/client/v3/logout"));
-    let logout_sessions = sessions.clone();
-    let logout_all_sessions = sessions.clone();
-    let app = Router::new()
-        .route("/_matrix/client/v3/account/whoami", get(whoami))
-        .route(
-            "/_matrix/client/v3/logout",
-            post(move |user: MatrixUser| async move {
-                logout_sessions.logout(&user).await.unwrap();
-                Json(serde_json::json!({}))
-            }),
-        )
-        .route(
-            "/_matrix/client/v3/logout/all",
-            post(move |user: MatrixUser| async move {
-                logout_all_sessions.logout_all(&user).await.unwrap();
-                Json(serde_json::json!({}))
-            }),
-        )
-        .route_layer(auth)
-        .route_service("/_matrix/client/v3/refresh", sessions.refresh_endpoint())
-        .route_service(
-            "/_matrix/client/r0/tokenrefresh",
-            sessions.token_refresh_endpoint(),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Server {
-        addr,
-        sessions,
-        clock,
-    }
-}
-
-async fn start() -> Server {
-    start_with(Arc::new(MemoryStore::new())).await
-}
-
-/// Raw HTTP/1.1 so the test sees exactly what a client sees.
-async fn send(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> (StatusCode, serde_json::Value, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = StatusCode::from_u16(response[9..12].parse().unwrap()).unwrap();
-    let (head, payload) = response.split_once("\r\n\r\n").unwrap();
-    (
-        status,
-        serde_json::from_str(payload).unwrap_or(serde_json::Value::Null),
-        head.to_owned(),
-    )
-}
-
-fn refresh_body(token: &str) -> String {
-    serde_json::json!({ "refresh_token": token }).to_string()
-}
+use tower_matrix_auth::SessionRequest;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_refresh_keeps_old_tokens_until_the_new_ones_are_used() {
@@ -128,7 +25,7 @@ async fn rotating_refresh_keeps_old_tokens_until_the_new_ones_are_used() {
         login.refresh_token.clone().unwrap(),
     );
     assert_eq!(login.expires_in_ms, Some(60_000));
-    let whoami = "/_matrix/client/v3/account/whoami";
+    let whoami = common::server::WHOAMI;
     assert_eq!(
         send(s.addr, "GET", whoami, Some(&a0), None).await.0,
         StatusCode::OK
@@ -252,7 +149,7 @@ async fn tokenrefresh_is_single_use_and_exactly_one_of_many_concurrent_calls_win
     }
     assert_eq!(won.len(), 1, "exactly one concurrent refresh succeeds");
     // The old access token died at once; the new one works.
-    let whoami = "/_matrix/client/v3/account/whoami";
+    let whoami = common::server::WHOAMI;
     assert_eq!(
         send(s.addr, "GET", whoami, Some(&login.access_token), None)
             .await
@@ -313,7 +210,7 @@ async fn refresh_endpoints_answer_bad_bodies_and_rate_limits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_and_logout_all_accept_expired_tokens_and_revoke_linked_ones() {
     let s = start().await;
-    let whoami = "/_matrix/client/v3/account/whoami";
+    let whoami = common::server::WHOAMI;
     let phone = s.sessions.login(
         ALICE,
         &SessionRequest {
@@ -412,7 +309,7 @@ async fn login_tokens_are_single_use() {
     assert_eq!(lifetime, 120_000);
     let parts = http::Request::new(()).into_parts().0;
     // Not an access token.
-    let whoami = "/_matrix/client/v3/account/whoami";
+    let whoami = common::server::WHOAMI;
     assert_eq!(
         send(s.addr, "GET", whoami, Some(&token), None).await.1["errcode"],
         "M_UNKNOWN_TOKEN"

@@ -18,6 +18,9 @@ use crate::issuer::{SessionId, TokenNonce};
 use crate::revocation::{Revocation, RevocationError};
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub(crate) mod view;
 
 /// A boxed future returned by store operations (off the request hot path).
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, RevocationError>> + Send + 'a>>;
@@ -86,6 +89,8 @@ pub struct SessionState {
     /// When every token this state speaks for has expired, so it can be forgotten (ms since the
     /// epoch; `u64::MAX` for tokens that never expire).
     pub until_ms: u64,
+    /// Bumped by every change: orders updates that reach a process out of order.
+    pub version: u64,
 }
 
 impl Default for SessionState {
@@ -96,6 +101,7 @@ impl Default for SessionState {
             next_generation: 1,
             revoked: false,
             until_ms: 0,
+            version: 0,
         }
     }
 }
@@ -130,6 +136,7 @@ impl SessionState {
         if Some(generation) == self.pending_generation {
             self.live_generation = generation;
             self.pending_generation = None;
+            self.version += 1;
         }
     }
 
@@ -151,6 +158,7 @@ impl SessionState {
             }
         }
         self.until_ms = self.until_ms.max(until_ms);
+        self.version += 1;
         Some(successor)
     }
 
@@ -158,6 +166,7 @@ impl SessionState {
     pub fn revoke(&mut self, until_ms: u64) {
         self.revoked = true;
         self.until_ms = self.until_ms.max(until_ms);
+        self.version += 1;
     }
 }
 

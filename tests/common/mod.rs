@@ -10,6 +10,11 @@ use http_body_util::{BodyExt, Full};
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_matrix_auth::{KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser};
 
+#[cfg(feature = "postgres")]
+pub mod pg;
+#[cfg(feature = "axum")]
+pub mod server;
+
 pub const SECRET: &str = "integration test macaroon secret";
 pub const NOW_MS: u64 = 1_700_000_000_000;
 pub const ALICE: &str = "@alice:example.org";

@@ -1,0 +1,511 @@
+//! The PostgreSQL revocation store (feature `postgres`): the source of truth for several
+//! homeserver processes.
+//!
+//! Checking a token costs no round trip: every process keeps the whole (small) revocation state
+//! in memory, loaded at start and kept current with `LISTEN`/`NOTIFY`. Writes (logout, refresh,
+//! login-token use, the first use of a refreshed token) are transactions that lock the session's
+//! row, apply [`SessionState`]'s rules, and notify every process in commit order.
+//!
+//! When the database connection drops, the view may miss updates, so the store fails closed:
+//! every check answers an error (the layer turns it into `503 M_UNKNOWN`) until it has
+//! reconnected and reloaded the whole state, which it keeps trying on its own.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+use crate::clock::{Clock, SystemClock};
+use crate::identity::MatrixUser;
+use crate::issuer::SessionId;
+use crate::revocation::{Revocation, RevocationCheck, RevocationError, RevocationStatus};
+use crate::store::view::{Judgement, View};
+use crate::store::{RefreshMode, SessionState, StoreFuture, TokenRef, TokenStore, Verdict};
+
+const CHANNEL: &str = "matrix_auth_revocations";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS matrix_auth_sessions (
+    session_id TEXT PRIMARY KEY,
+    live_generation BIGINT NOT NULL,
+    pending_generation BIGINT,
+    next_generation BIGINT NOT NULL,
+    revoked BOOLEAN NOT NULL,
+    until_ms BIGINT NOT NULL,
+    version BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS matrix_auth_sessions_until ON matrix_auth_sessions (until_ms);
+CREATE TABLE IF NOT EXISTS matrix_auth_users (
+    user_id TEXT PRIMARY KEY,
+    revoked_before_ms BIGINT NOT NULL
+);";
+
+/// Reconnection back-off bounds.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+struct Shared {
+    url: String,
+    view: RwLock<View>,
+    /// The view is complete and being kept current.
+    healthy: AtomicBool,
+    writer: tokio::sync::Mutex<Option<Client>>,
+    clock: Arc<dyn Clock>,
+}
+
+/// Revocation state in PostgreSQL, served from an in-process view. Cloning shares it.
+#[derive(Clone)]
+pub struct PostgresStore {
+    shared: Arc<Shared>,
+}
+
+fn db_error(e: tokio_postgres::Error) -> RevocationError {
+    RevocationError::new(e)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    if v == i64::MAX {
+        u64::MAX
+    } else {
+        u64::try_from(v).unwrap_or(0)
+    }
+}
+
+fn session_key(session: SessionId) -> String {
+    format!("{:032x}", session.as_u128())
+}
+
+fn parse_session_key(text: &str) -> Option<SessionId> {
+    u128::from_str_radix(text, 16)
+        .ok()
+        .map(SessionId::from_u128)
+}
+
+fn state_from_row(row: &tokio_postgres::Row) -> SessionState {
+    let generation = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+    SessionState {
+        live_generation: generation(row.get("live_generation")),
+        pending_generation: row
+            .get::<_, Option<i64>>("pending_generation")
+            .map(generation),
+        next_generation: generation(row.get("next_generation")),
+        revoked: row.get("revoked"),
+        until_ms: to_u64(row.get("until_ms")),
+        version: to_u64(row.get("version")),
+    }
+}
+
+/// The notification for a session's new state: `s <id> <live> <pending|-> <next> <revoked> <until> <version>`.
+fn session_payload(session: SessionId, s: &SessionState) -> String {
+    let pending = s
+        .pending_generation
+        .map_or("-".to_owned(), |p| p.to_string());
+    format!(
+        "s {} {} {} {} {} {} {}",
+        session_key(session),
+        s.live_generation,
+        pending,
+        s.next_generation,
+        u8::from(s.revoked),
+        s.until_ms,
+        s.version
+    )
+}
+
+fn apply_notification(view: &mut View, payload: &str) {
+    let mut fields = payload.splitn(3, ' ');
+    match (fields.next(), fields.next(), fields.next()) {
+        (Some("s"), Some(id), Some(rest)) => {
+            let parts: Vec<&str> = rest.split(' ').collect();
+            let parsed = (|| {
+                let [live, pending, next, revoked, until, version] = parts.as_slice() else {
+                    return None;
+                };
+                Some(SessionState {
+                    live_generation: live.parse().ok()?,
+                    pending_generation: match *pending {
+                        "-" => None,
+                        p => Some(p.parse().ok()?),
+                    },
+                    next_generation: next.parse().ok()?,
+                    revoked: *revoked == "1",
+                    until_ms: until.parse().ok()?,
+                    version: version.parse().ok()?,
+                })
+            })();
+            if let (Some(session), Some(state)) = (parse_session_key(id), parsed) {
+                view.merge(session, state);
+            }
+        }
+        (Some("u"), Some(before), Some(user_id)) => {
+            if let Ok(before) = before.parse() {
+                view.merge_user(user_id, before);
+            }
+        }
+        _ => tracing::warn!("ignoring a malformed revocation notification"),
+    }
+}
+
+impl PostgresStore {
+    /// Connects, creates the tables if needed, loads the state and starts following changes.
+    /// Must be called inside a tokio runtime; fails if the database is unreachable now (later
+    /// outages are survived).
+    pub async fn connect(url: &str) -> Result<Self, RevocationError> {
+        let shared = Arc::new(Shared {
+            url: url.to_owned(),
+            view: RwLock::new(View::default()),
+            healthy: AtomicBool::new(false),
+            writer: tokio::sync::Mutex::new(None),
+            clock: Arc::new(SystemClock),
+        });
+        let (listener, connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(db_error)?;
+        Self::attach(&shared, listener, connection).await?;
+        Ok(Self { shared })
+    }
+
+    /// Sets up one connection generation: schema, LISTEN, full load, then the driver task that
+    /// applies notifications and, when the connection ends, starts reconnecting.
+    fn attach(
+        shared: &Arc<Shared>,
+        listener: Client,
+        mut connection: tokio_postgres::Connection<
+            tokio_postgres::Socket,
+            tokio_postgres::tls::NoTlsStream,
+        >,
+    ) -> impl std::future::Future<Output = Result<(), RevocationError>> + Send + 'static {
+        let shared = shared.clone();
+        async move {
+            // Drive the connection (and apply notifications) from a task of its own; queries on
+            // `listener` below go through it.
+            let driver_shared = shared.clone();
+            let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                let outcome = poll_fn(|cx| loop {
+                    match connection.poll_message(cx) {
+                        Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
+                            if n.channel() == CHANNEL {
+                                let mut view = driver_shared
+                                    .view
+                                    .write()
+                                    .unwrap_or_else(|e| e.into_inner());
+                                apply_notification(&mut view, n.payload());
+                            }
+                        }
+                        Poll::Ready(Some(Ok(_))) => {}
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                        Poll::Ready(None) => return Poll::Ready(Ok(())),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                })
+                .await;
+                driver_shared.healthy.store(false, Ordering::SeqCst);
+                *driver_shared.writer.lock().await = None;
+                match outcome {
+                    Err(error) => {
+                        tracing::warn!(%error, "revocation database connection lost; refusing tokens until it is back")
+                    }
+                    Ok(()) => tracing::warn!(
+                        "revocation database connection closed; refusing tokens until it is back"
+                    ),
+                }
+                let _ = ended_tx.send(());
+                Self::reconnect(driver_shared).await;
+            });
+
+            let setup = async {
+                listener
+                    .batch_execute(&format!(
+                        "BEGIN; SELECT pg_advisory_xact_lock(7318720451); {SCHEMA} COMMIT; LISTEN {CHANNEL};"
+                    ))
+                    .await?;
+                let (writer, writer_connection) =
+                    tokio_postgres::connect(&shared.url, NoTls).await?;
+                tokio::spawn(async move {
+                    let _ = writer_connection.await;
+                });
+                // LISTEN is active before the load, so nothing committed after the load is missed.
+                let now = to_i64(shared.clock.now_ms());
+                let sessions = listener
+                    .query(
+                        "SELECT * FROM matrix_auth_sessions WHERE until_ms > $1",
+                        &[&now],
+                    )
+                    .await?;
+                let users = listener
+                    .query(
+                        "SELECT user_id, revoked_before_ms FROM matrix_auth_users",
+                        &[],
+                    )
+                    .await?;
+                {
+                    let mut view = shared.view.write().unwrap_or_else(|e| e.into_inner());
+                    for row in &sessions {
+                        if let Some(session) = parse_session_key(row.get("session_id")) {
+                            view.merge(session, state_from_row(row));
+                        }
+                    }
+                    for row in &users {
+                        view.merge_user(row.get(0), to_u64(row.get(1)));
+                    }
+                }
+                *shared.writer.lock().await = Some(writer);
+                Ok::<_, tokio_postgres::Error>(())
+            };
+            match setup.await {
+                Ok(()) => {
+                    // Keep `listener` alive as long as its connection: it owns the LISTEN.
+                    tokio::spawn(async move {
+                        let _ = ended_rx.await;
+                        drop(listener);
+                    });
+                    shared.healthy.store(true, Ordering::SeqCst);
+                    Ok(())
+                }
+                Err(error) => Err(db_error(error)),
+            }
+        }
+    }
+
+    /// Retries with growing pauses until the database answers again.
+    async fn reconnect(shared: Arc<Shared>) {
+        let mut pause = RETRY_MIN;
+        loop {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_MAX);
+            let Ok((listener, connection)) = tokio_postgres::connect(&shared.url, NoTls).await
+            else {
+                continue;
+            };
+            match Box::pin(Self::attach(&shared, listener, connection)).await {
+                Ok(()) => {
+                    tracing::info!("revocation database connection restored");
+                    return;
+                }
+                Err(error) => tracing::debug!(%error, "reconnecting to the revocation database"),
+            }
+        }
+    }
+
+    /// Whether the view is complete and current (checks fail closed while it is not).
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::SeqCst)
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, View> {
+        self.shared.view.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_view(&self) -> RwLockWriteGuard<'_, View> {
+        self.shared.view.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unavailable() -> RevocationError {
+        RevocationError::new("the revocation database is unreachable")
+    }
+
+    /// Locks a session's row, applies `change`, writes it back and notifies, in one transaction.
+    async fn update_session<T: Send>(
+        &self,
+        session: SessionId,
+        user_check: Option<(&str, u64)>,
+        change: impl FnOnce(&mut SessionState, bool) -> T + Send,
+    ) -> Result<T, RevocationError> {
+        let mut writer = self.shared.writer.lock().await;
+        let client = writer.as_mut().ok_or_else(Self::unavailable)?;
+        let key = session_key(session);
+        let tx = client.transaction().await.map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO matrix_auth_sessions VALUES ($1, 0, NULL, 1, FALSE, 0, 0) ON CONFLICT DO NOTHING",
+            &[&key],
+        )
+        .await
+        .map_err(db_error)?;
+        let row = tx
+            .query_one(
+                "SELECT * FROM matrix_auth_sessions WHERE session_id = $1 FOR UPDATE",
+                &[&key],
+            )
+            .await
+            .map_err(db_error)?;
+        let user_revoked = match user_check {
+            Some((user_id, issued_ms)) => tx
+                .query_opt(
+                    "SELECT revoked_before_ms FROM matrix_auth_users WHERE user_id = $1",
+                    &[&user_id],
+                )
+                .await
+                .map_err(db_error)?
+                .is_some_and(|row| to_u64(row.get(0)) > issued_ms),
+            None => false,
+        };
+        let mut state = state_from_row(&row);
+        let before = state;
+        let outcome = change(&mut state, user_revoked);
+        if state != before {
+            tx.execute(
+                "UPDATE matrix_auth_sessions SET live_generation = $2, pending_generation = $3, next_generation = $4, revoked = $5, until_ms = $6, version = $7 WHERE session_id = $1",
+                &[
+                    &key,
+                    &i64::from(state.live_generation),
+                    &state.pending_generation.map(i64::from),
+                    &i64::from(state.next_generation),
+                    &state.revoked,
+                    &to_i64(state.until_ms),
+                    &to_i64(state.version),
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&CHANNEL, &session_payload(session, &state)],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        drop(writer);
+        // Our own notification will say the same; merging now makes our writes visible at once.
+        self.write_view().merge(session, state);
+        Ok(outcome)
+    }
+
+    async fn promote(
+        self,
+        session: SessionId,
+        generation: u32,
+    ) -> Result<RevocationStatus, RevocationError> {
+        self.update_session(session, None, |state, _| match state.verdict(generation) {
+            Verdict::Revoked => RevocationStatus::Revoked,
+            _ => {
+                state.promote(generation);
+                RevocationStatus::Active
+            }
+        })
+        .await
+    }
+
+    /// Deletes rows whose tokens have all expired (the view forgets them by itself).
+    pub async fn purge_expired(&self) -> Result<u64, RevocationError> {
+        let writer = self.shared.writer.lock().await;
+        let client = writer.as_ref().ok_or_else(Self::unavailable)?;
+        let now = to_i64(self.shared.clock.now_ms());
+        client
+            .execute(
+                "DELETE FROM matrix_auth_sessions WHERE until_ms <= $1",
+                &[&now],
+            )
+            .await
+            .map_err(db_error)
+    }
+}
+
+impl Revocation for PostgresStore {
+    fn check(&self, user: &MatrixUser) -> RevocationCheck {
+        if !self.is_healthy() {
+            return RevocationCheck::ready(Err(Self::unavailable()));
+        }
+        let judgement = self.read().judge(user);
+        match judgement {
+            Judgement::Active => RevocationCheck::ready(Ok(RevocationStatus::Active)),
+            Judgement::Revoked => RevocationCheck::ready(Ok(RevocationStatus::Revoked)),
+            // The first use of a refreshed token is a write, once per session generation.
+            Judgement::Promote(session, generation) => {
+                RevocationCheck::pending(self.clone().promote(session, generation))
+            }
+        }
+    }
+}
+
+impl TokenStore for PostgresStore {
+    fn refresh(
+        &self,
+        token: &TokenRef,
+        mode: RefreshMode,
+        until_ms: u64,
+    ) -> StoreFuture<'_, Option<u32>> {
+        let token = token.clone();
+        Box::pin(async move {
+            let generation = token.generation;
+            self.update_session(
+                token.session,
+                Some((&token.user_id, token.issued_ms)),
+                |state, user_revoked| {
+                    if user_revoked {
+                        None
+                    } else {
+                        state.refresh(generation, mode, until_ms)
+                    }
+                },
+            )
+            .await
+        })
+    }
+
+    fn revoke_session(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, ()> {
+        let session = token.session;
+        Box::pin(async move {
+            self.update_session(session, None, |state, _| state.revoke(until_ms))
+                .await
+        })
+    }
+
+    fn revoke_user(&self, user_id: &str, before_ms: u64) -> StoreFuture<'_, ()> {
+        let user_id = user_id.to_owned();
+        Box::pin(async move {
+            let mut writer = self.shared.writer.lock().await;
+            let client = writer.as_mut().ok_or_else(Self::unavailable)?;
+            let tx = client.transaction().await.map_err(db_error)?;
+            tx.execute(
+                "INSERT INTO matrix_auth_users VALUES ($1, $2) ON CONFLICT (user_id) DO UPDATE SET revoked_before_ms = GREATEST(matrix_auth_users.revoked_before_ms, EXCLUDED.revoked_before_ms)",
+                &[&user_id, &to_i64(before_ms)],
+            )
+            .await
+            .map_err(db_error)?;
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&CHANNEL, &format!("u {before_ms} {user_id}")],
+            )
+            .await
+            .map_err(db_error)?;
+            tx.commit().await.map_err(db_error)?;
+            drop(writer);
+            self.write_view().merge_user(&user_id, before_ms);
+            Ok(())
+        })
+    }
+
+    fn consume_once(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, bool> {
+        let session = token.session;
+        Box::pin(async move {
+            self.update_session(session, None, |state, _| {
+                let first = !state.revoked;
+                state.revoke(until_ms);
+                first
+            })
+            .await
+        })
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may hold a password: never print it.
+        let view = self.read();
+        f.debug_struct("PostgresStore")
+            .field("healthy", &self.is_healthy())
+            .field("sessions", &view.sessions.len())
+            .field("users", &view.users.len())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,103 @@
+//! The in-process view of revocation state that both stores answer the layer's check from, so a
+//! check costs a hash lookup and never a database round trip.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::identity::MatrixUser;
+use crate::issuer::SessionId;
+use crate::store::{position, SessionState, Verdict};
+
+/// Session ids are 128 random bits (or a SHA-256 prefix) that no client can choose, so their low
+/// 64 bits are already a good hash: no need to pay for SipHash on every request.
+#[derive(Default)]
+pub(crate) struct SessionIdHasher(u64);
+
+impl Hasher for SessionIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if something other than a u128 is hashed; fold it in anyway.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, value: u128) {
+        self.0 = value as u64;
+    }
+}
+
+/// What the view says about one verified token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Judgement {
+    Active,
+    Revoked,
+    /// Valid, and the first use of a refresh's successor: the store must record it.
+    Promote(SessionId, u32),
+}
+
+#[derive(Default)]
+pub(crate) struct View {
+    pub(crate) sessions: HashMap<SessionId, SessionState, BuildHasherDefault<SessionIdHasher>>,
+    /// User id → tokens minted before this instant are revoked ("log out everywhere").
+    pub(crate) users: HashMap<Box<str>, u64>,
+    /// Size of `sessions` after the last sweep: the next sweep waits until it doubles.
+    swept_at_len: usize,
+}
+
+impl View {
+    pub(crate) fn user_revoked(&self, user_id: &str, issued_ms: u64) -> bool {
+        !self.users.is_empty()
+            && self
+                .users
+                .get(user_id)
+                .is_some_and(|&before| issued_ms < before)
+    }
+
+    pub(crate) fn judge(&self, user: &MatrixUser) -> Judgement {
+        let (session, generation, issued_ms) = position(user);
+        if self.user_revoked(user.user_id(), issued_ms) {
+            return Judgement::Revoked;
+        }
+        let verdict = match self.sessions.get(&session) {
+            // No refresh or logout ever touched this session: only generation 0 exists.
+            None if generation == 0 => Verdict::Active,
+            None => Verdict::Revoked,
+            Some(state) => state.verdict(generation),
+        };
+        match verdict {
+            Verdict::Active => Judgement::Active,
+            Verdict::Revoked => Judgement::Revoked,
+            Verdict::Promote => Judgement::Promote(session, generation),
+        }
+    }
+
+    /// Takes a state from elsewhere (a database row, a notification) unless an equal or newer
+    /// version is already here: updates may arrive out of order.
+    pub(crate) fn merge(&mut self, session: SessionId, state: SessionState) {
+        match self.sessions.get(&session) {
+            Some(current) if current.version >= state.version => {}
+            _ => {
+                self.sessions.insert(session, state);
+            }
+        }
+    }
+
+    pub(crate) fn merge_user(&mut self, user_id: &str, before_ms: u64) {
+        let entry = self.users.entry(user_id.into()).or_insert(0);
+        *entry = (*entry).max(before_ms);
+    }
+
+    /// Forgets entries whose tokens have all expired, amortized over the writes that grow the map.
+    pub(crate) fn sweep_if_due(&mut self, now_ms: u64) {
+        if self.sessions.len() >= 1024 && self.sessions.len() >= self.swept_at_len * 2 {
+            self.sweep(now_ms);
+        }
+    }
+
+    pub(crate) fn sweep(&mut self, now_ms: u64) {
+        self.sessions.retain(|_, s| s.until_ms > now_ms);
+        self.swept_at_len = self.sessions.len();
+    }
+}

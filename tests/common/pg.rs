@@ -1,0 +1,43 @@
+//! The PostgreSQL server `scripts/postgres.sh` started for the tests.
+
+pub fn database_url() -> String {
+    std::env::var("MATRIX_TEST_DATABASE_URL").expect(
+        "MATRIX_TEST_DATABASE_URL is not set: run ./scripts/test.sh, or `eval \"$(scripts/postgres.sh start)\"` first",
+    )
+}
+
+/// Runs the server's control script (`stop -m fast`, `start`).
+pub fn pg_ctl(args: &[&str]) {
+    let ctl = std::env::var("MATRIX_TEST_PG_CTL")
+        .expect("MATRIX_TEST_PG_CTL is not set: see scripts/postgres.sh");
+    let status = std::process::Command::new(ctl)
+        .args(args)
+        .status()
+        .expect("pg_ctl runs");
+    assert!(status.success(), "pg_ctl {args:?} failed");
+}
+
+/// Waits until `condition` holds, polling every millisecond; returns how long it took.
+pub async fn wait_until(
+    limit: std::time::Duration,
+    mut condition: impl FnMut() -> bool,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !condition() {
+        assert!(
+            start.elapsed() < limit,
+            "condition not reached within {limit:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    start.elapsed()
+}
+
+/// The result of a future if it is ready on its first poll (a store answering from its view).
+pub fn poll_once<F: std::future::Future + Unpin>(mut future: F) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(&mut future).poll(&mut cx) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
+}

@@ -1,0 +1,129 @@
+//! A small homeserver built from the crate's parts, on loopback, for the lifecycle tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::StatusCode;
+use tower_matrix_auth::{
+    Issuer, ManualClock, MatrixAuthLayer, MatrixUser, Sessions, TokenStore, Verifier,
+};
+
+use super::{keys, NOW_MS};
+
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    pub sessions: Sessions,
+    pub clock: ManualClock,
+}
+
+async fn whoami(user: MatrixUser) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"user_id": user.user_id(), "device_id": user.device_id()}))
+}
+
+/// whoami behind the layer, logout and logout/all (expired tokens allowed), both refresh
+/// endpoints (rate-limited when a request carries `x-test-flood`). `clock` drives everything.
+pub async fn start_with(store: Arc<dyn TokenStore>, clock: ManualClock) -> Server {
+    let verifier = Verifier::new(keys()).clock(clock.clone());
+    let issuer = Issuer::new(keys())
+        .clock(clock.clone())
+        .refreshable_access_lifetime_ms(60_000);
+    let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store).rate_limit(
+        |parts: &http::request::Parts| {
+            parts
+                .headers
+                .get("x-test-flood")
+                .is_some()
+                .then(|| Duration::from_millis(1500))
+        },
+    );
+    let auth = MatrixAuthLayer::with_verifier(verifier)
+        .revocation(sessions.store())
+        .allow_expired_when(|parts| parts.uri.path().starts_with("/_matrix/client/v3/logout"));
+    let (logout, logout_all) = (sessions.clone(), sessions.clone());
+    let app = Router::new()
+        .route("/_matrix/client/v3/account/whoami", get(whoami))
+        .route(
+            "/_matrix/client/v3/logout",
+            post(move |user: MatrixUser| async move {
+                match logout.logout(&user).await {
+                    Ok(()) => (StatusCode::OK, Json(serde_json::json!({}))),
+                    Err(_) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(serde_json::json!({"errcode": "M_UNKNOWN"})),
+                    ),
+                }
+            }),
+        )
+        .route(
+            "/_matrix/client/v3/logout/all",
+            post(move |user: MatrixUser| async move {
+                match logout_all.logout_all(&user).await {
+                    Ok(()) => (StatusCode::OK, Json(serde_json::json!({}))),
+                    Err(_) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(serde_json::json!({"errcode": "M_UNKNOWN"})),
+                    ),
+                }
+            }),
+        )
+        .route_layer(auth)
+        .route_service("/_matrix/client/v3/refresh", sessions.refresh_endpoint())
+        .route_service(
+            "/_matrix/client/r0/tokenrefresh",
+            sessions.token_refresh_endpoint(),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Server {
+        addr,
+        sessions,
+        clock,
+    }
+}
+
+pub async fn start_memory() -> Server {
+    start_with(
+        Arc::new(tower_matrix_auth::MemoryStore::new()),
+        ManualClock::new(NOW_MS),
+    )
+    .await
+}
+
+/// Raw HTTP/1.1, so the test sees exactly what a client sees: status, JSON body, head.
+pub async fn send(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (StatusCode, serde_json::Value, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = StatusCode::from_u16(response[9..12].parse().unwrap()).unwrap();
+    let (head, payload) = response.split_once("\r\n\r\n").unwrap();
+    (
+        status,
+        serde_json::from_str(payload).unwrap_or(serde_json::Value::Null),
+        head.to_owned(),
+    )
+}
+
+pub fn refresh_body(token: &str) -> String {
+    serde_json::json!({ "refresh_token": token }).to_string()
+}
+
+pub const WHOAMI: &str = "/_matrix/client/v3/account/whoami";

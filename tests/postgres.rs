@@ -1,0 +1,281 @@
+//! The PostgreSQL store against a real server: two processes' worth of stores and layers sharing
+//! it, propagation of revocations between them, a restart, and real concurrency.
+#![cfg(all(feature = "postgres", feature = "axum"))]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::pg::{database_url, poll_once, wait_until};
+use common::server::{refresh_body, send, start_with, WHOAMI};
+use common::*;
+use http::StatusCode;
+use tower_matrix_auth::{
+    ManualClock, PostgresStore, Revocation, RevocationStatus, SessionRequest, TokenType,
+};
+
+async fn status(store: &PostgresStore, token: &str) -> RevocationStatus {
+    let parts = http::Request::new(()).into_parts().0;
+    let verifier = tower_matrix_auth::Verifier::new(keys()).clock(ManualClock::new(NOW_MS));
+    let user = verifier
+        .verify(token.as_bytes(), TokenType::Access, &parts)
+        .expect("a valid token");
+    store.check(&user).await.expect("store healthy")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_revocations_and_a_restart_loses_nothing() {
+    let url = database_url();
+    let a = PostgresStore::connect(&url).await.unwrap();
+    let b = PostgresStore::connect(&url).await.unwrap();
+    let clock = ManualClock::new(NOW_MS);
+    let server_a = start_with(Arc::new(a.clone()), clock.clone()).await;
+    let server_b = start_with(Arc::new(b.clone()), clock.clone()).await;
+
+    let login = server_a.sessions.login(
+        "@pg-share:example.org",
+        &SessionRequest {
+            device_id: Some("D1".into()),
+            refresh: true,
+            guest: false,
+        },
+    );
+    let token = login.access_token.clone();
+    assert_eq!(
+        send(server_a.addr, "GET", WHOAMI, Some(&token), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(server_b.addr, "GET", WHOAMI, Some(&token), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+
+    // Logout on A; B enforces it once the notification arrives. Measured, not assumed.
+    let (status_code, _, _) = send(
+        server_a.addr,
+        "POST",
+        "/_matrix/client/v3/logout",
+        Some(&token),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(status_code, StatusCode::OK);
+    let mut latencies = Vec::new();
+    let parts = http::Request::new(()).into_parts().0;
+    let user = server_b
+        .sessions
+        .verifier()
+        .verify(token.as_bytes(), TokenType::Access, &parts)
+        .unwrap();
+    latencies.push(
+        wait_until(Duration::from_secs(5), || {
+            matches!(
+                poll_once(b.check(&user)),
+                Some(Ok(RevocationStatus::Revoked))
+            )
+        })
+        .await,
+    );
+    assert_eq!(
+        send(server_b.addr, "GET", WHOAMI, Some(&token), None)
+            .await
+            .1["errcode"],
+        "M_UNKNOWN_TOKEN"
+    );
+    // A few more to report a median.
+    for i in 0..20 {
+        let login = server_a.sessions.login(
+            &format!("@pg-lat{i}:example.org"),
+            &SessionRequest::default(),
+        );
+        let user = server_b
+            .sessions
+            .verifier()
+            .verify(login.access_token.as_bytes(), TokenType::Access, &parts)
+            .unwrap();
+        assert_eq!(b.check(&user).await.unwrap(), RevocationStatus::Active);
+        server_a.sessions.logout(&user).await.unwrap();
+        latencies.push(
+            wait_until(Duration::from_secs(5), || {
+                matches!(
+                    poll_once(b.check(&user)),
+                    Some(Ok(RevocationStatus::Revoked))
+                )
+            })
+            .await,
+        );
+    }
+    latencies.sort();
+    eprintln!(
+        "revocation propagation A -> B over LISTEN/NOTIFY: median {:?}, max {:?} ({} samples)",
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1],
+        latencies.len()
+    );
+
+    // Log out everywhere on B reaches A too.
+    let other = server_a
+        .sessions
+        .login("@pg-all:example.org", &SessionRequest::default());
+    clock.advance_ms(1);
+    let (code, _, _) = send(
+        server_b.addr,
+        "POST",
+        "/_matrix/client/v3/logout/all",
+        Some(&other.access_token),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    let user = server_a
+        .sessions
+        .verifier()
+        .verify(other.access_token.as_bytes(), TokenType::Access, &parts)
+        .unwrap();
+    wait_until(Duration::from_secs(5), || {
+        matches!(
+            poll_once(a.check(&user)),
+            Some(Ok(RevocationStatus::Revoked))
+        )
+    })
+    .await;
+
+    // A restart (a new store, a new view loaded from the database) loses nothing.
+    drop((a, b));
+    let c = PostgresStore::connect(&url).await.unwrap();
+    assert_eq!(status(&c, &token).await, RevocationStatus::Revoked);
+    assert_eq!(
+        status(&c, &other.access_token).await,
+        RevocationStatus::Revoked
+    );
+    let alive = server_a
+        .sessions
+        .login("@pg-alive:example.org", &SessionRequest::default());
+    assert_eq!(
+        status(&c, &alive.access_token).await,
+        RevocationStatus::Active
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenrefresh_across_two_processes_has_exactly_one_winner() {
+    let url = database_url();
+    let clock = ManualClock::new(NOW_MS);
+    let a = start_with(
+        Arc::new(PostgresStore::connect(&url).await.unwrap()),
+        clock.clone(),
+    )
+    .await;
+    let b = start_with(
+        Arc::new(PostgresStore::connect(&url).await.unwrap()),
+        clock.clone(),
+    )
+    .await;
+    for round in 0..3 {
+        let login = a.sessions.login(
+            &format!("@pg-race{round}:example.org"),
+            &SessionRequest {
+                device_id: None,
+                refresh: true,
+                guest: false,
+            },
+        );
+        let body = refresh_body(login.refresh_token.as_deref().unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let addr = if i % 2 == 0 { a.addr } else { b.addr };
+            let body = body.clone();
+            tasks.push(tokio::spawn(async move {
+                send(
+                    addr,
+                    "POST",
+                    "/_matrix/client/r0/tokenrefresh",
+                    None,
+                    Some(&body),
+                )
+                .await
+            }));
+        }
+        let mut winners = 0;
+        for task in tasks {
+            let (status, json, _) = task.await.unwrap();
+            match status {
+                StatusCode::OK => winners += 1,
+                StatusCode::FORBIDDEN => assert_eq!(json["errcode"], "M_FORBIDDEN"),
+                other => panic!("unexpected {other}: {json}"),
+            }
+        }
+        assert_eq!(winners, 1, "round {round}");
+        // The old access token is dead on both processes (a's own write is visible at once;
+        // b's view follows the notification).
+        assert_eq!(
+            send(a.addr, "GET", WHOAMI, Some(&login.access_token), None)
+                .await
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_refresh_first_use_is_recorded_for_every_process() {
+    let url = database_url();
+    let clock = ManualClock::new(NOW_MS);
+    let a = start_with(
+        Arc::new(PostgresStore::connect(&url).await.unwrap()),
+        clock.clone(),
+    )
+    .await;
+    let b = start_with(
+        Arc::new(PostgresStore::connect(&url).await.unwrap()),
+        clock.clone(),
+    )
+    .await;
+    let login = a.sessions.login(
+        "@pg-rotate:example.org",
+        &SessionRequest {
+            device_id: None,
+            refresh: true,
+            guest: false,
+        },
+    );
+    let (status, json, _) = send(
+        a.addr,
+        "POST",
+        "/_matrix/client/v3/refresh",
+        None,
+        Some(&refresh_body(login.refresh_token.as_deref().unwrap())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let successor = json["access_token"].as_str().unwrap().to_owned();
+    // The old token still works everywhere until the successor is used - on the other process.
+    assert_eq!(
+        send(a.addr, "GET", WHOAMI, Some(&login.access_token), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(b.addr, "GET", WHOAMI, Some(&successor), None).await.0,
+        StatusCode::OK
+    );
+    // b recorded the first use in the database; a hears of it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _, _) = send(a.addr, "GET", WHOAMI, Some(&login.access_token), None).await;
+        if status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old token still works on a"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
