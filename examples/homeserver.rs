@@ -58,6 +58,23 @@
 //! * `GET /_matrix/client/versions`: no authentication.
 //! * `GET /_matrix/client/{v3,r0}/account/whoami`: users and guests.
 //! * `GET /_matrix/client/{v3,r0}/devices`: users only (guests get `403 M_GUEST_ACCESS_FORBIDDEN`).
+//! * `GET /_matrix/client/{v3,r0}/login`: the login flows (`m.login.password`, `m.login.token`).
+//! * `POST /_matrix/client/{v3,r0}/login`: `m.login.password` (identifier `m.id.user`, localpart
+//!   or full user id, against `MATRIX_USERS`) or `m.login.token`; `"refresh_token": true` adds a
+//!   refresh token and makes the access token expire after `MATRIX_TOKEN_LIFETIME_MS`.
+//! * `POST /_matrix/client/v3/refresh` (MSC2918) and `POST /_matrix/client/r0/tokenrefresh` (the
+//!   original, single-use exchange): no access token needed.
+//! * `POST /_matrix/client/{v3,r0}/logout` and `.../logout/all`: expired tokens accepted.
+//! * `POST /_matrix/client/v1/login/get_token` (MSC3882): a single-use login token for
+//!   `m.login.token`.
+//!
+//! More configuration for the token lifecycle:
+//!
+//! | variable                   | meaning                                                   | default    |
+//! |----------------------------|-----------------------------------------------------------|------------|
+//! | `MATRIX_USERS`             | `alice:password,bob:secret`: users who may log in         | none       |
+//! | `MATRIX_TOKEN_LIFETIME_MS` | access token lifetime when a refresh token is requested   | `300000`   |
+//! | `MATRIX_DATABASE_URL`      | PostgreSQL for revocation state shared by processes      | in memory  |
 //! * any other path: `404 M_UNRECOGNIZED`, token or not.
 //! * a known path with another method: `405 M_UNRECOGNIZED` (authentication comes first there,
 //!   so without a valid token it is the 401).
@@ -72,10 +89,17 @@ use axum::{Json, Router};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
 use tower_http::cors::{Any, CorsLayer};
 use tower_http::trace::TraceLayer;
+
+use axum::extract::State;
+use axum::routing::post;
+use subtle::ConstantTimeEq;
 use tower_matrix_auth::{
-    is_valid_user_id, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, TokenType,
+    is_valid_user_id, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore,
+    PostgresStore, SessionRequest, Sessions, TokenStore, TokenType, Verifier,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -132,7 +156,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{token}");
     }
 
-    let auth = MatrixAuthLayer::new(keys)
+    let users = parse_users(&std::env::var("MATRIX_USERS").unwrap_or_default())?;
+    let lifetime_ms: u64 = env_or("MATRIX_TOKEN_LIFETIME_MS", "300000")
+        .parse()
+        .map_err(|_| "MATRIX_TOKEN_LIFETIME_MS must be a whole number of milliseconds")?;
+    let store: Arc<dyn TokenStore> = match std::env::var("MATRIX_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => {
+            tracing::info!("revocation state in PostgreSQL");
+            Arc::new(PostgresStore::connect(&url).await?)
+        }
+        _ => Arc::new(MemoryStore::new()),
+    };
+    let verifier = Verifier::new(keys.clone());
+    let issuer = Issuer::new(keys)
+        .location(server_name.clone())
+        .refreshable_access_lifetime_ms(lifetime_ms);
+    let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store);
+    let state = AppState {
+        sessions: sessions.clone(),
+        users: Arc::new(users),
+        server_name: server_name.clone(),
+    };
+
+    let auth = MatrixAuthLayer::with_verifier(verifier)
+        .revocation(sessions.store())
+        // The spec: logging out must work with an expired token.
+        .allow_expired_when(|parts| parts.uri.path().contains("/logout"))
         // Discovery happens before login: never authenticated.
         .skip_path("/_matrix/client/versions")
         // Server-server traffic is signed with `Authorization: X-Matrix`, not access tokens.
@@ -147,6 +196,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/_matrix/client/r0/account/whoami", get(whoami))
         .route("/_matrix/client/v3/devices", get(devices))
         .route("/_matrix/client/r0/devices", get(devices))
+        .route("/_matrix/client/v3/logout", post(logout))
+        .route("/_matrix/client/r0/logout", post(logout))
+        .route("/_matrix/client/v3/logout/all", post(logout_all))
+        .route("/_matrix/client/r0/logout/all", post(logout_all))
+        .route("/_matrix/client/v1/login/get_token", post(get_login_token))
         .method_not_allowed_fallback(method_not_allowed)
         // Authentication covers the routes above only (`/versions` is skipped by the layer
         // itself): an unknown endpoint answers 404 M_UNRECOGNIZED whether or not the request
@@ -154,6 +208,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // (`route_layer` also wraps these routes' 405 fallback, so a wrong method gets the 401
         // first when it comes without a valid token.)
         .route_layer(auth)
+        // Login and the refresh exchanges authenticate with what their body carries.
+        .route("/_matrix/client/v3/login", get(login_flows).post(login))
+        .route("/_matrix/client/r0/login", get(login_flows).post(login))
+        .route_service("/_matrix/client/v3/refresh", sessions.refresh_endpoint())
+        .route_service(
+            "/_matrix/client/r0/tokenrefresh",
+            sessions.token_refresh_endpoint(),
+        )
+        .with_state(state)
         .fallback(unrecognized)
         // Each `.layer` wraps everything above it, so the last one is the outermost:
         //
@@ -188,6 +251,146 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     tracing::info!("shut down");
     Ok(())
+}
+
+#[derive(Clone)]
+struct AppState {
+    sessions: Sessions,
+    /// Localpart → password.
+    users: Arc<HashMap<String, String>>,
+    server_name: String,
+}
+
+/// `MATRIX_USERS=alice:password,bob:secret`.
+fn parse_users(spec: &str) -> Result<HashMap<String, String>, String> {
+    spec.split(',')
+        .filter(|entry| !entry.trim().is_empty())
+        .map(|entry| {
+            let (user, password) = entry
+                .split_once(':')
+                .ok_or_else(|| format!("MATRIX_USERS: `{entry}` is not `user:password`"))?;
+            Ok((user.trim().to_owned(), password.to_owned()))
+        })
+        .collect()
+}
+
+/// `GET /_matrix/client/v3/login`.
+async fn login_flows() -> Json<Value> {
+    Json(json!({ "flows": [
+        { "type": "m.login.password" },
+        { "type": "m.login.token" },
+    ]}))
+}
+
+/// `POST /_matrix/client/v3/login`: password or login token; `403 M_FORBIDDEN` otherwise.
+async fn login(State(state): State<AppState>, request: Request<axum::body::Body>) -> Response {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return matrix_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "M_TOO_LARGE",
+            "Body too large",
+        );
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return matrix_error(StatusCode::BAD_REQUEST, "M_NOT_JSON", "Content not JSON.");
+    };
+    let forbidden = || matrix_error(StatusCode::FORBIDDEN, "M_FORBIDDEN", "Invalid login");
+    let user_id = match body["type"].as_str() {
+        Some("m.login.password") => {
+            // `identifier.user` (today's spec) or the older top-level `user`.
+            let Some(user) = body["identifier"]["user"]
+                .as_str()
+                .or_else(|| body["user"].as_str())
+            else {
+                return matrix_error(StatusCode::BAD_REQUEST, "M_MISSING_PARAM", "No user given");
+            };
+            let localpart = match user.strip_prefix('@') {
+                Some(full) => match full.split_once(':') {
+                    Some((local, server)) if server == state.server_name => local,
+                    _ => return forbidden(),
+                },
+                None => user,
+            };
+            let password = body["password"].as_str().unwrap_or_default();
+            let known = state.users.get(localpart);
+            let expected = known.map_or(&b""[..], |p| p.as_bytes());
+            let matches: bool = expected.ct_eq(password.as_bytes()).into();
+            if known.is_none() || !matches {
+                return forbidden();
+            }
+            format!("@{localpart}:{}", state.server_name)
+        }
+        Some("m.login.token") => {
+            let token = body["token"].as_str().unwrap_or_default();
+            match state
+                .sessions
+                .redeem_login_token(token.as_bytes(), &parts)
+                .await
+            {
+                Ok(user) => user.user_id().to_owned(),
+                Err(_) => return forbidden(),
+            }
+        }
+        _ => return matrix_error(StatusCode::BAD_REQUEST, "M_UNKNOWN", "Unknown login type"),
+    };
+    let device_id = body["device_id"]
+        .as_str()
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| random_string(10).to_uppercase(), str::to_owned);
+    let tokens = state.sessions.login(
+        &user_id,
+        &SessionRequest {
+            device_id: Some(device_id.clone()),
+            refresh: body["refresh_token"].as_bool() == Some(true),
+            guest: false,
+        },
+    );
+    tracing::info!(%user_id, %device_id, "logged in");
+    let mut answer = json!({
+        "user_id": user_id,
+        "access_token": tokens.access_token,
+        "device_id": device_id,
+        "home_server": state.server_name,
+    });
+    if let Some(refresh_token) = tokens.refresh_token {
+        answer["refresh_token"] = refresh_token.into();
+    }
+    if let Some(ms) = tokens.expires_in_ms {
+        answer["expires_in_ms"] = ms.into();
+    }
+    Json(answer).into_response()
+}
+
+/// `POST /_matrix/client/v3/logout`: this token's login, refresh token included.
+async fn logout(State(state): State<AppState>, user: MatrixUser) -> Response {
+    match state.sessions.logout(&user).await {
+        Ok(()) => Json(json!({})).into_response(),
+        Err(error) => store_unavailable(&error),
+    }
+}
+
+/// `POST /_matrix/client/v3/logout/all`: every token of the user minted before now.
+async fn logout_all(State(state): State<AppState>, user: MatrixUser) -> Response {
+    match state.sessions.logout_all(&user).await {
+        Ok(()) => Json(json!({})).into_response(),
+        Err(error) => store_unavailable(&error),
+    }
+}
+
+/// `POST /_matrix/client/v1/login/get_token` (MSC3882): a login token for another device.
+async fn get_login_token(State(state): State<AppState>, user: MatrixUser) -> Json<Value> {
+    let (login_token, expires_in_ms) = state.sessions.login_token(user.user_id());
+    Json(json!({ "login_token": login_token, "expires_in_ms": expires_in_ms }))
+}
+
+fn store_unavailable(error: &dyn std::fmt::Display) -> Response {
+    tracing::warn!(%error, "token store unavailable");
+    matrix_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "M_UNKNOWN",
+        "Token state unavailable; try again later.",
+    )
 }
 
 /// `GET /_matrix/client/versions`.

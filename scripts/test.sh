@@ -33,3 +33,9 @@ trap 'scripts/postgres.sh stop "$MATRIX_TEST_PG_DIR"' EXIT
 
 step "tests (unit, integration, doc)"
 cargo test --all-features
+
+step "a real Matrix client (matrix-nio) against the example homeserver, memory and PostgreSQL stores"
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/client/requirements.txt
+cargo build --example homeserver --quiet
+"$venv/bin/python" tests/client/nio_e2e.py
+MATRIX_DATABASE_URL="$MATRIX_TEST_DATABASE_URL" "$venv/bin/python" tests/client/nio_e2e.py
