@@ -99,5 +99,9 @@ impl View {
     pub(crate) fn sweep(&mut self, now_ms: u64) {
         self.sessions.retain(|_, s| s.until_ms > now_ms);
         self.swept_at_len = self.sessions.len();
+        // A map keeps its capacity when emptied; give memory back once it is mostly unused.
+        if self.sessions.capacity() > 4 * self.sessions.len() + 1024 {
+            self.sessions.shrink_to(2 * self.sessions.len());
+        }
     }
 }
