@@ -56,10 +56,10 @@ mod clock;
 mod differential_tests;
 mod error;
 mod extract;
+mod future;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
-mod future;
 mod identity;
 mod issuer;
 mod keys;
@@ -90,9 +90,9 @@ pub use revocation::{
 };
 pub use service::MatrixAuth;
 pub use sessions::{ExchangeError, RateLimit, RefreshEndpoint, Sessions};
-pub use store::{memory::MemoryStore, RefreshMode, TokenStore};
 #[cfg(feature = "postgres")]
 pub use store::postgres::PostgresStore;
+pub use store::{memory::MemoryStore, RefreshMode, TokenStore};
 pub use verify::{Verifier, DEFAULT_MAX_CAVEATS, DEFAULT_MAX_TOKEN_LEN};
 pub use wire::Format;
 
