@@ -1,0 +1,183 @@
+//! Target 4: our wire parser against the `macaroon` crate, as `src/differential_tests.rs`
+//! states the relation: whatever we accept (as a token, or as V1/V2 binary), the crate accepts
+//! with the same location, identifier, caveats (id, third-party flag) and signature. The only
+//! exceptions are the documented V2JSON spellings the crate cannot read (no `"v"`, no `"c"`,
+//! a base64 alphabet it refuses in a field, a key given twice): rewritten into the crate's
+//! dialect, the token must then read the same. And whatever we accept, we write again in every
+//! format so that both we and the crate read it back the same.
+#![no_main]
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use libfuzzer_sys::fuzz_target;
+use macaroon::{Caveat as CrateCaveat, Macaroon as CrateMacaroon};
+use tower_matrix_auth::fuzzing::{parse_binary, parse_token, ParsedView};
+use tower_matrix_auth::Format;
+
+#[derive(Debug, PartialEq, Eq)]
+struct View {
+    location: Option<Vec<u8>>,
+    identifier: Vec<u8>,
+    caveats: Vec<(Vec<u8>, bool)>,
+    signature: [u8; 32],
+}
+
+fn ours(view: &ParsedView) -> View {
+    View {
+        location: view.location.clone(),
+        identifier: view.identifier.clone(),
+        caveats: view.caveats.clone(),
+        signature: view.signature,
+    }
+}
+
+/// The crate's reading, or its error; a panic counts as a refusal (quietly: libfuzzer-sys's
+/// panic hook would abort the process).
+fn crate_reads(parse: impl FnOnce() -> macaroon::Result<CrateMacaroon>) -> Result<View, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = catch_unwind(AssertUnwindSafe(parse));
+    std::panic::set_hook(hook);
+    let m = match result {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => return Err(format!("{e:?}")),
+        Err(_) => return Err("panicked".into()),
+    };
+    let signature = m.signature();
+    Ok(View {
+        location: m.location().map(String::into_bytes),
+        identifier: m.identifier().0,
+        caveats: m
+            .caveats()
+            .into_iter()
+            .map(|c| match c {
+                CrateCaveat::FirstParty(fp) => (fp.predicate().0, false),
+                CrateCaveat::ThirdParty(tp) => (tp.id().0, true),
+            })
+            .collect(),
+        signature: *AsRef::<[u8; 32]>::as_ref(&signature),
+    })
+}
+
+/// V2JSON we read on purpose and the crate does not, rewritten for the crate (as in
+/// `src/differential_tests.rs`): the rewritten token and which exceptions applied.
+fn crate_dialect(input: &[u8], crate_error: &str) -> (String, Vec<&'static str>) {
+    fn translate(object: &mut serde_json::Map<String, serde_json::Value>, key: &str) -> bool {
+        let Some(serde_json::Value::String(text)) = object.get_mut(key) else {
+            return false;
+        };
+        let to_standard = matches!(key, "i64" | "v64");
+        let translated: String = text
+            .chars()
+            .map(|ch| match (ch, to_standard) {
+                ('-', true) => '+',
+                ('_', true) => '/',
+                ('+', false) => '-',
+                ('/', false) => '_',
+                (ch, _) => ch,
+            })
+            .collect();
+        let changed = translated != *text;
+        *text = translated;
+        changed
+    }
+    let mut reasons = Vec::new();
+    let mut object = match serde_json::from_slice(input) {
+        Ok(serde_json::Value::Object(object)) => object,
+        _ => return (String::new(), reasons),
+    };
+    if crate_error.contains("duplicate field") {
+        reasons.push("a key given twice");
+    }
+    if !object.contains_key("v") {
+        object.insert("v".into(), 2.into());
+        reasons.push("no \"v\"");
+    }
+    if !object.contains_key("c") {
+        object.insert("c".into(), serde_json::Value::Array(Vec::new()));
+        reasons.push("no \"c\"");
+    }
+    let mut alphabet = false;
+    for key in ["i64", "l64", "s64"] {
+        alphabet |= translate(&mut object, key);
+    }
+    if let Some(serde_json::Value::Array(caveats)) = object.get_mut("c") {
+        for caveat in caveats.iter_mut() {
+            if let serde_json::Value::Object(caveat) = caveat {
+                for key in ["i64", "l64", "v64"] {
+                    alphabet |= translate(caveat, key);
+                }
+            }
+        }
+    }
+    if alphabet {
+        reasons.push("base64 alphabet");
+    }
+    (serde_json::Value::Object(object).to_string(), reasons)
+}
+
+fn compare(input: &[u8], ours: &View, token: bool) {
+    let theirs = if token {
+        crate_reads(|| CrateMacaroon::deserialize(input))
+    } else {
+        crate_reads(|| CrateMacaroon::deserialize_binary(input))
+    };
+    let error = match &theirs {
+        Ok(view) if view == ours => return,
+        Ok(_) => String::new(),
+        Err(error) => error.clone(),
+    };
+    if token && input.first() == Some(&b'{') && !error.is_empty() {
+        let (rewritten, reasons) = crate_dialect(input, &error);
+        if !reasons.is_empty() {
+            let again = crate_reads(|| CrateMacaroon::deserialize(rewritten.as_bytes()));
+            assert_eq!(
+                again.as_ref(),
+                Ok(ours),
+                "input {}\nrewritten {rewritten} ({reasons:?})",
+                input.escape_ascii()
+            );
+            return;
+        }
+    }
+    panic!(
+        "we accept what the crate refuses or reads differently: {}\n ours:  {ours:?}\n crate: {theirs:?}",
+        input.escape_ascii()
+    );
+}
+
+/// Whatever we read, we write again in every format; we and the crate read it back the same.
+fn round_trip(view: &ParsedView) {
+    let expected = ours(view);
+    let longest = view
+        .caveats
+        .iter()
+        .map(|(id, _)| id.len())
+        .chain([
+            view.identifier.len(),
+            view.location.as_ref().map_or(0, Vec::len),
+        ])
+        .max()
+        .unwrap_or(0);
+    for format in [Format::V1, Format::V2, Format::V2Json] {
+        if format == Format::V1 && longest > 60_000 {
+            continue; // a V1 packet holds at most 64 KiB
+        }
+        let token = view.serialize(format);
+        let back = parse_token(token.as_bytes()).expect("we read what we write");
+        assert_eq!(ours(&back), expected, "{format:?} {token}");
+        let theirs = crate_reads(|| CrateMacaroon::deserialize(token.as_bytes()));
+        assert_eq!(theirs.as_ref(), Ok(&expected), "{format:?} {token}");
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    if let Some(view) = parse_token(data) {
+        compare(data, &ours(&view), true);
+        round_trip(&view);
+    }
+    if let Some(view) = parse_binary(data) {
+        compare(data, &ours(&view), false);
+        round_trip(&view);
+    }
+});
