@@ -86,7 +86,8 @@ fn crate_dialect(input: &[u8], crate_error: &str) -> (String, Vec<&'static str>)
         Ok(serde_json::Value::Object(object)) => object,
         _ => return (String::new(), reasons),
     };
-    if crate_error.contains("duplicate field") {
+    // The crate may stop at an earlier copy of a key given twice (and report that copy's error).
+    if crate_error.contains("duplicate field") || has_duplicate_keys(input) {
         reasons.push("a key given twice");
     }
     if !object.contains_key("v") {
@@ -114,6 +115,58 @@ fn crate_dialect(input: &[u8], crate_error: &str) -> (String, Vec<&'static str>)
         reasons.push("base64 alphabet");
     }
     (serde_json::Value::Object(object).to_string(), reasons)
+}
+
+/// Whether any JSON object in `input` gives a key twice (`serde_json::Value` keeps the last).
+fn has_duplicate_keys(input: &[u8]) -> bool {
+    use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+    struct Dup(bool);
+    impl<'de> Deserialize<'de> for Dup {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Dup;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("JSON")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Dup, A::Error> {
+                    let (mut keys, mut dup) = (std::collections::HashSet::new(), false);
+                    while let Some(key) = map.next_key::<String>()? {
+                        dup |= !keys.insert(key);
+                        dup |= map.next_value::<Dup>()?.0;
+                    }
+                    Ok(Dup(dup))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Dup, A::Error> {
+                    let mut dup = false;
+                    while let Some(element) = seq.next_element::<Dup>()? {
+                        dup |= element.0;
+                    }
+                    Ok(Dup(dup))
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<Dup, E> {
+                    Ok(Dup(false))
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<Dup, E> {
+                    Ok(Dup(false))
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<Dup, E> {
+                    Ok(Dup(false))
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<Dup, E> {
+                    Ok(Dup(false))
+                }
+                fn visit_str<E>(self, _: &str) -> Result<Dup, E> {
+                    Ok(Dup(false))
+                }
+                fn visit_unit<E>(self) -> Result<Dup, E> {
+                    Ok(Dup(false))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+    serde_json::from_slice::<Dup>(input).is_ok_and(|d| d.0)
 }
 
 fn compare(input: &[u8], ours: &View, token: bool) {
