@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use tower_matrix_auth::{KeyRing, MacaroonSecret, TokenType, Verifier};
+use tower_matrix_auth::{KeyRing, MacaroonSecret, MatrixAuthLayer, TokenType, Verifier};
 
 const SECRET: &str = "bench macaroon secret";
 /// 2100-01-01: 13 digits like a real `time <` caveat, and never expires during a run.
@@ -48,11 +48,36 @@ fn verification(c: &mut Criterion) {
     let keys = keys();
     let token = synapse_token(&keys);
     let root_key: [u8; 32] = hmac(b"macaroons-key-generator", SECRET.as_bytes());
-    let parts = http::Request::new(()).into_parts().0;
-    let verifier = Verifier::new(keys.clone());
-    assert!(verifier
-        .verify(token.as_bytes(), TokenType::Access, &parts)
+    let bare = http::Request::new(()).into_parts().0;
+    let header = http::Request::get("/_matrix/client/v3/account/whoami")
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    let query = http::Request::get(format!(
+        "/_matrix/client/v3/account/whoami?access_token={token}"
+    ))
+    .body(())
+    .unwrap()
+    .into_parts()
+    .0;
+    // Without the cache: every iteration is a full verification.
+    let verifier = Verifier::new(keys.clone()).token_cache(0);
+    let layer = MatrixAuthLayer::with_verifier(verifier.clone());
+    let cached_verifier = Verifier::new(keys.clone());
+    let cached_layer = MatrixAuthLayer::new(keys.clone());
+    for layer in [&layer, &cached_layer] {
+        for parts in [&header, &query] {
+            let user = layer.__authenticate(parts).unwrap().unwrap().unwrap();
+            assert_eq!(user.user_id(), "@alice:example.org");
+        }
+    }
+    assert!(cached_verifier
+        .verify(token.as_bytes(), TokenType::Access, &bare)
         .is_ok());
+    assert_eq!(cached_verifier.cached_tokens(), 1);
+    assert_eq!(cached_layer.verifier().cached_tokens(), 1);
 
     let mut group = c.benchmark_group("verify");
     group.bench_function("one_hmac", |b| {
@@ -67,10 +92,27 @@ fn verification(c: &mut Criterion) {
             sig
         })
     });
+    // Extraction from the header, decoding, parsing, the chain, the caveats, the identity.
+    group.bench_function("ours_header", |b| {
+        b.iter(|| layer.__authenticate(black_box(&header)))
+    });
+    group.bench_function("ours_query", |b| {
+        b.iter(|| layer.__authenticate(black_box(&query)))
+    });
     group.bench_function("ours_verify_bytes", |b| {
         b.iter(|| {
             verifier
-                .verify(black_box(token.as_bytes()), TokenType::Access, &parts)
+                .verify(black_box(token.as_bytes()), TokenType::Access, &bare)
+                .unwrap()
+        })
+    });
+    group.bench_function("cache_hit_header", |b| {
+        b.iter(|| cached_layer.__authenticate(black_box(&header)))
+    });
+    group.bench_function("cache_hit_verify_bytes", |b| {
+        b.iter(|| {
+            cached_verifier
+                .verify(black_box(token.as_bytes()), TokenType::Access, &bare)
                 .unwrap()
         })
     });

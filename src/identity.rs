@@ -103,17 +103,12 @@ impl fmt::Debug for TokenId {
 /// A Matrix user whose token the layer verified, found in the request's extensions.
 ///
 /// With the `axum` feature it is also an extractor; otherwise read it with
-/// `request.extensions().get::<MatrixUser>()`. Cloning is cheap (one reference count).
-/// `Debug` shows who the user is, never the token.
+/// `request.extensions().get::<MatrixUser>()`. Cloning is cheap (one reference count and a few
+/// words). `Debug` shows who the user is, never the token.
 #[derive(Clone, PartialEq, Eq)]
 pub struct MatrixUser {
-    inner: Arc<Inner>,
-}
-
-#[derive(PartialEq, Eq)]
-struct Inner {
-    /// user id, then device id, then nonce, in one allocation.
-    text: Box<str>,
+    /// user id, then device id, then nonce, in one allocation shared by clones.
+    text: Arc<str>,
     user_id_end: usize,
     device_id_end: Option<usize>,
     has_nonce: bool,
@@ -134,80 +129,84 @@ pub(crate) struct VerifiedClaims<'a> {
     pub(crate) signature: &'a [u8; 32],
 }
 
+/// Texts up to this long are joined on the stack, so a user costs a single allocation.
+const JOIN_ON_STACK: usize = 256;
+
+/// `pieces` joined into one shared string, allocating once when they fit [`JOIN_ON_STACK`].
+fn join(pieces: [&str; 3]) -> Arc<str> {
+    let len: usize = pieces.iter().map(|p| p.len()).sum();
+    if len > JOIN_ON_STACK {
+        return Arc::from(pieces.concat());
+    }
+    let mut buf = [0u8; JOIN_ON_STACK];
+    let mut at = 0;
+    for piece in pieces {
+        buf[at..at + piece.len()].copy_from_slice(piece.as_bytes());
+        at += piece.len();
+    }
+    // Joined UTF-8 is UTF-8; the check is the price of `forbid(unsafe_code)`.
+    Arc::from(std::str::from_utf8(&buf[..len]).expect("joined UTF-8 is UTF-8"))
+}
+
 impl MatrixUser {
     pub(crate) fn from_claims(claims: VerifiedClaims<'_>) -> Self {
         let token_id = match claims.nonce {
             Some(nonce) => TokenId::from_nonce(claims.user_id, nonce),
             None => TokenId::from_signature(claims.signature),
         };
-        let mut text = String::with_capacity(
-            claims.user_id.len()
-                + claims.device_id.map_or(0, str::len)
-                + claims.nonce.map_or(0, str::len),
-        );
-        text.push_str(claims.user_id);
-        let user_id_end = text.len();
-        let device_id_end = claims.device_id.map(|d| {
-            text.push_str(d);
-            text.len()
-        });
-        if let Some(nonce) = claims.nonce {
-            text.push_str(nonce);
-        }
+        let device_id = claims.device_id.unwrap_or("");
+        let user_id_end = claims.user_id.len();
         Self {
-            inner: Arc::new(Inner {
-                text: text.into_boxed_str(),
-                user_id_end,
-                device_id_end,
-                has_nonce: claims.nonce.is_some(),
-                is_guest: claims.is_guest,
-                token_type: claims.token_type,
-                expires_at_ms: claims.expires_at_ms,
-                token_id,
-            }),
+            text: join([claims.user_id, device_id, claims.nonce.unwrap_or("")]),
+            user_id_end,
+            device_id_end: claims.device_id.map(|d| user_id_end + d.len()),
+            has_nonce: claims.nonce.is_some(),
+            is_guest: claims.is_guest,
+            token_type: claims.token_type,
+            expires_at_ms: claims.expires_at_ms,
+            token_id,
         }
     }
 
     /// The user id from the `user_id` caveat, e.g. `@alice:example.org`.
     pub fn user_id(&self) -> &str {
-        &self.inner.text[..self.inner.user_id_end]
+        &self.text[..self.user_id_end]
     }
 
     /// The `device_id` caveat, if the token was issued to a device.
     pub fn device_id(&self) -> Option<&str> {
-        self.inner
-            .device_id_end
-            .map(|end| &self.inner.text[self.inner.user_id_end..end])
+        self.device_id_end
+            .map(|end| &self.text[self.user_id_end..end])
     }
 
     /// Whether the token carries `guest = true`.
     pub fn is_guest(&self) -> bool {
-        self.inner.is_guest
+        self.is_guest
     }
 
     /// The token's `type` caveat.
     pub fn token_type(&self) -> TokenType {
-        self.inner.token_type
+        self.token_type
     }
 
     /// When the token stops being valid (the earliest `time <` caveat), in ms since the epoch.
     pub fn expires_at_ms(&self) -> Option<u64> {
-        self.inner.expires_at_ms
+        self.expires_at_ms
     }
 
     /// The stable id revocation stores key on.
     pub fn token_id(&self) -> TokenId {
-        self.inner.token_id
+        self.token_id
     }
 
     /// The value of the token's first `nonce` caveat: the part of the token the minter chose to
     /// make it unique. Not a credential on its own, but it is kept out of `Debug` all the same.
     pub fn nonce(&self) -> Option<&str> {
-        if !self.inner.has_nonce {
+        if !self.has_nonce {
             return None;
         }
-        let start = self.inner.device_id_end.unwrap_or(self.inner.user_id_end);
-        Some(&self.inner.text[start..])
+        let start = self.device_id_end.unwrap_or(self.user_id_end);
+        Some(&self.text[start..])
     }
 }
 

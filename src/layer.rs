@@ -245,6 +245,27 @@ impl MatrixAuthLayer {
         self.update(|c| c.verifier = c.verifier.clone().max_caveats(max))
     }
 
+    /// Remembers up to `capacity` recently verified tokens (default
+    /// [`crate::DEFAULT_TOKEN_CACHE`]; 0 turns the cache off). See [`Verifier::token_cache`].
+    pub fn token_cache(self, capacity: usize) -> Self {
+        self.update(|c| c.verifier = c.verifier.clone().token_cache(capacity))
+    }
+
+    /// The layer's synchronous decision on a request head (extraction, verification, a ready
+    /// revocation answer), without the tower plumbing: what `benches/` measures. `None` when the
+    /// revocation store answers later. Not a stable API.
+    #[doc(hidden)]
+    pub fn __authenticate(
+        &self,
+        parts: &Parts,
+    ) -> Option<Result<Option<crate::MatrixUser>, Rejection>> {
+        match self.config.decide(parts) {
+            crate::service::Decision::Pass(user) => Some(Ok(user)),
+            crate::service::Decision::Reject(rejection) => Some(Err(rejection)),
+            crate::service::Decision::AwaitRevocation { .. } => None,
+        }
+    }
+
     /// The verifier this layer uses, e.g. to check refresh or login tokens elsewhere.
     pub fn verifier(&self) -> &Verifier {
         &self.config.verifier

@@ -50,6 +50,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod cache;
 mod caveat;
 mod clock;
 #[cfg(test)]
@@ -93,7 +94,7 @@ pub use sessions::{ExchangeError, RateLimit, RefreshEndpoint, Sessions};
 #[cfg(feature = "postgres")]
 pub use store::postgres::PostgresStore;
 pub use store::{memory::MemoryStore, RefreshMode, TokenStore};
-pub use verify::{Verifier, DEFAULT_MAX_CAVEATS, DEFAULT_MAX_TOKEN_LEN};
+pub use verify::{Verifier, DEFAULT_MAX_CAVEATS, DEFAULT_MAX_TOKEN_LEN, DEFAULT_TOKEN_CACHE};
 pub use wire::Format;
 
 #[cfg(feature = "axum")]

@@ -1,0 +1,339 @@
+//! The figures of issue 4 as ratios, measured interleaved so that they hold on a busy machine:
+//! every round times a short batch of each case in turn, and each ratio is the median over rounds
+//! of the two cases' times in the same round. `cargo bench --bench ratios`; `RATIO_ROUNDS=N`
+//! for more rounds (default 300).
+//!
+//! Criterion's groups (`verify`, `layer`) measure the same cases one after the other, with
+//! confidence intervals; this harness is what the README's table comes from.
+
+mod common;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Request, Response};
+use tower::{Layer, Service};
+use tower_matrix_auth::{MatrixAuthLayer, MemoryStore, TokenType, Verifier};
+
+type Run = Box<dyn FnMut()>;
+
+/// Polls a future that never waits (everything here is ready at once).
+fn now<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("the benchmarked service waited"),
+    }
+}
+
+/// A case that sends one request through `layer` (or none) around an "ok" service, the way a
+/// server would: `poll_ready`, `call`, the response future, the response dropped.
+fn through(layer: Option<MatrixAuthLayer>, token: &str) -> Run {
+    let ok = tower::service_fn(|_: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(bytes::Bytes::from_static(b"ok")))
+    });
+    let bearer = http::HeaderValue::try_from(format!("Bearer {token}")).unwrap();
+    let request = move || {
+        let mut request = Request::new(());
+        *request.uri_mut() = http::Uri::from_static("/_matrix/client/v3/account/whoami");
+        request
+            .headers_mut()
+            .insert(http::header::AUTHORIZATION, bearer.clone());
+        request
+    };
+    match layer {
+        None => {
+            let mut service = ok;
+            Box::new(move || {
+                let request = request();
+                now(std::future::poll_fn(|cx| service.poll_ready(cx))).unwrap();
+                let response = now(service.call(request)).unwrap();
+                assert_eq!(response.status(), 200);
+            })
+        }
+        Some(layer) => {
+            let mut service = layer.layer(ok);
+            Box::new(move || {
+                let request = request();
+                now(std::future::poll_fn(|cx| service.poll_ready(cx))).unwrap();
+                let response = now(service.call(request)).unwrap();
+                assert_eq!(response.status(), 200);
+            })
+        }
+    }
+}
+
+fn cases() -> Vec<(&'static str, Run)> {
+    let keys = keys();
+    let token = synapse_token(&keys);
+    let root_key = root_key();
+    let header = header_request(&token);
+    let query = query_request(&token);
+    let bare_parts = http::Request::new(()).into_parts().0;
+    let uncached = MatrixAuthLayer::new(keys.clone()).token_cache(0);
+    let cached = MatrixAuthLayer::new(keys.clone());
+    let verifier = Verifier::new(keys.clone()).token_cache(0);
+    let cached_verifier = Verifier::new(keys.clone());
+    let crate_ = MacaroonCrate::new();
+    let jwt = Jwt::new();
+    // Where the real in-memory store is measured next to the toy one: `MemoryStore` (issue 3).
+    let hash_set = MatrixAuthLayer::new(keys.clone()).revocation(HashSetStore::with_revoked(1000));
+    let memory = MatrixAuthLayer::new(keys.clone()).revocation(MemoryStore::new());
+    for layer in [&uncached, &cached, &hash_set, &memory] {
+        for parts in [&header, &query] {
+            let user = layer.__authenticate(parts).unwrap().unwrap().unwrap();
+            assert_eq!(user.user_id(), USER);
+        }
+    }
+    cached_verifier
+        .verify(token.as_bytes(), TokenType::Access, &bare_parts)
+        .unwrap();
+    crate_.verify(&token);
+
+    let bytes = token.clone();
+    let cached_bytes = token.clone();
+    let crate_token = token.clone();
+    let parts = bare_parts.clone();
+    let (h1, h2, h3, h4, h5) = (
+        header_request(&token),
+        header_request(&token),
+        header_request(&token),
+        header_request(&token),
+        header_request(&token),
+    );
+    vec![
+        (
+            "one_hmac",
+            Box::new(move || {
+                black_box(hmac(black_box(&root_key), black_box(CAVEATS[1].as_bytes())));
+            }) as Run,
+        ),
+        (
+            "chain_floor_6_hmac",
+            Box::new(move || {
+                black_box(chain_floor(&root_key));
+            }),
+        ),
+        (
+            "ours_header",
+            Box::new(move || {
+                black_box(uncached.__authenticate(black_box(&header)));
+            }),
+        ),
+        (
+            "ours_query",
+            Box::new({
+                let uncached = MatrixAuthLayer::new(keys.clone()).token_cache(0);
+                move || {
+                    black_box(uncached.__authenticate(black_box(&query)));
+                }
+            }),
+        ),
+        (
+            "ours_verify_bytes",
+            Box::new(move || {
+                black_box(
+                    verifier
+                        .verify(black_box(bytes.as_bytes()), TokenType::Access, &bare_parts)
+                        .unwrap(),
+                );
+            }),
+        ),
+        (
+            "macaroon_crate",
+            Box::new(move || crate_.verify(black_box(&crate_token))),
+        ),
+        (
+            "jsonwebtoken_hs256",
+            Box::new(move || {
+                black_box(jwt.verify(black_box(&jwt.token)));
+            }),
+        ),
+        (
+            "cache_hit_verify_bytes",
+            Box::new(move || {
+                black_box(
+                    cached_verifier
+                        .verify(
+                            black_box(cached_bytes.as_bytes()),
+                            TokenType::Access,
+                            &parts,
+                        )
+                        .unwrap(),
+                );
+            }),
+        ),
+        (
+            "cache_hit_header",
+            Box::new(move || {
+                black_box(cached.__authenticate(black_box(&h1)));
+            }),
+        ),
+        (
+            "cache_hit_header_hashset_revocation",
+            Box::new(move || {
+                black_box(hash_set.__authenticate(black_box(&h2)));
+            }),
+        ),
+        (
+            "cache_hit_header_memory_store",
+            Box::new(move || {
+                black_box(memory.__authenticate(black_box(&h3)));
+            }),
+        ),
+        ("service_bare", through(None, &token)),
+        (
+            "service_layered",
+            through(
+                Some(MatrixAuthLayer::new(keys.clone()).token_cache(0)),
+                &token,
+            ),
+        ),
+        (
+            "service_layered_cached",
+            through(Some(MatrixAuthLayer::new(keys.clone())), &token),
+        ),
+        (
+            "uncached_hashset_revocation",
+            Box::new({
+                let layer = MatrixAuthLayer::new(keys.clone())
+                    .token_cache(0)
+                    .revocation(HashSetStore::with_revoked(1000));
+                move || {
+                    black_box(layer.__authenticate(black_box(&h4)));
+                }
+            }),
+        ),
+        (
+            "uncached_never_revoked",
+            Box::new({
+                let layer = MatrixAuthLayer::new(keys.clone()).token_cache(0);
+                move || {
+                    black_box(layer.__authenticate(black_box(&h5)));
+                }
+            }),
+        ),
+    ]
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let rounds: usize = std::env::var("RATIO_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(300);
+    let mut cases = cases();
+    // Batches of about 200 µs: long enough for the clock, short enough to interleave finely.
+    let batches: Vec<u32> = cases
+        .iter_mut()
+        .map(|(_, run)| {
+            let start = Instant::now();
+            let mut n = 0u32;
+            while start.elapsed() < Duration::from_millis(50) {
+                run();
+                n += 1;
+            }
+            (n / 250).max(1)
+        })
+        .collect();
+    let mut times = vec![Vec::with_capacity(rounds); cases.len()];
+    for round in 0..rounds {
+        // A different case goes first each round.
+        for k in 0..cases.len() {
+            let i = (k + round) % cases.len();
+            let run = &mut cases[i].1;
+            let start = Instant::now();
+            for _ in 0..batches[i] {
+                run();
+            }
+            times[i].push(start.elapsed().as_nanos() as f64 / f64::from(batches[i]));
+        }
+    }
+    let index = |name: &str| cases.iter().position(|(n, _)| *n == name).unwrap();
+    let ratio = |a: &str, b: &str| {
+        let (a, b) = (&times[index(a)], &times[index(b)]);
+        median(&mut a.iter().zip(b).map(|(a, b)| a / b).collect::<Vec<_>>())
+    };
+    let difference = |a: &str, b: &str| {
+        let (a, b) = (&times[index(a)], &times[index(b)]);
+        median(&mut a.iter().zip(b).map(|(a, b)| a - b).collect::<Vec<_>>())
+    };
+
+    println!("{rounds} interleaved rounds; median ns per operation:");
+    for ((name, _), times) in cases.iter().zip(&times) {
+        println!("  {name:<40} {:>10.1}", median(&mut times.clone()));
+    }
+    println!("ratios and differences (median over rounds of same-round values):");
+    let lines = [
+        (
+            "ours_header / chain_floor_6_hmac",
+            ratio("ours_header", "chain_floor_6_hmac"),
+            "≤ 1.25",
+        ),
+        (
+            "ours_query / chain_floor_6_hmac",
+            ratio("ours_query", "chain_floor_6_hmac"),
+            "≤ 1.25",
+        ),
+        (
+            "ours_verify_bytes / chain_floor_6_hmac",
+            ratio("ours_verify_bytes", "chain_floor_6_hmac"),
+            "",
+        ),
+        (
+            "macaroon_crate / ours_header",
+            ratio("macaroon_crate", "ours_header"),
+            "≥ 4",
+        ),
+        (
+            "jsonwebtoken_hs256 / ours_header",
+            ratio("jsonwebtoken_hs256", "ours_header"),
+            "> 1",
+        ),
+        (
+            "ours_header / cache_hit_header",
+            ratio("ours_header", "cache_hit_header"),
+            "",
+        ),
+    ];
+    for (name, value, goal) in lines {
+        println!("  {name:<48} {value:>8.3}   goal {goal}");
+    }
+    let lines = [
+        (
+            "layer, no cache: service_layered - service_bare",
+            difference("service_layered", "service_bare"),
+        ),
+        (
+            "layer, cache hit: service_layered_cached - service_bare",
+            difference("service_layered_cached", "service_bare"),
+        ),
+        (
+            "revocation, HashSet store (cache hit)",
+            difference("cache_hit_header_hashset_revocation", "cache_hit_header"),
+        ),
+        (
+            "revocation, HashSet store (no cache)",
+            difference("uncached_hashset_revocation", "uncached_never_revoked"),
+        ),
+        (
+            "revocation, MemoryStore (cache hit)",
+            difference("cache_hit_header_memory_store", "cache_hit_header"),
+        ),
+    ];
+    for (name, value) in lines {
+        println!("  {name:<58} {value:>8.1} ns");
+    }
+}
