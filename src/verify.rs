@@ -275,6 +275,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_hit_reports_expiry_against_the_clock() {
+        use crate::{MacaroonSecret, ManualClock};
+        let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase("s"));
+        let clock = ManualClock::new(1_000);
+        let verifier = Verifier::new(keys.clone()).clock(clock.clone());
+        let token = keys
+            .mint("@a:b", TokenType::Access)
+            .unwrap()
+            .nonce("n")
+            .expires_at_ms(2_000)
+            .to_token();
+        let parts = http::Request::new(()).into_parts().0;
+        let verify = || {
+            verifier
+                .verify_allowing_expired(token.as_bytes(), TokenType::Access, &parts)
+                .unwrap()
+        };
+        let first = verify();
+        assert!(!first.expired);
+        clock.set_ms(2_000);
+        let second = verify();
+        assert!(second.expired);
+        // Answered by the cache: the very same identity.
+        assert!(std::ptr::eq(
+            first.user.user_id().as_ptr(),
+            second.user.user_id().as_ptr()
+        ));
+        assert_eq!(verifier.cached_tokens(), 1);
+    }
+
+    #[test]
     fn signatures_match_exactly() {
         let a = [7u8; SIGNATURE_LEN];
         assert!(signatures_match(&a, &a));
