@@ -132,25 +132,26 @@ pub(crate) fn percent_decode(input: &[u8]) -> Cow<'_, [u8]> {
 }
 
 /// The URI without any `access_token` parameter, or `None` if it has none, so that nothing
-/// after the layer (a `TraceLayer`, an access log) can record the token.
+/// after the layer (a `TraceLayer`, an access log) can record the token. One allocation: the
+/// new path and query, sized exactly (so `Bytes` takes it over as it is).
 pub(crate) fn strip_query_token(uri: &Uri) -> Option<Uri> {
     let query = uri.query()?;
-    if !query
-        .split('&')
-        .any(|pair| is_token_param(pair.split('=').next().unwrap_or(pair)))
-    {
+    let is_token = |pair: &&str| is_token_param(pair.split('=').next().unwrap_or(pair));
+    if !query.split('&').any(|pair| is_token(&pair)) {
         return None;
     }
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| !is_token_param(pair.split('=').next().unwrap_or(pair)))
-        .collect();
-    let mut path_and_query = uri.path().to_owned();
-    if !kept.is_empty() {
-        path_and_query.push('?');
-        path_and_query.push_str(&kept.join("&"));
+    let kept = || query.split('&').filter(|pair| !is_token(pair));
+    let kept_len: usize = kept().map(|pair| pair.len() + 1).sum();
+    let mut path_and_query = String::with_capacity(uri.path().len() + kept_len);
+    path_and_query.push_str(uri.path());
+    for (i, pair) in kept().enumerate() {
+        path_and_query.push(if i == 0 { '?' } else { '&' });
+        path_and_query.push_str(pair);
     }
-    let mut parts = uri.clone().into_parts();
+    // Scheme and authority (absolute-form requests) are shared, not copied.
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = uri.scheme().cloned();
+    parts.authority = uri.authority().cloned();
     // Removing whole pairs from a valid query leaves a valid one; the path alone is the
     // fallback that still drops the token.
     parts.path_and_query = Some(
@@ -252,5 +253,12 @@ mod tests {
         );
         assert_eq!(strip("/x?a=1"), None);
         assert_eq!(strip("/x"), None);
+        assert_eq!(strip("/x?access_token"), Some("/x".into()));
+        assert_eq!(strip("/x?&access_token=a&"), Some("/x?&".into()));
+        assert_eq!(
+            strip("https://h:8448/x?b&access_token=a&c=&access_token=d"),
+            Some("https://h:8448/x?b&c=".into())
+        );
+        assert_eq!(strip("*"), None);
     }
 }
