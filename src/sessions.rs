@@ -293,29 +293,18 @@ pub(crate) fn matrix_error(
     )
 }
 
-/// Reads `refresh_token` from a JSON body, or the 400 that says what is wrong with it.
-fn refresh_token_from(body: &[u8]) -> Result<String, Response<Full<Bytes>>> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|_| matrix_error(StatusCode::BAD_REQUEST, "M_NOT_JSON", "Content not JSON."))?;
-    let object = value.as_object().ok_or_else(|| {
-        matrix_error(
-            StatusCode::BAD_REQUEST,
-            "M_BAD_JSON",
-            "The body must be a JSON object.",
-        )
-    })?;
+/// Reads `refresh_token` from a JSON body, or the `errcode` and `error` of the 400 that says what
+/// is wrong with it.
+fn refresh_token_from(body: &[u8]) -> Result<String, (&'static str, &'static str)> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| ("M_NOT_JSON", "Content not JSON."))?;
+    let object = value
+        .as_object()
+        .ok_or(("M_BAD_JSON", "The body must be a JSON object."))?;
     match object.get("refresh_token") {
-        None | Some(serde_json::Value::Null) => Err(matrix_error(
-            StatusCode::BAD_REQUEST,
-            "M_MISSING_PARAM",
-            "Missing refresh_token.",
-        )),
+        None | Some(serde_json::Value::Null) => Err(("M_MISSING_PARAM", "Missing refresh_token.")),
         Some(serde_json::Value::String(token)) => Ok(token.clone()),
-        Some(_) => Err(matrix_error(
-            StatusCode::BAD_REQUEST,
-            "M_BAD_JSON",
-            "refresh_token must be a string.",
-        )),
+        Some(_) => Err(("M_BAD_JSON", "refresh_token must be a string.")),
     }
 }
 
@@ -351,7 +340,7 @@ impl RefreshEndpoint {
         };
         let token = match refresh_token_from(&body) {
             Ok(token) => token,
-            Err(response) => return response,
+            Err((errcode, error)) => return matrix_error(StatusCode::BAD_REQUEST, errcode, error),
         };
         match self
             .sessions
