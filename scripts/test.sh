@@ -31,6 +31,9 @@ step "PostgreSQL on loopback for the postgres store's tests (installed if missin
 eval "$(scripts/postgres.sh start)"
 trap 'scripts/postgres.sh stop "$MATRIX_TEST_PG_DIR"' EXIT
 
+step "benches compile (not run: figures come from benches/ratios.rs and benches/load.sh)"
+cargo build --benches --all-features --quiet
+
 step "tests (unit, integration, doc)"
 cargo test --all-features
 

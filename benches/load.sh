@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The load benchmark of issue 4: hyper 1 on one tokio thread, bare and behind MatrixAuthLayer
+# (without and with the verified-token cache), each under wrk with every request carrying the
+# same valid token, on 127.0.0.1 only. Rounds alternate the modes so that a busy machine
+# disturbs them alike; the ratios are of medians over rounds.
+#
+#   benches/load.sh                 # 3 rounds of 10 s per mode, 64 connections
+#   ROUNDS=5 DURATION=20 benches/load.sh
+#   REALTIME=1 benches/load.sh      # as root on a shared machine: server and wrk get
+#                                   # SCHED_FIFO, so other jobs disturb the figures less
+#
+# Needs wrk (`apt-get install -y wrk`). Bounded in time: every server stops itself after
+# DURATION+30 s even if this script is killed, and is killed on exit in any case.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-64}
+WARMUP=${WARMUP:-2}
+PATH_=/_matrix/client/v3/account/whoami
+
+command -v wrk >/dev/null || { echo "wrk not found (apt-get install -y wrk)" >&2; exit 1; }
+
+echo "==> building the load server (release)" >&2
+server=$(cargo bench --no-run --bench load_server --message-format=json-render-diagnostics 2>/dev/null \
+  | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+[ -x "$server" ] || { echo "could not build benches/load_server.rs" >&2; exit 1; }
+
+# One core for the server, the other for wrk, when there are two or more.
+pin_server=() pin_wrk=()
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  pin_server=(taskset -c 0) pin_wrk=(taskset -c 1)
+fi
+if [ "${REALTIME:-0}" = 1 ]; then
+  pin_server=(chrt -f 10 "${pin_server[@]}") pin_wrk=(chrt -f 10 "${pin_wrk[@]}")
+fi
+
+work=$(mktemp -d)
+server_pid=
+stop_server() {
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=
+  fi
+}
+trap 'stop_server; rm -rf "$work"' EXIT INT TERM
+
+# Starts the server in mode $1 on a free loopback port; sets $url and $token.
+start_server() {
+  "${pin_server[@]}" "$server" --mode "$1" --addr 127.0.0.1:0 \
+    --max-seconds $((DURATION + WARMUP + 30)) >"$work/server.out" 2>"$work/server.err" &
+  server_pid=$!
+  for _ in $(seq 100); do
+    grep -q '^listening on ' "$work/server.out" 2>/dev/null && break
+    sleep 0.05
+  done
+  url=$(sed -n 's/^listening on //p' "$work/server.out")
+  token=$(sed -n 's/^token //p' "$work/server.out")
+  case "$url" in
+    http://127.0.0.1:*) ;;
+    *) echo "server did not start on loopback: '$url'" >&2; cat "$work/server.err" >&2; exit 1 ;;
+  esac
+}
+
+# Converts wrk's latency (`812.00us`, `1.23ms`, `2.00s`) to microseconds.
+to_us() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0
+    if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print n
+  }'
+}
+
+run() { # mode round
+  start_server "$1"
+  "${pin_wrk[@]}" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -H "Authorization: Bearer $token" \
+    "$url$PATH_" >/dev/null
+  "${pin_wrk[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
+    -H "Authorization: Bearer $token" "$url$PATH_" >"$work/wrk.out"
+  stop_server
+  local rps p50 p99 non2xx errors
+  rps=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.out")
+  p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$work/wrk.out")")
+  p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$work/wrk.out")")
+  non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$work/wrk.out")
+  errors=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' "$work/wrk.out")
+  printf '%s %s %s %s %s %s %s\n' "$1" "$2" "$rps" "$p50" "$p99" "${non2xx:-0}" "${errors:-0}" \
+    >>"$work/results"
+  printf '  round %s %-8s %10.0f req/s  p50 %7.0f us  p99 %7.0f us  non-2xx %s  socket errors %s\n' \
+    "$2" "$1" "$rps" "$p50" "$p99" "${non2xx:-0}" "${errors:-0}" >&2
+}
+
+echo "==> $ROUNDS rounds x (bare, layered, cached), ${DURATION}s each, $CONNECTIONS connections," \
+  "1 server thread, wrk 1 thread, loopback" >&2
+for round in $(seq "$ROUNDS"); do
+  for mode in bare layered cached; do
+    run "$mode" "$round"
+  done
+done
+
+awk '
+  function median(list, n,    sorted, i, j, t) {
+    for (i = 1; i <= n; i++) sorted[i] = list[i]
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (sorted[j] < sorted[i]) { t = sorted[i]; sorted[i] = sorted[j]; sorted[j] = t }
+    return (n % 2) ? sorted[(n + 1) / 2] : (sorted[n / 2] + sorted[n / 2 + 1]) / 2
+  }
+  { n[$1]++; rps[$1, n[$1]] = $3; p50[$1, n[$1]] = $4; p99[$1, n[$1]] = $5; bad[$1] += $6 + $7 }
+  END {
+    split("bare layered cached", modes, " ")
+    printf "\n| server (median of %d rounds) | req/s | vs bare | p50 | p99 | errors |\n", n["bare"]
+    print "|---|---|---|---|---|---|"
+    for (m = 1; m <= 3; m++) {
+      mode = modes[m]
+      for (i = 1; i <= n[mode]; i++) { r[i] = rps[mode, i]; a[i] = p50[mode, i]; b[i] = p99[mode, i] }
+      med[mode] = median(r, n[mode])
+      printf "| %s | %.0f | %.1f%% | %.0f us | %.0f us | %d |\n", mode, med[mode], 100 * med[mode] / med["bare"], median(a, n[mode]), median(b, n[mode]), bad[mode]
+    }
+    # Same-round ratios too: they cancel a machine that slows down between rounds.
+    for (m = 2; m <= 3; m++) {
+      mode = modes[m]
+      for (i = 1; i <= n[mode]; i++) q[i] = rps[mode, i] / rps["bare", i]
+      printf "%s / bare, median of same-round ratios: %.1f%% (goal: %s)\n", mode, 100 * median(q, n[mode]), (mode == "layered") ? ">= 90%" : ">= 97%"
+    }
+  }' "$work/results"
