@@ -15,6 +15,14 @@ use tower_matrix_auth::{
     ManualClock, PostgresStore, Revocation, RevocationStatus, SessionRequest, TokenType,
 };
 
+/// A user id unique to this run: the database outlives test runs on a developer's machine.
+fn uid(name: &str) -> String {
+    format!(
+        "{name}-{:x}:example.org",
+        tower_matrix_auth::SessionId::random().as_u128() as u32
+    )
+}
+
 async fn status(store: &PostgresStore, token: &str) -> RevocationStatus {
     let parts = http::Request::new(()).into_parts().0;
     let verifier = tower_matrix_auth::Verifier::new(keys()).clock(ManualClock::new(NOW_MS));
@@ -34,7 +42,7 @@ async fn two_processes_share_revocations_and_a_restart_loses_nothing() {
     let server_b = start_with(Arc::new(b.clone()), clock.clone()).await;
 
     let login = server_a.sessions.login(
-        "@pg-share:example.org",
+        &uid("@pg-share"),
         &SessionRequest {
             device_id: Some("D1".into()),
             refresh: true,
@@ -89,10 +97,9 @@ async fn two_processes_share_revocations_and_a_restart_loses_nothing() {
     );
     // A few more to report a median.
     for i in 0..20 {
-        let login = server_a.sessions.login(
-            &format!("@pg-lat{i}:example.org"),
-            &SessionRequest::default(),
-        );
+        let login = server_a
+            .sessions
+            .login(&uid(&format!("@pg-lat{i}")), &SessionRequest::default());
         let user = server_b
             .sessions
             .verifier()
@@ -121,7 +128,7 @@ async fn two_processes_share_revocations_and_a_restart_loses_nothing() {
     // Log out everywhere on B reaches A too.
     let other = server_a
         .sessions
-        .login("@pg-all:example.org", &SessionRequest::default());
+        .login(&uid("@pg-all"), &SessionRequest::default());
     clock.advance_ms(1);
     let (code, _, _) = send(
         server_b.addr,
@@ -155,7 +162,7 @@ async fn two_processes_share_revocations_and_a_restart_loses_nothing() {
     );
     let alive = server_a
         .sessions
-        .login("@pg-alive:example.org", &SessionRequest::default());
+        .login(&uid("@pg-alive"), &SessionRequest::default());
     assert_eq!(
         status(&c, &alive.access_token).await,
         RevocationStatus::Active
@@ -178,7 +185,7 @@ async fn tokenrefresh_across_two_processes_has_exactly_one_winner() {
     .await;
     for round in 0..3 {
         let login = a.sessions.login(
-            &format!("@pg-race{round}:example.org"),
+            &uid(&format!("@pg-race{round}")),
             &SessionRequest {
                 device_id: None,
                 refresh: true,
@@ -237,7 +244,35 @@ async fn rotating_refresh_first_use_is_recorded_for_every_process() {
     )
     .await;
     let login = a.sessions.login(
-        "@pg-rotate:example.org",
+        &uid("@pg-rotate"),
+        &SessionRequest {
+            device_id: None,
+            refresh: true,
+            guest: false,
+        },
+    );
+    // A successor used on b right after a's refresh, whether or not b has heard of it yet,
+    // must work (b asks the database when its view does not know the generation).
+    let mut refresh = login.refresh_token.clone().unwrap();
+    for _ in 0..20 {
+        let (status, json, _) = send(
+            a.addr,
+            "POST",
+            "/_matrix/client/v3/refresh",
+            None,
+            Some(&refresh_body(&refresh)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        let next = json["access_token"].as_str().unwrap();
+        assert_eq!(
+            send(b.addr, "GET", WHOAMI, Some(next), None).await.0,
+            StatusCode::OK
+        );
+        refresh = json["refresh_token"].as_str().unwrap().to_owned();
+    }
+    let login = a.sessions.login(
+        &uid("@pg-rotate2"),
         &SessionRequest {
             device_id: None,
             refresh: true,

@@ -380,6 +380,36 @@ impl PostgresStore {
         Ok(outcome)
     }
 
+    /// Judges a token of a generation the view has not heard of yet (a refresh on another
+    /// process whose notification is still on its way): from the database row itself.
+    async fn judge_from_database(
+        self,
+        session: SessionId,
+        generation: u32,
+    ) -> Result<RevocationStatus, RevocationError> {
+        let row = {
+            let writer = self.shared.writer.lock().await;
+            let client = writer.as_ref().ok_or_else(Self::unavailable)?;
+            client
+                .query_opt(
+                    "SELECT * FROM matrix_auth_sessions WHERE session_id = $1",
+                    &[&session_key(session)],
+                )
+                .await
+                .map_err(db_error)?
+        };
+        let Some(row) = row else {
+            return Ok(RevocationStatus::Revoked);
+        };
+        let state = state_from_row(&row);
+        self.write_view().merge(session, state);
+        match state.verdict(generation) {
+            Verdict::Active => Ok(RevocationStatus::Active),
+            Verdict::Revoked => Ok(RevocationStatus::Revoked),
+            Verdict::Promote => self.promote(session, generation).await,
+        }
+    }
+
     async fn promote(
         self,
         session: SessionId,
@@ -415,9 +445,18 @@ impl Revocation for PostgresStore {
         if !self.is_healthy() {
             return RevocationCheck::ready(Err(Self::unavailable()));
         }
-        let judgement = self.read().judge(user);
+        let (session, generation, _) = crate::store::position(user);
+        let (judgement, known) = {
+            let view = self.read();
+            (view.judge(user), view.knows(session, generation))
+        };
         match judgement {
             Judgement::Active => RevocationCheck::ready(Ok(RevocationStatus::Active)),
+            // A generation minted by another process whose notification has not arrived yet:
+            // ask the database rather than refuse a token that was just refreshed.
+            Judgement::Revoked if !known => {
+                RevocationCheck::pending(self.clone().judge_from_database(session, generation))
+            }
             Judgement::Revoked => RevocationCheck::ready(Ok(RevocationStatus::Revoked)),
             // The first use of a refreshed token is a write, once per session generation.
             Judgement::Promote(session, generation) => {

@@ -73,6 +73,16 @@ impl View {
         }
     }
 
+    /// Whether this view has heard of `generation` of `session`: a refresh on another process
+    /// mints generations this view learns of only when its notification arrives.
+    pub(crate) fn knows(&self, session: SessionId, generation: u32) -> bool {
+        generation == 0
+            || self
+                .sessions
+                .get(&session)
+                .is_some_and(|state| generation < state.next_generation)
+    }
+
     /// Takes a state from elsewhere (a database row, a notification) unless an equal or newer
     /// version is already here: updates may arrive out of order.
     pub(crate) fn merge(&mut self, session: SessionId, state: SessionState) {
