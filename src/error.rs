@@ -23,6 +23,16 @@ pub(crate) enum Kind {
     Unknown(Unknown),
     GuestForbidden,
     Unavailable,
+    /// The account is locked: `401 M_USER_LOCKED`, soft logout.
+    Locked,
+    /// The account is suspended and this action is not for suspended accounts.
+    Suspended,
+    /// An application service asked to act as a user outside its namespaces.
+    #[cfg_attr(not(feature = "appservice"), allow(dead_code))]
+    AppserviceForbidden,
+    /// An application service named a device the homeserver does not know.
+    #[cfg_attr(not(feature = "appservice"), allow(dead_code))]
+    UnknownDevice,
 }
 
 /// Token extraction failures: all `401 M_MISSING_TOKEN`.
@@ -45,6 +55,10 @@ pub(crate) enum Unknown {
     Caveat(CaveatFailure),
     Expired,
     Revoked,
+    /// The account behind the token was deactivated.
+    Deactivated,
+    /// An opaque token the resolver does not know.
+    NotResolved,
 }
 
 impl Rejection {
@@ -72,12 +86,19 @@ impl Rejection {
         }
     }
 
+    pub(crate) fn of(kind: Kind) -> Self {
+        Self { kind }
+    }
+
     /// The HTTP status: 401, 403 for a guest where guests may not go, 503 when the revocation
     /// state could not be read.
     pub fn status(&self) -> StatusCode {
         match self.kind {
-            Kind::Missing(_) | Kind::Unknown(_) => StatusCode::UNAUTHORIZED,
-            Kind::GuestForbidden => StatusCode::FORBIDDEN,
+            Kind::Missing(_) | Kind::Unknown(_) | Kind::Locked => StatusCode::UNAUTHORIZED,
+            Kind::GuestForbidden | Kind::Suspended | Kind::AppserviceForbidden => {
+                StatusCode::FORBIDDEN
+            }
+            Kind::UnknownDevice => StatusCode::BAD_REQUEST,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -89,6 +110,10 @@ impl Rejection {
             Kind::Unknown(_) => "M_UNKNOWN_TOKEN",
             Kind::GuestForbidden => "M_GUEST_ACCESS_FORBIDDEN",
             Kind::Unavailable => "M_UNKNOWN",
+            Kind::Locked => "M_USER_LOCKED",
+            Kind::Suspended => "M_USER_SUSPENDED",
+            Kind::AppserviceForbidden => "M_FORBIDDEN",
+            Kind::UnknownDevice => "M_UNKNOWN_DEVICE",
         }
     }
 
@@ -108,13 +133,32 @@ impl Rejection {
             Kind::Unknown(_) => "Unrecognised access token.",
             Kind::GuestForbidden => "Guest access is not allowed here.",
             Kind::Unavailable => "Cannot check the access token right now; try again later.",
+            Kind::Locked => "This account has been locked.",
+            Kind::Suspended => "This account is suspended and cannot do this.",
+            Kind::AppserviceForbidden => "The application service cannot act as this user.",
+            Kind::UnknownDevice => "Unknown device for this user.",
         }
     }
 
     /// Whether the client should refresh or log in again without wiping its data: the token
     /// was valid but its `time <` caveat no longer holds.
     pub fn soft_logout(&self) -> bool {
-        self.is_expired()
+        self.is_expired() || self.is_locked()
+    }
+
+    /// The account is locked (`401 M_USER_LOCKED`).
+    pub fn is_locked(&self) -> bool {
+        self.kind == Kind::Locked
+    }
+
+    /// The account is suspended and the request is one suspended accounts may not make.
+    pub fn is_suspended(&self) -> bool {
+        self.kind == Kind::Suspended
+    }
+
+    /// An application service request refused for its `user_id` or `device_id` parameter.
+    pub fn is_appservice_refusal(&self) -> bool {
+        matches!(self.kind, Kind::AppserviceForbidden | Kind::UnknownDevice)
     }
 
     /// No usable token in the request (`M_MISSING_TOKEN`).
@@ -165,8 +209,14 @@ impl Rejection {
             Kind::Unknown(Unknown::Caveat(failure)) => failure.describe(),
             Kind::Unknown(Unknown::Expired) => "a `time <` caveat no longer holds",
             Kind::Unknown(Unknown::Revoked) => "token was revoked",
+            Kind::Unknown(Unknown::Deactivated) => "the account was deactivated",
+            Kind::Unknown(Unknown::NotResolved) => "opaque token unknown to the resolver",
             Kind::GuestForbidden => "guest token on a route that forbids guests",
-            Kind::Unavailable => "revocation check failed",
+            Kind::Unavailable => "revocation or token state unavailable",
+            Kind::Locked => "the account is locked",
+            Kind::Suspended => "suspended account, action not allowed",
+            Kind::AppserviceForbidden => "application service user_id outside its namespaces",
+            Kind::UnknownDevice => "application service device_id unknown",
         }
     }
 

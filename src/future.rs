@@ -1,5 +1,5 @@
-//! The response future: waits for the revocation answer if the store needs time, then drives
-//! the inner service's future inside the request's tracing span.
+//! The response future: waits for the revocation store or the token resolver if they need time,
+//! then drives the inner service's future inside the request's tracing span.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,18 +13,18 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
+use crate::error::Rejection;
+use crate::identity::{MatrixUser, TokenId};
 use crate::layer::Config;
+use crate::resolver::ResolveFuture;
 use crate::revocation::RevocationCheck;
-use crate::service::{settle, Allowances};
 use crate::verify::Verified;
 
-/// A request whose token verified, parked until the revocation store answers.
+/// A request parked until an asynchronous answer, with the service that was driven ready.
 pub(crate) struct Waiting<S, B> {
     pub(crate) service: S,
     pub(crate) parts: Parts,
     pub(crate) body: B,
-    pub(crate) verified: Verified,
-    pub(crate) allowed: Allowances,
     pub(crate) config: Arc<Config>,
 }
 
@@ -43,10 +43,14 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F, S, B> {
+        // Parked requests are boxed: only stores and resolvers that answer later get here.
         AwaitingRevocation {
             check: RevocationCheck,
-            // Boxed: only stores that answer asynchronously get here.
-            waiting: Option<Box<Waiting<S, B>>>,
+            parked: Option<Box<(Verified, Waiting<S, B>)>>,
+        },
+        AwaitingResolver {
+            resolving: ResolveFuture,
+            parked: Option<Box<(TokenId, Waiting<S, B>)>>,
         },
         Called {
             #[pin]
@@ -78,13 +82,61 @@ where
         }
     }
 
-    pub(crate) fn awaiting_revocation(check: RevocationCheck, waiting: Waiting<S, B>) -> Self {
+    pub(crate) fn awaiting_revocation(
+        check: RevocationCheck,
+        verified: Verified,
+        waiting: Waiting<S, B>,
+    ) -> Self {
         Self {
             state: State::AwaitingRevocation {
                 check,
-                waiting: Some(Box::new(waiting)),
+                parked: Some(Box::new((verified, waiting))),
             },
             span: tracing::Span::none(),
+        }
+    }
+
+    pub(crate) fn awaiting_resolver(
+        resolving: ResolveFuture,
+        token_id: TokenId,
+        waiting: Waiting<S, B>,
+    ) -> Self {
+        Self {
+            state: State::AwaitingResolver {
+                resolving,
+                parked: Some(Box::new((token_id, waiting))),
+            },
+            span: tracing::Span::none(),
+        }
+    }
+}
+
+/// The state after a parked request's verdict: the inner call, or the rejection.
+fn resume<S, B>(
+    verdict: Result<MatrixUser, Rejection>,
+    waiting: Waiting<S, B>,
+) -> (State<S::Future, S, B>, tracing::Span)
+where
+    S: Service<Request<B>>,
+{
+    let Waiting {
+        mut service,
+        parts,
+        body,
+        config,
+    } = waiting;
+    match verdict {
+        Ok(user) => {
+            let (request, span) = config.admit(parts, body, Some(user));
+            let future = {
+                let _entered = span.enter();
+                service.call(request)
+            };
+            (State::Called { future }, span)
+        }
+        Err(rejection) => {
+            let response = Some(config.reject(&rejection));
+            (State::Rejected { response }, tracing::Span::none())
         }
     }
 }
@@ -99,31 +151,23 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::AwaitingRevocation { check, waiting } => {
+                StateProj::AwaitingRevocation { check, parked } => {
                     let outcome = ready!(Pin::new(check).poll(cx));
-                    let Waiting {
-                        mut service,
-                        parts,
-                        body,
-                        verified,
-                        allowed,
-                        config,
-                    } = *waiting.take().expect("polled after completion");
-                    match settle(outcome, verified, allowed) {
-                        Ok(user) => {
-                            let (request, span) = config.admit(parts, body, Some(user));
-                            let future = {
-                                let _entered = span.enter();
-                                service.call(request)
-                            };
-                            *this.span = span;
-                            this.state.set(State::Called { future });
-                        }
-                        Err(rejection) => {
-                            let response = Some(config.reject(&rejection));
-                            this.state.set(State::Rejected { response });
-                        }
-                    }
+                    let (verified, waiting) = *parked.take().expect("polled after completion");
+                    let verdict = waiting.config.settle(outcome, verified, &waiting.parts);
+                    let (next, span) = resume(verdict, waiting);
+                    *this.span = span;
+                    this.state.set(next);
+                }
+                StateProj::AwaitingResolver { resolving, parked } => {
+                    let outcome = ready!(resolving.as_mut().poll(cx));
+                    let (token_id, waiting) = *parked.take().expect("polled after completion");
+                    let verdict = waiting
+                        .config
+                        .settle_resolved(outcome, token_id, &waiting.parts);
+                    let (next, span) = resume(verdict, waiting);
+                    *this.span = span;
+                    this.state.set(next);
                 }
                 StateProj::Called { future } => {
                     let _entered = this.span.enter();

@@ -63,6 +63,17 @@ impl TokenId {
         Self::from_digest(&digest)
     }
 
+    /// For a credential that is not a macaroon (an opaque token, an `as_token`): a hash of it,
+    /// never the credential itself.
+    pub(crate) fn from_secret(kind: &str, secret: &[u8]) -> Self {
+        let digest = Sha256::new()
+            .chain_update(kind.as_bytes())
+            .chain_update([0])
+            .chain_update(secret)
+            .finalize();
+        Self::from_digest(&digest)
+    }
+
     pub(crate) fn from_signature(signature: &[u8; 32]) -> Self {
         let digest = Sha256::new()
             .chain_update(b"signature\0")
@@ -116,6 +127,22 @@ pub struct MatrixUser {
     token_type: TokenType,
     expires_at_ms: Option<u64>,
     token_id: TokenId,
+    credential: Credential,
+    /// The application service's registration id, for [`Credential::AppService`].
+    appservice: Option<Arc<str>>,
+    suspended: bool,
+}
+
+/// What the caller authenticated with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Credential {
+    /// A macaroon this layer verified.
+    Macaroon,
+    /// An opaque token the homeserver's [`crate::TokenResolver`] knew.
+    Opaque,
+    /// An application service's `as_token` (acting as its sender or a user of its namespaces).
+    AppService,
 }
 
 /// The parts of a verified token that make up a [`MatrixUser`].
@@ -165,7 +192,61 @@ impl MatrixUser {
             token_type: claims.token_type,
             expires_at_ms: claims.expires_at_ms,
             token_id,
+            credential: Credential::Macaroon,
+            appservice: None,
+            suspended: false,
         }
+    }
+
+    /// A user another mechanism vouched for (an opaque token, an application service).
+    pub(crate) fn vouched(
+        credential: Credential,
+        user_id: &str,
+        device_id: Option<&str>,
+        is_guest: bool,
+        expires_at_ms: Option<u64>,
+        token_id: TokenId,
+        appservice: Option<Arc<str>>,
+    ) -> Self {
+        let user_id_end = user_id.len();
+        Self {
+            text: join([user_id, device_id.unwrap_or(""), ""]),
+            user_id_end,
+            device_id_end: device_id.map(|d| user_id_end + d.len()),
+            has_nonce: false,
+            is_guest,
+            token_type: TokenType::Access,
+            expires_at_ms,
+            token_id,
+            credential,
+            appservice,
+            suspended: false,
+        }
+    }
+
+    pub(crate) fn mark_suspended(&mut self) {
+        self.suspended = true;
+    }
+
+    /// What the caller authenticated with.
+    pub fn credential(&self) -> Credential {
+        self.credential
+    }
+
+    /// The registration id of the application service making the request, if one is.
+    pub fn appservice(&self) -> Option<&str> {
+        self.appservice.as_deref()
+    }
+
+    /// Whether an application service makes the request (acting as [`Self::user_id`]).
+    pub fn is_appservice(&self) -> bool {
+        self.credential == Credential::AppService
+    }
+
+    /// Whether the account is suspended (spec v1.13): the layer already refused what suspended
+    /// accounts may never do; finer rules (redacting only one's own events) are the handler's.
+    pub fn is_suspended(&self) -> bool {
+        self.suspended
     }
 
     /// The user id from the `user_id` caveat, e.g. `@alice:example.org`.
@@ -219,6 +300,9 @@ impl fmt::Debug for MatrixUser {
             .field("token_type", &self.token_type())
             .field("expires_at_ms", &self.expires_at_ms())
             .field("token_id", &self.token_id())
+            .field("credential", &self.credential)
+            .field("appservice", &self.appservice())
+            .field("suspended", &self.suspended)
             .finish()
     }
 }

@@ -8,10 +8,12 @@ use http::request::Parts;
 use http::Response;
 use tower_layer::Layer;
 
+use crate::account::AccountState;
 use crate::caveat::Caveat;
 use crate::clock::Clock;
 use crate::error::Rejection;
 use crate::keys::KeyRing;
+use crate::resolver::TokenResolver;
 use crate::revocation::{NeverRevoked, Revocation};
 use crate::service::MatrixAuth;
 use crate::verify::Verifier;
@@ -62,6 +64,10 @@ pub(crate) struct Config {
     pub(crate) optional_when: Vec<Predicate>,
     pub(crate) expired_allowed_when: Vec<Predicate>,
     pub(crate) revocation: Arc<dyn Revocation>,
+    pub(crate) resolver: Option<Arc<dyn TokenResolver>>,
+    pub(crate) accounts: Option<Arc<dyn AccountState>>,
+    #[cfg(feature = "appservice")]
+    pub(crate) appservices: crate::appservice::AppServices,
     pub(crate) renderer: Option<Renderer>,
 }
 
@@ -126,6 +132,10 @@ impl MatrixAuthLayer {
                 optional_when: Vec::new(),
                 expired_allowed_when: Vec::new(),
                 revocation: Arc::new(NeverRevoked),
+                resolver: None,
+                accounts: None,
+                #[cfg(feature = "appservice")]
+                appservices: crate::appservice::AppServices::default(),
                 renderer: None,
             }),
         }
@@ -209,6 +219,24 @@ impl MatrixAuthLayer {
         self.update(|c| c.revocation = Arc::new(revocation))
     }
 
+    /// Lets tokens that are not macaroons authenticate through `resolver` (opaque database
+    /// tokens). Macaroons never reach it; a miss is `M_UNKNOWN_TOKEN`, an error fails closed.
+    pub fn resolver(self, resolver: impl TokenResolver) -> Self {
+        self.update(|c| c.resolver = Some(Arc::new(resolver)))
+    }
+
+    /// Consults `accounts` for every authenticated user: locked, suspended and deactivated
+    /// accounts are refused or limited (see [`crate::AccountStatus`]).
+    pub fn accounts(self, accounts: impl AccountState) -> Self {
+        self.update(|c| c.accounts = Some(Arc::new(accounts)))
+    }
+
+    /// Authenticates these application services by their `as_token` (feature `appservice`).
+    #[cfg(feature = "appservice")]
+    pub fn appservices(self, appservices: crate::appservice::AppServices) -> Self {
+        self.update(|c| c.appservices = appservices)
+    }
+
     /// Renders rejections with `render` instead of the standard Matrix JSON.
     pub fn render_rejection<F>(self, render: F) -> Self
     where
@@ -262,7 +290,8 @@ impl MatrixAuthLayer {
         match self.config.decide(parts) {
             crate::service::Decision::Pass(user) => Some(Ok(user)),
             crate::service::Decision::Reject(rejection) => Some(Err(rejection)),
-            crate::service::Decision::AwaitRevocation { .. } => None,
+            crate::service::Decision::AwaitRevocation { .. }
+            | crate::service::Decision::AwaitResolver { .. } => None,
         }
     }
 

@@ -49,6 +49,9 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod account;
+#[cfg(feature = "appservice")]
+mod appservice;
 mod body;
 mod cache;
 mod caveat;
@@ -66,6 +69,7 @@ mod issuer;
 mod keys;
 mod layer;
 mod mint;
+mod resolver;
 mod revocation;
 mod service;
 mod sessions;
@@ -76,16 +80,20 @@ mod wire;
 #[cfg(feature = "axum")]
 mod axum;
 
+pub use account::{AccountState, AccountStates, AccountStatus};
+#[cfg(feature = "appservice")]
+pub use appservice::{AppService, AppServices, InvalidRegistration};
 pub use body::ResponseBody;
 pub use caveat::{is_valid_user_id, Caveat};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::Rejection;
 pub use future::ResponseFuture;
-pub use identity::{MatrixUser, TokenId, TokenType};
+pub use identity::{Credential, MatrixUser, TokenId, TokenType};
 pub use issuer::{IssuedTokens, Issuer, NonceKind, SessionId, SessionRequest, TokenNonce};
 pub use keys::{KeyRing, MacaroonSecret};
 pub use layer::{GuestPolicy, MatrixAuthLayer, QueryToken};
 pub use mint::{attenuate, TokenBuilder};
+pub use resolver::{ResolveFuture, ResolvedToken, StaticTokens, TokenResolver};
 pub use revocation::{
     NeverRevoked, Revocation, RevocationCheck, RevocationError, RevocationStatus,
 };

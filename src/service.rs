@@ -7,12 +7,14 @@ use http::request::Parts;
 use http::{Request, Response};
 use tower_service::Service;
 
+use crate::account::{is_logout, suspended_may, AccountStatus};
 use crate::body::ResponseBody;
-use crate::error::{Missing, Rejection, Unknown};
+use crate::error::{Kind, Missing, Rejection, Unknown};
 use crate::extract::{find_token, strip_query_token};
 use crate::future::ResponseFuture;
-use crate::identity::{MatrixUser, TokenType};
+use crate::identity::{Credential, MatrixUser, TokenId, TokenType};
 use crate::layer::{Config, QueryToken, Requirement};
+use crate::resolver::ResolveFuture;
 use crate::revocation::{RevocationCheck, RevocationError, RevocationStatus};
 use crate::verify::Verified;
 
@@ -32,8 +34,26 @@ pub(crate) enum Decision {
     AwaitRevocation {
         check: RevocationCheck,
         verified: Verified,
-        allowed: Allowances,
     },
+    /// Not a macaroon: the homeserver's resolver has yet to say whose token it is.
+    AwaitResolver {
+        resolving: ResolveFuture,
+        token_id: TokenId,
+    },
+}
+
+impl<S: Clone> MatrixAuth<S> {
+    /// Parks a request until an asynchronous answer: the service that was driven ready goes
+    /// into the future, a clone stays here.
+    fn park<B>(&mut self, parts: Parts, body: B) -> crate::future::Waiting<S, B> {
+        let clone = self.inner.clone();
+        crate::future::Waiting {
+            service: std::mem::replace(&mut self.inner, clone),
+            parts,
+            body,
+            config: self.config.clone(),
+        }
+    }
 }
 
 impl<S> MatrixAuth<S> {
@@ -71,6 +91,25 @@ impl Config {
             Ok(None) => return Decision::Reject(Rejection::missing(Missing::NoToken)),
             Err(missing) => return Decision::Reject(Rejection::missing(missing)),
         };
+        #[cfg(feature = "appservice")]
+        if !self.appservices.is_empty() {
+            if let Some(appservice) = self.appservices.find(&token) {
+                return self.appservice_decision(appservice, parts);
+            }
+        }
+        if let Some(resolver) = &self.resolver {
+            // Macaroons are told apart by their format alone (no HMAC): a macaroon, valid or
+            // not, never reaches the resolver.
+            if !crate::wire::is_macaroon(&token, self.verifier.token_len_limit()) {
+                let Ok(text) = std::str::from_utf8(&token) else {
+                    return Decision::Reject(Rejection::unknown(Unknown::NotResolved));
+                };
+                return Decision::AwaitResolver {
+                    resolving: resolver.resolve(text),
+                    token_id: TokenId::from_secret("opaque", &token),
+                };
+            }
+        }
         let verified = match self
             .verifier
             .verify_allowing_expired(&token, TokenType::Access, parts)
@@ -78,21 +117,121 @@ impl Config {
             Ok(verified) => verified,
             Err(rejection) => return Decision::Reject(rejection),
         };
-        let allowed = Allowances {
-            guests: self.guests_allowed(parts),
-            expired: verified.expired && self.expired_allowed(parts),
-        };
         match self.revocation.check(&verified.user).now_or_later() {
-            Ok(outcome) => match settle(outcome, verified, allowed) {
+            Ok(outcome) => match self.settle(outcome, verified, parts) {
                 Ok(user) => Decision::Pass(Some(user)),
                 Err(rejection) => Decision::Reject(rejection),
             },
-            Err(check) => Decision::AwaitRevocation {
-                check,
-                verified,
-                allowed,
-            },
+            Err(check) => Decision::AwaitRevocation { check, verified },
         }
+    }
+
+    /// An `as_token`: who the application service acts as, from `?user_id=` / `?device_id=`.
+    #[cfg(feature = "appservice")]
+    fn appservice_decision(
+        &self,
+        appservice: &crate::appservice::AppService,
+        parts: &Parts,
+    ) -> Decision {
+        use crate::appservice::Masquerade;
+        match self.appservices.masquerade(appservice, parts) {
+            Masquerade::Forbidden => Decision::Reject(Rejection::of(Kind::AppserviceForbidden)),
+            Masquerade::UnknownDevice => Decision::Reject(Rejection::of(Kind::UnknownDevice)),
+            Masquerade::As {
+                appservice: id,
+                user_id,
+                device_id,
+            } => Decision::Pass(Some(MatrixUser::vouched(
+                Credential::AppService,
+                &user_id,
+                device_id.as_deref(),
+                false,
+                None,
+                TokenId::from_secret("appservice", id.as_bytes()),
+                Some(id),
+            ))),
+        }
+    }
+
+    /// What the resolver's answer means for this request.
+    pub(crate) fn settle_resolved(
+        &self,
+        outcome: Result<Option<crate::resolver::ResolvedToken>, RevocationError>,
+        token_id: TokenId,
+        parts: &Parts,
+    ) -> Result<MatrixUser, Rejection> {
+        match outcome {
+            Err(error) => {
+                tracing::warn!(%error, "token resolver failed; refusing the request");
+                Err(Rejection::unavailable())
+            }
+            Ok(None) => Err(Rejection::unknown(Unknown::NotResolved)),
+            Ok(Some(resolved)) => {
+                let expired = resolved
+                    .expires_at_ms
+                    .is_some_and(|at| self.verifier.now_ms() >= at);
+                let user = MatrixUser::vouched(
+                    Credential::Opaque,
+                    &resolved.user_id,
+                    resolved.device_id.as_deref(),
+                    resolved.is_guest,
+                    resolved.expires_at_ms,
+                    token_id,
+                    None,
+                );
+                // Revocation of opaque tokens is the resolver's business: a revoked one is unknown.
+                self.settle(
+                    Ok(RevocationStatus::Active),
+                    Verified { user, expired },
+                    parts,
+                )
+            }
+        }
+    }
+
+    /// The verdict once the revocation state is known, in this order: revoked, then the
+    /// account's state (deactivated, locked), then expiry, guests, and suspension. A revoked
+    /// token is refused outright even when expired: a soft logout would only invite a refresh
+    /// that cannot succeed.
+    pub(crate) fn settle(
+        &self,
+        outcome: Result<RevocationStatus, RevocationError>,
+        verified: Verified,
+        parts: &Parts,
+    ) -> Result<MatrixUser, Rejection> {
+        match outcome {
+            Err(error) => {
+                tracing::warn!(%error, "revocation check failed; refusing the request");
+                return Err(Rejection::unavailable());
+            }
+            Ok(RevocationStatus::Revoked) => return Err(Rejection::unknown(Unknown::Revoked)),
+            Ok(RevocationStatus::Active) => {}
+        }
+        let Verified { mut user, expired } = verified;
+        let status = self
+            .accounts
+            .as_ref()
+            .map_or(AccountStatus::Active, |accounts| {
+                accounts.status(user.user_id())
+            });
+        match status {
+            AccountStatus::Deactivated => return Err(Rejection::unknown(Unknown::Deactivated)),
+            AccountStatus::Locked if !is_logout(parts) => return Err(Rejection::of(Kind::Locked)),
+            _ => {}
+        }
+        if expired && !self.expired_allowed(parts) {
+            return Err(Rejection::unknown(Unknown::Expired));
+        }
+        if user.is_guest() && !self.guests_allowed(parts) {
+            return Err(Rejection::guest_forbidden());
+        }
+        if status == AccountStatus::Suspended {
+            if !suspended_may(parts) {
+                return Err(Rejection::of(Kind::Suspended));
+            }
+            user.mark_suspended();
+        }
+        Ok(user)
     }
 
     /// Readies an admitted request for the inner service: the identity goes into the
@@ -136,37 +275,6 @@ impl Config {
     }
 }
 
-/// What the route allows beyond a plain valid token.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Allowances {
-    pub(crate) guests: bool,
-    /// The token expired and the route takes expired tokens (logout).
-    pub(crate) expired: bool,
-}
-
-/// The verdict once the revocation state is known. A revoked token is refused outright, even
-/// when expired: a soft logout would only invite a refresh that cannot succeed.
-pub(crate) fn settle(
-    outcome: Result<RevocationStatus, RevocationError>,
-    verified: Verified,
-    allowed: Allowances,
-) -> Result<MatrixUser, Rejection> {
-    match outcome {
-        Err(error) => {
-            tracing::warn!(%error, "revocation check failed; refusing the request");
-            Err(Rejection::unavailable())
-        }
-        Ok(RevocationStatus::Revoked) => Err(Rejection::unknown(Unknown::Revoked)),
-        Ok(RevocationStatus::Active) if verified.expired && !allowed.expired => {
-            Err(Rejection::unknown(Unknown::Expired))
-        }
-        Ok(RevocationStatus::Active) if verified.user.is_guest() && !allowed.guests => {
-            Err(Rejection::guest_forbidden())
-        }
-        Ok(RevocationStatus::Active) => Ok(verified.user),
-    }
-}
-
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for MatrixAuth<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
@@ -191,26 +299,13 @@ where
                 ResponseFuture::called(future, span)
             }
             Decision::Reject(rejection) => ResponseFuture::rejected(self.config.reject(&rejection)),
-            Decision::AwaitRevocation {
-                check,
-                verified,
-                allowed,
-            } => {
-                // The service that was driven ready goes into the future; a clone stays here.
-                let clone = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::awaiting_revocation(
-                    check,
-                    crate::future::Waiting {
-                        service: ready,
-                        parts,
-                        body,
-                        verified,
-                        allowed,
-                        config: self.config.clone(),
-                    },
-                )
+            Decision::AwaitRevocation { check, verified } => {
+                ResponseFuture::awaiting_revocation(check, verified, self.park(parts, body))
             }
+            Decision::AwaitResolver {
+                resolving,
+                token_id,
+            } => ResponseFuture::awaiting_resolver(resolving, token_id, self.park(parts, body)),
         }
     }
 }

@@ -75,6 +75,7 @@ impl View {
 
     /// Whether this view has heard of `generation` of `session`: a refresh on another process
     /// mints generations this view learns of only when its notification arrives.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn knows(&self, session: SessionId, generation: u32) -> bool {
         generation == 0
             || self
@@ -85,6 +86,7 @@ impl View {
 
     /// Takes a state from elsewhere (a database row, a notification) unless an equal or newer
     /// version is already here: updates may arrive out of order.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn merge(&mut self, session: SessionId, state: SessionState) {
         match self.sessions.get(&session) {
             Some(current) if current.version >= state.version => {}

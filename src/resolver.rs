@@ -1,0 +1,112 @@
+//! Opaque tokens beside macaroons: a homeserver migrating to (or from) macaroons has tokens in
+//! its database (Synapse's `syt_…`); a resolver turns those into the same identity.
+//!
+//! The layer recognises macaroons by their wire format (decoding and parsing, no HMAC), so a
+//! macaroon, valid or not, never reaches the resolver; anything else does, and a miss is
+//! `M_UNKNOWN_TOKEN`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+
+use crate::revocation::RevocationError;
+
+/// Who an opaque token belongs to.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResolvedToken {
+    /// The user id.
+    pub user_id: String,
+    /// The device, if the token was issued to one.
+    pub device_id: Option<String>,
+    /// Whether the user is a guest.
+    pub is_guest: bool,
+    /// When the token expires (ms since the epoch); past it the layer answers a soft logout.
+    pub expires_at_ms: Option<u64>,
+}
+
+impl ResolvedToken {
+    /// A token of `user_id`, no device, not a guest, never expiring.
+    pub fn user(user_id: impl Into<String>) -> Self {
+        Self {
+            user_id: user_id.into(),
+            device_id: None,
+            is_guest: false,
+            expires_at_ms: None,
+        }
+    }
+}
+
+impl fmt::Debug for ResolvedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResolvedToken")
+            .field("user_id", &self.user_id)
+            .field("device_id", &self.device_id)
+            .field("is_guest", &self.is_guest)
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish()
+    }
+}
+
+/// The answer of a resolver: `Ok(None)` for an unknown token, `Err` when it could not look
+/// (the layer then fails closed with `503 M_UNKNOWN`).
+pub type ResolveFuture =
+    Pin<Box<dyn Future<Output = Result<Option<ResolvedToken>, RevocationError>> + Send>>;
+
+/// Looks up tokens that are not macaroons (typically in the homeserver's database).
+pub trait TokenResolver: Send + Sync + 'static {
+    /// Resolves one token, as sent by the client.
+    fn resolve(&self, token: &str) -> ResolveFuture;
+}
+
+impl<R: TokenResolver + ?Sized> TokenResolver for Arc<R> {
+    fn resolve(&self, token: &str) -> ResolveFuture {
+        (**self).resolve(token)
+    }
+}
+
+/// A fixed set of opaque tokens, compared in constant time: for tests and demos.
+#[derive(Clone, Default)]
+pub struct StaticTokens {
+    tokens: Arc<Vec<(Box<[u8]>, ResolvedToken)>>,
+}
+
+impl StaticTokens {
+    /// Adds a token.
+    pub fn with(self, token: impl AsRef<[u8]>, resolved: ResolvedToken) -> Self {
+        let mut tokens = (*self.tokens).clone();
+        tokens.push((token.as_ref().into(), resolved));
+        Self {
+            tokens: Arc::new(tokens),
+        }
+    }
+}
+
+impl TokenResolver for StaticTokens {
+    fn resolve(&self, token: &str) -> ResolveFuture {
+        // Every entry is compared, so the time taken does not say which one matched.
+        let mut found = None;
+        for (candidate, resolved) in self.tokens.iter() {
+            if bool::from(candidate.as_ref().ct_eq(token.as_bytes())) {
+                found = Some(resolved.clone());
+            }
+        }
+        Box::pin(std::future::ready(Ok(found)))
+    }
+}
+
+impl fmt::Debug for StaticTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let users: HashMap<&str, usize> =
+            self.tokens.iter().fold(HashMap::new(), |mut m, (_, r)| {
+                *m.entry(r.user_id.as_str()).or_default() += 1;
+                m
+            });
+        f.debug_struct("StaticTokens")
+            .field("tokens_per_user", &users)
+            .finish()
+    }
+}
