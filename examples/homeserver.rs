@@ -75,6 +75,13 @@
 //! | `MATRIX_USERS`             | `alice:password,bob:secret`: users who may log in         | none       |
 //! | `MATRIX_TOKEN_LIFETIME_MS` | access token lifetime when a refresh token is requested   | `300000`   |
 //! | `MATRIX_DATABASE_URL`      | PostgreSQL for revocation state shared by processes      | in memory  |
+//! | `MATRIX_APPSERVICE_TOKEN`  | register one application service with this `as_token`     | none       |
+//! | `MATRIX_APPSERVICE_SENDER` | its sender user id                                        | `@appservice:<server name>` |
+//! | `MATRIX_APPSERVICE_NAMESPACE` | its (exclusive) user namespace regex                   | none       |
+//! | `MATRIX_OPAQUE_TOKENS`     | `token:@user:server,...`: opaque (non-macaroon) tokens    | none       |
+//!
+//! An application service may act as a user of its namespace with `?user_id=`, and as one of
+//! that user's devices with `?device_id=` (a device is known here once it logged in).
 //! * any other path: `404 M_UNRECOGNIZED`, token or not.
 //! * a known path with another method: `405 M_UNRECOGNIZED` (authentication comes first there,
 //!   so without a valid token it is the 401).
@@ -96,10 +103,14 @@ use tower_http::trace::TraceLayer;
 
 use axum::extract::State;
 use axum::routing::post;
+use std::collections::HashSet;
+use std::sync::RwLock;
 use subtle::ConstantTimeEq;
+
 use tower_matrix_auth::{
-    is_valid_user_id, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore,
-    PostgresStore, SessionRequest, Sessions, TokenStore, TokenType, Verifier,
+    is_valid_user_id, AppService, AppServices, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer,
+    MatrixUser, MemoryStore, PostgresStore, ResolvedToken, SessionRequest, Sessions, StaticTokens,
+    TokenStore, TokenType, Verifier,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -176,6 +187,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sessions: sessions.clone(),
         users: Arc::new(users),
         server_name: server_name.clone(),
+        devices: Arc::default(),
     };
 
     let auth = MatrixAuthLayer::with_verifier(verifier)
@@ -189,6 +201,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_path_prefix("/_matrix/key/")
         // Guests may ask who they are, and nothing else here.
         .allow_guests_when(|parts| parts.uri.path().ends_with("/account/whoami"));
+    let auth = with_appservice(auth, &server_name, &state.devices)?;
+    let auth = with_opaque_tokens(auth)?;
 
     let app = Router::new()
         .route("/_matrix/client/versions", get(versions))
@@ -259,6 +273,73 @@ struct AppState {
     /// Localpart → password.
     users: Arc<HashMap<String, String>>,
     server_name: String,
+    /// (user id, device id) of every login: the devices an application service may name.
+    devices: Arc<RwLock<HashSet<(String, String)>>>,
+}
+
+/// `MATRIX_APPSERVICE_TOKEN` (+ `_SENDER`, `_NAMESPACE`): one application service.
+fn with_appservice(
+    auth: MatrixAuthLayer,
+    server_name: &str,
+    devices: &Arc<RwLock<HashSet<(String, String)>>>,
+) -> Result<MatrixAuthLayer, Box<dyn std::error::Error>> {
+    let Some(token) = std::env::var("MATRIX_APPSERVICE_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    else {
+        return Ok(auth);
+    };
+    let sender = env_or(
+        "MATRIX_APPSERVICE_SENDER",
+        &format!("@appservice:{server_name}"),
+    );
+    let mut registration = AppService::new("example", token, sender)?;
+    if let Some(namespace) = std::env::var("MATRIX_APPSERVICE_NAMESPACE")
+        .ok()
+        .filter(|n| !n.is_empty())
+    {
+        registration = registration.user_namespace(&namespace, true)?;
+    }
+    tracing::info!(
+        sender = registration.sender(),
+        "application service registered"
+    );
+    let devices = devices.clone();
+    Ok(
+        auth.appservices(AppServices::new().with(registration).devices(
+            move |user_id: &str, device_id: &str| {
+                let devices = devices.read().unwrap_or_else(|e| e.into_inner());
+                devices.contains(&(user_id.to_owned(), device_id.to_owned()))
+            },
+        )),
+    )
+}
+
+/// `MATRIX_OPAQUE_TOKENS=token:@user:server,...`: tokens that are not macaroons, as a homeserver
+/// migrating from database tokens would have.
+fn with_opaque_tokens(
+    auth: MatrixAuthLayer,
+) -> Result<MatrixAuthLayer, Box<dyn std::error::Error>> {
+    let spec = std::env::var("MATRIX_OPAQUE_TOKENS").unwrap_or_default();
+    let mut tokens = StaticTokens::default();
+    let mut count = 0;
+    for entry in spec.split(',').filter(|e| !e.trim().is_empty()) {
+        let (token, user_id) = entry.trim().split_once(':').ok_or_else(|| {
+            format!("MATRIX_OPAQUE_TOKENS: `{entry}` is not `token:@user:server`")
+        })?;
+        if token.is_empty() || !is_valid_user_id(user_id) {
+            return Err(
+                format!("MATRIX_OPAQUE_TOKENS: `{entry}` is not `token:@user:server`").into(),
+            );
+        }
+        tokens = tokens.with(token, ResolvedToken::user(user_id));
+        count += 1;
+    }
+    if count == 0 {
+        return Ok(auth);
+    }
+    tracing::info!(count, "opaque tokens registered");
+    Ok(auth.resolver(tokens))
 }
 
 /// `MATRIX_USERS=alice:password,bob:secret`.
@@ -347,6 +428,11 @@ async fn login(State(state): State<AppState>, request: Request<axum::body::Body>
         },
     );
     tracing::info!(%user_id, %device_id, "logged in");
+    state
+        .devices
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert((user_id.clone(), device_id.clone()));
     let mut answer = json!({
         "user_id": user_id,
         "access_token": tokens.access_token,

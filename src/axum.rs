@@ -63,3 +63,78 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for MatrixUser {
         Ok(parts.extensions.get::<MatrixUser>().cloned())
     }
 }
+
+/// An application service's request, for endpoints only application services may call
+/// (e.g. `POST /_matrix/client/v1/appservice/{id}/ping`). Other callers get `403 M_FORBIDDEN`;
+/// `Option<AppServiceRequest>` accepts everyone and says who is an application service.
+#[derive(Debug, Clone)]
+pub struct AppServiceRequest {
+    /// Who the application service acts as (its sender, or `?user_id=`).
+    pub user: MatrixUser,
+    /// The registration id of the application service.
+    pub appservice: String,
+}
+
+/// The rejection of [`AppServiceRequest`].
+#[derive(Debug, Clone, Copy)]
+pub enum AppServiceRejection {
+    /// No identity at all: the layer is missing (a server misconfiguration).
+    MissingLayer,
+    /// A user, not an application service: `403 M_FORBIDDEN`.
+    NotAnAppService,
+}
+
+impl IntoResponse for AppServiceRejection {
+    fn into_response(self) -> Response {
+        match self {
+            AppServiceRejection::MissingLayer => MissingMatrixUser.into_response(),
+            AppServiceRejection::NotAnAppService => {
+                let body = serde_json::json!({
+                    "errcode": "M_FORBIDDEN",
+                    "error": "Only application services may call this endpoint.",
+                });
+                (
+                    StatusCode::FORBIDDEN,
+                    [(http::header::CONTENT_TYPE, "application/json")],
+                    body.to_string(),
+                )
+                    .into_response()
+            }
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for AppServiceRequest {
+    type Rejection = AppServiceRejection;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let user = parts
+            .extensions
+            .get::<MatrixUser>()
+            .ok_or(AppServiceRejection::MissingLayer)?;
+        let appservice = user
+            .appservice()
+            .ok_or(AppServiceRejection::NotAnAppService)?
+            .to_owned();
+        Ok(Self {
+            user: user.clone(),
+            appservice,
+        })
+    }
+}
+
+impl<S: Send + Sync> OptionalFromRequestParts<S> for AppServiceRequest {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<MatrixUser>().and_then(|user| {
+            user.appservice().map(|id| Self {
+                user: user.clone(),
+                appservice: id.to_owned(),
+            })
+        }))
+    }
+}

@@ -106,4 +106,4 @@ pub use verify::{Verifier, DEFAULT_MAX_CAVEATS, DEFAULT_MAX_TOKEN_LEN, DEFAULT_T
 pub use wire::Format;
 
 #[cfg(feature = "axum")]
-pub use crate::axum::MissingMatrixUser;
+pub use crate::axum::{AppServiceRejection, AppServiceRequest, MissingMatrixUser};

@@ -376,3 +376,53 @@ async fn account_state() {
         (StatusCode::OK, Some(false))
     );
 }
+
+#[tokio::test]
+async fn appservice_aware_extractors() {
+    use tower_matrix_auth::AppServiceRequest;
+    async fn only_appservices(request: AppServiceRequest) -> String {
+        format!("{} as {}", request.appservice, request.user.user_id())
+    }
+    async fn anyone(request: Option<AppServiceRequest>, user: MatrixUser) -> String {
+        match request {
+            Some(request) => format!("appservice {}", request.appservice),
+            None => format!("user {}", user.user_id()),
+        }
+    }
+    let layer = MatrixAuthLayer::new(keys())
+        .clock(ManualClock::new(NOW_MS))
+        .appservices(appservices());
+    let app = Router::new()
+        .route("/ping", any(only_appservices))
+        .route("/anyone", any(anyone))
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let raw = |path: &'static str, token: String| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    };
+    let response = raw("/ping?user_id=@irc_alice:example.org", AS_TOKEN.into()).await;
+    assert!(
+        response.starts_with("HTTP/1.1 200") && response.ends_with("irc as @irc_alice:example.org"),
+        "{response}"
+    );
+    let response = raw("/ping", access_token(&[])).await;
+    assert!(
+        response.starts_with("HTTP/1.1 403") && response.contains("M_FORBIDDEN"),
+        "{response}"
+    );
+    assert!(raw("/anyone", AS_TOKEN.into())
+        .await
+        .ends_with("appservice irc"));
+    assert!(raw("/anyone", access_token(&[]))
+        .await
+        .ends_with(&format!("user {ALICE}")));
+}

@@ -78,7 +78,10 @@ def start_server(port):
     binary = os.environ.get("HOMESERVER_BIN", "target/debug/examples/homeserver")
     env = dict(os.environ, MATRIX_LISTEN=f"127.0.0.1:{port}", MATRIX_SERVER_NAME=SERVER,
                MATRIX_MACAROON_SECRET=SECRET, MATRIX_USERS=USERS,
-               MATRIX_TOKEN_LIFETIME_MS="600000", RUST_LOG="warn")
+               MATRIX_TOKEN_LIFETIME_MS="600000", RUST_LOG="warn",
+               MATRIX_APPSERVICE_TOKEN="as-secret-token", MATRIX_APPSERVICE_SENDER="@bridge:localhost",
+               MATRIX_APPSERVICE_NAMESPACE="@bridged_.*:localhost",
+               MATRIX_OPAQUE_TOKENS="syt_opaque_demo_token:@legacy:localhost")
     server = subprocess.Popen([binary], env=env, stdout=subprocess.PIPE, text=True)
     for line in server.stdout:  # the server prints this once it is bound
         if line.startswith("listening on"):
@@ -150,6 +153,23 @@ async def scenario(base):
     status, gone = raw(base, "GET", "/_matrix/client/v3/account/whoami", token=response.access_token)
     check("logged-out token is 401 M_UNKNOWN_TOKEN", status == 401 and gone["errcode"] == "M_UNKNOWN_TOKEN", gone)
     await client.close()
+
+    # The example's application service and opaque token (env contract of issue 6).
+    whoami = "/_matrix/client/v3/account/whoami"
+    status, who = raw(base, "GET", whoami, token="as-secret-token")
+    check("as_token acts as the sender", status == 200 and who["user_id"] == "@bridge:localhost", who)
+    status, who = raw(base, "GET", whoami + "?user_id=@bridged_carol:localhost", token="as-secret-token")
+    check("as_token acts as a namespace user", status == 200 and who["user_id"] == "@bridged_carol:localhost", who)
+    status, who = raw(base, "GET", whoami + "?user_id=@alice:localhost", token="as-secret-token")
+    check("outside the namespace is 403 M_FORBIDDEN", status == 403 and who["errcode"] == "M_FORBIDDEN", who)
+    status, who = raw(base, "GET", whoami + "?user_id=@alice:localhost", token=by_token.access_token)
+    check("an ordinary user's ?user_id= is ignored", status == 200 and who["user_id"] == "@alice:localhost", who)
+    status, who = raw(base, "GET", whoami + "?user_id=@bridged_carol:localhost&device_id=NOPE", token="as-secret-token")
+    check("unknown ?device_id= is 400 M_UNKNOWN_DEVICE", status == 400 and who["errcode"] == "M_UNKNOWN_DEVICE", who)
+    status, who = raw(base, "GET", whoami, token="syt_opaque_demo_token")
+    check("an opaque token resolves", status == 200 and who["user_id"] == "@legacy:localhost", who)
+    status, who = raw(base, "GET", whoami, token="syt_opaque_wrong_token")
+    check("an unknown opaque token is 401 M_UNKNOWN_TOKEN", status == 401 and who["errcode"] == "M_UNKNOWN_TOKEN", who)
 
     everywhere = await second.logout(all_devices=True)
     check("logout/all through nio", isinstance(everywhere, nio.LogoutResponse), everywhere)
