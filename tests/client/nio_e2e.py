@@ -187,7 +187,8 @@ def main():
         server.terminate()
         server.wait(timeout=10)
     store = "PostgreSQL" if os.environ.get("MATRIX_DATABASE_URL") else "memory"
-    print(f"matrix-nio ({store} store): {results['passed']} passed, {results['failed']} failed")
+    print(f"matrix-nio against the example homeserver, {store} store")
+    print(f"matrix-nio: {results['passed']} passed, {results['failed']} failed")
     sys.exit(1 if results["failed"] else 0)
 
 
