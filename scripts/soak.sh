@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# A bounded soak of the example homeserver under hostile traffic, loopback only (examples/soak.rs
+# says what is sent and what counts as a right answer).
+#
+#   scripts/soak.sh short    ~5 s, 32 connections: what ./scripts/test.sh runs
+#   scripts/soak.sh long     ~60 s, 64 connections
+#
+# Builds the homeserver and the driver (release unless SOAK_PROFILE says otherwise), starts the homeserver on a free loopback port
+# with a known secret, runs the driver, and always stops the server. Exits non-zero on any wrong
+# answer, 5xx or hang, a slow valid probe, server memory growth, or a token in the server log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=${1:-short}
+case "$mode" in
+  short) seconds=5; connections=32; p99_ms=500; rss_mib=32; log_filter="info,tower_http=debug,tower_matrix_auth=debug" ;;
+  long) seconds=60; connections=64; p99_ms=250; rss_mib=32; log_filter="info,tower_matrix_auth=debug" ;;
+  *) echo "usage: $0 short|long" >&2; exit 2 ;;
+esac
+
+# SOAK_PROFILE=dev reuses the test build (./scripts/test.sh does, to spare CI a release build of
+# every dependency); the figures in the README are from release builds.
+profile=${SOAK_PROFILE:-release}
+cargo build --profile "$profile" --quiet --example homeserver --example soak
+case "$profile" in dev) dir=debug ;; *) dir=$profile ;; esac
+bin=${CARGO_TARGET_DIR:-target}/$dir/examples
+
+work=$(mktemp -d)
+server_pid=
+cleanup() {
+  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+secret="soak secret $RANDOM$RANDOM"
+# Port 0: the kernel picks a free loopback port; the server prints the one it got.
+MATRIX_LISTEN=127.0.0.1:0 MATRIX_MACAROON_SECRET="$secret" MATRIX_SERVER_NAME=localhost \
+  MATRIX_PRINT_TOKEN_FOR=@alice:localhost RUST_LOG="$log_filter" \
+  "$bin/homeserver" >"$work/stdout" 2>"$work/server.log" &
+server_pid=$!
+
+addr=
+for _ in $(seq 1 100); do
+  addr=$(sed -n 's|^listening on http://||p' "$work/stdout" | head -n 1)
+  [ -n "$addr" ] && break
+  kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; exit 1; }
+  sleep 0.1
+done
+[ -n "$addr" ] || { echo "the homeserver did not start" >&2; exit 1; }
+case "$addr" in 127.*) ;; *) echo "not a loopback address: $addr" >&2; exit 1 ;; esac
+
+# The token the server printed must work too (it was minted there, with the same secret).
+printed=$(head -n 1 "$work/stdout")
+echo "soak: homeserver (pid $server_pid) on $addr, $mode mode: ${seconds}s, $connections connections"
+
+timeout $((seconds + 60)) "$bin/soak" --addr "$addr" --secret "$secret" --seconds "$seconds" \
+  --connections "$connections" --server-pid "$server_pid" --server-log "$work/server.log" \
+  --probe-p99-ms "$p99_ms" --rss-growth-mib "$rss_mib" --printed-token "$printed"
