@@ -126,10 +126,7 @@ impl<S: Send + Sync> FromRequestParts<S> for AppServiceRequest {
 impl<S: Send + Sync> OptionalFromRequestParts<S> for AppServiceRequest {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        _: &S,
-    ) -> Result<Option<Self>, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Self::Rejection> {
         Ok(parts.extensions.get::<MatrixUser>().and_then(|user| {
             user.appservice().map(|id| Self {
                 user: user.clone(),
