@@ -1,7 +1,9 @@
 //! Writes the committed seed corpus `fuzz/seeds/<target>/`: valid tokens of every format and
 //! encoding (V1 and V2 in base64url and standard base64, padded or not; V2JSON with and without
 //! `"v"`), the pymacaroons vectors (Synapse-style tokens), their binary forms, caveat lists and
-//! request texts. Deterministic: rerun it after changing the formats, and commit the result.
+//! request texts. Rerun it after changing the formats, and commit the result (everything is
+//! deterministic but the third-party seeds, whose verifier id the `macaroon` crate encrypts with a
+//! random nonce).
 //!
 //! ```text
 //! cargo run --manifest-path fuzz/Cargo.toml --example seeds
