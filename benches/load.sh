@@ -6,8 +6,8 @@
 #
 #   benches/load.sh                 # 3 rounds of 10 s per mode, 64 connections
 #   ROUNDS=5 DURATION=20 benches/load.sh
-#   REALTIME=1 benches/load.sh      # as root on a shared machine: server and wrk get
-#                                   # SCHED_FIFO, so other jobs disturb the figures less
+#   NICE=-20 benches/load.sh        # on a shared machine (as root): server and wrk get the
+#                                   # scheduler's preference, so other jobs disturb them less
 #
 # Needs wrk (`apt-get install -y wrk`). Bounded in time: every server stops itself after
 # DURATION+30 s even if this script is killed, and is killed on exit in any case.
@@ -32,8 +32,8 @@ pin_server=() pin_wrk=()
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   pin_server=(taskset -c 0) pin_wrk=(taskset -c 1)
 fi
-if [ "${REALTIME:-0}" = 1 ]; then
-  pin_server=(chrt -f 10 "${pin_server[@]}") pin_wrk=(chrt -f 10 "${pin_wrk[@]}")
+if [ -n "${NICE:-}" ]; then
+  pin_server=(nice -n "$NICE" "${pin_server[@]}") pin_wrk=(nice -n "$NICE" "${pin_wrk[@]}")
 fi
 
 work=$(mktemp -d)
