@@ -71,6 +71,8 @@ mod layer;
 mod mint;
 mod resolver;
 mod revocation;
+#[cfg(feature = "ruma")]
+mod ruma;
 mod service;
 mod sessions;
 pub mod store;
