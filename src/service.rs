@@ -166,6 +166,10 @@ impl Config {
                 Err(Rejection::unavailable())
             }
             Ok(None) => Err(Rejection::unknown(Unknown::NotResolved)),
+            Ok(Some(resolved)) if !crate::caveat::is_valid_user_id(&resolved.user_id) => {
+                tracing::warn!("token resolver answered a user id that is not a Matrix user id");
+                Err(Rejection::unknown(Unknown::NotResolved))
+            }
             Ok(Some(resolved)) => {
                 let expired = resolved
                     .expires_at_ms

@@ -409,17 +409,16 @@ async fn identity_converts_to_ruma_identifiers() {
         );
     }
 
-    // An opaque token's user id is whatever the resolver vouched for, unchecked by the layer.
-    let resolver = StaticTokens::default().with(
-        "syt_no_sigil",
-        ResolvedToken {
-            device_id: Some("SYNAPSE".into()),
-            ..ResolvedToken::user("alice")
-        },
-    );
-    let json = ids(base().resolver(resolver), "syt_no_sigil").await;
-    assert_eq!(json["error"], "MissingLeadingSigil");
-    assert_eq!(json["ruma_device_id"], "SYNAPSE");
+    // A resolver that vouches for something that is not a user id is refused (fail closed), so
+    // every identity that reaches a handler has a syntactically valid user id.
+    let resolver = StaticTokens::default().with("syt_no_sigil", ResolvedToken::user("alice"));
+    let response = base()
+        .resolver(resolver)
+        .layer(service_fn(ruma_ids))
+        .oneshot(bearer("/x", "syt_no_sigil"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
 
     // An application service acting as a user of its namespace, on a device.
     let appservices = AppServices::new()
