@@ -25,9 +25,10 @@ start)
     chown postgres "$dir"
     as="runuser -u postgres --"
   fi
-  $as "$bin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
+  (cd / && $as "$bin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null)
   cat >"$dir/ctl" <<EOS
 #!/usr/bin/env bash
+cd / # the postgres user may not enter the caller's directory
 exec $as "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off" "\$@"
 EOS
   chmod 755 "$dir/ctl"
