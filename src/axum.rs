@@ -25,20 +25,26 @@ impl fmt::Display for MissingMatrixUser {
 
 impl std::error::Error for MissingMatrixUser {}
 
+/// A Matrix JSON error as an axum response.
+fn matrix_error(status: StatusCode, errcode: &str, error: &str) -> Response {
+    let body = serde_json::json!({ "errcode": errcode, "error": error });
+    (
+        status,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
 impl IntoResponse for MissingMatrixUser {
     fn into_response(self) -> Response {
         // A server misconfiguration, not the client's fault: 500 with the Matrix error shape.
         tracing::error!("{self}");
-        let body = serde_json::json!({
-            "errcode": "M_UNKNOWN",
-            "error": "The server is misconfigured: authentication layer missing.",
-        });
-        (
+        matrix_error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            [(http::header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
+            "M_UNKNOWN",
+            "The server is misconfigured: authentication layer missing.",
         )
-            .into_response()
     }
 }
 
@@ -88,18 +94,11 @@ impl IntoResponse for AppServiceRejection {
     fn into_response(self) -> Response {
         match self {
             AppServiceRejection::MissingLayer => MissingMatrixUser.into_response(),
-            AppServiceRejection::NotAnAppService => {
-                let body = serde_json::json!({
-                    "errcode": "M_FORBIDDEN",
-                    "error": "Only application services may call this endpoint.",
-                });
-                (
-                    StatusCode::FORBIDDEN,
-                    [(http::header::CONTENT_TYPE, "application/json")],
-                    body.to_string(),
-                )
-                    .into_response()
-            }
+            AppServiceRejection::NotAnAppService => matrix_error(
+                StatusCode::FORBIDDEN,
+                "M_FORBIDDEN",
+                "Only application services may call this endpoint.",
+            ),
         }
     }
 }
