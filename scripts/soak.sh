@@ -21,7 +21,7 @@ esac
 # SOAK_PROFILE=dev reuses the test build (./scripts/test.sh does, to spare CI a release build of
 # every dependency); the figures in the README are from release builds.
 profile=${SOAK_PROFILE:-release}
-cargo build --profile "$profile" --quiet --example homeserver --example soak
+cargo build --profile "$profile" --all-features --quiet --example homeserver --example soak
 case "$profile" in dev) dir=debug ;; *) dir=$profile ;; esac
 bin=${CARGO_TARGET_DIR:-target}/$dir/examples
 

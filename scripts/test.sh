@@ -34,6 +34,34 @@ trap 'scripts/postgres.sh stop "$MATRIX_TEST_PG_DIR"' EXIT
 step "benches compile (not run: figures come from benches/ratios.rs and benches/load.sh)"
 cargo build --benches --all-features --quiet
 
+step "supply chain: cargo deny (licences, bans, sources; advisories against a local RustSec copy)"
+if ! cargo deny --version >/dev/null 2>&1; then
+  cargo install cargo-deny --locked
+fi
+cargo deny check --hide-inclusion-graph licenses bans sources
+advisory_db=$HOME/.cargo/advisory-dbs/advisory-db-3157b0e258782691
+if [ -d "$advisory_db/crates" ]; then
+  cargo fetch --quiet
+  cargo deny --offline check --hide-inclusion-graph advisories
+else
+  echo "advisories: SKIPPED, no copy of the RustSec database at $advisory_db"
+  echo "  (it lives on GitHub, unreachable from here; deny.toml says how to provide one)"
+fi
+
+step "each feature alone, and none (library; tests and examples enable theirs through the dev-dependency)"
+features=$(sed -n '/^\[features\]/,/^\[/{s/^\([A-Za-z0-9_-]*\) *=.*/\1/p}' Cargo.toml | grep -vx default || true)
+cargo clippy --lib --no-default-features --quiet -- -D warnings
+for feature in $features; do
+  echo "--features $feature"
+  cargo clippy --lib --no-default-features --features "$feature" --quiet -- -D warnings
+done
+
+step "fuzz targets, 10 s each (scripts/fuzz.sh long: 5 minutes each)"
+scripts/fuzz.sh short
+
+step "soak: the example homeserver under hostile traffic, 5 s (scripts/soak.sh long: 60 s, release)"
+SOAK_PROFILE=dev scripts/soak.sh short
+
 step "tests (unit, integration, doc)"
 cargo test --all-features
 
