@@ -115,7 +115,11 @@ impl TokenCache {
         let (hash, shard, slot) = self.place(token);
         let shard = lock(shard);
         match shard.slots.get(slot) {
-            Some(Some(entry)) if entry.hash == hash && *entry.token == *token => {
+            // The token bytes are compared in constant time, like every other credential here.
+            Some(Some(entry))
+                if entry.hash == hash
+                    && bool::from(subtle::ConstantTimeEq::ct_eq(&*entry.token, token)) =>
+            {
                 Some(entry.user.clone())
             }
             _ => None,
