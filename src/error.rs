@@ -191,6 +191,13 @@ impl Rejection {
         self.kind == Kind::Unavailable
     }
 
+    /// The token is not a macaroon at all (too long, or not in any macaroon format), as
+    /// opposed to a macaroon that failed a check. Too many caveats is still a macaroon.
+    pub(crate) fn is_not_a_macaroon(&self) -> bool {
+        matches!(self.kind, Kind::Unknown(Unknown::TooLong))
+            || matches!(self.kind, Kind::Unknown(Unknown::Format(e)) if e != FormatError::TooManyCaveats)
+    }
+
     /// What went wrong internally, for logs: never the token, never shown to the client.
     pub fn reason(&self) -> &'static str {
         match self.kind {

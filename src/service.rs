@@ -97,24 +97,25 @@ impl Config {
                 return self.appservice_decision(appservice, parts);
             }
         }
-        if let Some(resolver) = &self.resolver {
-            // Macaroons are told apart by their format alone (no HMAC): a macaroon, valid or
-            // not, never reaches the resolver.
-            if !crate::wire::is_macaroon(&token, self.verifier.token_len_limit()) {
-                let Ok(text) = std::str::from_utf8(&token) else {
-                    return Decision::Reject(Rejection::unknown(Unknown::NotResolved));
-                };
-                return Decision::AwaitResolver {
-                    resolving: resolver.resolve(text),
-                    token_id: TokenId::from_secret("opaque", &token),
-                };
-            }
-        }
         let verified = match self
             .verifier
             .verify_allowing_expired(&token, TokenType::Access, parts)
         {
             Ok(verified) => verified,
+            // Macaroons are told apart by their format alone, as the verifier reports it: a
+            // macaroon, valid or not, never reaches the resolver; anything else does.
+            Err(rejection) if rejection.is_not_a_macaroon() => match &self.resolver {
+                Some(resolver) => {
+                    let Ok(text) = std::str::from_utf8(&token) else {
+                        return Decision::Reject(Rejection::unknown(Unknown::NotResolved));
+                    };
+                    return Decision::AwaitResolver {
+                        resolving: resolver.resolve(text),
+                        token_id: TokenId::from_secret("opaque", &token),
+                    };
+                }
+                None => return Decision::Reject(rejection),
+            },
             Err(rejection) => return Decision::Reject(rejection),
         };
         match self.revocation.check(&verified.user).now_or_later() {

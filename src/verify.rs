@@ -140,11 +140,6 @@ impl Verifier {
         self.reconfigured()
     }
 
-    /// The longest token accepted.
-    pub(crate) fn token_len_limit(&self) -> usize {
-        self.max_token_len
-    }
-
     /// The key ring.
     pub fn keys(&self) -> &KeyRing {
         &self.keys

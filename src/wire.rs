@@ -822,15 +822,6 @@ impl Macaroon<'_> {
     }
 }
 
-/// Whether `token` is a macaroon in some supported format (decoded and parsed, no HMAC): how the
-/// layer keeps macaroons away from an opaque-token resolver.
-pub(crate) fn is_macaroon(token: &[u8], max_len: usize) -> bool {
-    token.len() <= max_len
-        && decode_token(token)
-            .ok()
-            .is_some_and(|decoded| parse_binary(decoded.bytes(), usize::MAX).is_ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
