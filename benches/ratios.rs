@@ -97,6 +97,7 @@ fn cases() -> Vec<(&'static str, Run)> {
         .verify(token.as_bytes(), TokenType::Access, &bare_parts)
         .unwrap();
     crate_.verify(&token);
+    assert_eq!(chain_floor(&root_key), chain_floor_same_hmac(&root_key));
 
     let bytes = token.clone();
     let cached_bytes = token.clone();
@@ -120,6 +121,12 @@ fn cases() -> Vec<(&'static str, Run)> {
             "chain_floor_6_hmac",
             Box::new(move || {
                 black_box(chain_floor(&root_key));
+            }),
+        ),
+        (
+            "chain_floor_6_hmac_same_impl",
+            Box::new(move || {
+                black_box(chain_floor_same_hmac(&root_key));
             }),
         ),
         (
@@ -299,6 +306,21 @@ fn main() {
             "ours_query / chain_floor_6_hmac",
             ratio("ours_query", "chain_floor_6_hmac"),
             "≤ 1.25",
+        ),
+        (
+            "ours_header / chain_floor_6_hmac_same_impl",
+            ratio("ours_header", "chain_floor_6_hmac_same_impl"),
+            "≤ 1.25",
+        ),
+        (
+            "ours_query / chain_floor_6_hmac_same_impl",
+            ratio("ours_query", "chain_floor_6_hmac_same_impl"),
+            "≤ 1.25",
+        ),
+        (
+            "chain_floor_6_hmac / chain_floor_6_hmac_same_impl",
+            ratio("chain_floor_6_hmac", "chain_floor_6_hmac_same_impl"),
+            "",
         ),
         (
             "ours_verify_bytes / chain_floor_6_hmac",

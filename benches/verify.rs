@@ -45,6 +45,9 @@ fn verification(c: &mut Criterion) {
         b.iter(|| hmac(black_box(&root_key), black_box(CAVEATS[1].as_bytes())))
     });
     group.bench_function("chain_floor_6_hmac", |b| b.iter(|| chain_floor(&root_key)));
+    group.bench_function("chain_floor_6_hmac_same_impl", |b| {
+        b.iter(|| chain_floor_same_hmac(&root_key))
+    });
     // Extraction from the header, decoding, parsing, the chain, the caveats, the identity.
     group.bench_function("ours_header", |b| {
         b.iter(|| layer.__authenticate(black_box(&header)))

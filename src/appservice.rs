@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use http::request::Parts;
 use regex::Regex;
-use subtle::ConstantTimeEq;
 
 use crate::caveat::is_valid_user_id;
 
@@ -181,7 +180,7 @@ impl AppServices {
     pub(crate) fn find(&self, token: &[u8]) -> Option<&AppService> {
         let mut found = None;
         for appservice in self.list.iter() {
-            if bool::from(appservice.as_token.as_ref().ct_eq(token)) {
+            if crate::ct::bytes_equal(appservice.as_token.as_ref(), token) {
                 found = Some(appservice);
             }
         }

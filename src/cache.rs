@@ -117,8 +117,7 @@ impl TokenCache {
         match shard.slots.get(slot) {
             // The token bytes are compared in constant time, like every other credential here.
             Some(Some(entry))
-                if entry.hash == hash
-                    && bool::from(subtle::ConstantTimeEq::ct_eq(&*entry.token, token)) =>
+                if entry.hash == hash && crate::ct::bytes_equal(&entry.token, token) =>
             {
                 Some(entry.user.clone())
             }

@@ -3,7 +3,7 @@
 //! crate and build tokens with arbitrary caveats. Not a public API: nothing here is stable, and
 //! nothing on the request path depends on it.
 
-use crate::keys::hmac;
+use crate::keys::hmac32;
 use crate::wire::{self, MacaroonFields, OwnedCaveat};
 use crate::{Format, MacaroonSecret};
 
@@ -92,9 +92,9 @@ pub fn sign(
     caveats: &[&[u8]],
     format: Format,
 ) -> String {
-    let mut signature = hmac(secret.root_key(), identifier);
+    let mut signature = hmac32(secret.root_key(), identifier);
     for caveat in caveats {
-        signature = hmac(&signature, caveat);
+        signature = hmac32(&signature, caveat);
     }
     MacaroonFields {
         location: None,

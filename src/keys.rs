@@ -7,11 +7,14 @@ use std::sync::Arc;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+pub(crate) use crate::hmac_sha256::hmac32;
+use crate::hmac_sha256::PreparedKey;
 use crate::wire::SIGNATURE_LEN;
 
-pub(crate) type HmacSha256 = Hmac<Sha256>;
+type HmacSha256 = Hmac<Sha256>;
 
-/// HMAC-SHA256 of `message` under `key`.
+/// HMAC-SHA256 of `message` under a key of any length: the key derivation only. Chain links,
+/// keyed with 32-byte signatures, use [`hmac32`].
 pub(crate) fn hmac(key: &[u8], message: &[u8]) -> [u8; SIGNATURE_LEN] {
     // HMAC takes keys of any length, so this cannot fail.
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts any key length");
@@ -69,9 +72,9 @@ pub(crate) struct RingKey {
     /// `HMAC(root_key, identifier)`: every token under this key starts its chain here, so it is
     /// computed when the key is added instead of on every request.
     pub(crate) first_link: [u8; SIGNATURE_LEN],
-    /// HMAC keyed with `first_link`, before any message: the first caveat's step then costs two
-    /// SHA-256 compressions instead of four (the key's inner and outer pads are already hashed).
-    first_step: HmacSha256,
+    /// `first_link` as an HMAC key with its pads hashed: the first caveat's step then costs two
+    /// SHA-256 compressions instead of four.
+    first_step: PreparedKey,
     /// The link after [`GEN_CAVEAT`], with which Synapse (and [`KeyRing::mint`]) starts every
     /// token: for those, the first caveat's step costs nothing.
     after_gen: [u8; SIGNATURE_LEN],
@@ -82,14 +85,13 @@ const GEN_CAVEAT: &[u8] = b"gen = 1";
 
 impl RingKey {
     fn new(identifier: Box<[u8]>, secret: &MacaroonSecret) -> Self {
-        let first_link = hmac(secret.root_key(), &identifier);
-        let first_step =
-            HmacSha256::new_from_slice(&first_link).expect("HMAC accepts any key length");
+        let first_link = hmac32(secret.root_key(), &identifier);
+        let first_step = PreparedKey::new(&first_link);
         Self {
             identifier,
             first_link,
+            after_gen: first_step.sign(GEN_CAVEAT),
             first_step,
-            after_gen: hmac(&first_link, GEN_CAVEAT),
         }
     }
 
@@ -101,14 +103,10 @@ impl RingKey {
         let mut signature = match caveats.next() {
             None => return self.first_link,
             Some(GEN_CAVEAT) => self.after_gen,
-            Some(first) => {
-                let mut mac = self.first_step.clone();
-                mac.update(first);
-                mac.finalize().into_bytes().into()
-            }
+            Some(first) => self.first_step.sign(first),
         };
         for caveat in caveats {
-            signature = hmac(&signature, caveat);
+            signature = hmac32(&signature, caveat);
         }
         signature
     }

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use crate::identity::TokenType;
-use crate::keys::{hmac, KeyRing};
+use crate::keys::{hmac32, KeyRing};
 use crate::wire::{self, Format, MacaroonFields, OwnedCaveat};
 
 /// Builds one token. Caveats are written in Synapse's order: `gen = 1`, `user_id`, `type`,
@@ -96,7 +96,7 @@ impl TokenBuilder<'_> {
         caveats.extend(self.expires_at_ms.map(|t| format!("time < {t}")));
         let mut signature = key.first_link;
         for caveat in &caveats {
-            signature = hmac(&signature, caveat.as_bytes());
+            signature = hmac32(&signature, caveat.as_bytes());
         }
         MacaroonFields {
             location: self.location.map(String::into_bytes),
@@ -151,7 +151,7 @@ pub fn attenuate(token: &str, caveat: &str) -> Option<String> {
         return None;
     }
     let mut fields = parsed.to_fields();
-    fields.signature = hmac(&fields.signature, caveat.as_bytes());
+    fields.signature = hmac32(&fields.signature, caveat.as_bytes());
     fields.caveats.push(OwnedCaveat {
         id: caveat.as_bytes().to_vec(),
         location: None,

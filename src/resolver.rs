@@ -11,8 +11,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use subtle::ConstantTimeEq;
-
 use crate::revocation::RevocationError;
 
 /// Who an opaque token belongs to.
@@ -90,7 +88,7 @@ impl TokenResolver for StaticTokens {
         // Every entry is compared, so the time taken does not say which one matched.
         let mut found = None;
         for (candidate, resolved) in self.tokens.iter() {
-            if bool::from(candidate.as_ref().ct_eq(token.as_bytes())) {
+            if crate::ct::bytes_equal(candidate.as_ref(), token.as_bytes()) {
                 found = Some(resolved.clone());
             }
         }

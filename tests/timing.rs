@@ -2,23 +2,21 @@
 //! here: a timer on a shared 2-core machine proves nothing either way).
 //!
 //! - `src/verify.rs` computes the whole HMAC chain for every caveat of the token, whatever the
-//!   signature says, then compares the 32 signature bytes as four `u64` words with
-//!   `subtle::ConstantTimeEq` on slices: no early exit, an optimization barrier per element.
+//!   signature says, then compares the 32 signature bytes with `src/ct.rs`: the differences of
+//!   all four `u64` words are OR-ed together with no branch, and only the result goes through
+//!   `subtle`'s optimization barrier.
 //! - What the token's caveats say is looked at only after the comparison, so a forged signature
 //!   never reaches code that depends on which byte was wrong.
 //!
-//! These tests pin both halves down: `subtle`'s slice comparison visits every element whatever
-//! the position of the first difference, and a token whose signature is wrong in its first byte
+//! These tests pin both halves down: the primitive has no exit that depends on the data (and
+//! every credential comparison uses it), and a token whose signature is wrong in its first byte
 //! takes the same path, with the same answer, as one wrong in its last byte.
-
-use std::cell::Cell;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use subtle::{Choice, ConstantTimeEq};
 use tower::{service_fn, Layer, ServiceExt};
 use tower_matrix_auth::{
     Format, KeyRing, MacaroonSecret, ManualClock, MatrixAuthLayer, TokenType, Verifier,
@@ -26,51 +24,50 @@ use tower_matrix_auth::{
 
 const NOW_MS: u64 = 1_700_000_000_000;
 
-thread_local! {
-    static COMPARED: Cell<usize> = const { Cell::new(0) };
-}
-
-/// A word that counts how often `subtle` compares it.
-struct Counted(u64);
-
-impl ConstantTimeEq for Counted {
-    fn ct_eq(&self, other: &Self) -> Choice {
-        COMPARED.with(|c| c.set(c.get() + 1));
-        self.0.ct_eq(&other.0)
-    }
-}
-
-fn words(bytes: &[u8; 32]) -> Vec<Counted> {
-    bytes
-        .chunks(8)
-        .map(|chunk| Counted(u64::from_le_bytes(chunk.try_into().unwrap())))
-        .collect()
-}
-
-/// The comparison primitive: every word is compared, wherever the first difference is.
+/// The comparison primitive, `src/ct.rs`: the differences of all words are OR-ed together with
+/// no branch and no early exit, and only the accumulated word is tested, through `subtle`.
 #[test]
-fn subtle_compares_every_word_wherever_the_difference_is() {
-    let signature = [0x5a; 32];
-    for at in [None, Some(0), Some(7), Some(8), Some(24), Some(31)] {
-        let mut other = signature;
-        if let Some(at) = at {
-            other[at] ^= 1;
-        }
-        COMPARED.with(|c| c.set(0));
-        let equal = words(&signature)[..].ct_eq(&words(&other)[..]);
-        assert_eq!(bool::from(equal), at.is_none());
-        assert_eq!(COMPARED.with(Cell::get), 4, "difference at {at:?}");
-    }
+fn the_comparison_primitive_has_no_data_dependent_exit() {
+    let source = include_str!("../src/ct.rs");
+    let body = &source[source.find("pub(crate) fn bytes_equal").unwrap()..];
+    let body = &body[..body.find("\n}\n").unwrap()];
+    // The one early return is on the lengths, which are public.
+    assert_eq!(body.matches("return").count(), 1, "{body}");
+    assert!(body.contains("if a.len() != b.len() {\n        return false;"));
+    assert!(!body.contains("break"));
+    assert_eq!(body.matches("difference |=").count(), 2);
+    assert!(body.contains("difference.ct_eq(&0)"));
+    // Bytes are never compared with `==`, which may stop at the first difference.
+    assert!(!body.contains("x == y") && !body.contains("a == b"));
 }
 
-/// The verifier's source still compares with `subtle`, never with `==` on the signature.
+/// Every credential comparison goes through that primitive, never through `==`.
 #[test]
-fn the_verifier_compares_signatures_with_subtle() {
-    let source = include_str!("../src/verify.rs");
-    assert!(source.contains("use subtle::ConstantTimeEq;"));
-    assert!(source.contains(".ct_eq("));
+fn credentials_are_compared_with_the_constant_time_primitive() {
+    let uses = [
+        (
+            include_str!("../src/verify.rs"),
+            "crate::ct::bytes_equal(&signature, macaroon.signature)",
+        ),
+        (
+            include_str!("../src/cache.rs"),
+            "crate::ct::bytes_equal(&entry.token, token)",
+        ),
+        (
+            include_str!("../src/appservice.rs"),
+            "crate::ct::bytes_equal(appservice.as_token",
+        ),
+        (
+            include_str!("../src/resolver.rs"),
+            "crate::ct::bytes_equal(candidate",
+        ),
+    ];
+    for (source, call) in uses {
+        assert!(source.contains(call), "`{call}` missing");
+    }
+    let verify = uses[0].0;
     for shortcut in ["signature ==", "== macaroon.signature", "signature.eq("] {
-        assert!(!source.contains(shortcut), "`{shortcut}` in src/verify.rs");
+        assert!(!verify.contains(shortcut), "`{shortcut}` in src/verify.rs");
     }
 }
 
