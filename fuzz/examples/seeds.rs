@@ -6,7 +6,8 @@
 //! random nonce).
 //!
 //! ```text
-//! cargo run --manifest-path fuzz/Cargo.toml --example seeds
+//! cargo run --manifest-path fuzz/Cargo.toml --example seeds              # every target
+//! cargo run --manifest-path fuzz/Cargo.toml --example seeds -- lifecycle # only these
 //! ```
 
 use std::collections::BTreeMap;
@@ -306,6 +307,43 @@ fn main() -> std::io::Result<()> {
         bytes.extend_from_slice(text.as_bytes());
         add("layer", (*name).into(), bytes);
     }
+    // The composed layer (bit 6: application services and a resolver; bit 7: a devices hook).
+    let composed: Vec<(&str, u8, String)> = vec![
+        ("as_sender", 0x40, format!("{whoami}\nAuthorization: Bearer $IRC")),
+        ("as_query", 0x40, format!("{whoami}?access_token=$SLK")),
+        ("as_user", 0x40, format!("{whoami}?user_id=@irc_alice:example.org\nAuthorization: Bearer $IRC")),
+        ("as_user_encoded", 0x40, format!("{whoami}?user%5Fid=%40irc_bob%3Aexample.org&access_token=$IRC")),
+        ("as_user_outside", 0x40, format!("{whoami}?user_id=@alice:example.org\nAuthorization: Bearer $IRC")),
+        ("as_user_exclusive_elsewhere", 0x40, format!("{whoami}?user_id=@irc_alice:example.org\nAuthorization: Bearer $SLK")),
+        ("as_user_shared", 0x40, format!("{whoami}?user_id=@bridged_carol:example.org\nAuthorization: Bearer $SLK")),
+        ("as_user_twice", 0x40, format!("{whoami}?user_id=@irc_a:example.org&user_id=@irc_b:example.org\nAuthorization: Bearer $IRC")),
+        ("as_user_empty", 0x40, format!("{whoami}?user_id=\nAuthorization: Bearer $IRC")),
+        ("as_device", 0xc0, format!("{whoami}?user_id=@irc_alice:example.org&device_id=PHONE\nAuthorization: Bearer $IRC")),
+        ("as_device_sender", 0xc0, format!("{whoami}?device_id=ASDEV\nAuthorization: Bearer $IRC")),
+        ("as_device_unknown", 0xc0, format!("{whoami}?device_id=NOPE\nAuthorization: Bearer $IRC")),
+        ("as_device_no_hook", 0x40, format!("{whoami}?device_id=ASDEV\nAuthorization: Bearer $IRC")),
+        ("as_device_twice", 0xc0, format!("{whoami}?device_id=ASDEV&device_id=ASDEV\nAuthorization: Bearer $IRC")),
+        ("as_ignored_query", 0x41, format!("{whoami}?access_token=$IRC")),
+        ("as_mixed", 0x40, format!("{whoami}?access_token=$IRC\nAuthorization: Bearer $SLK")),
+        ("opaque", 0x40, format!("{whoami}\nAuthorization: Bearer $OA")),
+        ("opaque_query", 0x40, format!("{whoami}?access_token=$OA")),
+        ("opaque_guest", 0x40, format!("{whoami}\nAuthorization: Bearer $OG")),
+        ("opaque_guest_allowed", 0x44, format!("{whoami}\nAuthorization: Bearer $OG")),
+        ("opaque_expired", 0x40, format!("{whoami}\nAuthorization: Bearer $OE")),
+        ("opaque_expiring", 0x40, format!("{whoami}\nAuthorization: Bearer $OL")),
+        ("opaque_bad_user", 0x40, format!("{whoami}\nAuthorization: Bearer $OX")),
+        ("opaque_down", 0x40, format!("{whoami}\nAuthorization: Bearer $OD")),
+        ("opaque_unknown", 0x40, format!("{whoami}\nAuthorization: Bearer $OU")),
+        ("opaque_long", 0x40, format!("{whoami}\nAuthorization: Bearer $L")),
+        ("opaque_non_utf8", 0x40, format!("{whoami}?access_token=%FF%FE")),
+        ("composed_macaroon", 0x40, format!("{whoami}\nAuthorization: Bearer $A1")),
+        ("composed_forged", 0x40, format!("{whoami}\nAuthorization: Bearer $F")),
+    ];
+    for (name, config, text) in &composed {
+        let mut bytes = vec![*config];
+        bytes.extend_from_slice(text.as_bytes());
+        add("layer", (*name).into(), bytes);
+    }
     // A raw non-UTF-8 header value.
     add(
         "layer",
@@ -318,7 +356,297 @@ fn main() -> std::io::Result<()> {
         .concat(),
     );
 
+    // ---- Lifecycle scripts: config byte, then one operation per line -----------------------
+    // Tokens minted elsewhere under the same keys, with nonces of the crate's format (a session
+    // the run has never seen) and of Synapse's (random).
+    let foreign = |nonce: &str| {
+        keys.mint("@alice:example.org", TokenType::Refresh)
+            .unwrap()
+            .nonce(nonce)
+            .device_id("TABLET")
+            .to_token()
+    };
+    let ours = foreign(&format!("0123456789abcdef0123456789abcdef.0.{NOW_MS}.r"));
+    let synapse = foreign("q0mP8wYb5J2sRxL1");
+    let body = |placeholder: &str| format!("{{\"refresh_token\":\"{placeholder}\"}}");
+    let lifecycle: Vec<(&str, u8, Vec<String>)> = vec![
+        // The README's table, /v3/refresh: old tokens live until a successor is used.
+        (
+            "rotate",
+            b'0',
+            vec![
+                "L0".into(),
+                format!("V0000{}", body("$R0")),
+                "U$A1".into(),
+                format!("V0000{}", body("$R1")),
+                "U$A0".into(),
+                format!("V0000{}", body("$R2")),
+                "U$A2".into(),
+                format!("V0000{}", body("$R1")),
+                format!("V0000{}", body("$R0")),
+            ],
+        ),
+        // /r0/tokenrefresh: single use, the old generation dies at once.
+        (
+            "single_use",
+            b'0',
+            vec![
+                "L0".into(),
+                format!("T0000{}", body("$R0")),
+                format!("T0000{}", body("$R1")),
+                "U$A1".into(),
+                "U$A0".into(),
+                format!("V0000{}", body("$R0")),
+                format!("T0000{}", body("$R0")),
+            ],
+        ),
+        // What is not a valid refresh token, and one that is, re-encoded.
+        (
+            "wrong_tokens",
+            b'0',
+            vec![
+                "L0".into(),
+                "K0".into(),
+                format!("V0000{}", body("$A0")),
+                format!("T0000{}", body("$A0")),
+                format!("V0000{}", body("$G0")),
+                format!("V0000{}", body("$F0")),
+                format!("V0000{}", body("$K0")),
+                format!("V0000{}", body("$X0")),
+                format!("V0000{}", body("$E0")),
+                format!("V0000{}", body("$M0")),
+                format!("V0000{}", body("$Q")),
+                format!("V0000{}", body("$W0")),
+                format!("T0000{}", body("$W1")),
+            ],
+        ),
+        (
+            "attenuated",
+            b'0',
+            vec![
+                "L0".into(),
+                format!("V0000{}", body("$T0")),
+                format!("V0000{}", body("$Y1")),
+                "U$M0".into(),
+                format!("T0000{}", body("$Y0")),
+            ],
+        ),
+        (
+            "bodies",
+            b'0',
+            vec![
+                "L0".into(),
+                "V0000".into(),
+                "V0000{}".into(),
+                "V0000[]".into(),
+                "V0000{\"refresh_token\":null}".into(),
+                "V0000{\"refresh_token\":1}".into(),
+                "V0000{\"refresh_token\":[\"$R0\"]}".into(),
+                "V0000\"$R0\"".into(),
+                "V0000{\"refresh_token\":\"$R0\"".into(),
+                "V0000{\"refresh_token\":\"\\u0041\\ud800\"}".into(),
+                "V0000{\"refresh_token\":\"x\",\"refresh_token\":\"$R0\"}".into(),
+                "T0000{\"refresh_token\":\"$R0\",\"refresh_token\":\"x\"}".into(),
+                "V0000{\"refresh_token\":\"$R0\",\"device_id\":\"OTHER\",\"x\":[1,2,{}]}".into(),
+                format!("V0000{}$H$H", body("$R0")),
+                "V0000$H$H".into(),
+                format!("V0000 $H{}$H", body("$R0")),
+            ],
+        ),
+        (
+            "methods_and_types",
+            b'0',
+            vec![
+                "L0".into(),
+                format!("V5000{}", body("$R0")),
+                format!("T6000{}", body("$R0")),
+                format!("V7000{}", body("$R0")),
+                format!("V0100{}", body("$R0")),
+                format!("T0600{}", body("$R1")),
+                format!("V0030{}", body("$R0")),
+                format!("T0040{}", body("$R0")),
+                format!("V0050{}", body("$R0")),
+                format!("V0060{}", body("$R0")),
+                format!("V0070{}", body("$R0")),
+            ],
+        ),
+        (
+            "rate_limited",
+            b'0',
+            vec![
+                "L0".into(),
+                format!("V0004{}", body("$R0")),
+                format!("T0005{}", body("$R0")),
+                format!("V0006{}", body("$R0")),
+                format!("T0007{}", body("$R0")),
+                "V5007".into(),
+                format!("T0000{}", body("$R0")),
+            ],
+        ),
+        // Refresh tokens that live an hour, access tokens 1 ms.
+        (
+            "expiry",
+            b'D',
+            vec![
+                "L0".into(),
+                "U$A0".into(),
+                "+1".into(),
+                "U$A0".into(),
+                format!("V0000{}", body("$R0")),
+                "U$A0".into(),
+                "+1".into(),
+                "O$A1".into(),
+                "U$A1".into(),
+                format!("V0000{}", body("$R1")),
+                format!("V0000{}", body("$R0")),
+                "+3600000".into(),
+                format!("T0000{}", body("$R0")),
+            ],
+        ),
+        (
+            "logout",
+            b'0',
+            vec![
+                "L0".into(),
+                "L8".into(),
+                "L0".into(),
+                "O$A0".into(),
+                format!("V0000{}", body("$R0")),
+                format!("V0000{}", body("$R2")),
+                "U$A2".into(),
+                "Z$A1".into(),
+                format!("T0000{}", body("$R1")),
+                "U$A1".into(),
+                "O$A1".into(),
+            ],
+        ),
+        // Log out everywhere, in the millisecond of the login and after it.
+        (
+            "logout_all",
+            b'0',
+            vec![
+                "L0".into(),
+                "L0".into(),
+                "Z$A0".into(),
+                "U$A0".into(),
+                "U$A1".into(),
+                "L0".into(),
+                "U$A0".into(),
+                "+1".into(),
+                "L4".into(),
+                "Z$A0".into(),
+                "U$A1".into(),
+                format!("V0000{}", body("$R1")),
+            ],
+        ),
+        (
+            "login_tokens",
+            b'0',
+            vec![
+                "K0".into(),
+                "g$G0".into(),
+                "g$G0".into(),
+                "K1".into(),
+                "L0".into(),
+                "g$A0".into(),
+                "g$R0".into(),
+                "U$G0".into(),
+                format!("V0000{}", body("$G0")),
+                "+120000".into(),
+                "g$G0".into(),
+                "K0".into(),
+                "Z$A0".into(),
+                "g$G0".into(),
+                "gsyt_not_a_macaroon".into(),
+            ],
+        ),
+        (
+            "nonces",
+            b'0',
+            vec![
+                "L0".into(),
+                "N$n0".into(),
+                "N$n1".into(),
+                format!("N00000000000000000000000000000abc.7.{NOW_MS}.r"),
+                "N00000000000000000000000000000ABC.07.0.a".into(),
+                "N00000000000000000000000000000abc.4294967296.0.l".into(),
+                "N00000000000000000000000000000abc.1.18446744073709551616.l".into(),
+                "N00000000000000000000000000000abc.1.2.a.".into(),
+                "Nq0mP8wYb5J2sRxL1".into(),
+            ],
+        ),
+        (
+            "guest_no_device",
+            b'0',
+            vec![
+                "L6".into(),
+                format!("V0000{}", body("$R0")),
+                "U$A0".into(),
+                "L1".into(),
+                format!("V0000{}", body("$R0")),
+                "O$A0".into(),
+            ],
+        ),
+        (
+            "v2",
+            1,
+            vec![
+                "L0".into(),
+                format!("V0000{}", body("$R0")),
+                "U$A0".into(),
+                format!("T0000{}", body("$W0")),
+            ],
+        ),
+        (
+            "v2json",
+            2,
+            vec![
+                "L0".into(),
+                format!("V0000{}", body("$R0")),
+                "U$A0".into(),
+                format!("T0000{}", body("$F0")),
+                format!("T0000{}", body("$R0")),
+                "K0".into(),
+                "g$G0".into(),
+            ],
+        ),
+        (
+            "lifetimes",
+            0x8c,
+            vec![
+                "L1".into(),
+                "U$A0".into(),
+                "+86400000".into(),
+                "U$A0".into(),
+                "L0".into(),
+                format!("V0000{}", body("$R0")),
+            ],
+        ),
+        (
+            "foreign",
+            b'0',
+            vec![
+                format!("V0000{}", body(&ours)),
+                "U$A0".into(),
+                format!("V0000{}", body(&ours)),
+                format!("T0000{}", body(&synapse)),
+                format!("T0000{}", body(&synapse)),
+                "U$A0".into(),
+                format!("V0000{}", body("$R0")),
+            ],
+        ),
+    ];
+    for (name, config, lines) in &lifecycle {
+        let mut bytes = vec![*config];
+        bytes.extend_from_slice(lines.join("\n").as_bytes());
+        add("lifecycle", (*name).into(), bytes);
+    }
+
+    let only: Vec<String> = std::env::args().skip(1).collect();
     for (target, files) in &seeds {
+        if !only.is_empty() && !only.iter().any(|t| t == target) {
+            continue;
+        }
         let dir = root.join("seeds").join(target);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;

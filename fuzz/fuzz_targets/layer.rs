@@ -3,15 +3,21 @@
 //!
 //! Input, as text so that a seed corpus and a dictionary can steer it: one configuration byte
 //! (bit 0: query tokens ignored, 1: optional, 2: guests allowed, 3: query token not stripped,
-//! bits 4-5: method), then lines. The first line is the request target (path and query), each
-//! further line a header `name: value` (any bytes the `http` crate takes: repeated and odd
-//! `Authorization` headers, non-UTF-8 values). `$NAME` placeholders stand for real tokens (see
-//! `TOKENS`), so the fuzzer need not forge a signature to reach the accepting paths.
+//! bits 4-5: method, bit 6: composed, i.e. two application services and an opaque-token
+//! resolver beside the macaroons, bit 7: with the composed layer, a `devices` hook), then lines.
+//! The first line is the request target (path and query), each further line a header
+//! `name: value` (any bytes the `http` crate takes: repeated and odd `Authorization` headers,
+//! non-UTF-8 values). `$NAME` placeholders stand for real tokens (see `TOKENS`): macaroons, so
+//! the fuzzer need not forge a signature to reach the accepting paths, `as_token`s and opaque
+//! tokens.
 //!
-//! Checked for every request: never a 5xx; the answer is the one the README's extraction table
-//! and caveat table give (independent oracles in `tests/oracle`); a request that reaches the
-//! inner service carries exactly the identity the oracle expects; the inner service never sees
-//! `access_token` in the URI while stripping is on; no response repeats a token.
+//! Checked for every request: never a 5xx (but the `503 M_UNKNOWN` of a resolver that is down);
+//! the answer is the one the README's extraction table, caveat table and "who gets which
+//! identity, and which error" table give (independent oracles in `tests/oracle` and below:
+//! namespaces, `?user_id=` / `?device_id=`, the resolver's answers); a request that reaches the
+//! inner service carries exactly the identity and credential the oracle expects, and a Matrix
+//! user id; the inner service never sees `access_token` in the URI while stripping is on; no
+//! response repeats a token.
 #![no_main]
 
 use std::convert::Infallible;
@@ -24,11 +30,16 @@ use http_body_util::{BodyExt, Full};
 use libfuzzer_sys::fuzz_target;
 use tower::{service_fn, Layer, ServiceExt};
 use tower_matrix_auth::{
-    attenuate, GuestPolicy, KeyRing, MacaroonSecret, ManualClock, MatrixAuthLayer, MatrixUser,
-    QueryToken, TokenType,
+    attenuate, AppService, AppServices, Credential, GuestPolicy, KeyRing, MacaroonSecret,
+    ManualClock, MatrixAuthLayer, MatrixUser, QueryToken, ResolveFuture, ResolvedToken,
+    RevocationError, StaticTokens, TokenResolver, TokenType,
 };
-use tower_matrix_auth_fuzz::oracle::{extract, is_access_token_pair, Extraction, Verdict};
-use tower_matrix_auth_fuzz::{expected_verdict, identity_of, keys, ready, FORGER, NOW_MS};
+use tower_matrix_auth_fuzz::oracle::{
+    extract, is_access_token_pair, percent_decode, user_id_ok, Extraction, Identity, Verdict,
+};
+use tower_matrix_auth_fuzz::{
+    expected_verdict, identity_of, is_macaroon_format, keys, ready, FORGER, NOW_MS,
+};
 
 /// Placeholders and the tokens they stand for.
 fn tokens() -> &'static [(&'static str, String)] {
@@ -90,7 +101,279 @@ fn tokens() -> &'static [(&'static str, String)] {
             ),
             ("$L", "A".repeat(5000)),
         ]
+        .into_iter()
+        .chain(
+            APPSERVICES
+                .iter()
+                .map(|a| (a.placeholder, a.as_token.to_owned())),
+        )
+        .chain(OPAQUE.iter().map(|o| (o.placeholder, o.token.to_owned())))
+        .collect()
     })
+}
+
+// ---- The composed layer: application services and opaque tokens -------------------------------
+
+/// A user namespace `@<prefix>.*:example.org`, as a registration writes it (the dot unescaped).
+struct Namespace {
+    prefix: &'static str,
+    exclusive: bool,
+}
+
+impl Namespace {
+    fn regex(&self) -> String {
+        format!("@{}.*:example.org", self.prefix)
+    }
+
+    /// The regex, anchored at both ends, matched by hand: `.` is any character but `\n`.
+    fn matches(&self, user_id: &str) -> bool {
+        let chars: Vec<char> = user_id.chars().collect();
+        let head: Vec<char> = format!("@{}", self.prefix).chars().collect();
+        let tail: Vec<char> = ":example.org".chars().collect();
+        if chars.len() < head.len() + tail.len() || chars[..head.len()] != head[..] {
+            return false;
+        }
+        let (middle, end) = chars[head.len()..].split_at(chars.len() - head.len() - tail.len());
+        !middle.contains(&'\n')
+            && end
+                .iter()
+                .zip(&tail)
+                .all(|(&c, &t)| if t == '.' { c != '\n' } else { c == t })
+    }
+}
+
+struct Registration {
+    id: &'static str,
+    placeholder: &'static str,
+    as_token: &'static str,
+    sender: &'static str,
+    namespaces: &'static [Namespace],
+}
+
+const APPSERVICES: [Registration; 2] = [
+    Registration {
+        id: "irc",
+        placeholder: "$IRC",
+        as_token: "irc_as_token_7f3a9c41",
+        sender: "@irc_bot:example.org",
+        namespaces: &[
+            Namespace {
+                prefix: "irc_",
+                exclusive: true,
+            },
+            Namespace {
+                prefix: "bridged_",
+                exclusive: false,
+            },
+        ],
+    },
+    Registration {
+        id: "slack",
+        placeholder: "$SLK",
+        as_token: "slack_as_token_0b1d2e5f",
+        sender: "@slack_bot:example.org",
+        namespaces: &[
+            Namespace {
+                prefix: "slack_",
+                exclusive: true,
+            },
+            // Shadowed by the irc registration's exclusive claim.
+            Namespace {
+                prefix: "irc_",
+                exclusive: false,
+            },
+            Namespace {
+                prefix: "bridged_",
+                exclusive: false,
+            },
+        ],
+    },
+];
+
+/// The `devices` hook (bit 7): which devices a user has.
+fn device_known(user_id: &str, device_id: &str) -> bool {
+    device_id == "ASDEV" || (user_id == "@irc_alice:example.org" && device_id == "PHONE")
+}
+
+/// An opaque token and the resolver's answer: `None` for a miss, `Some(Err(()))` for a
+/// resolver that is down.
+struct Opaque {
+    placeholder: &'static str,
+    token: &'static str,
+    answer: Option<Result<ResolvedToken, ()>>,
+}
+
+fn resolved(
+    user_id: &str,
+    device_id: Option<&str>,
+    guest: bool,
+    expires: Option<u64>,
+) -> ResolvedToken {
+    ResolvedToken {
+        user_id: user_id.to_owned(),
+        device_id: device_id.map(str::to_owned),
+        is_guest: guest,
+        expires_at_ms: expires,
+    }
+}
+
+static OPAQUE: std::sync::LazyLock<Vec<Opaque>> = std::sync::LazyLock::new(|| {
+    let opaque = |placeholder, token, answer| Opaque {
+        placeholder,
+        token,
+        answer,
+    };
+    vec![
+        opaque(
+            "$OA",
+            "syt_YWxpY2U_opaque_alice_0001",
+            Some(Ok(resolved(
+                "@alice:example.org",
+                Some("OPAQUE"),
+                false,
+                None,
+            ))),
+        ),
+        opaque(
+            "$OG",
+            "syt_Z3Vlc3Q_opaque_guest_0002",
+            Some(Ok(resolved("@guest:example.org", None, true, None))),
+        ),
+        opaque(
+            "$OE",
+            "syt_ZXhwaXJlZA_opaque_expired_0003",
+            Some(Ok(resolved(
+                "@alice:example.org",
+                None,
+                false,
+                Some(NOW_MS - 1),
+            ))),
+        ),
+        opaque(
+            "$OL",
+            "syt_bGF0ZXI_opaque_expiring_0004",
+            Some(Ok(resolved(
+                "@alice:example.org",
+                None,
+                false,
+                Some(NOW_MS + 1),
+            ))),
+        ),
+        opaque(
+            "$OX",
+            "syt_bm90IGEgdXNlcg_opaque_bad_user_0005",
+            Some(Ok(resolved("alice", None, false, None))),
+        ),
+        opaque("$OD", "syt_ZG93bg_resolver_down_0006", Some(Err(()))),
+        opaque("$OU", "syt_dW5rbm93bg_unknown_0007", None),
+    ]
+});
+
+/// `StaticTokens` with every token that has an answer; the down one errs.
+struct Resolver(StaticTokens);
+
+impl TokenResolver for Resolver {
+    fn resolve(&self, token: &str) -> ResolveFuture {
+        let down = OPAQUE
+            .iter()
+            .any(|o| o.token == token && matches!(o.answer, Some(Err(()))));
+        if down {
+            return Box::pin(std::future::ready(Err(RevocationError::new(
+                "database down",
+            ))));
+        }
+        self.0.resolve(token)
+    }
+}
+
+fn composed(layer: MatrixAuthLayer, devices: bool) -> MatrixAuthLayer {
+    let mut appservices = AppServices::new();
+    for registration in &APPSERVICES {
+        let mut appservice =
+            AppService::new(registration.id, registration.as_token, registration.sender).unwrap();
+        for namespace in registration.namespaces {
+            appservice = appservice
+                .user_namespace(&namespace.regex(), namespace.exclusive)
+                .unwrap();
+        }
+        appservices = appservices.with(appservice);
+    }
+    if devices {
+        appservices = appservices.devices(device_known);
+    }
+    let tokens = OPAQUE
+        .iter()
+        .fold(StaticTokens::default(), |tokens, o| match &o.answer {
+            Some(Ok(answer)) => tokens.with(o.token, answer.clone()),
+            _ => tokens,
+        });
+    layer.appservices(appservices).resolver(Resolver(tokens))
+}
+
+/// What the README's application-service row says: who the request acts as, or the error.
+#[derive(Debug, PartialEq, Eq)]
+enum AsAnswer {
+    Acts(String, Option<String>),
+    Forbidden,
+    UnknownDevice,
+}
+
+fn appservice_answer(registration: &Registration, query: Option<&str>, devices: bool) -> AsAnswer {
+    let (mut users, mut device_ids) = (Vec::new(), Vec::new());
+    for pair in query.unwrap_or_default().split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = String::from_utf8_lossy(&percent_decode(value.as_bytes())).into_owned();
+        match percent_decode(key.as_bytes()).as_slice() {
+            b"user_id" => users.push(value),
+            b"device_id" => device_ids.push(value),
+            _ => {}
+        }
+    }
+    // Repeated: a proxy and the layer could read it differently.
+    if users.len() > 1 || device_ids.len() > 1 {
+        return AsAnswer::Forbidden;
+    }
+    let user_id = match users.pop().filter(|u| !u.is_empty()) {
+        None => registration.sender.to_owned(),
+        Some(user_id) => {
+            let own = registration.namespaces.iter().any(|n| n.matches(&user_id));
+            let claimed_by_another = APPSERVICES.iter().any(|other| {
+                other.id != registration.id
+                    && other
+                        .namespaces
+                        .iter()
+                        .any(|n| n.exclusive && n.matches(&user_id))
+            });
+            let allowed = user_id == registration.sender || (own && !claimed_by_another);
+            if !allowed {
+                return AsAnswer::Forbidden;
+            }
+            user_id
+        }
+    };
+    let device_id = device_ids.pop().filter(|d| !d.is_empty());
+    if let Some(device_id) = &device_id {
+        if !(devices && device_known(&user_id, device_id)) {
+            return AsAnswer::UnknownDevice;
+        }
+    }
+    AsAnswer::Acts(user_id, device_id)
+}
+
+fn vouched(
+    user_id: &str,
+    device_id: Option<&str>,
+    is_guest: bool,
+    expires: Option<u64>,
+) -> Identity {
+    Identity {
+        user_id: user_id.to_owned(),
+        device_id: device_id.map(str::to_owned),
+        nonce: None,
+        is_guest,
+        token_type: "access".to_owned(),
+        expires_at_ms: expires,
+    }
 }
 
 fn substitute(line: &[u8]) -> Vec<u8> {
@@ -115,9 +398,12 @@ fn substitute(line: &[u8]) -> Vec<u8> {
 fn layers() -> &'static [MatrixAuthLayer] {
     static LAYERS: OnceLock<Vec<MatrixAuthLayer>> = OnceLock::new();
     LAYERS.get_or_init(|| {
-        (0..16u8)
+        (0..64u8)
             .map(|config| {
                 let mut layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
+                if config & 16 != 0 {
+                    layer = composed(layer, config & 32 != 0);
+                }
                 if config & 1 != 0 {
                     layer = layer.query_token(QueryToken::Ignored);
                 }
@@ -146,6 +432,14 @@ async fn inner(request: Request<()>) -> Result<Response<Full<Bytes>>, Infallible
         .insert("x-inner", HeaderValue::from_static("1"));
     response.extensions_mut().insert(user);
     Ok(response)
+}
+
+/// Where the layer sends a token.
+enum Route {
+    AppService(&'static Registration),
+    /// Not a macaroon, with a resolver: its entry, if it has one.
+    Resolver(Option<&'static Result<ResolvedToken, ()>>),
+    Macaroon,
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -185,6 +479,7 @@ fuzz_target!(|data: &[u8]| {
         config & 4 != 0,
         config & 8 != 0,
     );
+    let (composed, devices) = (config & 64 != 0, config & 128 != 0);
     let authorization: Vec<Vec<u8>> = request
         .headers()
         .get_all(AUTHORIZATION)
@@ -194,7 +489,7 @@ fuzz_target!(|data: &[u8]| {
     let authorization: Vec<&[u8]> = authorization.iter().map(Vec::as_slice).collect();
     let extraction = extract(&authorization, uri.query(), !query_ignored);
 
-    let service = layers()[usize::from(config & 15)].layer(service_fn(inner));
+    let service = layers()[usize::from(config & 15 | config >> 2 & 48)].layer(service_fn(inner));
     let response = ready(service.oneshot(request)).unwrap();
     let status = response.status();
     let reached_inner = response.headers().contains_key("x-inner");
@@ -205,7 +500,28 @@ fuzz_target!(|data: &[u8]| {
         .flatten();
     let body = ready(response.into_body().collect()).unwrap().to_bytes();
 
-    assert!(!status.is_server_error(), "{status} for {extraction:?}");
+    // What the composed layer does with the token, before the macaroon rules.
+    let route = match &extraction {
+        Extraction::Token(token) if composed => {
+            if let Some(registration) = APPSERVICES.iter().find(|a| a.as_token.as_bytes() == token)
+            {
+                Route::AppService(registration)
+            } else if !is_macaroon_format(token) {
+                let opaque = std::str::from_utf8(token)
+                    .ok()
+                    .and_then(|text| OPAQUE.iter().find(|o| o.token == text));
+                Route::Resolver(opaque.and_then(|o| o.answer.as_ref()))
+            } else {
+                Route::Macaroon
+            }
+        }
+        _ => Route::Macaroon,
+    };
+    let resolver_down = matches!(route, Route::Resolver(Some(Err(()))));
+    assert!(
+        !status.is_server_error() || resolver_down,
+        "{status} for {extraction:?}"
+    );
     if !reached_inner {
         for (_, token) in tokens() {
             assert!(
@@ -222,6 +538,12 @@ fuzz_target!(|data: &[u8]| {
     let errcode = json["errcode"].as_str().unwrap_or_default();
     let message = json["error"].as_str().unwrap_or_default();
     let soft_logout = json.get("soft_logout").is_some();
+    if let Some(user) = &user {
+        assert!(
+            user_id_ok(user.user_id()),
+            "an identity that is not a Matrix user id"
+        );
+    }
 
     if reached_inner {
         let seen = String::from_utf8(body.to_vec()).unwrap();
@@ -260,6 +582,80 @@ fuzz_target!(|data: &[u8]| {
                 )
             );
         }
+        Extraction::Token(_) if resolver_down => {
+            assert_eq!(
+                (status, errcode),
+                (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN")
+            );
+            assert!(!reached_inner);
+        }
+        Extraction::Token(_) if matches!(route, Route::AppService(_)) => {
+            let Route::AppService(registration) = route else {
+                unreachable!()
+            };
+            match appservice_answer(registration, uri.query(), devices) {
+                AsAnswer::Forbidden => {
+                    assert_eq!((status, errcode), (StatusCode::FORBIDDEN, "M_FORBIDDEN"))
+                }
+                AsAnswer::UnknownDevice => assert_eq!(
+                    (status, errcode),
+                    (StatusCode::BAD_REQUEST, "M_UNKNOWN_DEVICE")
+                ),
+                AsAnswer::Acts(user_id, device_id) => {
+                    assert!(reached_inner, "{status} {json}");
+                    let user = user.expect("an identity");
+                    assert_eq!(
+                        identity_of(&user),
+                        vouched(&user_id, device_id.as_deref(), false, None)
+                    );
+                    assert_eq!(user.credential(), Credential::AppService);
+                    assert_eq!(user.appservice(), Some(registration.id));
+                }
+            }
+        }
+        Extraction::Token(_) if matches!(route, Route::Resolver(_)) => {
+            let Route::Resolver(answer) = route else {
+                unreachable!()
+            };
+            let resolved = match answer {
+                Some(Ok(resolved)) if user_id_ok(&resolved.user_id) => resolved,
+                // A miss, a token that is not UTF-8, an answer that is not a Matrix user id.
+                _ => {
+                    assert_eq!(
+                        (status, errcode, soft_logout),
+                        (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", false)
+                    );
+                    return;
+                }
+            };
+            if resolved.expires_at_ms.is_some_and(|at| NOW_MS >= at) {
+                assert_eq!(
+                    (status, errcode, soft_logout),
+                    (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", true)
+                );
+            } else if resolved.is_guest && !guests_allowed {
+                assert_eq!(
+                    (status, errcode),
+                    (StatusCode::FORBIDDEN, "M_GUEST_ACCESS_FORBIDDEN")
+                );
+            } else {
+                assert!(reached_inner, "{status} {json}");
+                let user = user.expect("an identity");
+                assert_eq!(
+                    identity_of(&user),
+                    vouched(
+                        &resolved.user_id,
+                        resolved.device_id.as_deref(),
+                        resolved.is_guest,
+                        resolved.expires_at_ms
+                    )
+                );
+                assert_eq!(
+                    (user.credential(), user.appservice()),
+                    (Credential::Opaque, None)
+                );
+            }
+        }
         Extraction::Token(token) => match expected_verdict(&token, TokenType::Access) {
             Verdict::Reject(why) => {
                 assert_eq!(
@@ -285,6 +681,10 @@ fuzz_target!(|data: &[u8]| {
                 let user = user.expect("an identity");
                 assert_eq!(identity, identity_of(&user));
                 assert_ne!(user.user_id(), "@mallory:example.org");
+                assert_eq!(
+                    (user.credential(), user.appservice()),
+                    (Credential::Macaroon, None)
+                );
             }
         },
     }

@@ -78,6 +78,17 @@ pub fn chain_holds(view: &ParsedView) -> bool {
 /// What the README says `Verifier::verify(token, expected)` must answer: limits, the format,
 /// the key, the chain, then the caveat table.
 pub fn expected_verdict(token: &[u8], expected: TokenType) -> Verdict {
+    expected_verdict_at(token, expected, NOW_MS)
+}
+
+/// Whether a token is a macaroon as far as the layer's routing goes (within the length limit
+/// and in one of the formats, however many caveats): anything else goes to a resolver.
+pub fn is_macaroon_format(token: &[u8]) -> bool {
+    token.len() <= MAX_TOKEN_LEN && parse_token(token).is_some()
+}
+
+/// [`expected_verdict`] at `now_ms` instead of [`NOW_MS`].
+pub fn expected_verdict_at(token: &[u8], expected: TokenType, now_ms: u64) -> Verdict {
     if token.len() > MAX_TOKEN_LEN {
         return Verdict::Reject("longer than the limit");
     }
@@ -95,7 +106,7 @@ pub fn expected_verdict(token: &[u8], expected: TokenType) -> Verdict {
         .iter()
         .map(|(id, third_party)| (id.as_slice(), *third_party))
         .collect();
-    caveat_table(&caveats, expected.as_str(), NOW_MS)
+    caveat_table(&caveats, expected.as_str(), now_ms)
 }
 
 /// The identity the oracle expects, as the crate reports it.
