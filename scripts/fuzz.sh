@@ -3,7 +3,8 @@
 #
 #   scripts/fuzz.sh short [SECONDS]     every target for SECONDS (default 10): what ./scripts/test.sh runs
 #   scripts/fuzz.sh long [SECONDS]      every target for SECONDS (default 300), one after the other
-#   scripts/fuzz.sh TARGET [SECONDS]    one target (verify, layer, caveat, differential), default 300
+#   scripts/fuzz.sh TARGET [SECONDS]    one target (verify, layer, caveat, differential, lifecycle),
+#                                       default 300
 #
 # cargo-fuzz passes nightly-only flags to rustc (-Zsanitizer=address, the sancov passes);
 # RUSTC_BOOTSTRAP=1 makes the one stable toolchain here accept them. Builds use AddressSanitizer
@@ -17,9 +18,9 @@ cd "$(dirname "$0")/.."
 
 mode=${1:-short}
 case "$mode" in
-  short) seconds=${2:-10}; targets=(verify layer caveat differential) ;;
-  long) seconds=${2:-300}; targets=(verify layer caveat differential) ;;
-  verify | layer | caveat | differential) seconds=${2:-300}; targets=("$mode") ;;
+  short) seconds=${2:-10}; targets=(verify layer caveat differential lifecycle) ;;
+  long) seconds=${2:-300}; targets=(verify layer caveat differential lifecycle) ;;
+  verify | layer | caveat | differential | lifecycle) seconds=${2:-300}; targets=("$mode") ;;
   *) echo "usage: $0 short|long|TARGET [SECONDS]" >&2; exit 2 ;;
 esac
 
@@ -37,7 +38,8 @@ cargo fuzz build "${flags[@]}" >fuzz/artifacts/build.log 2>&1 || {
   exit 1
 }
 
-declare -A dict=([verify]=fuzz/caveat.dict [caveat]=fuzz/caveat.dict [layer]=fuzz/layer.dict [differential]=fuzz/caveat.dict)
+declare -A dict=([verify]=fuzz/caveat.dict [caveat]=fuzz/caveat.dict [layer]=fuzz/layer.dict
+  [differential]=fuzz/caveat.dict [lifecycle]=fuzz/lifecycle.dict)
 summary=()
 for target in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
