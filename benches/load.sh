@@ -6,7 +6,11 @@
 # latencies, it reports the server's CPU time per request (from /proc): on a machine other jobs
 # share, that is the steadier measure of what the layer costs (capacity = 1 / CPU per request).
 #
-#   benches/load.sh                 # 3 rounds of 10 s per mode, 64 connections
+#   benches/load.sh                 # 3 rounds of 10 s per mode, 64 connections, plain hyper
+#   benches/load.sh homeserver      # the same against the example homeserver (axum, TraceLayer,
+#                                   # CORS, the revocation store), on one tokio worker; "bare" is
+#                                   # that server with MATRIX_INSECURE_NO_AUTH_AS (the identity
+#                                   # given for free), "layered" sets MATRIX_TOKEN_CACHE=0
 #   ROUNDS=5 DURATION=20 benches/load.sh
 #   NICE=-20 benches/load.sh        # on a shared machine (as root): server and wrk get the
 #                                   # scheduler's preference, so other jobs disturb them less
@@ -21,13 +25,24 @@ DURATION=${DURATION:-10}
 CONNECTIONS=${CONNECTIONS:-64}
 WARMUP=${WARMUP:-2}
 PATH_=/_matrix/client/v3/account/whoami
+TARGET=${1:-hyper}
+case "$TARGET" in
+  hyper | homeserver) ;;
+  *) echo "usage: $0 [hyper|homeserver]" >&2; exit 2 ;;
+esac
 
 command -v wrk >/dev/null || { echo "wrk not found (apt-get install -y wrk)" >&2; exit 1; }
 
-echo "==> building the load server (release)" >&2
-server=$(cargo bench --no-run --bench load_server --message-format=json-render-diagnostics 2>/dev/null \
-  | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
-[ -x "$server" ] || { echo "could not build benches/load_server.rs" >&2; exit 1; }
+if [ "$TARGET" = hyper ]; then
+  echo "==> building the load server (release)" >&2
+  server=$(cargo bench --no-run --bench load_server --message-format=json-render-diagnostics 2>/dev/null \
+    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+  [ -x "$server" ] || { echo "could not build benches/load_server.rs" >&2; exit 1; }
+else
+  echo "==> building the example homeserver (release)" >&2
+  cargo build --release --example homeserver >&2
+  server=target/release/examples/homeserver
+fi
 
 # One core for the server, the other for wrk, when there are two or more.
 pin_server=() pin_wrk=()
@@ -51,15 +66,36 @@ trap 'stop_server; rm -rf "$work"' EXIT INT TERM
 
 # Starts the server in mode $1 on a free loopback port; sets $url and $token.
 start_server() {
-  "${pin_server[@]}" "$server" --mode "$1" --addr 127.0.0.1:0 \
-    --max-seconds $((DURATION + WARMUP + 30)) >"$work/server.out" 2>"$work/server.err" &
+  if [ "$TARGET" = hyper ]; then
+    "${pin_server[@]}" "$server" --mode "$1" --addr 127.0.0.1:0 \
+      --max-seconds $((DURATION + WARMUP + 30)) >"$work/server.out" 2>"$work/server.err" &
+  else
+    local no_auth="" cache=""
+    case "$1" in
+      bare) no_auth=@alice:localhost ;;
+      layered) cache=0 ;;
+    esac
+    # `timeout` bounds the server like load_server's --max-seconds; logs at info (the
+    # per-request lines are debug), as a production homeserver would run.
+    MATRIX_LISTEN=127.0.0.1:0 MATRIX_MACAROON_SECRET=load-benchmark-secret \
+      MATRIX_PRINT_TOKEN_FOR=@alice:localhost MATRIX_WORKER_THREADS=1 \
+      MATRIX_INSECURE_NO_AUTH_AS="$no_auth" MATRIX_TOKEN_CACHE="$cache" RUST_LOG="${LOG:-info}" \
+      "${pin_server[@]}" timeout $((DURATION + WARMUP + 30)) "$server" \
+      >"$work/server.out" 2>"$work/server.err" &
+  fi
   server_pid=$!
   for _ in $(seq 100); do
     grep -q '^listening on ' "$work/server.out" 2>/dev/null && break
     sleep 0.05
   done
   url=$(sed -n 's/^listening on //p' "$work/server.out")
-  token=$(sed -n 's/^token //p' "$work/server.out")
+  if [ "$TARGET" = hyper ]; then
+    token=$(sed -n 's/^token //p' "$work/server.out")
+    cpu_pid=$server_pid
+  else
+    token=$(head -n 1 "$work/server.out")
+    cpu_pid=$(pgrep -P "$server_pid" | head -n 1) # the homeserver, not `timeout`
+  fi
   case "$url" in
     http://127.0.0.1:*) ;;
     *) echo "server did not start on loopback: '$url'" >&2; cat "$work/server.err" >&2; exit 1 ;;
@@ -75,7 +111,7 @@ to_us() {
 }
 
 # The server's CPU time so far (user + system), in clock ticks.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$server_pid/stat"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$cpu_pid/stat"; }
 
 run() { # mode round
   start_server "$1"
@@ -103,7 +139,7 @@ run() { # mode round
 }
 
 echo "==> $ROUNDS rounds x (bare, layered, cached), ${DURATION}s each, $CONNECTIONS connections," \
-  "1 server thread, wrk 1 thread, loopback" >&2
+  "1 server thread, wrk 1 thread, loopback, server: $TARGET" >&2
 for round in $(seq "$ROUNDS"); do
   for mode in bare layered cached; do
     run "$mode" "$round"

@@ -80,13 +80,26 @@
 //! | `MATRIX_APPSERVICE_NAMESPACE` | its (exclusive) user namespace regex                   | none       |
 //! | `MATRIX_OPAQUE_TOKENS`     | `token:@user:server,...`: opaque (non-macaroon) tokens    | none       |
 //!
+//! For measuring (`benches/load.sh homeserver`):
+//!
+//! | variable                     | meaning                                                | default    |
+//! |------------------------------|--------------------------------------------------------|------------|
+//! | `MATRIX_WORKER_THREADS`      | tokio worker threads                                    | one a core |
+//! | `MATRIX_TOKEN_CACHE`         | verified-token cache capacity; `0` turns it off         | `4096`     |
+//! | `MATRIX_INSECURE_NO_AUTH_AS` | a user id: **no authentication at all**, every request on the authenticated routes acts as that user (the "bare" server of the load benchmark); refused unless `MATRIX_LISTEN` is a loopback address | unset |
+//!
 //! An application service may act as a user of its namespace with `?user_id=`, and as one of
 //! that user's devices with `?device_id=` (a device is known here once it logged in).
 //! * any other path: `404 M_UNRECOGNIZED`, token or not.
 //! * a known path with another method: `405 M_UNRECOGNIZED` (authentication comes first there,
 //!   so without a valid token it is the 401).
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::routing::Route;
+use tower::{Layer, Service};
 
 use axum::http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use axum::http::{HeaderName, Method, Request, StatusCode};
@@ -117,8 +130,16 @@ use tracing_subscriber::EnvFilter;
 const DEFAULT_LISTEN: &str = "127.0.0.1:8008";
 const DEFAULT_LOG_FILTER: &str = "info,tower_http=debug,tower_matrix_auth=debug";
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = env_number("MATRIX_WORKER_THREADS")? {
+        runtime.worker_threads(usize::try_from(threads)?.max(1));
+    }
+    runtime.build()?.block_on(serve())
+}
+
+async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
@@ -178,7 +199,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         _ => Arc::new(MemoryStore::new()),
     };
-    let verifier = Verifier::new(keys.clone());
+    let mut verifier = Verifier::new(keys.clone());
+    if let Some(capacity) = env_number("MATRIX_TOKEN_CACHE")? {
+        verifier = verifier.token_cache(usize::try_from(capacity)?);
+    }
     let issuer = Issuer::new(keys)
         .location(server_name.clone())
         .refreshable_access_lifetime_ms(lifetime_ms);
@@ -204,7 +228,70 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let auth = with_appservice(auth, &server_name, &state.devices)?;
     let auth = with_opaque_tokens(auth)?;
 
-    let app = Router::new()
+    let app = match std::env::var("MATRIX_INSECURE_NO_AUTH_AS")
+        .ok()
+        .filter(|who| !who.is_empty())
+    {
+        None => app(auth, state, &sessions),
+        Some(user_id) => {
+            let loopback = listen
+                .parse::<SocketAddr>()
+                .is_ok_and(|address| address.ip().is_loopback());
+            if !loopback {
+                return Err(
+                    "MATRIX_INSECURE_NO_AUTH_AS is for benchmarks on a loopback \
+                            MATRIX_LISTEN only"
+                        .into(),
+                );
+            }
+            tracing::warn!(%user_id, "MATRIX_INSECURE_NO_AUTH_AS: NO AUTHENTICATION, every request acts as this user");
+            // The identity the layer would have given, verified once here instead of per
+            // request: the handlers and every other layer run as usual.
+            let token = sessions
+                .issuer()
+                .keys()
+                .mint(&user_id, TokenType::Access)
+                .ok_or("the ring has a key")?
+                .nonce(random_string(16))
+                .to_token();
+            let parts = Request::new(()).into_parts().0;
+            let user = sessions
+                .verifier()
+                .verify(token.as_bytes(), TokenType::Access, &parts)
+                .map_err(|_| {
+                    format!("MATRIX_INSECURE_NO_AUTH_AS: `{user_id}` is not a Matrix user id")
+                })?;
+            let as_user = tower::util::MapRequestLayer::new(move |mut request: Request<Body>| {
+                request.extensions_mut().insert(user.clone());
+                request
+            });
+            app(as_user, state, &sessions)
+        }
+    };
+
+    let listener = tokio::net::TcpListener::bind(&listen).await?;
+    let address: SocketAddr = listener.local_addr()?;
+    tracing::info!(%server_name, "listening on http://{address}");
+    println!("listening on http://{address}");
+
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// The routes and the layers around them, with `auth` on the authenticated routes: the
+/// `MatrixAuthLayer`, or, for `MATRIX_INSECURE_NO_AUTH_AS`, a fixed identity.
+fn app<L>(auth: L, state: AppState, sessions: &Sessions) -> Router
+where
+    L: Layer<Route> + Clone + Send + Sync + 'static,
+    L::Service: Service<Request<Body>> + Clone + Send + Sync + 'static,
+    <L::Service as Service<Request<Body>>>::Response: IntoResponse + 'static,
+    <L::Service as Service<Request<Body>>>::Error: Into<Infallible> + 'static,
+    <L::Service as Service<Request<Body>>>::Future: Send + 'static,
+{
+    Router::new()
         .route("/_matrix/client/versions", get(versions))
         .route("/_matrix/client/v3/account/whoami", get(whoami))
         .route("/_matrix/client/r0/account/whoami", get(whoami))
@@ -253,18 +340,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 )
             }),
         )
-        .layer(cors());
-
-    let listener = tokio::net::TcpListener::bind(&listen).await?;
-    let address: SocketAddr = listener.local_addr()?;
-    tracing::info!(%server_name, "listening on http://{address}");
-    println!("listening on http://{address}");
-
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    tracing::info!("shut down");
-    Ok(())
+        .layer(cors())
 }
 
 #[derive(Clone)]
@@ -549,6 +625,17 @@ fn cors() -> CorsLayer {
             ACCEPT,
             HeaderName::from_static("x-requested-with"),
         ])
+}
+
+/// A whole number from the environment, if the variable is set.
+fn env_number(name: &str) -> Result<Option<u64>, String> {
+    match std::env::var(name).ok().filter(|value| !value.is_empty()) {
+        None => Ok(None),
+        Some(value) => value
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{name} must be a whole number, not `{value}`")),
+    }
 }
 
 fn env_or(name: &str, default: &str) -> String {
