@@ -47,21 +47,23 @@ impl<'a> Caveat<'a> {
     /// assert!(Caveat::parse(b"user-id = @a:b").is_none());
     /// ```
     pub fn parse(bytes: &'a [u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
         // One pass over the key: the first byte outside `[A-Za-z0-9_]` must be its space.
-        let key_len = bytes
-            .iter()
-            .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_'))?;
-        if key_len == 0 || bytes[key_len] != b' ' {
+        let key_len = text
+            .bytes()
+            .position(|b| !(b.is_ascii_alphanumeric() || b == b'_'))?;
+        let op_len = text[key_len..].bytes().skip(1).position(|b| b == b' ')?;
+        if key_len == 0 || text.as_bytes()[key_len] != b' ' {
             return None;
         }
-        let (key, rest) = bytes.split_at(key_len);
-        let rest = std::str::from_utf8(&rest[1..]).ok()?;
-        let (op, value) = rest.split_once(' ')?;
+        // Both splits fall next to an ASCII space, so on character boundaries.
+        let (key, rest) = text.split_at(key_len);
+        let (op, value) = rest[1..].split_at(op_len);
+        let value = &value[1..];
         // Operators are short printable ASCII in practice; anything else takes the Unicode rule.
         let op_ok = !op.is_empty()
             && (op.bytes().all(|b| b.is_ascii_graphic()) || !op.chars().any(char::is_whitespace));
         let value_ok = !value.is_empty() && !value.starts_with(char::is_whitespace);
-        let key = std::str::from_utf8(key).ok()?;
         (op_ok && value_ok).then_some(Self { key, op, value })
     }
 

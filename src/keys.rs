@@ -78,6 +78,9 @@ pub(crate) struct RingKey {
     /// The link after [`GEN_CAVEAT`], with which Synapse (and [`KeyRing::mint`]) starts every
     /// token: for those, the first caveat's step costs nothing.
     after_gen: [u8; SIGNATURE_LEN],
+    /// `after_gen` as an HMAC key with its pads hashed: the second caveat's step (`user_id` in
+    /// every Synapse token) then costs two compressions instead of four.
+    after_gen_step: PreparedKey,
 }
 
 /// The first caveat of every token Synapse minted.
@@ -87,11 +90,13 @@ impl RingKey {
     fn new(identifier: Box<[u8]>, secret: &MacaroonSecret) -> Self {
         let first_link = hmac32(secret.root_key(), &identifier);
         let first_step = PreparedKey::new(&first_link);
+        let after_gen = first_step.sign(GEN_CAVEAT);
         Self {
             identifier,
             first_link,
-            after_gen: first_step.sign(GEN_CAVEAT),
             first_step,
+            after_gen,
+            after_gen_step: PreparedKey::new(&after_gen),
         }
     }
 
@@ -102,7 +107,10 @@ impl RingKey {
     ) -> [u8; SIGNATURE_LEN] {
         let mut signature = match caveats.next() {
             None => return self.first_link,
-            Some(GEN_CAVEAT) => self.after_gen,
+            Some(GEN_CAVEAT) => match caveats.next() {
+                None => return self.after_gen,
+                Some(second) => self.after_gen_step.sign(second),
+            },
             Some(first) => self.first_step.sign(first),
         };
         for caveat in caveats {
