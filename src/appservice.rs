@@ -142,7 +142,7 @@ pub(crate) enum Masquerade {
         user_id: String,
         device_id: Option<String>,
     },
-    /// `?user_id=` outside the caller's namespaces: 403 `M_FORBIDDEN`.
+    /// `?user_id=` outside the caller's namespaces, or not a Matrix user id: 403 `M_FORBIDDEN`.
     Forbidden,
     /// `?device_id=` the homeserver does not know: 400 `M_UNKNOWN_DEVICE`.
     UnknownDevice,
@@ -199,11 +199,15 @@ impl AppServices {
         let user_id = match user_id {
             None => appservice.sender.clone(),
             Some(user_id) => {
-                let allowed = user_id == appservice.sender
-                    || (appservice.covers(&user_id)
-                        && !self.list.iter().any(|other| {
-                            other.id != appservice.id && other.claims_exclusively(&user_id)
-                        }));
+                // A namespace regex (`@irc_.*:example.org`) also matches what is no user id
+                // (`@irc_a:example.ouser_id==@irc_b:example.org`, control characters, U+FFFD
+                // for bytes that were not UTF-8); handlers key on the id: fail closed.
+                let allowed = is_valid_user_id(&user_id)
+                    && (user_id == appservice.sender
+                        || (appservice.covers(&user_id)
+                            && !self.list.iter().any(|other| {
+                                other.id != appservice.id && other.claims_exclusively(&user_id)
+                            })));
                 if !allowed {
                     return Masquerade::Forbidden;
                 }

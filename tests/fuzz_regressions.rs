@@ -51,3 +51,78 @@ fn v2json_keys_given_twice_read_as_their_last_copy() {
         .unwrap_err()
         .is_unknown_token());
 }
+
+/// `layer`, seed `regression-appservice-user-id-not-a-user-id`: an application service asked to
+/// act as `?user_id=@irc_a:example.ouser%5Fid==@irc_b:example.org`. Its namespace regex,
+/// `@irc_.*:example.org`, matches the decoded value, which is no Matrix user id (the server name
+/// would be `example.ouser_id==@irc_b:example.org`), and the layer handed it to the inner service
+/// as the identity. A `?user_id=` must now also be a Matrix user id, or `403 M_FORBIDDEN`, as
+/// for a user outside the namespaces (fail closed, as for a resolver's answers).
+#[tokio::test]
+async fn an_appservice_acts_only_as_matrix_user_ids() {
+    use std::convert::Infallible;
+
+    use http::{Response, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::{service_fn, Layer, ServiceExt};
+    use tower_matrix_auth::{AppService, AppServices, MatrixAuthLayer, MatrixUser};
+
+    const AS_TOKEN: &str = "irc_as_token_for_the_regression";
+    let appservices = AppServices::new().with(
+        AppService::new("irc", AS_TOKEN, "@irc_bot:example.org")
+            .unwrap()
+            .user_namespace("@irc_.*:example.org", true)
+            .unwrap(),
+    );
+    let service = MatrixAuthLayer::new(keys())
+        .appservices(appservices)
+        .layer(service_fn(|request: Request<()>| async move {
+            let user = request.extensions().get::<MatrixUser>().unwrap();
+            Ok::<_, Infallible>(Response::new(user.user_id().to_owned()))
+        }));
+    let ask = |target: &[u8]| {
+        let request = Request::builder()
+            .uri(target)
+            .header("Authorization", format!("Bearer {AS_TOKEN}"))
+            .body(())
+            .unwrap();
+        let service = service.clone();
+        async move {
+            let response = service.oneshot(request).await.unwrap();
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+
+    // The input itself: config byte, the request target, then the as_token in a header.
+    let input = include_bytes!("../fuzz/seeds/layer/regression-appservice-user-id-not-a-user-id");
+    let mut lines = input[1..].split(|&b| b == b'\n');
+    let target = lines.next().unwrap();
+    assert_eq!(lines.next(), Some(&b"Authorization: Bearer $IRC"[..]));
+    let forbidden = |(status, body): (StatusCode, String)| {
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (status, json["errcode"].as_str()),
+            (StatusCode::FORBIDDEN, Some("M_FORBIDDEN"))
+        );
+    };
+    forbidden(ask(target).await);
+    // More of what `.*` matches: control characters, spaces, bytes that are not UTF-8.
+    for query in ["%00", "%0D", "a%20b", "%FF", "a:example.org:8448:x"] {
+        let target = format!("/x?user_id=@irc_{query}:example.org");
+        forbidden(ask(target.as_bytes()).await);
+    }
+    // A user id of the namespace, and the sender, still pass.
+    for (query, user_id) in [
+        ("?user_id=@irc_alice:example.org", "@irc_alice:example.org"),
+        ("?user_id=%40irc_bob%3Aexample.org", "@irc_bob:example.org"),
+        ("", "@irc_bot:example.org"),
+    ] {
+        let target = format!("/x{query}");
+        assert_eq!(
+            ask(target.as_bytes()).await,
+            (StatusCode::OK, user_id.to_owned())
+        );
+    }
+}

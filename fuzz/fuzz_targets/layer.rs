@@ -335,6 +335,8 @@ fn appservice_answer(registration: &Registration, query: Option<&str>, devices: 
     }
     let user_id = match users.pop().filter(|u| !u.is_empty()) {
         None => registration.sender.to_owned(),
+        // Only a Matrix user id, even where a namespace matches more.
+        Some(user_id) if !user_id_ok(&user_id) => return AsAnswer::Forbidden,
         Some(user_id) => {
             let own = registration.namespaces.iter().any(|n| n.matches(&user_id));
             let claimed_by_another = APPSERVICES.iter().any(|other| {
