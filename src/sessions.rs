@@ -188,10 +188,13 @@ impl Sessions {
             .await
     }
 
-    /// Logs the user out everywhere: every token of theirs minted before now.
+    /// Logs the user out everywhere: every token of theirs minted before now, and the whole
+    /// session of the token that asked even if it was minted this very millisecond (or by a
+    /// process whose clock is ahead): the spec includes "the access token that made this request".
     pub async fn logout_all(&self, user: &MatrixUser) -> Result<(), RevocationError> {
         let now = self.inner.issuer.now_ms();
-        self.inner.store.revoke_user(user.user_id(), now).await
+        self.inner.store.revoke_user(user.user_id(), now).await?;
+        self.logout(user).await
     }
 
     /// Mints a single-use login token for `m.login.token`; returns it and its lifetime in ms.
