@@ -10,8 +10,9 @@
 //! each refresh mints the next generation. Revocation works on sessions and generations, so a
 //! refresh token and the access token issued with it are revoked together.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::clock::{Clock, SystemClock};
 use crate::identity::{MatrixUser, TokenType};
@@ -192,6 +193,10 @@ pub struct SessionRequest {
 pub struct Issuer {
     keys: KeyRing,
     clock: Arc<dyn Clock>,
+    /// User id → that user's tokens are stamped no earlier than this (ms since the epoch): the
+    /// millisecond after their last "log out everywhere", kept only until the clock passes it.
+    /// Shared by clones.
+    floors: Arc<Mutex<HashMap<String, u64>>>,
     location: Option<String>,
     access_lifetime_ms: Option<u64>,
     refreshable_access_lifetime_ms: u64,
@@ -212,6 +217,7 @@ impl Issuer {
         Self {
             keys,
             clock: Arc::new(SystemClock),
+            floors: Arc::default(),
             location: None,
             access_lifetime_ms: None,
             refreshable_access_lifetime_ms: DEFAULT_REFRESHABLE_ACCESS_LIFETIME_MS,
@@ -279,6 +285,30 @@ impl Issuer {
         self.clock.now_ms()
     }
 
+    /// The instant written into tokens minted now for `user_id`: the clock, but never before the
+    /// floor a "log out everywhere" of theirs set ([`Issuer::stamp_after`]).
+    pub(crate) fn stamp_ms(&self, user_id: &str) -> u64 {
+        let now = self.clock.now_ms();
+        let floors = self.floors.lock().unwrap_or_else(PoisonError::into_inner);
+        match floors.get(user_id) {
+            Some(&floor) => now.max(floor),
+            None => now,
+        }
+    }
+
+    /// Stamps the tokens of `user_id` minted from now on (by this issuer and its clones) after
+    /// `instant_ms`, even within the same millisecond of the clock: "log out everywhere" revokes
+    /// the tokens minted up to `instant_ms` inclusive and must not catch a login right after it.
+    pub(crate) fn stamp_after(&self, user_id: &str, instant_ms: u64) {
+        let now = self.clock.now_ms();
+        let mut floors = self.floors.lock().unwrap_or_else(PoisonError::into_inner);
+        // Floors the clock has passed mean nothing any more: the map holds only the users who
+        // logged out everywhere within the last millisecond or so.
+        floors.retain(|_, floor| *floor > now);
+        let floor = floors.entry(user_id.to_owned()).or_insert(0);
+        *floor = (*floor).max(instant_ms.saturating_add(1));
+    }
+
     /// The longest any token minted here can live, `None` if some never expire.
     pub fn max_lifetime_ms(&self) -> Option<u64> {
         let refresh = self.refresh_lifetime_ms?;
@@ -328,7 +358,7 @@ impl Issuer {
         generation: u32,
         request: &SessionRequest,
     ) -> IssuedTokens {
-        let now = self.now_ms();
+        let now = self.stamp_ms(user_id);
         let access_lifetime = if request.refresh {
             Some(self.refreshable_access_lifetime_ms)
         } else {
@@ -394,7 +424,7 @@ impl Issuer {
 
     /// Mints a single-use login token (`m.login.token`) for `user_id`.
     pub fn login_token(&self, user_id: &str) -> (String, u64) {
-        let now = self.now_ms();
+        let now = self.stamp_ms(user_id);
         let expires_at = now.saturating_add(self.login_lifetime_ms);
         let nonce = TokenNonce {
             session: SessionId::random(),

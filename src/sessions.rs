@@ -156,7 +156,7 @@ impl Sessions {
             .verify(refresh_token, TokenType::Refresh, parts)
             .map_err(|_| ExchangeError::Invalid)?;
         let token = TokenRef::of(&user);
-        let until = self.successor_until_ms();
+        let until = self.successor_until_ms(user.user_id());
         let generation = self
             .inner
             .store
@@ -170,30 +170,36 @@ impl Sessions {
             .successor(&user, token.session, generation))
     }
 
-    /// When every token a refresh mints will have expired.
-    fn successor_until_ms(&self) -> u64 {
-        self.inner
-            .issuer
+    /// When every token of `user_id` minted so far (or by a refresh now) will have expired.
+    fn successor_until_ms(&self, user_id: &str) -> u64 {
+        let issuer = &self.inner.issuer;
+        issuer
             .max_lifetime_ms()
-            .map_or(u64::MAX, |l| self.inner.issuer.now_ms().saturating_add(l))
+            .map_or(u64::MAX, |l| issuer.stamp_ms(user_id).saturating_add(l))
     }
 
     /// Logs out the session of a verified token: the token, the refresh token issued with it
     /// and every other generation of that login.
     pub async fn logout(&self, user: &MatrixUser) -> Result<(), RevocationError> {
-        let until = self.successor_until_ms();
+        let until = self.successor_until_ms(user.user_id());
         self.inner
             .store
             .revoke_session(&TokenRef::of(user), until)
             .await
     }
 
-    /// Logs the user out everywhere: every token of theirs minted before now, and the whole
-    /// session of the token that asked even if it was minted this very millisecond (or by a
-    /// process whose clock is ahead): the spec includes "the access token that made this request".
+    /// Logs the user out everywhere: every token of theirs minted up to this millisecond
+    /// included (the ones this engine mints for them afterwards are stamped later, so a login
+    /// right after is not caught), and the whole session of the token that asked, whatever the
+    /// clocks of other processes say: the spec includes "the access token that made this request".
     pub async fn logout_all(&self, user: &MatrixUser) -> Result<(), RevocationError> {
-        let now = self.inner.issuer.now_ms();
-        self.inner.store.revoke_user(user.user_id(), now).await?;
+        let issuer = &self.inner.issuer;
+        let now = issuer.stamp_ms(user.user_id());
+        issuer.stamp_after(user.user_id(), now);
+        self.inner
+            .store
+            .revoke_user(user.user_id(), now.saturating_add(1))
+            .await?;
         self.logout(user).await
     }
 

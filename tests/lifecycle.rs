@@ -378,3 +378,34 @@ async fn minted_access_tokens_have_synapse_caveats_plus_device_id() {
         "V1 base64url without padding"
     );
 }
+
+#[tokio::test]
+async fn logout_all_in_the_same_millisecond_revokes_earlier_logins_and_spares_later_ones() {
+    // The clock stands still: every step happens within one millisecond.
+    let s = start().await;
+    let whoami = common::server::WHOAMI;
+    let phone = s.sessions.login(ALICE, &SessionRequest::default());
+    let laptop = s.sessions.login(ALICE, &SessionRequest::default());
+    let (status, _, _) = send(
+        s.addr,
+        "POST",
+        "/_matrix/client/v3/logout/all",
+        Some(&laptop.access_token),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    for token in [&phone.access_token, &laptop.access_token] {
+        assert_eq!(
+            send(s.addr, "GET", whoami, Some(token), None).await.1["errcode"],
+            "M_UNKNOWN_TOKEN"
+        );
+    }
+    let after = s.sessions.login(ALICE, &SessionRequest::default());
+    assert_eq!(
+        send(s.addr, "GET", whoami, Some(&after.access_token), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+}

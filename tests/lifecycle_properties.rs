@@ -168,11 +168,23 @@ struct ModelLogin {
     forgettable: bool,
 }
 
+/// When a token was minted: the instant in its nonce (for expiry), and the step of the sequence
+/// (for `/logout/all`, which revokes what was minted before the request, however close).
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    issued_ms: u64,
+    step: u64,
+}
+
 #[derive(Debug)]
 struct Model {
     now_ms: u64,
-    /// Per user: tokens minted before this instant are revoked (`/logout/all`).
-    revoked_before_ms: [u64; USERS],
+    /// The step being run (from 1).
+    step: u64,
+    /// Per user: tokens minted before this step are revoked (`/logout/all`).
+    revoked_before_step: [u64; USERS],
+    /// Per user: how many times they logged out everywhere.
+    logouts_all: [u64; USERS],
     logins: Vec<ModelLogin>,
 }
 
@@ -192,13 +204,14 @@ impl Model {
     fn new(now_ms: u64) -> Self {
         Self {
             now_ms,
-            revoked_before_ms: [0; USERS],
+            step: 0,
+            revoked_before_step: [0; USERS],
+            logouts_all: [0; USERS],
             logins: Vec::new(),
         }
     }
 
     fn login(&mut self, user: usize, refreshable: bool) {
-        let lifetime = if refreshable { REFRESH_MS } else { PLAIN_MS };
         self.logins.push(ModelLogin {
             user,
             refreshable,
@@ -206,14 +219,23 @@ impl Model {
             pending: None,
             next: 1,
             logged_out: false,
-            last_expiry_ms: self.now_ms + lifetime,
+            last_expiry_ms: 0,
             forgettable: false,
         });
     }
 
-    fn revoked(&self, login: usize, generation: u32, issued_ms: u64) -> bool {
+    /// Tokens of `login` were minted at `issued_ms`.
+    fn minted(&mut self, login: usize, issued_ms: u64) {
+        let l = &mut self.logins[login];
+        let lifetime = if l.refreshable { REFRESH_MS } else { PLAIN_MS };
+        l.last_expiry_ms = l.last_expiry_ms.max(issued_ms + lifetime);
+    }
+
+    fn revoked(&self, login: usize, generation: u32, stamp: Stamp) -> bool {
         let l = &self.logins[login];
-        l.logged_out || !l.valid.contains(&generation) || issued_ms < self.revoked_before_ms[l.user]
+        l.logged_out
+            || !l.valid.contains(&generation)
+            || stamp.step < self.revoked_before_step[l.user]
     }
 
     fn access_expired(&self, login: usize, issued_ms: u64) -> bool {
@@ -240,14 +262,14 @@ impl Model {
         &mut self,
         login: usize,
         generation: u32,
-        issued_ms: u64,
+        stamp: Stamp,
         allow_expired: bool,
     ) -> Answer {
-        let expired = self.access_expired(login, issued_ms);
+        let expired = self.access_expired(login, stamp.issued_ms);
         if expired && self.logins[login].forgettable {
             return Answer::Any401;
         }
-        if self.revoked(login, generation, issued_ms) {
+        if self.revoked(login, generation, stamp) {
             // Revoked beats expired: a soft logout would invite a refresh that cannot work.
             return Answer::Unknown;
         }
@@ -264,14 +286,13 @@ impl Model {
         &mut self,
         login: usize,
         generation: u32,
-        issued_ms: u64,
+        stamp: Stamp,
         mode: RefreshMode,
     ) -> Option<u32> {
-        if self.now_ms >= issued_ms + REFRESH_MS || self.revoked(login, generation, issued_ms) {
+        if self.now_ms >= stamp.issued_ms + REFRESH_MS || self.revoked(login, generation, stamp) {
             return None;
         }
         self.used(login, generation);
-        let now = self.now_ms;
         let l = &mut self.logins[login];
         let successor = l.next;
         l.next += 1;
@@ -288,7 +309,6 @@ impl Model {
                 l.pending = None;
             }
         }
-        l.last_expiry_ms = l.last_expiry_ms.max(now + REFRESH_MS);
         Some(successor)
     }
 
@@ -298,11 +318,13 @@ impl Model {
     }
 
     /// `/logout/all` with a token the layer let through: every token of the user minted before
-    /// now, and the tokens of the login that asked (the spec: "This includes the access token
-    /// that made this request"; the README's table: a0, r0 revoked).
+    /// the request (the spec: "Invalidates all access tokens for a user [...] This includes the
+    /// access token that made this request"; the README's table: a0, r0 and other logins
+    /// revoked), however close in time; tokens minted after it are valid.
     fn logout_all(&mut self, login: usize) {
         let user = self.logins[login].user;
-        self.revoked_before_ms[user] = self.revoked_before_ms[user].max(self.now_ms);
+        self.revoked_before_step[user] = self.step;
+        self.logouts_all[user] += 1;
         self.logins[login].logged_out = true;
     }
 
@@ -321,7 +343,7 @@ impl Model {
 /// The tokens of one generation, as the engine minted them.
 struct Minted {
     generation: u32,
-    issued_ms: u64,
+    stamp: Stamp,
     access: String,
     refresh: Option<String>,
 }
@@ -454,17 +476,15 @@ impl System {
         }
     }
 
-    /// The generation written in a token's nonce.
-    fn generation_of(&self, token: &str, token_type: TokenType) -> u32 {
+    /// A token's nonce.
+    fn nonce_of(&self, token: &str, token_type: TokenType) -> TokenNonce {
         let parts = Request::new(()).into_parts().0;
         let user = self
             .sessions
             .verifier()
             .verify(token.as_bytes(), token_type, &parts)
             .expect("a token just minted verifies");
-        TokenNonce::of(&user)
-            .expect("minted here, so it has our nonce")
-            .generation
+        TokenNonce::of(&user).expect("minted here, so it has our nonce")
     }
 
     async fn sweep(&self) {
@@ -525,6 +545,26 @@ impl Case<'_> {
         Some((login, generation))
     }
 
+    /// The stamp of an access token of `user` minted in this step: its nonce must say "now", or
+    /// up to a millisecond later per `/logout/all` of theirs (the issuer stamps a token minted
+    /// right after one clear of it).
+    fn stamp(&self, user: usize, access: &str, at: &str) -> Result<Stamp, TestCaseError> {
+        let issued_ms = self.system.nonce_of(access, TokenType::Access).issued_ms;
+        let now = self.model.now_ms;
+        let latest = now + self.model.logouts_all[user];
+        prop_assert!(
+            (now..=latest).contains(&issued_ms),
+            "{}: minted at {} ms, now is {}",
+            at,
+            issued_ms,
+            now
+        );
+        Ok(Stamp {
+            issued_ms,
+            step: self.model.step,
+        })
+    }
+
     fn login(&mut self, user: usize, refresh: bool, at: &str) -> Result<(), TestCaseError> {
         let device_id = format!("D{}", self.logins.len());
         let user_id = self.system.user_ids[user].clone();
@@ -540,13 +580,16 @@ impl Case<'_> {
         prop_assert_eq!(tokens.refresh_token.is_some(), refresh, "{}", at);
         let lifetime = if refresh { ACCESS_MS } else { PLAIN_MS };
         prop_assert_eq!(tokens.expires_in_ms, Some(lifetime), "{}", at);
+        let stamp = self.stamp(user, &tokens.access_token, at)?;
         self.model.login(user, refresh);
+        let li = self.model.logins.len() - 1;
+        self.model.minted(li, stamp.issued_ms);
         self.logins.push(Login {
             user_id,
             device_id,
             generations: vec![Minted {
                 generation: 0,
-                issued_ms: self.model.now_ms,
+                stamp,
                 access: tokens.access_token,
                 refresh: tokens.refresh_token,
             }],
@@ -563,18 +606,18 @@ impl Case<'_> {
         at: &str,
     ) -> Result<(), TestCaseError> {
         let minted = &self.logins[li].generations[gi];
-        let (generation, issued_ms) = (minted.generation, minted.issued_ms);
+        let (generation, stamp) = (minted.generation, minted.stamp);
         // Logging out with an expired token of a login the store may have forgotten: the
         // README does not say what happens (every token of that login has expired); not asked.
         if path != WHOAMI
             && self.model.logins[li].forgettable
-            && self.model.access_expired(li, issued_ms)
+            && self.model.access_expired(li, stamp.issued_ms)
         {
             return Ok(());
         }
         let expected = self
             .model
-            .present_access(li, generation, issued_ms, path != WHOAMI);
+            .present_access(li, generation, stamp, path != WHOAMI);
         let (status, json) = self.system.authenticated(path, &minted.access).await;
         let got = classify(status, &json);
         prop_assert!(
@@ -611,18 +654,21 @@ impl Case<'_> {
         let Some(refresh_token) = minted.refresh.clone() else {
             return Ok(());
         };
-        let (generation, issued_ms) = (minted.generation, minted.issued_ms);
-        let expected = self.model.refresh(li, generation, issued_ms, mode);
+        let (generation, stamp) = (minted.generation, minted.stamp);
+        let expected = self.model.refresh(li, generation, stamp, mode);
         let got = self.system.refresh(&refresh_token, mode).await;
         match (expected, got) {
             (Some(successor), Ok((access, refresh))) => {
-                let minted_access = self.system.generation_of(&access, TokenType::Access);
-                let minted_refresh = self.system.generation_of(&refresh, TokenType::Refresh);
-                prop_assert_eq!(minted_access, successor, "{}", at);
-                prop_assert_eq!(minted_refresh, successor, "{}", at);
+                let access_nonce = self.system.nonce_of(&access, TokenType::Access);
+                let refresh_nonce = self.system.nonce_of(&refresh, TokenType::Refresh);
+                prop_assert_eq!(access_nonce.generation, successor, "{}", at);
+                prop_assert_eq!(refresh_nonce.generation, successor, "{}", at);
+                prop_assert_eq!(access_nonce.issued_ms, refresh_nonce.issued_ms, "{}", at);
+                let stamp = self.stamp(self.model.logins[li].user, &access, at)?;
+                self.model.minted(li, stamp.issued_ms);
                 self.logins[li].generations.push(Minted {
                     generation: successor,
-                    issued_ms: self.model.now_ms,
+                    stamp,
                     access,
                     refresh: Some(refresh),
                 });
@@ -704,6 +750,7 @@ async fn run(system: &System, ops: &[Op]) -> Result<(), TestCaseError> {
         logins: Vec::new(),
     };
     for (step, op) in ops.iter().enumerate() {
+        case.model.step = step as u64 + 1;
         case.apply(op, &format!("step {step} {op:?}")).await?;
     }
     for li in 0..case.logins.len() {
