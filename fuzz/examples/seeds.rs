@@ -366,7 +366,11 @@ fn main() -> std::io::Result<()> {
             .device_id("TABLET")
             .to_token()
     };
-    let ours = foreign(&format!("0123456789abcdef0123456789abcdef.0.{NOW_MS}.r"));
+    // Minted before the run (any "log out everywhere" in it catches them).
+    let ours = foreign(&format!(
+        "0123456789abcdef0123456789abcdef.0.{}.r",
+        NOW_MS - 1
+    ));
     let synapse = foreign("q0mP8wYb5J2sRxL1");
     let body = |placeholder: &str| format!("{{\"refresh_token\":\"{placeholder}\"}}");
     let lifecycle: Vec<(&str, u8, Vec<String>)> = vec![

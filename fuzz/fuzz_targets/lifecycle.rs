@@ -210,29 +210,52 @@ impl State {
     }
 }
 
-/// A token's place: its session, generation and minting time.
+/// A token's place: its session, generation and minting time, as its nonce says, and the
+/// operation of the script that minted it (tokens of this run).
 #[derive(Debug, Clone, Copy)]
 struct Position {
     session: u128,
     generation: u32,
     issued_ms: u64,
+    minted_at: Option<usize>,
+}
+
+/// The last "log out everywhere" of a user.
+#[derive(Debug, Clone, Copy)]
+struct Everywhere {
+    /// The operation that asked.
+    op: usize,
+    /// The clock then.
+    clock_ms: u64,
+    /// How many there were in all: how far the issuer may stamp tokens ahead of the clock.
+    count: u64,
 }
 
 #[derive(Default)]
 struct Model {
     sessions: HashMap<u128, State>,
-    /// "Log out everywhere": tokens of the user minted before this instant are revoked.
-    logged_out_before: HashMap<String, u64>,
+    /// Which operation minted each (session, generation) of this run.
+    minted_at: HashMap<(u128, u32), usize>,
+    everywhere: HashMap<String, Everywhere>,
 }
 
 impl Model {
+    /// Whether "log out everywhere" revoked the token: everything of the user minted by an
+    /// earlier operation, even within the same millisecond, and nothing minted after it. Tokens
+    /// minted elsewhere were minted at the time their nonce says (0 without one of ours), which
+    /// for the seeds' is before the run.
+    fn logged_out_everywhere(&self, user_id: &str, at: Position) -> bool {
+        self.everywhere
+            .get(user_id)
+            .is_some_and(|e| match at.minted_at {
+                Some(op) => op < e.op,
+                None => at.issued_ms < e.clock_ms,
+            })
+    }
+
     /// The store's verdict on a verified token, recording a first use.
     fn judge(&mut self, user_id: &str, at: Position) -> bool {
-        if self
-            .logged_out_before
-            .get(user_id)
-            .is_some_and(|&before| at.issued_ms < before)
-        {
+        if self.logged_out_everywhere(user_id, at) {
             return false;
         }
         let state = self.sessions.entry(at.session).or_default();
@@ -411,6 +434,8 @@ struct Pool {
 
 struct Run {
     config: Config,
+    /// The operation of the script being run.
+    op: usize,
     clock: ManualClock,
     sessions: Sessions,
     layer: Whoami,
@@ -497,6 +522,7 @@ impl Run {
             });
         Self {
             config,
+            op: 0,
             clock,
             sessions,
             layer: BoxCloneService::new(layer),
@@ -585,6 +611,7 @@ impl Run {
                 session,
                 generation,
                 issued_ms,
+                minted_at: self.model.minted_at.get(&(session, generation)).copied(),
             };
         }
         // Its id does not depend on the time: verify with a leeway that makes every time hold.
@@ -597,7 +624,29 @@ impl Run {
             session: u128::from_le_bytes(*user.token_id().as_bytes()),
             generation: 0,
             issued_ms: 0,
+            minted_at: None,
         }
+    }
+
+    /// The minting time a fresh token of `user_id` says (its first nonce, read here): the clock,
+    /// or up to a millisecond later for each "log out everywhere" of theirs, so that a login
+    /// right after one is not caught by it.
+    fn stamp(&self, token: &str, user_id: &str) -> u64 {
+        let view = parse_token(token.as_bytes()).expect("a minted token parses");
+        let nonce = view
+            .caveats
+            .iter()
+            .find_map(|(id, _)| id.strip_prefix(b"nonce = "))
+            .expect("a minted token has a nonce");
+        let (_, _, issued_ms, _) = nonce_grammar(std::str::from_utf8(nonce).unwrap())
+            .expect("a minted nonce follows the grammar");
+        let now = self.now();
+        let ahead = self.model.everywhere.get(user_id).map_or(0, |e| e.count);
+        assert!(
+            (now..=now + ahead).contains(&issued_ms),
+            "minted at {issued_ms}, the clock says {now}"
+        );
+        issued_ms
     }
 
     /// The identity a freshly minted token must have.
@@ -649,7 +698,7 @@ impl Run {
         };
         let user_id = if flags & 8 != 0 { BOB } else { ALICE };
         let tokens = self.sessions.login(user_id, &request);
-        let now = self.now();
+        let now = self.stamp(&tokens.access_token, user_id);
         let access_lifetime = if request.refresh {
             Some(self.config.refreshable_lifetime_ms)
         } else {
@@ -678,6 +727,7 @@ impl Run {
                 self.config.refresh_lifetime_ms.map(|l| now + l),
             );
         }
+        self.model.minted_at.insert((session, 0), self.op);
         self.remember(
             &tokens.access_token,
             tokens.refresh_token.as_deref(),
@@ -807,32 +857,37 @@ impl Run {
         } else {
             assert_eq!(object.len(), 2, "{:?}", object.keys());
         }
+        let stamp = self.stamp(access, &identity.user_id);
         let who = (identity.user_id, identity.device_id, identity.is_guest);
-        let nonce_a = canonical_nonce(at.session, generation, now, 'a');
-        let nonce_r = canonical_nonce(at.session, generation, now, 'r');
+        let nonce_a = canonical_nonce(at.session, generation, stamp, 'a');
+        let nonce_r = canonical_nonce(at.session, generation, stamp, 'r');
         self.minted(
             access,
             TokenType::Access,
             &who,
             nonce_a.clone(),
-            Some(now + lifetime),
+            Some(stamp + lifetime),
         );
         self.minted(
             refresh,
             TokenType::Refresh,
             &who,
             nonce_r.clone(),
-            self.config.refresh_lifetime_ms.map(|l| now + l),
+            self.config.refresh_lifetime_ms.map(|l| stamp + l),
         );
+        self.model
+            .minted_at
+            .insert((at.session, generation), self.op);
         let (access, refresh) = (access.to_owned(), refresh.to_owned());
         self.remember(&access, Some(&refresh), [nonce_a, nonce_r]);
     }
 
-    /// A refusal names no token: not the one sent, not one of this run's.
+    /// A refusal names no token: not the one sent (if it is a macaroon at all: any text could be
+    /// part of the error message), not one of this run's.
     fn repeats_no_token(&self, answer: &[u8], sent: Option<&str>) {
         let contains =
             |needle: &[u8]| needle.len() >= 16 && answer.windows(needle.len()).any(|w| w == needle);
-        if let Some(token) = sent {
+        if let Some(token) = sent.filter(|t| parse_token(t.as_bytes()).is_some()) {
             assert!(!contains(token.as_bytes()), "a refusal repeats the token");
         }
         let pool = &self.pool;
@@ -845,7 +900,7 @@ impl Run {
         let user_id = if flags & 1 != 0 { BOB } else { ALICE };
         let (token, lifetime) = self.sessions.login_token(user_id);
         assert_eq!(lifetime, LOGIN_LIFETIME_MS);
-        let now = self.now();
+        let now = self.stamp(&token, user_id);
         let verified = self
             .sessions
             .verifier()
@@ -854,7 +909,9 @@ impl Run {
         let nonce = TokenNonce::of(&verified).expect("a minted nonce parses");
         assert_eq!((nonce.generation, nonce.issued_ms), (0, now));
         assert_eq!(nonce.kind, NonceKind::Login);
-        let nonce = canonical_nonce(nonce.session.as_u128(), 0, now, 'l');
+        let session = nonce.session.as_u128();
+        self.model.minted_at.insert((session, 0), self.op);
+        let nonce = canonical_nonce(session, 0, now, 'l');
         self.minted(
             &token,
             TokenType::Login,
@@ -996,9 +1053,9 @@ impl Run {
                     .logged_out = true;
             }
             b'Z' => {
-                // Every token of the user minted before now, and the whole session of the token
-                // that asked (the spec: "including the access token that made this request"),
-                // even if it was minted this very millisecond.
+                // Every token of the user minted by an earlier operation (even this very
+                // millisecond), none minted by a later one, and the whole session of the token
+                // that asked (the spec: "including the access token that made this request").
                 ready(self.sessions.logout_all(&user)).unwrap();
                 let at = self.position(&token, &identity, TokenType::Access);
                 self.model
@@ -1006,12 +1063,17 @@ impl Run {
                     .entry(at.session)
                     .or_default()
                     .logged_out = true;
-                let before = self
+                let count = self
                     .model
-                    .logged_out_before
-                    .entry(identity.user_id)
-                    .or_default();
-                *before = (*before).max(now);
+                    .everywhere
+                    .get(&identity.user_id)
+                    .map_or(1, |e| e.count + 1);
+                let everywhere = Everywhere {
+                    op: self.op,
+                    clock_ms: now,
+                    count,
+                };
+                self.model.everywhere.insert(identity.user_id, everywhere);
             }
             _ => {}
         }
@@ -1054,7 +1116,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut run = Run::new(Config::of(config));
-    for line in script.split(|&b| b == b'\n').take(MAX_OPS) {
+    for (op, line) in script.split(|&b| b == b'\n').take(MAX_OPS).enumerate() {
+        run.op = op;
         run.step(line);
     }
 });
