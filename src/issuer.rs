@@ -86,7 +86,11 @@ impl TokenNonce {
     /// Reads a nonce value; `None` for nonces minted elsewhere (Synapse's random ones).
     pub fn parse(value: &str) -> Option<Self> {
         let mut parts = value.split('.');
-        let session = parts.next().filter(|s| s.len() == 32)?;
+        // Hex digits only: `from_str_radix` also takes a leading `+`, which would give one
+        // session a second spelling.
+        let session = parts
+            .next()
+            .filter(|s| s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()))?;
         let session = SessionId(u128::from_str_radix(session, 16).ok()?);
         let generation = parse_decimal(parts.next()?)?.try_into().ok()?;
         let issued_ms = parse_decimal(parts.next()?)?;
@@ -481,6 +485,7 @@ mod tests {
             "00000000000000000000000000000abc.7.1700000000000.r.extra",
             "0000000000000000000000000000abc.7.1700000000000.r",
             "00000000000000000000000000000abc.+7.1700000000000.r",
+            "+0000000000000000000000000000abc.7.1700000000000.r",
             "00000000000000000000000000000abc.99999999999.1700000000000.r",
         ] {
             assert_eq!(TokenNonce::parse(bad), None, "{bad}");

@@ -126,3 +126,29 @@ async fn an_appservice_acts_only_as_matrix_user_ids() {
         );
     }
 }
+
+/// `lifecycle`, seed `nonce_signs`: the target's nonce oracle (the README's grammar,
+/// `<session: 32 hex>.<generation>.<issued ms>.<a|r|l>`) refuses a session spelled with a
+/// leading `+`, which `TokenNonce::parse` took (`u128::from_str_radix` accepts a sign), so one
+/// session had two spellings (and two `TokenId`s). Found reading the code the oracle flagged,
+/// before a fuzz run reached it; the seed makes every run replay it.
+#[test]
+fn a_nonce_session_is_32_hex_digits_and_nothing_else() {
+    use tower_matrix_auth::TokenNonce;
+
+    let input = include_bytes!("../fuzz/seeds/lifecycle/nonce_signs");
+    let signed: Vec<&str> = std::str::from_utf8(input)
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.strip_prefix("N+"))
+        .collect();
+    assert_eq!(signed.len(), 2);
+    for rest in signed {
+        let plus = format!("+{rest}");
+        assert_eq!(TokenNonce::parse(&plus), None, "{plus}");
+        // The same value spelled with 32 digits is a nonce.
+        let digits = format!("0{rest}");
+        let nonce = TokenNonce::parse(&digits).expect("32 hex digits");
+        assert_eq!(nonce.to_string(), digits);
+    }
+}
