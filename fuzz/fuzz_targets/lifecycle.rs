@@ -584,7 +584,8 @@ impl Run {
                 if let Some((&letter, after)) = tail.split_first() {
                     let digit = after.first().copied().filter(u8::is_ascii_digit);
                     if let Some(token) = self.placeholder(letter, digit.map(|d| d - b'0')) {
-                        if json {
+                        // Only tokens need escaping (V2JSON ones); `$H` and `$Q` are plain.
+                        if json && !matches!(letter, b'H' | b'Q') {
                             let quoted = serde_json::to_string(&token).unwrap();
                             out.extend_from_slice(&quoted.as_bytes()[1..quoted.len() - 1]);
                         } else {
