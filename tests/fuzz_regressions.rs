@@ -127,7 +127,7 @@ async fn an_appservice_acts_only_as_matrix_user_ids() {
     }
 }
 
-/// `lifecycle`, seed `nonce_signs`: the target's nonce oracle (the README's grammar,
+/// `lifecycle`, seed `regression-nonce-signs`: the target's nonce oracle (the README's grammar,
 /// `<session: 32 hex>.<generation>.<issued ms>.<a|r|l>`) refuses a session spelled with a
 /// leading `+`, which `TokenNonce::parse` took (`u128::from_str_radix` accepts a sign), so one
 /// session had two spellings (and two `TokenId`s). Found reading the code the oracle flagged,
@@ -136,7 +136,7 @@ async fn an_appservice_acts_only_as_matrix_user_ids() {
 fn a_nonce_session_is_32_hex_digits_and_nothing_else() {
     use tower_matrix_auth::TokenNonce;
 
-    let input = include_bytes!("../fuzz/seeds/lifecycle/nonce_signs");
+    let input = include_bytes!("../fuzz/seeds/lifecycle/regression-nonce-signs");
     let signed: Vec<&str> = std::str::from_utf8(input)
         .unwrap()
         .lines()

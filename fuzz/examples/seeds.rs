@@ -652,10 +652,18 @@ fn main() -> std::io::Result<()> {
             continue;
         }
         let dir = root.join("seeds").join(target);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
-        }
         std::fs::create_dir_all(&dir)?;
+        // Everything written here is written again; the inputs runs found (`regression-*`) stay.
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if !entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("regression-")
+            {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
         for (name, bytes) in files {
             std::fs::write(dir.join(name), bytes)?;
         }
