@@ -23,7 +23,7 @@ struct Namespace {
 /// use tower_matrix_auth::AppService;
 /// let bridge = AppService::new("irc", "as_token_from_the_registration", "@irc_bot:example.org")
 ///     .unwrap()
-///     .user_namespace("@irc_.*:example.org", true)
+///     .user_namespace(r"@irc_.*:example\.org", true)
 ///     .unwrap();
 /// assert!(format!("{bridge:?}").contains("irc") && !format!("{bridge:?}").contains("as_token_from"));
 /// ```
