@@ -74,6 +74,8 @@
 //! |----------------------------|-----------------------------------------------------------|------------|
 //! | `MATRIX_USERS`             | `alice:password,bob:secret`: users who may log in         | none       |
 //! | `MATRIX_TOKEN_LIFETIME_MS` | access token lifetime when a refresh token is requested   | `300000`   |
+//! | `MATRIX_REFRESH_TOKEN_LIFETIME_MS` | refresh token lifetime                            | never expire |
+//! | `MATRIX_ACCESS_TOKEN_LIFETIME_MS` | access token lifetime without a refresh token      | never expire |
 //! | `MATRIX_DATABASE_URL`      | PostgreSQL for revocation state shared by processes      | in memory  |
 //! | `MATRIX_APPSERVICE_TOKEN`  | register one application service with this `as_token`     | none       |
 //! | `MATRIX_APPSERVICE_SENDER` | its sender user id                                        | `@appservice:<server name>` |
@@ -192,10 +194,27 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let lifetime_ms: u64 = env_or("MATRIX_TOKEN_LIFETIME_MS", "300000")
         .parse()
         .map_err(|_| "MATRIX_TOKEN_LIFETIME_MS must be a whole number of milliseconds")?;
+    // Unset: these tokens never expire (Synapse's defaults), and neither can the revocation
+    // state of a session that used them.
+    let refresh_lifetime_ms = env_number("MATRIX_REFRESH_TOKEN_LIFETIME_MS")?;
+    let access_lifetime_ms = env_number("MATRIX_ACCESS_TOKEN_LIFETIME_MS")?;
     let store: Arc<dyn TokenStore> = match std::env::var("MATRIX_DATABASE_URL") {
         Ok(url) if !url.is_empty() => {
             tracing::info!("revocation state in PostgreSQL");
-            Arc::new(PostgresStore::connect(&url).await?)
+            let store = PostgresStore::connect(&url).await?;
+            // The view forgets expired state by itself; deleting expired rows is up to us.
+            let purger = store.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+                loop {
+                    every.tick().await;
+                    match purger.purge_expired().await {
+                        Ok(rows) => tracing::debug!(rows, "purged expired revocation state"),
+                        Err(error) => tracing::debug!(%error, "purge skipped"),
+                    }
+                }
+            });
+            Arc::new(store)
         }
         _ => Arc::new(MemoryStore::new()),
     };
@@ -205,7 +224,9 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     }
     let issuer = Issuer::new(keys)
         .location(server_name.clone())
-        .refreshable_access_lifetime_ms(lifetime_ms);
+        .refreshable_access_lifetime_ms(lifetime_ms)
+        .refresh_lifetime_ms(refresh_lifetime_ms)
+        .access_lifetime_ms(access_lifetime_ms);
     let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store);
     let state = AppState {
         sessions: sessions.clone(),

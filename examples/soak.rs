@@ -60,6 +60,14 @@ struct Options {
     rss_growth_mib: u64,
     /// The token the homeserver minted and printed at start-up.
     printed_token: Option<String>,
+    /// `hostile` (the default) or `lifecycle`.
+    mode: String,
+    /// Lifecycle mode: the users `soak0`.. (one a connection) log in with this password.
+    password: String,
+    /// Lifecycle mode: the server's `MATRIX_TOKEN_LIFETIME_MS` (and access token lifetime).
+    lifetime_ms: u64,
+    /// Lifecycle mode: which store the server uses, for the report.
+    store: String,
 }
 
 fn options() -> Result<Options, String> {
@@ -91,6 +99,10 @@ fn options() -> Result<Options, String> {
         probe_p99_ms: number("probe-p99-ms", 500)?,
         rss_growth_mib: number("rss-growth-mib", 32)?,
         printed_token: take("printed-token").filter(|t| !t.is_empty()),
+        mode: take("mode").unwrap_or_else(|| "hostile".into()),
+        password: take("password").unwrap_or_default(),
+        lifetime_ms: number("lifetime-ms", 2_000)?,
+        store: take("store").unwrap_or_else(|| "memory".into()),
     })
 }
 
@@ -701,6 +713,14 @@ async fn main() {
         options.addr.ip().is_loopback(),
         "the soak only ever targets loopback"
     );
+    match options.mode.as_str() {
+        "hostile" => {}
+        "lifecycle" => return lifecycle::run(options).await,
+        other => {
+            eprintln!("soak: --mode {other}: hostile or lifecycle");
+            std::process::exit(2);
+        }
+    }
     let tokens = tokens(&options.secret);
     let mut kinds = kinds(&tokens);
     if let Some(printed) = &options.printed_token {
@@ -871,5 +891,578 @@ async fn main() {
     } else {
         println!("soak: FAILED: {}", failed.join("; "));
         std::process::exit(1);
+    }
+}
+
+/// `--mode lifecycle`: many clients at once, each its own user (`soak<i>`), repeat
+/// login → whoami → refresh → whoami → logout (every fourth cycle: a second login, then
+/// `logout/all`), alternating `/v3/refresh` and `/r0/tokenrefresh`, and check every answer against
+/// the README's lifecycle table:
+///
+/// - after `/v3/refresh` the old access token works until the new one is used, then
+///   `401 M_UNKNOWN_TOKEN`, and the old refresh token is refused (`401 M_UNKNOWN_TOKEN`);
+/// - after `/r0/tokenrefresh` the old access token is refused at once and the old refresh token
+///   gets `403 M_FORBIDDEN`;
+/// - after `logout` the access and refresh tokens are refused; after `logout/all` the other
+///   login's token too;
+/// - a logged-out access token presented again later, still unexpired (after the server's store
+///   had time to sweep), is still `401 M_UNKNOWN_TOKEN` without a soft logout; once expired, any
+///   `401 M_UNKNOWN_TOKEN` (the state may have been forgotten: a soft logout is then right).
+///
+/// Every request's latency is recorded; the server's RSS is sampled every second. Logouts leave
+/// revocation state behind, which the store must forget once the tokens expire (the soak script
+/// makes every lifetime short), so RSS must level off.
+mod lifecycle {
+    use super::*;
+    use http_body_util::Full;
+    use serde_json::{json, Value};
+    use std::collections::VecDeque;
+
+    const LOGIN: &str = "/_matrix/client/v3/login";
+    const REFRESH: &str = "/_matrix/client/v3/refresh";
+    const TOKENREFRESH: &str = "/_matrix/client/r0/tokenrefresh";
+    const LOGOUT: &str = "/_matrix/client/v3/logout";
+    const LOGOUT_ALL: &str = "/_matrix/client/v3/logout/all";
+
+    /// One keep-alive connection, reopened after an error.
+    struct Client {
+        addr: SocketAddr,
+        sender: Option<SendRequest<Full<Bytes>>>,
+        latencies: Vec<Duration>,
+    }
+
+    /// What came back, or what went wrong on the way.
+    enum Reply {
+        Answer(StatusCode, Value),
+        Failed(String),
+    }
+
+    impl Client {
+        async fn send(
+            &mut self,
+            method: &str,
+            path: &str,
+            token: Option<&str>,
+            body: Option<&Value>,
+        ) -> Reply {
+            if self.sender.is_none() {
+                let stream = match TcpStream::connect(self.addr).await {
+                    Ok(stream) => stream,
+                    Err(e) => return Reply::Failed(format!("connect: {e}")),
+                };
+                let _ = stream.set_nodelay(true);
+                match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                    Ok((sender, connection)) => {
+                        tokio::spawn(connection);
+                        self.sender = Some(sender);
+                    }
+                    Err(e) => return Reply::Failed(format!("handshake: {e}")),
+                }
+            }
+            let mut request = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", SERVER_NAME);
+            if let Some(token) = token {
+                request = request.header("authorization", format!("Bearer {token}"));
+            }
+            let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+            let request = request
+                .header("content-type", "application/json")
+                .body(Full::new(body))
+                .expect("a valid request");
+            let sender = self.sender.as_mut().expect("connected");
+            let start = Instant::now();
+            let answer = tokio::time::timeout(ANSWER_TIMEOUT, async {
+                sender.ready().await?;
+                let response = sender.send_request(request).await?;
+                let (parts, body) = response.into_parts();
+                let body = body.collect().await?.to_bytes();
+                Ok::<_, hyper::Error>((parts.status, body))
+            })
+            .await;
+            self.latencies.push(start.elapsed());
+            match answer {
+                Ok(Ok((status, body))) => {
+                    Reply::Answer(status, serde_json::from_slice(&body).unwrap_or_default())
+                }
+                Ok(Err(e)) => {
+                    self.sender = None;
+                    Reply::Failed(format!("connection error: {e}"))
+                }
+                Err(_) => {
+                    self.sender = None;
+                    Reply::Failed("no answer in 10 s".into())
+                }
+            }
+        }
+    }
+
+    /// What a request must get.
+    enum Want<'a> {
+        /// 200 and a body this predicate accepts.
+        Ok(&'a dyn Fn(&Value) -> bool),
+        /// This status and errcode; `soft_logout`: `Some(b)` exactly, `None` either way.
+        Error(u16, &'static str, Option<bool>),
+    }
+
+    /// Records one answer; returns the body when it was the right one.
+    fn judge(tally: &Mutex<Tally>, kind: &'static str, reply: Reply, want: Want) -> Option<Value> {
+        let (class, right, body) = match reply {
+            Reply::Failed(why) => {
+                let class = if why.starts_with("no answer") {
+                    "no answer in 10 s".to_owned()
+                } else {
+                    "connection error".to_owned()
+                };
+                (class, Err(why), None)
+            }
+            Reply::Answer(status, json) => {
+                let errcode = json["errcode"].as_str().unwrap_or_default().to_owned();
+                let soft = json.get("soft_logout") == Some(&Value::Bool(true));
+                let class = match (errcode.is_empty(), soft) {
+                    (true, _) => status.as_u16().to_string(),
+                    (false, false) => format!("{} {errcode}", status.as_u16()),
+                    (false, true) => format!("{} {errcode} soft_logout", status.as_u16()),
+                };
+                let right = match want {
+                    Want::Ok(accept) if status == StatusCode::OK && accept(&json) => Ok(()),
+                    Want::Error(code, want_errcode, want_soft)
+                        if status.as_u16() == code
+                            && errcode == want_errcode
+                            && want_soft.is_none_or(|w| w == soft) =>
+                    {
+                        Ok(())
+                    }
+                    // The answer's shape only: a token in a body never reaches the report.
+                    _ => Err(format!("got {class}")),
+                };
+                let body = right.is_ok().then_some(json);
+                (class, right, body)
+            }
+        };
+        tally.lock().unwrap().record(kind, class, right);
+        body
+    }
+
+    fn string(json: &Value, key: &str) -> Option<String> {
+        json[key].as_str().map(str::to_owned)
+    }
+
+    /// A logged-out access token to present again later.
+    struct Revoked {
+        token: String,
+        /// Before this, the token has certainly not expired (it was minted after the login was
+        /// sent): the store must still know it is revoked.
+        unexpired_until: Instant,
+        /// After this it has certainly expired (it was minted before the answer came).
+        expired_after: Instant,
+    }
+
+    struct Worker {
+        index: usize,
+        user_id: String,
+        password: String,
+        lifetime: Duration,
+        tally: Arc<Mutex<Tally>>,
+        revoked: VecDeque<Revoked>,
+        /// Rechecked late in their life; to recheck once expired.
+        expiring: VecDeque<Revoked>,
+        /// A sample of the tokens sent, to look for in the server's log.
+        checked_tokens: Vec<String>,
+    }
+
+    impl Worker {
+        fn login_body(&self, device: &str, refresh: bool) -> Value {
+            json!({
+                "type": "m.login.password",
+                "identifier": {"type": "m.id.user", "user": format!("soak{}", self.index)},
+                "password": self.password,
+                "refresh_token": refresh,
+                "device_id": device,
+            })
+        }
+
+        /// Logs in; returns the access and refresh tokens and when the login was sent.
+        async fn login(
+            &self,
+            client: &mut Client,
+            device: &str,
+            refresh: bool,
+        ) -> Option<(String, Option<String>, Instant)> {
+            let lifetime_ms = self.lifetime.as_millis() as u64;
+            let sent = Instant::now();
+            let reply = client
+                .send("POST", LOGIN, None, Some(&self.login_body(device, refresh)))
+                .await;
+            let accept = |j: &Value| {
+                j["user_id"] == self.user_id.as_str()
+                    && j["device_id"] == device
+                    && j["access_token"].is_string()
+                    && j["refresh_token"].is_string() == refresh
+                    && j["expires_in_ms"] == lifetime_ms
+            };
+            let kind = if refresh {
+                "login (refresh)"
+            } else {
+                "login (second device)"
+            };
+            let json = judge(&self.tally, kind, reply, Want::Ok(&accept))?;
+            Some((
+                string(&json, "access_token")?,
+                string(&json, "refresh_token"),
+                sent,
+            ))
+        }
+
+        async fn whoami(
+            &self,
+            client: &mut Client,
+            kind: &'static str,
+            token: &str,
+            device: &str,
+            valid: bool,
+        ) {
+            let reply = client.send("GET", WHOAMI, Some(token), None).await;
+            let accept = |j: &Value| {
+                j["user_id"] == self.user_id.as_str()
+                    && j["device_id"] == device
+                    && j["is_guest"] == false
+            };
+            let want = if valid {
+                Want::Ok(&accept)
+            } else {
+                Want::Error(401, "M_UNKNOWN_TOKEN", Some(false))
+            };
+            judge(&self.tally, kind, reply, want);
+        }
+
+        async fn refresh(
+            &self,
+            client: &mut Client,
+            kind: &'static str,
+            path: &str,
+            token: &str,
+            valid: bool,
+        ) -> Option<(String, String)> {
+            let body = json!({ "refresh_token": token });
+            let reply = client.send("POST", path, None, Some(&body)).await;
+            let rotating = path == REFRESH;
+            let lifetime_ms = self.lifetime.as_millis() as u64;
+            let accept = |j: &Value| {
+                j["access_token"].is_string()
+                    && j["refresh_token"].is_string()
+                    && (!rotating || j["expires_in_ms"] == lifetime_ms)
+            };
+            let want = match (valid, rotating) {
+                (true, _) => Want::Ok(&accept),
+                (false, true) => Want::Error(401, "M_UNKNOWN_TOKEN", Some(false)),
+                (false, false) => Want::Error(403, "M_FORBIDDEN", None),
+            };
+            let json = judge(&self.tally, kind, reply, want)?;
+            Some((
+                string(&json, "access_token")?,
+                string(&json, "refresh_token")?,
+            ))
+        }
+
+        async fn logout(&self, client: &mut Client, kind: &'static str, path: &str, token: &str) {
+            let reply = client
+                .send("POST", path, Some(token), Some(&json!({})))
+                .await;
+            let accept = |j: &Value| j == &json!({});
+            judge(&self.tally, kind, reply, Want::Ok(&accept));
+        }
+
+        /// Logged-out tokens whose time has come are presented again: once late in their life
+        /// (the store has swept meanwhile, and must not have forgotten them), once expired.
+        async fn recheck(&mut self, client: &mut Client) {
+            let margin = Duration::from_millis(100);
+            let late = (self.lifetime / 4).max(Duration::from_millis(200));
+            while let Some(front) = self.revoked.front() {
+                let now = Instant::now();
+                if now + late < front.unexpired_until {
+                    break;
+                }
+                let revoked = self.revoked.pop_front().expect("there is a front");
+                if now + margin < revoked.unexpired_until {
+                    let reply = client.send("GET", WHOAMI, Some(&revoked.token), None).await;
+                    let want = Want::Error(401, "M_UNKNOWN_TOKEN", Some(false));
+                    judge(
+                        &self.tally,
+                        "logged-out token, late in its life",
+                        reply,
+                        want,
+                    );
+                }
+                self.expiring.push_back(revoked);
+            }
+            while let Some(front) = self.expiring.front() {
+                if Instant::now() < front.expired_after + margin {
+                    break;
+                }
+                let revoked = self.expiring.pop_front().expect("there is a front");
+                let reply = client.send("GET", WHOAMI, Some(&revoked.token), None).await;
+                let want = Want::Error(401, "M_UNKNOWN_TOKEN", None);
+                judge(&self.tally, "logged-out token, expired", reply, want);
+                self.checked_tokens.push(revoked.token);
+            }
+        }
+
+        /// One cycle; `n` picks the refresh endpoint and whether it ends with logout/all.
+        async fn cycle(&mut self, client: &mut Client, n: u64) -> bool {
+            let everywhere = n % 4 == 3; // every fourth cycle
+            let device = format!("W{}A", self.index);
+            let other_device = format!("W{}B", self.index);
+            let other = if everywhere {
+                let Some((b, _, _)) = self.login(client, &other_device, false).await else {
+                    return false;
+                };
+                self.whoami(client, "whoami, second device", &b, &other_device, true)
+                    .await;
+                Some(b)
+            } else {
+                None
+            };
+            let Some((a0, Some(r0), sent)) = self.login(client, &device, true).await else {
+                return false;
+            };
+            self.whoami(client, "whoami a0", &a0, &device, true).await;
+            let (a1, r1) = if n.is_multiple_of(2) {
+                let Some((a1, r1)) = self
+                    .refresh(client, "v3/refresh r0", REFRESH, &r0, true)
+                    .await
+                else {
+                    return false;
+                };
+                self.whoami(client, "whoami a0, successor unused", &a0, &device, true)
+                    .await;
+                self.whoami(client, "whoami a1 (first use)", &a1, &device, true)
+                    .await;
+                self.whoami(client, "whoami a0, successor used", &a0, &device, false)
+                    .await;
+                self.refresh(client, "v3/refresh r0 again", REFRESH, &r0, false)
+                    .await;
+                (a1, r1)
+            } else {
+                let Some((a1, r1)) = self
+                    .refresh(client, "r0/tokenrefresh r0", TOKENREFRESH, &r0, true)
+                    .await
+                else {
+                    return false;
+                };
+                self.whoami(client, "whoami a0 after tokenrefresh", &a0, &device, false)
+                    .await;
+                self.refresh(client, "r0/tokenrefresh r0 again", TOKENREFRESH, &r0, false)
+                    .await;
+                self.whoami(client, "whoami a1", &a1, &device, true).await;
+                (a1, r1)
+            };
+            match &other {
+                Some(b) => {
+                    self.logout(client, "logout/all", LOGOUT_ALL, &a1).await;
+                    self.whoami(
+                        client,
+                        "whoami, second device, after logout/all",
+                        b,
+                        &other_device,
+                        false,
+                    )
+                    .await;
+                }
+                None => self.logout(client, "logout", LOGOUT, &a1).await,
+            }
+            self.whoami(client, "whoami a1 after logout", &a1, &device, false)
+                .await;
+            self.refresh(client, "v3/refresh r1 after logout", REFRESH, &r1, false)
+                .await;
+            // a1 was minted after the login was sent, and before now.
+            self.revoked.push_back(Revoked {
+                token: a1,
+                unexpired_until: sent + self.lifetime,
+                expired_after: Instant::now() + self.lifetime,
+            });
+            self.recheck(client).await;
+            true
+        }
+    }
+
+    pub(super) async fn run(options: Options) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let duration = Duration::from_secs(options.seconds);
+        let lifetime = Duration::from_millis(options.lifetime_ms);
+        let cycles = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let rss_start = options.server_pid.and_then(rss_kib);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for index in 0..options.connections {
+            let mut worker = Worker {
+                index,
+                user_id: format!("@soak{index}:{SERVER_NAME}"),
+                password: options.password.clone(),
+                lifetime,
+                tally: tally.clone(),
+                revoked: VecDeque::new(),
+                expiring: VecDeque::new(),
+                checked_tokens: Vec::new(),
+            };
+            let (stop, cycles, addr) = (stop.clone(), cycles.clone(), options.addr);
+            tasks.push(tokio::spawn(async move {
+                let mut client = Client {
+                    addr,
+                    sender: None,
+                    latencies: Vec::new(),
+                };
+                let mut n = index as u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if worker.cycle(&mut client, n).await {
+                        cycles.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        // Something was wrong (recorded): start again on a fresh connection.
+                        client.sender = None;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    n += 1;
+                }
+                // The last few tokens this worker sent, for the log check.
+                let keep = worker.checked_tokens.len().saturating_sub(16);
+                let tokens = worker.checked_tokens.split_off(keep);
+                (client.latencies, tokens)
+            }));
+        }
+        let mut rss_samples = Vec::new();
+        let mut rss_warm = None;
+        while started.elapsed() < duration {
+            tokio::time::sleep(
+                Duration::from_secs(1).min(duration.saturating_sub(started.elapsed())),
+            )
+            .await;
+            if let Some(rss) = options.server_pid.and_then(rss_kib) {
+                rss_samples.push(rss);
+                if rss_warm.is_none() && started.elapsed() >= duration / 5 {
+                    rss_warm = Some(rss);
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut latencies = Vec::new();
+        let mut sent_tokens = Vec::new();
+        let mut broken_workers = 0;
+        for task in tasks {
+            match tokio::time::timeout(ANSWER_TIMEOUT * 3, task).await {
+                Ok(Ok((l, tokens))) => {
+                    latencies.extend(l);
+                    sent_tokens.extend(tokens);
+                }
+                _ => broken_workers += 1,
+            }
+        }
+        let elapsed = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_end = options.server_pid.and_then(rss_kib);
+
+        let tally = tally.lock().unwrap();
+        let total: u64 = tally.kinds.values().map(|(n, _)| n).sum();
+        let right: u64 = tally.kinds.values().map(|(_, r)| r).sum();
+        let cycles = cycles.load(Ordering::Relaxed);
+        println!(
+            "soak lifecycle ({} store, token lifetime {} ms): {cycles} cycles, {total} requests in \
+             {:.1} s ({:.0} cycles/s, {:.0} requests/s) over {} connections",
+            options.store,
+            options.lifetime_ms,
+            elapsed.as_secs_f64(),
+            cycles as f64 / elapsed.as_secs_f64(),
+            total as f64 / elapsed.as_secs_f64(),
+            options.connections
+        );
+        println!("  by step (sent / right):");
+        for (kind, (sent, ok)) in &tally.kinds {
+            println!("    {kind:<44} {sent:>8} {ok:>8}");
+        }
+        println!("  answers by class:");
+        for (class, n) in &tally.classes {
+            println!("    {class:<44} {n:>8}");
+        }
+        println!(
+            "  wrong answers: {}, 5xx: {}, hangs: {}",
+            total - right,
+            tally.server_errors,
+            tally.hangs
+        );
+        for wrong in &tally.wrong {
+            println!("    WRONG {wrong}");
+        }
+        latencies.sort();
+        let p50 = percentile(&latencies, 0.50);
+        let p99 = percentile(&latencies, 0.99);
+        let max = latencies.last().copied().unwrap_or_default();
+        println!(
+            "  latency of every request: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3
+        );
+
+        let mut failed = Vec::new();
+        if broken_workers > 0 {
+            failed.push(format!("{broken_workers} workers panicked or did not stop"));
+        }
+        if total != right || tally.server_errors > 0 || tally.hangs > 0 {
+            failed.push("wrong answers, 5xx or hangs".to_owned());
+        }
+        if cycles == 0 {
+            failed.push("no cycle completed".to_owned());
+        }
+        if p99 > Duration::from_millis(options.probe_p99_ms) {
+            failed.push(format!("p99 over {} ms", options.probe_p99_ms));
+        }
+        if let (Some(start), Some(end)) = (rss_start, rss_end) {
+            let warm = rss_warm.unwrap_or(start);
+            let peak = rss_samples.iter().copied().max().unwrap_or(end);
+            println!(
+                "  server RSS: start {}, after warm-up {}, peak {}, end {}",
+                mib(start),
+                mib(warm),
+                mib(peak),
+                mib(end)
+            );
+            if end > warm + options.rss_growth_mib * 1024 {
+                failed.push(format!(
+                    "server RSS grew by more than {} MiB after the warm-up",
+                    options.rss_growth_mib
+                ));
+            }
+        }
+        if let Some(path) = &options.server_log {
+            let log = std::fs::read(path).unwrap_or_default();
+            // Tokens are base64url words; a token in the log would be one (or end one).
+            let tails: std::collections::HashSet<&[u8]> = sent_tokens
+                .iter()
+                .map(|t| &t.as_bytes()[t.len().saturating_sub(40)..])
+                .collect();
+            let base64url = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+            let leaked = log
+                .split(|b| !base64url(b))
+                .filter(|word| word.len() >= 40 && tails.contains(&word[word.len() - 40..]))
+                .count();
+            println!(
+                "  server log: {} bytes, {} of the tokens sent checked, found in it: {leaked}",
+                log.len(),
+                tails.len()
+            );
+            if tails.is_empty() {
+                failed.push("no token to look for in the server log".to_owned());
+            }
+            if leaked > 0 {
+                failed.push("a token reached the server log".to_owned());
+            }
+        }
+        if failed.is_empty() {
+            println!("soak: passed");
+        } else {
+            println!("soak: FAILED: {}", failed.join("; "));
+            std::process::exit(1);
+        }
     }
 }

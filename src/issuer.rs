@@ -325,6 +325,15 @@ impl Issuer {
         )
     }
 
+    /// The longest an access or refresh token (the tokens of a session) can live, `None` if some
+    /// never expire. Login tokens are sessions of their own, so they do not count: the state of a
+    /// logged-out session is kept this long, not two minutes longer.
+    pub(crate) fn session_lifetime_ms(&self) -> Option<u64> {
+        let refresh = self.refresh_lifetime_ms?;
+        let access = self.access_lifetime_ms?;
+        Some(refresh.max(access).max(self.refreshable_access_lifetime_ms))
+    }
+
     fn mint(
         &self,
         user_id: &str,

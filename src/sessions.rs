@@ -174,7 +174,7 @@ impl Sessions {
     fn successor_until_ms(&self, user_id: &str) -> u64 {
         let issuer = &self.inner.issuer;
         issuer
-            .max_lifetime_ms()
+            .session_lifetime_ms()
             .map_or(u64::MAX, |l| issuer.stamp_ms(user_id).saturating_add(l))
     }
 

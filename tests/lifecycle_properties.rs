@@ -37,7 +37,7 @@ use common::keys;
 const ACCESS_MS: u64 = 60_000;
 /// Lifetime of an access token issued without one.
 const PLAIN_MS: u64 = 120_000;
-/// Lifetime of a refresh token (the longest: the issuer's `max_lifetime_ms`).
+/// Lifetime of a refresh token (the longest of a session: how long its state is kept).
 const REFRESH_MS: u64 = 180_000;
 
 const WHOAMI: &str = "/_matrix/client/v3/account/whoami";

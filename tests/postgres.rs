@@ -314,3 +314,64 @@ async fn rotating_refresh_first_use_is_recorded_for_every_process() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// The number of sessions a store's view holds, from its `Debug` output.
+fn view_sessions(store: &PostgresStore) -> usize {
+    let debug = format!("{store:?}");
+    let count = debug
+        .split("sessions: ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok());
+    count.expect("PostgresStore's Debug shows its session count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_forgets_state_whose_tokens_have_all_expired() {
+    use tower_matrix_auth::{Clock, Issuer, Sessions, SystemClock, Verifier};
+    let store = PostgresStore::connect(&database_url()).await.unwrap();
+    let parts = http::Request::new(()).into_parts().0;
+    let engine = |clock: &ManualClock| {
+        let issuer = Issuer::new(keys())
+            .clock(clock.clone())
+            .refreshable_access_lifetime_ms(60_000)
+            .access_lifetime_ms(Some(60_000))
+            .refresh_lifetime_ms(Some(60_000));
+        let verifier = Verifier::new(keys()).clock(clock.clone());
+        Sessions::new(issuer, verifier, store.clone())
+    };
+    // A logout now: its state must outlive every sweep until its tokens expire.
+    let now = ManualClock::new(SystemClock.now_ms());
+    let recent = engine(&now);
+    let kept = recent.login(&uid("@pg-kept"), &SessionRequest::default());
+    let kept = recent
+        .verifier()
+        .verify(kept.access_token.as_bytes(), TokenType::Access, &parts)
+        .unwrap();
+    recent.logout(&kept).await.unwrap();
+    let before = view_sessions(&store);
+
+    // Logouts of sessions whose tokens (one-minute lifetimes) were minted an hour ago: expired
+    // as soon as they are written, so the view may forget them.
+    let past = engine(&ManualClock::new(SystemClock.now_ms() - 3_600_000));
+    let user_id = uid("@pg-old");
+    for _ in 0..1100 {
+        let tokens = past.login(&user_id, &SessionRequest::default());
+        let user = past
+            .verifier()
+            .verify(tokens.access_token.as_bytes(), TokenType::Access, &parts)
+            .unwrap();
+        past.logout(&user).await.unwrap();
+    }
+    // A sweep runs once the view holds 1024 sessions (then whenever it doubles) and drops every
+    // expired one; without it the view would hold all 1100 more.
+    wait_until(Duration::from_secs(10), || {
+        view_sessions(&store) < before + 550
+    })
+    .await;
+    assert_eq!(
+        store.check(&kept).await.unwrap(),
+        RevocationStatus::Revoked,
+        "an unexpired logout survives the sweeps"
+    );
+}

@@ -199,6 +199,9 @@ impl PostgresStore {
                                     .write()
                                     .unwrap_or_else(|e| e.into_inner());
                                 apply_notification(&mut view, n.payload());
+                                // Every write anywhere lands here: forget expired state as the
+                                // memory store does, or the view grows with every logout ever.
+                                view.sweep_if_due(driver_shared.clock.now_ms());
                             }
                         }
                         Poll::Ready(Some(Ok(_))) => {}
