@@ -62,6 +62,10 @@ scripts/fuzz.sh short
 step "soak: the example homeserver under hostile traffic, 5 s (scripts/soak.sh long: 60 s, release)"
 SOAK_PROFILE=dev scripts/soak.sh short
 
+step "soak: login/refresh/logout cycles, memory store then PostgreSQL, 5 s each (scripts/soak.sh lifecycle-long: 60 s)"
+SOAK_PROFILE=dev scripts/soak.sh lifecycle-short
+SOAK_PROFILE=dev MATRIX_DATABASE_URL="$MATRIX_TEST_DATABASE_URL" scripts/soak.sh lifecycle-short
+
 step "tests (unit, integration, doc)"
 cargo test --all-features
 
