@@ -418,6 +418,30 @@ struct Tally {
 }
 
 impl Tally {
+    /// Requests sent, and how many of them got the right answer.
+    fn totals(&self) -> (u64, u64) {
+        let total = self.kinds.values().map(|(n, _)| n).sum();
+        let right = self.kinds.values().map(|(_, r)| r).sum();
+        (total, right)
+    }
+
+    /// Sent and right per kind (headed `kinds`), answers by class, then every wrong answer after
+    /// `summary`; labels padded to `width`.
+    fn print(&self, kinds: &str, width: usize, summary: &str) {
+        println!("  {kinds} (sent / right):");
+        for (kind, (sent, ok)) in &self.kinds {
+            println!("    {kind:<width$} {sent:>8} {ok:>8}");
+        }
+        println!("  answers by class:");
+        for (class, n) in &self.classes {
+            println!("    {class:<width$} {n:>8}", width = width.max(32));
+        }
+        println!("  {summary}");
+        for wrong in &self.wrong {
+            println!("    WRONG {wrong}");
+        }
+    }
+
     fn record(&mut self, kind: &'static str, class: String, right: Result<(), String>) {
         let entry = self.kinds.entry(kind).or_default();
         entry.0 += 1;
@@ -700,6 +724,92 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
+/// The server's resident memory over a run: at the start, once a second while the run lasts (the
+/// warm-up ends after a fifth of it), and at the end once the server has settled.
+struct ServerMemory {
+    pid: Option<u32>,
+    start: Option<u64>,
+    warm: Option<u64>,
+    samples: Vec<u64>,
+    end: Option<u64>,
+}
+
+impl ServerMemory {
+    fn start(pid: Option<u32>) -> Self {
+        Self {
+            pid,
+            start: pid.and_then(rss_kib),
+            warm: None,
+            samples: Vec::new(),
+            end: None,
+        }
+    }
+
+    /// Samples once a second until `duration` has passed since `started`.
+    async fn watch(&mut self, started: Instant, duration: Duration) {
+        while started.elapsed() < duration {
+            tokio::time::sleep(
+                Duration::from_secs(1).min(duration.saturating_sub(started.elapsed())),
+            )
+            .await;
+            if let Some(rss) = self.pid.and_then(rss_kib) {
+                self.samples.push(rss);
+                if self.warm.is_none() && started.elapsed() >= duration / 5 {
+                    self.warm = Some(rss);
+                }
+            }
+        }
+    }
+
+    /// The last reading, after letting the server settle (a closed connection's buffers).
+    async fn settle(&mut self) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.end = self.pid.and_then(rss_kib);
+    }
+
+    /// Prints the readings; a failure if memory grew by more than `growth_mib` after the warm-up.
+    fn check(&self, growth_mib: u64, failed: &mut Vec<String>) {
+        let (Some(start), Some(end)) = (self.start, self.end) else {
+            return;
+        };
+        let warm = self.warm.unwrap_or(start);
+        let peak = self.samples.iter().copied().max().unwrap_or(end);
+        println!(
+            "  server RSS: start {}, after warm-up {}, peak {}, end {}",
+            mib(start),
+            mib(warm),
+            mib(peak),
+            mib(end)
+        );
+        if end > warm + growth_mib * 1024 {
+            failed.push(format!(
+                "server RSS grew by more than {growth_mib} MiB after the warm-up"
+            ));
+        }
+    }
+}
+
+/// p50, p99 and max of `latencies` (sorted here).
+fn latency_summary(latencies: &mut [Duration]) -> (Duration, Duration, Duration) {
+    latencies.sort();
+    let max = latencies.last().copied().unwrap_or_default();
+    (
+        percentile(latencies, 0.50),
+        percentile(latencies, 0.99),
+        max,
+    )
+}
+
+/// Ends the run: passed, or failed with every reason and a non-zero exit.
+fn verdict(failed: &[String]) {
+    if failed.is_empty() {
+        println!("soak: passed");
+    } else {
+        println!("soak: FAILED: {}", failed.join("; "));
+        std::process::exit(1);
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let options = match options() {
@@ -741,7 +851,7 @@ async fn main() {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let duration = Duration::from_secs(options.seconds);
 
-    let rss_start = options.server_pid.and_then(rss_kib);
+    let mut memory = ServerMemory::start(options.server_pid);
     let started = Instant::now();
     let probe_task = tokio::spawn(probe(options.addr, tokens.alice.clone(), stop.clone()));
     let mut tasks = Vec::new();
@@ -763,19 +873,7 @@ async fn main() {
         )));
     }
 
-    // RSS once a second; the warm-up ends after a fifth of the run.
-    let mut rss_samples = Vec::new();
-    let mut rss_warm = None;
-    while started.elapsed() < duration {
-        tokio::time::sleep(Duration::from_secs(1).min(duration.saturating_sub(started.elapsed())))
-            .await;
-        if let Some(rss) = options.server_pid.and_then(rss_kib) {
-            rss_samples.push(rss);
-            if rss_warm.is_none() && started.elapsed() >= duration / 5 {
-                rss_warm = Some(rss);
-            }
-        }
-    }
+    memory.watch(started, duration).await;
     stop.store(true, Ordering::Relaxed);
     let mut broken_workers = 0;
     for task in tasks {
@@ -786,42 +884,29 @@ async fn main() {
     }
     let (mut latencies, probe_failures) = probe_task.await.expect("the probe task");
     let elapsed = started.elapsed();
-    // Let the server settle (a closed connection's buffers) before the last reading.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_end = options.server_pid.and_then(rss_kib);
+    memory.settle().await;
 
     let tally = tally.lock().unwrap();
-    let total: u64 = tally.kinds.values().map(|(n, _)| n).sum();
-    let right: u64 = tally.kinds.values().map(|(_, r)| r).sum();
+    let (total, right) = tally.totals();
     println!(
         "soak: {total} requests in {:.1} s ({:.0}/s) over {} connections + 2 raw",
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
         options.connections
     );
-    println!("  by kind (sent / right):");
-    for (kind, (sent, ok)) in &tally.kinds {
-        println!("    {kind:<24} {sent:>8} {ok:>8}");
-    }
-    println!("  answers by class:");
-    for (class, n) in &tally.classes {
-        println!("    {class:<32} {n:>8}");
-    }
-    println!(
-        "  wrong answers: {}, 5xx: {}, hangs: {}, reconnects after a connection error: {}",
-        total - right,
-        tally.server_errors,
-        tally.hangs,
-        tally.reconnects
+    tally.print(
+        "by kind",
+        24,
+        &format!(
+            "wrong answers: {}, 5xx: {}, hangs: {}, reconnects after a connection error: {}",
+            total - right,
+            tally.server_errors,
+            tally.hangs,
+            tally.reconnects
+        ),
     );
-    for wrong in &tally.wrong {
-        println!("    WRONG {wrong}");
-    }
 
-    latencies.sort();
-    let p50 = percentile(&latencies, 0.50);
-    let p99 = percentile(&latencies, 0.99);
-    let max = latencies.last().copied().unwrap_or_default();
+    let (p50, p99, max) = latency_summary(&mut latencies);
     println!(
         "  probe (valid request every 10 ms during the abuse): {} requests, {probe_failures} failed, \
          p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
@@ -844,23 +929,7 @@ async fn main() {
     if p99 > Duration::from_millis(options.probe_p99_ms) {
         failed.push(format!("probe p99 over {} ms", options.probe_p99_ms));
     }
-    if let (Some(start), Some(end)) = (rss_start, rss_end) {
-        let warm = rss_warm.unwrap_or(start);
-        let peak = rss_samples.iter().copied().max().unwrap_or(end);
-        println!(
-            "  server RSS: start {}, after warm-up {}, peak {}, end {}",
-            mib(start),
-            mib(warm),
-            mib(peak),
-            mib(end)
-        );
-        if end > warm + options.rss_growth_mib * 1024 {
-            failed.push(format!(
-                "server RSS grew by more than {} MiB after the warm-up",
-                options.rss_growth_mib
-            ));
-        }
-    }
+    memory.check(options.rss_growth_mib, &mut failed);
     if let Some(path) = &options.server_log {
         let log = std::fs::read(path).unwrap_or_default();
         let leaked: Vec<&str> = tokens
@@ -886,12 +955,7 @@ async fn main() {
             failed.push("a token reached the server log".to_owned());
         }
     }
-    if failed.is_empty() {
-        println!("soak: passed");
-    } else {
-        println!("soak: FAILED: {}", failed.join("; "));
-        std::process::exit(1);
-    }
+    verdict(&failed);
 }
 
 /// `--mode lifecycle`: many clients at once, each its own user (`soak<i>`), repeat
@@ -1293,7 +1357,7 @@ mod lifecycle {
         let duration = Duration::from_secs(options.seconds);
         let lifetime = Duration::from_millis(options.lifetime_ms);
         let cycles = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let rss_start = options.server_pid.and_then(rss_kib);
+        let mut memory = ServerMemory::start(options.server_pid);
         let started = Instant::now();
         let mut tasks = Vec::new();
         for index in 0..options.connections {
@@ -1331,20 +1395,7 @@ mod lifecycle {
                 (client.latencies, tokens)
             }));
         }
-        let mut rss_samples = Vec::new();
-        let mut rss_warm = None;
-        while started.elapsed() < duration {
-            tokio::time::sleep(
-                Duration::from_secs(1).min(duration.saturating_sub(started.elapsed())),
-            )
-            .await;
-            if let Some(rss) = options.server_pid.and_then(rss_kib) {
-                rss_samples.push(rss);
-                if rss_warm.is_none() && started.elapsed() >= duration / 5 {
-                    rss_warm = Some(rss);
-                }
-            }
-        }
+        memory.watch(started, duration).await;
         stop.store(true, Ordering::Relaxed);
         let mut latencies = Vec::new();
         let mut sent_tokens = Vec::new();
@@ -1359,12 +1410,10 @@ mod lifecycle {
             }
         }
         let elapsed = started.elapsed();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss_end = options.server_pid.and_then(rss_kib);
+        memory.settle().await;
 
         let tally = tally.lock().unwrap();
-        let total: u64 = tally.kinds.values().map(|(n, _)| n).sum();
-        let right: u64 = tally.kinds.values().map(|(_, r)| r).sum();
+        let (total, right) = tally.totals();
         let cycles = cycles.load(Ordering::Relaxed);
         println!(
             "soak lifecycle ({} store, token lifetime {} ms): {cycles} cycles, {total} requests in \
@@ -1376,27 +1425,17 @@ mod lifecycle {
             total as f64 / elapsed.as_secs_f64(),
             options.connections
         );
-        println!("  by step (sent / right):");
-        for (kind, (sent, ok)) in &tally.kinds {
-            println!("    {kind:<44} {sent:>8} {ok:>8}");
-        }
-        println!("  answers by class:");
-        for (class, n) in &tally.classes {
-            println!("    {class:<44} {n:>8}");
-        }
-        println!(
-            "  wrong answers: {}, 5xx: {}, hangs: {}",
-            total - right,
-            tally.server_errors,
-            tally.hangs
+        tally.print(
+            "by step",
+            44,
+            &format!(
+                "wrong answers: {}, 5xx: {}, hangs: {}",
+                total - right,
+                tally.server_errors,
+                tally.hangs
+            ),
         );
-        for wrong in &tally.wrong {
-            println!("    WRONG {wrong}");
-        }
-        latencies.sort();
-        let p50 = percentile(&latencies, 0.50);
-        let p99 = percentile(&latencies, 0.99);
-        let max = latencies.last().copied().unwrap_or_default();
+        let (p50, p99, max) = latency_summary(&mut latencies);
         println!(
             "  latency of every request: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             p50.as_secs_f64() * 1e3,
@@ -1417,23 +1456,7 @@ mod lifecycle {
         if p99 > Duration::from_millis(options.probe_p99_ms) {
             failed.push(format!("p99 over {} ms", options.probe_p99_ms));
         }
-        if let (Some(start), Some(end)) = (rss_start, rss_end) {
-            let warm = rss_warm.unwrap_or(start);
-            let peak = rss_samples.iter().copied().max().unwrap_or(end);
-            println!(
-                "  server RSS: start {}, after warm-up {}, peak {}, end {}",
-                mib(start),
-                mib(warm),
-                mib(peak),
-                mib(end)
-            );
-            if end > warm + options.rss_growth_mib * 1024 {
-                failed.push(format!(
-                    "server RSS grew by more than {} MiB after the warm-up",
-                    options.rss_growth_mib
-                ));
-            }
-        }
+        memory.check(options.rss_growth_mib, &mut failed);
         if let Some(path) = &options.server_log {
             let log = std::fs::read(path).unwrap_or_default();
             // Tokens are base64url words; a token in the log would be one (or end one).
@@ -1458,11 +1481,6 @@ mod lifecycle {
                 failed.push("a token reached the server log".to_owned());
             }
         }
-        if failed.is_empty() {
-            println!("soak: passed");
-        } else {
-            println!("soak: FAILED: {}", failed.join("; "));
-            std::process::exit(1);
-        }
+        verdict(&failed);
     }
 }
