@@ -1043,40 +1043,35 @@ impl Run {
         let user = user.expect("an identity");
         assert_eq!(identity_of(&user), identity);
         assert_eq!(user.credential(), Credential::Macaroon);
+        if op != b'O' && op != b'Z' {
+            return;
+        }
+        // Both log out the session of the token that asked (for `/logout/all`, the spec:
+        // "including the access token that made this request").
         match op {
-            b'O' => {
-                ready(self.sessions.logout(&user)).unwrap();
-                let at = self.position(&token, &identity, TokenType::Access);
-                self.model
-                    .sessions
-                    .entry(at.session)
-                    .or_default()
-                    .logged_out = true;
-            }
-            b'Z' => {
-                // Every token of the user minted by an earlier operation (even this very
-                // millisecond), none minted by a later one, and the whole session of the token
-                // that asked (the spec: "including the access token that made this request").
-                ready(self.sessions.logout_all(&user)).unwrap();
-                let at = self.position(&token, &identity, TokenType::Access);
-                self.model
-                    .sessions
-                    .entry(at.session)
-                    .or_default()
-                    .logged_out = true;
-                let count = self
-                    .model
-                    .everywhere
-                    .get(&identity.user_id)
-                    .map_or(1, |e| e.count + 1);
-                let everywhere = Everywhere {
-                    op: self.op,
-                    clock_ms: now,
-                    count,
-                };
-                self.model.everywhere.insert(identity.user_id, everywhere);
-            }
-            _ => {}
+            b'O' => ready(self.sessions.logout(&user)).unwrap(),
+            _ => ready(self.sessions.logout_all(&user)).unwrap(),
+        }
+        let at = self.position(&token, &identity, TokenType::Access);
+        self.model
+            .sessions
+            .entry(at.session)
+            .or_default()
+            .logged_out = true;
+        if op == b'Z' {
+            // And every token of the user minted by an earlier operation (even this very
+            // millisecond), none minted by a later one.
+            let count = self
+                .model
+                .everywhere
+                .get(&identity.user_id)
+                .map_or(1, |e| e.count + 1);
+            let everywhere = Everywhere {
+                op: self.op,
+                clock_ms: now,
+                count,
+            };
+            self.model.everywhere.insert(identity.user_id, everywhere);
         }
     }
 
