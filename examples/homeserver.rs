@@ -191,9 +191,7 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let users = parse_users(&std::env::var("MATRIX_USERS").unwrap_or_default())?;
-    let lifetime_ms: u64 = env_or("MATRIX_TOKEN_LIFETIME_MS", "300000")
-        .parse()
-        .map_err(|_| "MATRIX_TOKEN_LIFETIME_MS must be a whole number of milliseconds")?;
+    let lifetime_ms = env_number("MATRIX_TOKEN_LIFETIME_MS")?.unwrap_or(300_000);
     // Unset: these tokens never expire (Synapse's defaults), and neither can the revocation
     // state of a session that used them.
     let refresh_lifetime_ms = env_number("MATRIX_REFRESH_TOKEN_LIFETIME_MS")?;
