@@ -30,6 +30,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use crate::v2json_dialect::crate_dialect;
 use crate::wire::{decode_token, parse_binary, Format, MacaroonFields, OwnedCaveat};
 use crate::{KeyRing, MacaroonSecret, ManualClock, TokenType, Verifier};
 
@@ -358,70 +359,6 @@ struct Tally {
     disagreements: Vec<String>,
 }
 
-/// The V2JSON the crate refuses but we accept on purpose, rewritten the way the crate wants it.
-/// Returns the rewritten token and which exceptions applied (none: no excuse for disagreeing).
-///
-/// - No `"v"`, or no `"c"` when there are no caveats: pymacaroons writes neither. The crate
-///   requires both.
-/// - `i64`/`v64` in the URL-safe alphabet, as libmacaroons and pymacaroons write them: the crate
-///   decodes those two fields with the standard alphabet only. Conversely it decodes `s64`/`l64`
-///   with the URL-safe alphabet only. The rewrite translates characters, it does not decode.
-/// - A key given twice: the crate refuses, we (through `serde_json::Value`) take the last one.
-fn crate_dialect(input: &[u8], crate_error: &str) -> (String, Vec<&'static str>) {
-    fn translate(object: &mut serde_json::Map<String, serde_json::Value>, key: &str) -> bool {
-        let Some(serde_json::Value::String(text)) = object.get_mut(key) else {
-            return false;
-        };
-        let to_standard = matches!(key, "i64" | "v64");
-        let translated: String = text
-            .chars()
-            .map(|ch| match (ch, to_standard) {
-                ('-', true) => '+',
-                ('_', true) => '/',
-                ('+', false) => '-',
-                ('/', false) => '_',
-                (ch, _) => ch,
-            })
-            .collect();
-        let changed = translated != *text;
-        *text = translated;
-        changed
-    }
-    let mut reasons = Vec::new();
-    let mut object = match serde_json::from_slice(input) {
-        Ok(serde_json::Value::Object(object)) => object,
-        _ => return (String::new(), reasons),
-    };
-    if crate_error.contains("duplicate field") {
-        reasons.push("a key given twice (we take the last)");
-    }
-    if !object.contains_key("v") {
-        object.insert("v".into(), 2.into());
-        reasons.push("no \"v\" (pymacaroons)");
-    }
-    if !object.contains_key("c") {
-        object.insert("c".into(), serde_json::Value::Array(Vec::new()));
-        reasons.push("no \"c\" (pymacaroons, no caveats)");
-    }
-    let mut alphabet = false;
-    for key in ["i64", "l64", "s64"] {
-        alphabet |= translate(&mut object, key);
-    }
-    if let Some(serde_json::Value::Array(caveats)) = object.get_mut("c") {
-        for caveat in caveats {
-            if let serde_json::Value::Object(caveat) = caveat {
-                for key in ["i64", "l64", "v64"] {
-                    alphabet |= translate(caveat, key);
-                }
-            }
-        }
-    }
-    if alphabet {
-        reasons.push("base64 alphabet the crate refuses in that field");
-    }
-    (serde_json::Value::Object(object).to_string(), reasons)
-}
-
 impl Tally {
     /// Compares the two readings of one input. `token` says whether `input` is a token as sent
     /// (`decode_token`, `Macaroon::deserialize`) or already binary (`parse_binary`,
@@ -454,7 +391,7 @@ impl Tally {
         // The deliberate exceptions: the crate must read the token, rewritten into its dialect,
         // exactly as we read the original.
         if token && input.first() == Some(&b'{') && !error.is_empty() {
-            let (rewritten, reasons) = crate_dialect(input, &error);
+            let (rewritten, reasons) = crate_dialect(input, error.contains("duplicate field"));
             if !reasons.is_empty() {
                 let again = crate_token(rewritten.as_bytes());
                 if again.as_ref() == Ok(&ours) {

@@ -7,6 +7,8 @@ use crate::keys::hmac32;
 use crate::wire::{self, MacaroonFields, OwnedCaveat};
 use crate::{Format, MacaroonSecret};
 
+pub use crate::v2json_dialect::crate_dialect;
+
 /// What the wire parser read from a token: every field, caveats as `(id, third_party)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedView {

@@ -78,6 +78,8 @@ mod ruma;
 mod service;
 mod sessions;
 pub mod store;
+#[cfg(any(test, feature = "fuzzing"))]
+mod v2json_dialect;
 mod verify;
 mod wire;
 
