@@ -7,8 +7,9 @@
 //! as much again (see the README's Performance section); here each step is one fixed-size block
 //! copy and one call to `sha2::compress256`, which uses SHA-NI when the CPU has it.
 //!
-//! Only 32-byte keys are handled here; the libmacaroons key derivation, whose key is a string of
-//! any length, goes through the `hmac` crate (see `keys.rs`). Tests compare both on every length.
+//! Only 32-byte keys are handled here: every chain link, and the libmacaroons key derivation,
+//! whose 23-byte key `keys.rs` zero-pads to 32 bytes as HMAC itself would. The `hmac` crate is
+//! the reference in the tests (every message length, both key shapes), not a dependency.
 
 use sha2::digest::generic_array::GenericArray;
 

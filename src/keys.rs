@@ -4,27 +4,23 @@
 use std::fmt;
 use std::sync::Arc;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
 pub(crate) use crate::hmac_sha256::hmac32;
 use crate::hmac_sha256::PreparedKey;
 use crate::wire::SIGNATURE_LEN;
 
-type HmacSha256 = Hmac<Sha256>;
-
-/// HMAC-SHA256 of `message` under a key of any length: the key derivation only. Chain links,
-/// keyed with 32-byte signatures, use [`hmac32`].
-pub(crate) fn hmac(key: &[u8], message: &[u8]) -> [u8; SIGNATURE_LEN] {
-    // HMAC takes keys of any length, so this cannot fail.
-    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts any key length");
-    mac.update(message);
-    mac.finalize().into_bytes().into()
-}
-
 /// The fixed key libmacaroons (and so pymacaroons and the `macaroon` crate) uses to turn a
-/// secret of any length into a 32-byte root key.
-const KEY_GENERATOR: &[u8] = b"macaroons-key-generator";
+/// secret of any length into a 32-byte root key: `"macaroons-key-generator"`, zero-padded to 32
+/// bytes. HMAC pads every key shorter than a block with zeros, so the padding changes nothing.
+const KEY_GENERATOR: [u8; SIGNATURE_LEN] = {
+    let name = b"macaroons-key-generator";
+    let mut key = [0; SIGNATURE_LEN];
+    let mut i = 0;
+    while i < name.len() {
+        key[i] = name[i];
+        i += 1;
+    }
+    key
+};
 
 /// A macaroon root secret. Its `Debug` output never shows the key.
 ///
@@ -45,7 +41,7 @@ impl MacaroonSecret {
     /// `macaroon_secret_key` went through, so its tokens verify with this key.
     pub fn from_passphrase(secret: impl AsRef<[u8]>) -> Self {
         Self {
-            root_key: hmac(KEY_GENERATOR, secret.as_ref()),
+            root_key: hmac32(&KEY_GENERATOR, secret.as_ref()),
         }
     }
 
@@ -225,7 +221,7 @@ mod tests {
             .with_key("a", MacaroonSecret::from_passphrase("3"));
         assert_eq!(ring.len(), 2);
         assert_eq!(ring.minting_key(), Some(&b"a"[..]));
-        let expected = hmac(MacaroonSecret::from_passphrase("3").root_key(), b"a");
+        let expected = hmac32(MacaroonSecret::from_passphrase("3").root_key(), b"a");
         assert_eq!(ring.find(b"a").unwrap().first_link, expected);
         assert!(ring.find(b"c").is_none());
     }
@@ -240,7 +236,7 @@ mod tests {
             for n in 0..=caveats.len() {
                 let mut expected = key.first_link;
                 for caveat in &caveats[..n] {
-                    expected = hmac(&expected, caveat);
+                    expected = hmac32(&expected, caveat);
                 }
                 assert_eq!(key.chain(caveats[..n].iter().copied()), expected, "{n}");
             }
