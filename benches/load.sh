@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The load benchmark of issue 4: hyper 1 on one tokio thread, bare and behind MatrixAuthLayer
 # (without and with the verified-token cache), each under wrk with every request carrying the
-# same valid token, on 127.0.0.1 only. Rounds alternate the modes so that a busy machine
-# disturbs them alike; the ratios are of medians over rounds. Besides wrk's requests/s and
+# same valid token, on 127.0.0.1 only. Rounds alternate the modes (in a rotating order) so that
+# a busy machine disturbs them alike; the ratios are of medians over rounds. Besides wrk's requests/s and
 # latencies, it reports the server's CPU time per request (from /proc): on a machine other jobs
 # share, that is the steadier measure of what the layer costs (capacity = 1 / CPU per request).
 #
@@ -140,9 +140,13 @@ run() { # mode round
 
 echo "==> $ROUNDS rounds x (bare, layered, cached), ${DURATION}s each, $CONNECTIONS connections," \
   "1 server thread, wrk 1 thread, loopback, server: $TARGET" >&2
+# The order rotates every round (bare first, then layered first, then cached first): a server
+# started right after another, or a machine that speeds up or slows down within a round, then
+# favours no mode.
+modes=(bare layered cached)
 for round in $(seq "$ROUNDS"); do
-  for mode in bare layered cached; do
-    run "$mode" "$round"
+  for i in 0 1 2; do
+    run "${modes[$(((round - 1 + i) % 3))]}" "$round"
   done
 done
 

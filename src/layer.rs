@@ -105,6 +105,11 @@ impl Config {
 /// one); every other request gets the Matrix JSON error. Cloning is cheap: the configuration is
 /// shared.
 ///
+/// Logging: if the span current when the layer is called declares a `user_id` field (a
+/// `TraceLayer` span made with `user_id = tracing::field::Empty`), the layer fills it in with
+/// the verified user id, so the request's log lines say who made it. Nothing is recorded for a
+/// rejected request, and a token never is.
+///
 /// See the [crate docs](crate) for an example.
 #[derive(Clone)]
 pub struct MatrixAuthLayer {

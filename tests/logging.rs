@@ -72,3 +72,65 @@ async fn logs_name_the_user_and_the_reason_but_never_the_token() {
     // Not even a recognisable piece of one (the nonce is part of every token here).
     assert!(!logs.contains("abcdefgh12345678"), "{logs}");
 }
+
+/// The layer fills in a `user_id` field that the request span (a `TraceLayer`'s, say) declared
+/// empty, as `Display` (no quotes); it leaves it empty on a rejection, and leaves spans without
+/// such a field alone.
+#[tokio::test(flavor = "current_thread")]
+async fn the_request_span_gets_the_user_id_once_verified() {
+    use tracing::Instrument;
+
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
+    let token = access_token(&[]);
+    let forged = mint_with(
+        "wrong secret",
+        "key",
+        &["user_id = @alice:example.org", "type = access"],
+        macaroon::Format::V1,
+    );
+
+    let accepted = tracing::info_span!("accepted", user_id = tracing::field::Empty);
+    let out = call(&layer, bearer("/x", &token))
+        .instrument(accepted)
+        .await;
+    assert_eq!(out.status, StatusCode::OK);
+    let rejected = tracing::info_span!("rejected", user_id = tracing::field::Empty);
+    let out = call(&layer, bearer("/x", &forged))
+        .instrument(rejected)
+        .await;
+    assert_eq!(out.status, StatusCode::UNAUTHORIZED);
+    let fieldless = tracing::info_span!("fieldless", path = "/x");
+    let out = call(&layer, bearer("/x", &token))
+        .instrument(fieldless)
+        .await;
+    assert_eq!(out.status, StatusCode::OK);
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let closing = |name: &str| {
+        logs.lines()
+            .find(|line| line.contains(&format!(" {name}")) && line.contains("close"))
+            .unwrap_or_else(|| panic!("no close line for {name}:\n{logs}"))
+            .to_owned()
+    };
+    assert!(
+        closing("accepted").contains(&format!("accepted{{user_id={ALICE}}}")),
+        "{logs}"
+    );
+    assert!(closing("rejected").contains("rejected: "), "{logs}");
+    assert!(!closing("rejected").contains("user_id"), "{logs}");
+    assert!(
+        closing("fieldless").contains("fieldless{path=\"/x\"}"),
+        "{logs}"
+    );
+    assert!(!closing("fieldless").contains("user_id"), "{logs}");
+}
