@@ -85,6 +85,11 @@ pub struct TokenNonce {
 impl TokenNonce {
     /// Reads a nonce value; `None` for nonces minted elsewhere (Synapse's random ones).
     pub fn parse(value: &str) -> Option<Self> {
+        // The shortest is `<32 hex>.0.0.a`. Synapse's 16-character nonces stop here, before the
+        // split: the revocation check parses the nonce of every request.
+        if value.len() < 38 {
+            return None;
+        }
         let mut parts = value.split('.');
         // Hex digits only: `from_str_radix` also takes a leading `+`, which would give one
         // session a second spelling.
@@ -487,7 +492,17 @@ mod tests {
         let text = nonce.to_string();
         assert_eq!(text, "00000000000000000000000000000abc.7.1700000000000.r");
         assert_eq!(TokenNonce::parse(&text), Some(nonce));
+        // The shortest nonce there is parses; the length check before the split is exact.
+        let shortest = TokenNonce {
+            session: SessionId(0),
+            generation: 0,
+            issued_ms: 0,
+            kind: NonceKind::Access,
+        };
+        assert_eq!(shortest.to_string().len(), 38);
+        assert_eq!(TokenNonce::parse(&shortest.to_string()), Some(shortest));
         for bad in [
+            "0000000000000000000000000000000.0.0.a",
             "kZ3pQx9LwT2mVbRc",
             "00000000000000000000000000000abc.7.1700000000000",
             "00000000000000000000000000000abc.7.1700000000000.x",
