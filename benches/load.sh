@@ -3,8 +3,10 @@
 # (without and with the verified-token cache), each under wrk with every request carrying the
 # same valid token, on 127.0.0.1 only. Rounds alternate the modes (in a rotating order) so that
 # a busy machine disturbs them alike; the ratios are of medians over rounds. Besides wrk's requests/s and
-# latencies, it reports the server's CPU time per request (from /proc): on a machine other jobs
-# share, that is the steadier measure of what the layer costs (capacity = 1 / CPU per request).
+# latencies, it reports the server's CPU time per request (from /proc), and the user-space part
+# of it: on a machine other jobs share, that is the steadier measure of what the layer costs
+# (capacity = 1 / CPU per request). The system part is the kernel's loopback TCP; the layer
+# makes no system call, yet that part grows too when the layer runs (see the README).
 #
 #   benches/load.sh                 # 3 rounds of 10 s per mode, 64 connections, plain hyper
 #   benches/load.sh homeserver      # the same against the example homeserver (axum, TraceLayer,
@@ -110,32 +112,33 @@ to_us() {
   }'
 }
 
-# The server's CPU time so far (user + system), in clock ticks.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$cpu_pid/stat"; }
+# The server's CPU time so far, user and system, in clock ticks.
+cpu_ticks() { awk '{print $14, $15}' "/proc/$cpu_pid/stat"; }
 
 run() { # mode round
   start_server "$1"
   "${pin_wrk[@]}" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -H "Authorization: Bearer $token" \
     "$url$PATH_" >/dev/null
-  local ticks_before ticks_after
-  ticks_before=$(cpu_ticks)
+  local user_before sys_before user_after sys_after
+  read -r user_before sys_before < <(cpu_ticks)
   "${pin_wrk[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
     -H "Authorization: Bearer $token" "$url$PATH_" >"$work/wrk.out"
-  ticks_after=$(cpu_ticks)
+  read -r user_after sys_after < <(cpu_ticks)
   stop_server
-  local rps p50 p99 non2xx errors requests cpu_us
+  local rps p50 p99 non2xx errors requests cpu_us user_us
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.out")
   requests=$(awk '/ requests in / {print $1}' "$work/wrk.out")
-  cpu_us=$(awk -v t=$((ticks_after - ticks_before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" \
-    'BEGIN { print t * 1000000 / hz / n }')
+  per_request() { awk -v t="$1" -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN { print t * 1000000 / hz / n }'; }
+  cpu_us=$(per_request $((user_after - user_before + sys_after - sys_before)))
+  user_us=$(per_request $((user_after - user_before)))
   p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$work/wrk.out")")
   p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$work/wrk.out")")
   non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$work/wrk.out")
   errors=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' "$work/wrk.out")
-  printf '%s %s %s %s %s %s %s %s\n' "$1" "$2" "$rps" "$p50" "$p99" "${non2xx:-0}" \
-    "${errors:-0}" "$cpu_us" >>"$work/results"
-  printf '  round %s %-8s %8.0f req/s  p50 %6.0f us  p99 %6.0f us  server CPU %5.2f us/req  non-2xx %s  socket errors %s\n' \
-    "$2" "$1" "$rps" "$p50" "$p99" "$cpu_us" "${non2xx:-0}" "${errors:-0}" >&2
+  printf '%s %s %s %s %s %s %s %s %s\n' "$1" "$2" "$rps" "$p50" "$p99" "${non2xx:-0}" \
+    "${errors:-0}" "$cpu_us" "$user_us" >>"$work/results"
+  printf '  round %s %-8s %8.0f req/s  p50 %6.0f us  p99 %6.0f us  server CPU %5.2f us/req (user %5.2f)  non-2xx %s  socket errors %s\n' \
+    "$2" "$1" "$rps" "$p50" "$p99" "$cpu_us" "$user_us" "${non2xx:-0}" "${errors:-0}" >&2
 }
 
 echo "==> $ROUNDS rounds x (bare, layered, cached), ${DURATION}s each, $CONNECTIONS connections," \
@@ -156,17 +159,18 @@ awk '
     for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (sorted[j] < sorted[i]) { t = sorted[i]; sorted[i] = sorted[j]; sorted[j] = t }
     return (n % 2) ? sorted[(n + 1) / 2] : (sorted[n / 2] + sorted[n / 2 + 1]) / 2
   }
-  { n[$1]++; rps[$1, n[$1]] = $3; p50[$1, n[$1]] = $4; p99[$1, n[$1]] = $5; bad[$1] += $6 + $7; cpu[$1, n[$1]] = $8 }
+  { n[$1]++; rps[$1, n[$1]] = $3; p50[$1, n[$1]] = $4; p99[$1, n[$1]] = $5; bad[$1] += $6 + $7; cpu[$1, n[$1]] = $8; user[$1, n[$1]] = $9 }
   END {
     split("bare layered cached", modes, " ")
-    printf "\n| server (median of %d rounds) | req/s | vs bare | p50 | p99 | errors | server CPU per request | capacity vs bare |\n", n["bare"]
-    print "|---|---|---|---|---|---|---|---|"
+    printf "\n| server (median of %d rounds) | req/s | vs bare | p50 | p99 | errors | server CPU per request | of which user space | capacity vs bare |\n", n["bare"]
+    print "|---|---|---|---|---|---|---|---|---|"
     for (m = 1; m <= 3; m++) {
       mode = modes[m]
-      for (i = 1; i <= n[mode]; i++) { r[i] = rps[mode, i]; a[i] = p50[mode, i]; b[i] = p99[mode, i]; c[i] = cpu[mode, i] }
+      for (i = 1; i <= n[mode]; i++) { r[i] = rps[mode, i]; a[i] = p50[mode, i]; b[i] = p99[mode, i]; c[i] = cpu[mode, i]; u[i] = user[mode, i] }
       med[mode] = median(r, n[mode])
       medcpu[mode] = median(c, n[mode])
-      printf "| %s | %.0f | %.1f%% | %.0f us | %.0f us | %d | %.2f us | %.1f%% |\n", mode, med[mode], 100 * med[mode] / med["bare"], median(a, n[mode]), median(b, n[mode]), bad[mode], medcpu[mode], 100 * medcpu["bare"] / medcpu[mode]
+      meduser[mode] = median(u, n[mode])
+      printf "| %s | %.0f | %.1f%% | %.0f us | %.0f us | %d | %.2f us | %.2f us | %.1f%% |\n", mode, med[mode], 100 * med[mode] / med["bare"], median(a, n[mode]), median(b, n[mode]), bad[mode], medcpu[mode], meduser[mode], 100 * medcpu["bare"] / medcpu[mode]
     }
     # Same-round ratios too: they cancel a machine that slows down between rounds.
     for (m = 2; m <= 3; m++) {
