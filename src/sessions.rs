@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower_service::Service;
 
 use crate::identity::{MatrixUser, TokenType};
@@ -339,11 +339,20 @@ impl RefreshEndpoint {
         }
         let body = match Limited::new(body, MAX_BODY).collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(_) => {
+            Err(error) if error.is::<LengthLimitError>() => {
                 return matrix_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "M_TOO_LARGE",
                     "Request body too large.",
+                )
+            }
+            // The client's body broke off (a reset connection, a chunked body cut short): what
+            // arrived is no JSON document, and no token in it is looked at.
+            Err(_) => {
+                return matrix_error(
+                    StatusCode::BAD_REQUEST,
+                    "M_NOT_JSON",
+                    "The request body could not be read in full.",
                 )
             }
         };

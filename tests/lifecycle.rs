@@ -409,3 +409,92 @@ async fn logout_all_in_the_same_millisecond_revokes_earlier_logins_and_spares_la
         StatusCode::OK
     );
 }
+
+/// A body that sends `first`, then fails as a connection reset mid-body would.
+struct BrokenBody {
+    first: Option<bytes::Bytes>,
+}
+
+impl http_body::Body for BrokenBody {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+        std::task::Poll::Ready(Some(match self.first.take() {
+            Some(data) => Ok(http_body::Frame::data(data)),
+            None => Err(std::io::ErrorKind::ConnectionReset.into()),
+        }))
+    }
+}
+
+/// The status and errcode a refresh endpoint answers `body` with.
+async fn refresh_answer<B>(
+    endpoint: &tower_matrix_auth::RefreshEndpoint,
+    body: B,
+) -> (StatusCode, String)
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let request = http::Request::post("/refresh").body(body).unwrap();
+    let response = endpoint.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let errcode = json["errcode"].as_str().unwrap_or_default().to_owned();
+    (status, errcode)
+}
+
+/// A body that breaks off is not JSON (400 `M_NOT_JSON`), even when what arrived held a valid
+/// refresh token, which stays usable; only a body over the limit is 413 `M_TOO_LARGE`.
+#[tokio::test]
+async fn refresh_endpoints_answer_a_broken_body_as_not_json_and_leave_the_token_alone() {
+    use http_body_util::Full;
+    use tower_matrix_auth::{Issuer, MemoryStore, Sessions, Verifier};
+
+    let sessions = Sessions::new(
+        Issuer::new(keys()).refreshable_access_lifetime_ms(60_000),
+        Verifier::new(keys()),
+        MemoryStore::new(),
+    );
+    let login = SessionRequest {
+        device_id: None,
+        refresh: true,
+        guest: false,
+    };
+    for endpoint in [
+        sessions.refresh_endpoint(),
+        sessions.token_refresh_endpoint(),
+    ] {
+        let tokens = sessions.login(ALICE, &login);
+        let refresh = tokens.refresh_token.clone().unwrap();
+        let whole = || bytes::Bytes::from(refresh_body(&refresh));
+
+        let broken = BrokenBody {
+            first: Some(whole()),
+        };
+        assert_eq!(
+            refresh_answer(&endpoint, broken).await,
+            (StatusCode::BAD_REQUEST, "M_NOT_JSON".to_owned())
+        );
+        let huge = format!(
+            "{{\"refresh_token\": \"{refresh}\", \"pad\": \"{}\"}}",
+            "x".repeat(70_000)
+        );
+        assert_eq!(
+            refresh_answer(&endpoint, Full::new(bytes::Bytes::from(huge))).await,
+            (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE".to_owned())
+        );
+        // Neither refusal spent the token.
+        assert_eq!(
+            refresh_answer(&endpoint, Full::new(whole())).await,
+            (StatusCode::OK, String::new())
+        );
+    }
+}
