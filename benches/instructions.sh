@@ -54,7 +54,9 @@ stop_server() {
 }
 trap 'stop_server; rm -rf "$work"' EXIT INT TERM
 
-# Runs mode $1 under callgrind for $2 requests; prints the instructions counted.
+# Runs mode $1 under callgrind for $2 requests; sets $counted to the instructions counted.
+# (Not in a command substitution: that subshell would not see the exit trap that stops the
+# server if something fails.)
 count() {
   local mode=$1 requests=$2 out="$work/callgrind.$1.$2"
   : >"$work/server.out"
@@ -92,14 +94,16 @@ count() {
   python3 benches/exact_requests.py "$url$path" "$token" "$requests"
   stop_server
   if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$out" "$KEEP/"; fi
-  awk '/^summary:/ {print $2}' "$out"
+  counted=$(awk '/^summary:/ {print $2}' "$out")
+  [ -n "$counted" ] || { echo "callgrind wrote no summary to $out" >&2; exit 1; }
 }
 
 echo "==> instructions per request: $TARGET, ($LARGE - $SMALL requests) under callgrind" >&2
 for mode in bare layered cached; do
-  small=$(count "$mode" "$SMALL")
-  large=$(count "$mode" "$LARGE")
-  per=$(((large - small) / (LARGE - SMALL)))
+  count "$mode" "$SMALL"
+  small=$counted
+  count "$mode" "$LARGE"
+  per=$(((counted - small) / (LARGE - SMALL)))
   printf '  %-8s %8d instructions per request\n' "$mode" "$per" >&2
   echo "$mode $per" >>"$work/results"
 done
