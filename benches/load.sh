@@ -1,29 +1,30 @@
 #!/usr/bin/env bash
 # The load benchmark of issue 4: hyper 1 on one tokio thread, bare and behind MatrixAuthLayer
 # (without and with the verified-token cache), each under wrk with every request carrying the
-# same valid token, on 127.0.0.1 only. Rounds alternate the modes (in a rotating order) so that
-# a busy machine disturbs them alike; the ratios are of medians over rounds. Besides wrk's requests/s and
-# latencies, it reports the server's CPU time per request (from /proc), and the user-space part
-# of it: on a machine other jobs share, that is the steadier measure of what the layer costs
-# (capacity = 1 / CPU per request). The system part is the kernel's loopback TCP; the layer
-# makes no system call, yet that part grows too when the layer runs (see the README).
+# same valid token, on 127.0.0.1 only. The three servers run side by side for the whole run and
+# wrk loads them in turn, in short slices whose order rotates every round, so that a shared
+# machine that speeds up or slows down disturbs the modes alike; "vs bare" is the median of
+# same-round ratios. Besides wrk's requests/s and latencies, it reports the server's CPU time per
+# request (from /proc), and the user-space part of it (capacity = 1 / CPU per request). The
+# system part is the kernel's loopback TCP; the layer makes no system call.
 #
-#   benches/load.sh                 # 3 rounds of 10 s per mode, 64 connections, plain hyper
+#   benches/load.sh                 # 15 rounds of 3 s per mode, 64 connections, plain hyper
 #   benches/load.sh homeserver      # the same against the example homeserver (axum, TraceLayer,
 #                                   # CORS, the revocation store), on one tokio worker; "bare" is
 #                                   # that server with MATRIX_INSECURE_NO_AUTH_AS (the identity
 #                                   # given for free), "layered" sets MATRIX_TOKEN_CACHE=0
-#   ROUNDS=5 DURATION=20 benches/load.sh
+#   ROUNDS=30 DURATION=5 benches/load.sh
 #   NICE=-20 benches/load.sh        # on a shared machine (as root): server and wrk get the
 #                                   # scheduler's preference, so other jobs disturb them less
 #
-# Needs wrk (`apt-get install -y wrk`). Bounded in time: every server stops itself after
-# DURATION+30 s even if this script is killed, and is killed on exit in any case.
+# Needs wrk (`apt-get install -y wrk`). Bounded in time: every server stops itself once the run's
+# planned time (plus a minute) is over, even if this script is killed, and is killed on exit in
+# any case.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-15}
+DURATION=${DURATION:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 WARMUP=${WARMUP:-2}
 PATH_=/_matrix/client/v3/account/whoami
@@ -56,24 +57,30 @@ if [ -n "${NICE:-}" ]; then
 fi
 
 work=$(mktemp -d)
-server_pid=
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=
-  fi
+declare -A server_pid url token cpu_pid
+stop_servers() {
+  local mode
+  for mode in "${!server_pid[@]}"; do
+    kill "${server_pid[$mode]}" 2>/dev/null || true
+    wait "${server_pid[$mode]}" 2>/dev/null || true
+  done
+  server_pid=()
 }
-trap 'stop_server; rm -rf "$work"' EXIT INT TERM
+trap 'stop_servers; rm -rf "$work"' EXIT INT TERM
 
-# Starts the server in mode $1 on a free loopback port; sets $url and $token.
+# All three servers stay up for the whole run, on the same core (idle ones cost nothing);
+# wrk loads one at a time. Their time limit covers every slice, plus a margin.
+LIFETIME=$((ROUNDS * 3 * (DURATION + 1) + 3 * (WARMUP + 1) + 60))
+
+# Starts the server of mode $1 on a free loopback port; sets its url, token and pids.
 start_server() {
+  local mode=$1 out="$work/server.$1.out" err="$work/server.$1.err"
   if [ "$TARGET" = hyper ]; then
-    "${pin_server[@]}" "$server" --mode "$1" --addr 127.0.0.1:0 \
-      --max-seconds $((DURATION + WARMUP + 30)) >"$work/server.out" 2>"$work/server.err" &
+    "${pin_server[@]}" "$server" --mode "$mode" --addr 127.0.0.1:0 \
+      --max-seconds "$LIFETIME" >"$out" 2>"$err" &
   else
     local no_auth="" cache=""
-    case "$1" in
+    case "$mode" in
       bare) no_auth=@alice:localhost ;;
       layered) cache=0 ;;
     esac
@@ -82,25 +89,24 @@ start_server() {
     MATRIX_LISTEN=127.0.0.1:0 MATRIX_MACAROON_SECRET=load-benchmark-secret \
       MATRIX_PRINT_TOKEN_FOR=@alice:localhost MATRIX_WORKER_THREADS=1 \
       MATRIX_INSECURE_NO_AUTH_AS="$no_auth" MATRIX_TOKEN_CACHE="$cache" RUST_LOG="${LOG:-info}" \
-      "${pin_server[@]}" timeout $((DURATION + WARMUP + 30)) "$server" \
-      >"$work/server.out" 2>"$work/server.err" &
+      "${pin_server[@]}" timeout "$LIFETIME" "$server" >"$out" 2>"$err" &
   fi
-  server_pid=$!
+  server_pid[$mode]=$!
   for _ in $(seq 100); do
-    grep -q '^listening on ' "$work/server.out" 2>/dev/null && break
+    grep -q '^listening on ' "$out" 2>/dev/null && break
     sleep 0.05
   done
-  url=$(sed -n 's/^listening on //p' "$work/server.out")
+  url[$mode]=$(sed -n 's/^listening on //p' "$out")
   if [ "$TARGET" = hyper ]; then
-    token=$(sed -n 's/^token //p' "$work/server.out")
-    cpu_pid=$server_pid
+    token[$mode]=$(sed -n 's/^token //p' "$out")
+    cpu_pid[$mode]=${server_pid[$mode]}
   else
-    token=$(head -n 1 "$work/server.out")
-    cpu_pid=$(pgrep -P "$server_pid" | head -n 1) # the homeserver, not `timeout`
+    token[$mode]=$(head -n 1 "$out")
+    cpu_pid[$mode]=$(pgrep -P "${server_pid[$mode]}" | head -n 1) # the homeserver, not `timeout`
   fi
-  case "$url" in
+  case "${url[$mode]}" in
     http://127.0.0.1:*) ;;
-    *) echo "server did not start on loopback: '$url'" >&2; cat "$work/server.err" >&2; exit 1 ;;
+    *) echo "server did not start on loopback: '${url[$mode]}'" >&2; cat "$err" >&2; exit 1 ;;
   esac
 }
 
@@ -113,18 +119,19 @@ to_us() {
 }
 
 # The server's CPU time so far, user and system, in clock ticks.
-cpu_ticks() { awk '{print $14, $15}' "/proc/$cpu_pid/stat"; }
+cpu_ticks() { awk '{print $14, $15}' "/proc/${cpu_pid[$1]}/stat"; }
+
+warm_up() { # mode
+  "${pin_wrk[@]}" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -H "Authorization: Bearer ${token[$1]}" \
+    "${url[$1]}$PATH_" >/dev/null
+}
 
 run() { # mode round
-  start_server "$1"
-  "${pin_wrk[@]}" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -H "Authorization: Bearer $token" \
-    "$url$PATH_" >/dev/null
   local user_before sys_before user_after sys_after
-  read -r user_before sys_before < <(cpu_ticks)
+  read -r user_before sys_before < <(cpu_ticks "$1")
   "${pin_wrk[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
-    -H "Authorization: Bearer $token" "$url$PATH_" >"$work/wrk.out"
-  read -r user_after sys_after < <(cpu_ticks)
-  stop_server
+    -H "Authorization: Bearer ${token[$1]}" "${url[$1]}$PATH_" >"$work/wrk.out"
+  read -r user_after sys_after < <(cpu_ticks "$1")
   local rps p50 p99 non2xx errors requests cpu_us user_us
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.out")
   requests=$(awk '/ requests in / {print $1}' "$work/wrk.out")
@@ -143,10 +150,13 @@ run() { # mode round
 
 echo "==> $ROUNDS rounds x (bare, layered, cached), ${DURATION}s each, $CONNECTIONS connections," \
   "1 server thread, wrk 1 thread, loopback, server: $TARGET" >&2
-# The order rotates every round (bare first, then layered first, then cached first): a server
-# started right after another, or a machine that speeds up or slows down within a round, then
-# favours no mode.
 modes=(bare layered cached)
+for mode in "${modes[@]}"; do start_server "$mode"; done
+for mode in "${modes[@]}"; do warm_up "$mode"; done
+# Short slices, and the order rotates every round (bare first, then layered first, then cached
+# first): on a shared machine whose speed changes from one ten-second stretch to the next, the
+# three modes of a round then run under the same conditions, and no mode is favoured by its
+# place in the round.
 for round in $(seq "$ROUNDS"); do
   for i in 0 1 2; do
     run "${modes[$(((round - 1 + i) % 3))]}" "$round"

@@ -124,8 +124,8 @@ use subtle::ConstantTimeEq;
 
 use tower_matrix_auth::{
     is_valid_user_id, AppService, AppServices, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer,
-    MatrixUser, MemoryStore, PostgresStore, ResolvedToken, SessionRequest, Sessions, StaticTokens,
-    TokenStore, TokenType, Verifier,
+    MatrixUser, MemoryStore, PostgresStore, ResolvedToken, ResponseBody, SessionRequest, Sessions,
+    StaticTokens, TokenStore, TokenType, Verifier,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -251,7 +251,18 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         .ok()
         .filter(|who| !who.is_empty())
     {
-        None => app(auth, state, &sessions),
+        // Responses go back to axum in its own body type: otherwise axum boxes the layer's
+        // `ResponseBody` once more on every request.
+        None => app(
+            tower::ServiceBuilder::new()
+                .map_response(|response: Response<ResponseBody<Body>>| {
+                    response.map(ResponseBody::into_inner_type)
+                })
+                .layer(auth)
+                .into_inner(),
+            state,
+            &sessions,
+        ),
         Some(user_id) => {
             let loopback = listen
                 .parse::<SocketAddr>()
