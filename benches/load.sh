@@ -16,6 +16,13 @@
 #   ROUNDS=30 DURATION=5 benches/load.sh
 #   NICE=-20 benches/load.sh        # on a shared machine (as root): server and wrk get the
 #                                   # scheduler's preference, so other jobs disturb them less
+#   SHARED=1 benches/load.sh [homeserver]
+#                                   # the steadier cross-check on a noisy machine: bare and one
+#                                   # layered mode loaded at the same time, both servers on the
+#                                   # same core (which the scheduler shares out evenly) and each
+#                                   # under half the connections; the ratio of their requests/s
+#                                   # is the ratio of their capacities, measured in the very
+#                                   # same seconds
 #
 # Needs wrk (`apt-get install -y wrk`). Bounded in time: every server stops itself once the run's
 # planned time (plus a minute) is over, even if this script is killed, and is killed on exit in
@@ -147,6 +154,52 @@ run() { # mode round
   printf '  round %s %-8s %8.0f req/s  p50 %6.0f us  p99 %6.0f us  server CPU %5.2f us/req (user %5.2f)  non-2xx %s  socket errors %s\n' \
     "$2" "$1" "$rps" "$p50" "$p99" "$cpu_us" "$user_us" "${non2xx:-0}" "${errors:-0}" >&2
 }
+
+# Modes $1 and $2 at the same time, each under half the connections; appends both rates.
+run_pair() { # bare-mode other-mode round
+  local half=$((CONNECTIONS / 2)) mode pids=()
+  for mode in "$1" "$2"; do
+    "${pin_wrk[@]}" wrk -t1 -c"$half" -d"${DURATION}s" -H "Authorization: Bearer ${token[$mode]}" \
+      "${url[$mode]}$PATH_" >"$work/wrk.$mode.out" &
+    pids+=($!)
+  done
+  wait "${pids[@]}" # the two wrk, not the servers
+  local rps_a rps_b bad
+  rps_a=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.$1.out")
+  rps_b=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.$2.out")
+  bad=$(cat "$work/wrk.$1.out" "$work/wrk.$2.out" | awk '/Non-2xx or 3xx responses:/ {n += $NF} /Socket errors:/ {gsub(",", ""); n += $4 + $6 + $8 + $10} END {print n + 0}')
+  echo "$2 $3 $rps_a $rps_b $bad" >>"$work/pairs"
+  printf '  round %s %-8s %8.0f req/s beside bare %8.0f req/s: %5.1f%%  non-2xx + socket errors %s\n' \
+    "$3" "$2" "$rps_b" "$rps_a" "$(awk -v a="$rps_a" -v b="$rps_b" 'BEGIN {print 100 * b / a}')" "$bad" >&2
+}
+
+if [ -n "${SHARED:-}" ]; then
+  echo "==> $ROUNDS rounds x (bare beside layered, bare beside cached), ${DURATION}s each," \
+    "$CONNECTIONS connections split in two, both servers on one core, server: $TARGET" >&2
+  for mode in bare layered cached; do start_server "$mode"; done
+  for mode in bare layered cached; do warm_up "$mode"; done
+  for round in $(seq "$ROUNDS"); do
+    if ((round % 2)); then run_pair bare layered "$round"; run_pair bare cached "$round"
+    else run_pair bare cached "$round"; run_pair bare layered "$round"; fi
+  done
+  awk '
+    function median(list, n,    sorted, i, j, t) {
+      for (i = 1; i <= n; i++) sorted[i] = list[i]
+      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (sorted[j] < sorted[i]) { t = sorted[i]; sorted[i] = sorted[j]; sorted[j] = t }
+      return (n % 2) ? sorted[(n + 1) / 2] : (sorted[n / 2] + sorted[n / 2 + 1]) / 2
+    }
+    { n[$1]++; q[$1, n[$1]] = $4 / $3; bad[$1] += $5 }
+    END {
+      print ""
+      for (m = 1; m <= 2; m++) {
+        mode = (m == 1) ? "layered" : "cached"
+        for (i = 1; i <= n[mode]; i++) r[i] = q[mode, i]
+        lo = r[1]; hi = r[1]; for (i = 2; i <= n[mode]; i++) { if (r[i] < lo) lo = r[i]; if (r[i] > hi) hi = r[i] }
+        printf "%s beside bare, median of %d same-second ratios: %.1f%% (from %.1f%% to %.1f%%; goal: %s), errors %d\n", mode, n[mode], 100 * median(r, n[mode]), 100 * lo, 100 * hi, (mode == "layered") ? ">= 90%" : ">= 97%", bad[mode]
+      }
+    }' "$work/pairs"
+  exit 0
+fi
 
 echo "==> $ROUNDS rounds x (bare, layered, cached), ${DURATION}s each, $CONNECTIONS connections," \
   "1 server thread, wrk 1 thread, loopback, server: $TARGET" >&2
