@@ -47,7 +47,11 @@ impl<'a> Caveat<'a> {
     /// assert!(Caveat::parse(b"user-id = @a:b").is_none());
     /// ```
     pub fn parse(bytes: &'a [u8]) -> Option<Self> {
-        let text = std::str::from_utf8(bytes).ok()?;
+        Self::parse_text(std::str::from_utf8(bytes).ok()?)
+    }
+
+    /// [`Caveat::parse`] of text already known to be UTF-8.
+    fn parse_text(text: &'a str) -> Option<Self> {
         // One pass over the key: the first byte outside `[A-Za-z0-9_]` must be its space.
         let key_len = text
             .bytes()
@@ -208,10 +212,13 @@ fn parse_ms(value: &str) -> Option<u64> {
 }
 
 impl CaveatRules {
-    /// Checks every caveat of a token whose signature already verified.
+    /// Checks every caveat of a token whose signature already verified. `section` is the
+    /// token's caveat section when it is UTF-8 as a whole (first-party caveats are text), so
+    /// that the caveats' text needs no check of its own.
     pub(crate) fn evaluate<'a>(
         &self,
         caveats: impl Iterator<Item = RawCaveat<'a>>,
+        section: Option<&'a str>,
         expected: TokenType,
         now_ms: u64,
         parts: &Parts,
@@ -228,7 +235,11 @@ impl CaveatRules {
             if raw.third_party {
                 return Err(CaveatFailure::ThirdParty);
             }
-            let caveat = Caveat::parse(raw.id).ok_or(CaveatFailure::Malformed)?;
+            let caveat = match section.and_then(|section| text_within(section, raw.id)) {
+                Some(text) => Caveat::parse_text(text),
+                None => Caveat::parse(raw.id),
+            }
+            .ok_or(CaveatFailure::Malformed)?;
             let (op, value) = (caveat.op, caveat.value);
             match caveat.key {
                 "gen" => {
@@ -315,6 +326,13 @@ impl CaveatRules {
     }
 }
 
+/// `part` as text, when it lies within `text` on character boundaries (a caveat's bytes inside
+/// the caveat section they were parsed from always do).
+fn text_within<'a>(text: &'a str, part: &[u8]) -> Option<&'a str> {
+    let start = (part.as_ptr() as usize).checked_sub(text.as_ptr() as usize)?;
+    text.get(start..start.checked_add(part.len())?)
+}
+
 /// A Matrix user id: `@localpart:server_name`, at most 255 bytes.
 ///
 /// The localpart is checked against the historical grammar every server must still accept
@@ -375,6 +393,25 @@ fn is_valid_server_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_within_finds_a_part_by_its_place_and_nothing_else() {
+        let section = "0021cid user_id = @é:example.org\n";
+        let bytes = section.as_bytes();
+        let value = &bytes[8..bytes.len() - 1];
+        assert_eq!(
+            text_within(section, value),
+            Some("user_id = @é:example.org")
+        );
+        // Equal bytes elsewhere are not within the section.
+        let copy = value.to_vec();
+        assert_eq!(text_within(section, &copy), None);
+        // Half of `é` is not text.
+        let at = section.find('é').unwrap();
+        assert_eq!(text_within(section, &bytes[at + 1..]), None);
+        // Running past the end.
+        assert_eq!(text_within(&section[..10], value), None);
+    }
 
     #[test]
     fn grammar() {

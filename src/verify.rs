@@ -211,9 +211,10 @@ impl Verifier {
             return Err(Rejection::unknown(Unknown::BadSignature));
         }
 
+        let section_text = macaroon.caveat_text();
         let claims = self
             .rules
-            .evaluate(caveats.clone(), expected, now_ms, parts)
+            .evaluate(caveats.clone(), section_text, expected, now_ms, parts)
             .map_err(|failure| Rejection::unknown(Unknown::Caveat(failure)))?;
         let user = MatrixUser::from_claims(VerifiedClaims {
             user_id: claims.user_id,

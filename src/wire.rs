@@ -76,6 +76,11 @@ pub(crate) struct Macaroon<'a> {
 }
 
 impl<'a> Macaroon<'a> {
+    /// The caveat section as text, if it is UTF-8 as a whole: one check for every caveat.
+    pub(crate) fn caveat_text(&self) -> Option<&'a str> {
+        std::str::from_utf8(self.caveat_section).ok()
+    }
+
     /// The caveats in order. Infallible: [`parse_binary`] validated the section.
     pub(crate) fn caveats(&self) -> Caveats<'a> {
         Caveats {
