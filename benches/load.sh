@@ -173,21 +173,27 @@ run_pair() { # bare-mode other-mode round
     "$3" "$2" "$rps_b" "$rps_a" "$(awk -v a="$rps_a" -v b="$rps_b" 'BEGIN {print 100 * b / a}')" "$bad" >&2
 }
 
+# The summaries' median, for both kinds of run.
+awk_median='
+  function median(list, n,    sorted, i, j, t) {
+    for (i = 1; i <= n; i++) sorted[i] = list[i]
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (sorted[j] < sorted[i]) { t = sorted[i]; sorted[i] = sorted[j]; sorted[j] = t }
+    return (n % 2) ? sorted[(n + 1) / 2] : (sorted[n / 2] + sorted[n / 2 + 1]) / 2
+  }
+'
+
+modes=(bare layered cached)
+for mode in "${modes[@]}"; do start_server "$mode"; done
+for mode in "${modes[@]}"; do warm_up "$mode"; done
+
 if [ -n "${SHARED:-}" ]; then
   echo "==> $ROUNDS rounds x (bare beside layered, bare beside cached), ${DURATION}s each," \
     "$CONNECTIONS connections split in two, both servers on one core, server: $TARGET" >&2
-  for mode in bare layered cached; do start_server "$mode"; done
-  for mode in bare layered cached; do warm_up "$mode"; done
   for round in $(seq "$ROUNDS"); do
     if ((round % 2)); then run_pair bare layered "$round"; run_pair bare cached "$round"
     else run_pair bare cached "$round"; run_pair bare layered "$round"; fi
   done
-  awk '
-    function median(list, n,    sorted, i, j, t) {
-      for (i = 1; i <= n; i++) sorted[i] = list[i]
-      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (sorted[j] < sorted[i]) { t = sorted[i]; sorted[i] = sorted[j]; sorted[j] = t }
-      return (n % 2) ? sorted[(n + 1) / 2] : (sorted[n / 2] + sorted[n / 2 + 1]) / 2
-    }
+  awk "$awk_median"'
     { n[$1]++; q[$1, n[$1]] = $4 / $3; bad[$1] += $5 }
     END {
       print ""
@@ -203,9 +209,6 @@ fi
 
 echo "==> $ROUNDS rounds x (bare, layered, cached), ${DURATION}s each, $CONNECTIONS connections," \
   "1 server thread, wrk 1 thread, loopback, server: $TARGET" >&2
-modes=(bare layered cached)
-for mode in "${modes[@]}"; do start_server "$mode"; done
-for mode in "${modes[@]}"; do warm_up "$mode"; done
 # Short slices, and the order rotates every round (bare first, then layered first, then cached
 # first): on a shared machine whose speed changes from one ten-second stretch to the next, the
 # three modes of a round then run under the same conditions, and no mode is favoured by its
@@ -216,12 +219,7 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-awk '
-  function median(list, n,    sorted, i, j, t) {
-    for (i = 1; i <= n; i++) sorted[i] = list[i]
-    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (sorted[j] < sorted[i]) { t = sorted[i]; sorted[i] = sorted[j]; sorted[j] = t }
-    return (n % 2) ? sorted[(n + 1) / 2] : (sorted[n / 2] + sorted[n / 2 + 1]) / 2
-  }
+awk "$awk_median"'
   { n[$1]++; rps[$1, n[$1]] = $3; p50[$1, n[$1]] = $4; p99[$1, n[$1]] = $5; bad[$1] += $6 + $7; cpu[$1, n[$1]] = $8; user[$1, n[$1]] = $9 }
   END {
     split("bare layered cached", modes, " ")
