@@ -291,7 +291,11 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
                 .map_err(|_| {
                     format!("MATRIX_INSECURE_NO_AUTH_AS: `{user_id}` is not a Matrix user id")
                 })?;
+            // The request span gets the user id as the layer records it, so that this server
+            // logs what the layered one does: the benchmark compares authentication, not
+            // authentication plus a log field.
             let as_user = tower::util::MapRequestLayer::new(move |mut request: Request<Body>| {
+                user.record_in_current_span();
                 request.extensions_mut().insert(user.clone());
                 request
             });

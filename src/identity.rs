@@ -254,6 +254,36 @@ impl MatrixUser {
         &self.text[..self.user_id_end]
     }
 
+    /// Fills in the `user_id` field of the current span, if it declares one (a `TraceLayer`
+    /// request span made with `user_id = tracing::field::Empty`); otherwise does nothing.
+    ///
+    /// The layer does this for every request it admits. Call it for requests you authenticate
+    /// another way (a login, a refresh exchange), so that their log lines name the user alike.
+    ///
+    /// It is what `Span::current().record("user_id", ..)` does, without cloning the span handle
+    /// and dropping it again (each a trip through the subscriber's span registry), and as
+    /// `Display`: a formatting subscriber writes `@alice:example.org` as it is instead of
+    /// escaping it as a `Debug` string. A user id is validated before it gets here, so it holds
+    /// no space or control character that could break a log line.
+    pub fn record_in_current_span(&self) {
+        let user_id = self.user_id();
+        tracing::dispatcher::get_default(|dispatch| {
+            let current = dispatch.current_span();
+            let (Some(id), Some(metadata)) = (current.id(), current.metadata()) else {
+                return;
+            };
+            let Some(field) = metadata.fields().field("user_id") else {
+                return;
+            };
+            let value = tracing::field::display(user_id);
+            let values = [(&field, Some(&value as &dyn tracing::Value))];
+            dispatch.record(
+                id,
+                &tracing::span::Record::new(&metadata.fields().value_set(&values)),
+            );
+        });
+    }
+
     /// The `device_id` caveat, if the token was issued to a device.
     pub fn device_id(&self) -> Option<&str> {
         self.device_id_end

@@ -254,7 +254,7 @@ impl Config {
         }
         let span = match &user {
             Some(user) => {
-                record_user_id(user.user_id());
+                user.record_in_current_span();
                 tracing::debug_span!(
                     "matrix_auth",
                     user_id = user.user_id(),
@@ -278,32 +278,6 @@ impl Config {
         );
         self.render(rejection)
     }
-}
-
-/// Fills in the `user_id` field of the current span (a `TraceLayer`'s request span declared
-/// with `user_id = tracing::field::Empty`), if it has one.
-///
-/// What `Span::current().record(..)` does, without cloning the span handle and dropping it again
-/// (each a trip through the subscriber's span registry), and as `Display`: a formatting
-/// subscriber writes `@alice:example.org` as it is instead of escaping it character by character
-/// as a `Debug` string. A user id is validated before it gets here, so it holds no space or
-/// control character that could break a log line.
-fn record_user_id(user_id: &str) {
-    tracing::dispatcher::get_default(|dispatch| {
-        let current = dispatch.current_span();
-        let (Some(id), Some(metadata)) = (current.id(), current.metadata()) else {
-            return;
-        };
-        let Some(field) = metadata.fields().field("user_id") else {
-            return;
-        };
-        let value = tracing::field::display(user_id);
-        let values = [(&field, Some(&value as &dyn tracing::Value))];
-        dispatch.record(
-            id,
-            &tracing::span::Record::new(&metadata.fields().value_set(&values)),
-        );
-    });
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for MatrixAuth<S>

@@ -134,3 +134,38 @@ async fn the_request_span_gets_the_user_id_once_verified() {
     );
     assert!(!closing("fieldless").contains("user_id"), "{logs}");
 }
+
+/// `MatrixUser::record_in_current_span`, for requests authenticated outside the layer, writes
+/// the field exactly as the layer does, and does nothing where there is no span or no field.
+#[test]
+fn an_identity_records_itself_in_the_current_span() {
+    use tower_matrix_auth::{TokenType, Verifier};
+
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let parts = http::Request::new(()).into_parts().0;
+    let user = Verifier::new(keys())
+        .clock(ManualClock::new(NOW_MS))
+        .verify(access_token(&[]).as_bytes(), TokenType::Access, &parts)
+        .expect("a valid token");
+    user.record_in_current_span(); // no span: nothing to fill in, and no panic
+    tracing::info_span!("declared", user_id = tracing::field::Empty)
+        .in_scope(|| user.record_in_current_span());
+    tracing::info_span!("undeclared", path = "/x").in_scope(|| user.record_in_current_span());
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains(&format!(" declared{{user_id={ALICE}}}: ")),
+        "{logs}"
+    );
+    assert!(logs.contains(" undeclared{path=\"/x\"}: "), "{logs}");
+    assert_eq!(logs.matches("user_id").count(), 1, "{logs}");
+}
