@@ -91,9 +91,18 @@ impl TokenCache {
     fn hash(&self, token: &[u8]) -> u64 {
         let tail = &token[token.len().saturating_sub(HASHED_TAIL)..];
         let mut hash = self.seeds[0] ^ token.len() as u64;
-        for chunk in tail.chunks(8) {
+        // Whole words as plain loads; only a token shorter than the tail has a partial one
+        // (a copy of variable length is a call to `memcpy`).
+        let mut words = tail.chunks_exact(8);
+        for chunk in &mut words {
             let mut word = [0; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
+            word.copy_from_slice(chunk);
+            hash = folded_multiply(hash ^ u64::from_le_bytes(word), self.seeds[1]);
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut word = [0; 8];
+            word[..rest.len()].copy_from_slice(rest);
             hash = folded_multiply(hash ^ u64::from_le_bytes(word), self.seeds[1]);
         }
         folded_multiply(hash, self.seeds[2])

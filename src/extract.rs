@@ -65,12 +65,14 @@ fn header_token(parts: &Parts) -> Result<Option<&[u8]>, Missing> {
     Ok((!token.is_empty()).then_some(token))
 }
 
-/// Whether every byte is visible ASCII (0x21..=0x7e). A fold rather than `all`: without the
-/// early exit it vectorizes, and every request's whole token goes through here.
+/// Whether every byte is visible ASCII (0x21..=0x7e): shifted down by 0x21, every byte must be
+/// at most 0x5d, so the largest one decides. A maximum without an early exit vectorizes to one
+/// subtraction and one `max` per 16 bytes, and every request's whole token goes through here.
 fn visible_ascii(bytes: &[u8]) -> bool {
     bytes
         .iter()
-        .fold(true, |ok, &b| ok & (b.wrapping_sub(0x21) < 0x7f - 0x21))
+        .fold(0, |largest: u8, &b| largest.max(b.wrapping_sub(0x21)))
+        <= 0x7e - 0x21
 }
 
 /// The `access_token` parameter: `None` if absent or empty, an error if given twice.
