@@ -12,7 +12,8 @@
 #   benches/load.sh homeserver      # the same against the example homeserver (axum, TraceLayer,
 #                                   # CORS, the revocation store), on one tokio worker; "bare" is
 #                                   # that server with MATRIX_INSECURE_NO_AUTH_AS (the identity
-#                                   # given for free), "layered" sets MATRIX_TOKEN_CACHE=0
+#                                   # given for free, its user id logged in the request span as
+#                                   # the layer logs it), "layered" sets MATRIX_TOKEN_CACHE=0
 #   ROUNDS=30 DURATION=5 benches/load.sh
 #   NICE=-20 benches/load.sh        # on a shared machine (as root): server and wrk get the
 #                                   # scheduler's preference, so other jobs disturb them less

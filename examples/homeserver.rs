@@ -88,7 +88,7 @@
 //! |------------------------------|--------------------------------------------------------|------------|
 //! | `MATRIX_WORKER_THREADS`      | tokio worker threads                                    | one a core |
 //! | `MATRIX_TOKEN_CACHE`         | verified-token cache capacity; `0` turns it off         | `4096`     |
-//! | `MATRIX_INSECURE_NO_AUTH_AS` | a user id: **no authentication at all**, every request on the authenticated routes acts as that user (the "bare" server of the load benchmark); refused unless `MATRIX_LISTEN` is a loopback address | unset |
+//! | `MATRIX_INSECURE_NO_AUTH_AS` | a user id: **no authentication at all**, every request on the authenticated routes acts as that user, whose id the request span records as the layer would (the "bare" server of the load benchmark); refused unless `MATRIX_LISTEN` is a loopback address | unset |
 //!
 //! An application service may act as a user of its namespace with `?user_id=`, and as one of
 //! that user's devices with `?device_id=` (a device is known here once it logged in).

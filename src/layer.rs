@@ -108,7 +108,8 @@ impl Config {
 /// Logging: if the span current when the layer is called declares a `user_id` field (a
 /// `TraceLayer` span made with `user_id = tracing::field::Empty`), the layer fills it in with
 /// the verified user id, so the request's log lines say who made it. Nothing is recorded for a
-/// rejected request, and a token never is.
+/// rejected request, and a token never is. Requests authenticated elsewhere (a login, a refresh
+/// exchange) can record theirs the same way with [`crate::MatrixUser::record_in_current_span`].
 ///
 /// See the [crate docs](crate) for an example.
 #[derive(Clone)]
