@@ -15,6 +15,9 @@
 //!   [`MatrixUser::expires_at_ms`], so an expired token still gets its soft logout.
 //! - **Revocation is never cached.** The layer asks its revocation store after every
 //!   verification, hit or not.
+//! - **Visible ASCII only.** Tokens with any other byte (a V2JSON token with spaces, sent in a
+//!   query) are verified every time, so that a hit also proves that a header token obeys the
+//!   extraction rules, which the layer then does not check byte by byte again.
 //! - **Bounded.** A fixed number of slots, each holding at most one token of at most
 //!   [`MAX_CACHED_TOKEN_LEN`] bytes; a new token takes its slot from whatever was there.
 //! - **One configuration.** Every builder method of the verifier starts a fresh cache, so clones
@@ -135,9 +138,11 @@ impl TokenCache {
     }
 
     /// Remembers that `token` verified as `user`, in place of whatever held its slot. The caller
-    /// decides what may be cached (see the module docs).
+    /// decides what may be cached (see the module docs); tokens that are not visible ASCII (a
+    /// V2JSON token with spaces, from a query) never are, so that a hit proves a header token
+    /// well-formed without reading it twice.
     pub(crate) fn insert(&self, token: &[u8], user: &MatrixUser) {
-        if token.len() > MAX_CACHED_TOKEN_LEN {
+        if token.len() > MAX_CACHED_TOKEN_LEN || !crate::extract::visible_ascii(token) {
             return;
         }
         let (hash, shard, slot) = self.place(token);
@@ -193,11 +198,23 @@ mod tests {
     #[test]
     fn a_hit_returns_what_was_stored() {
         let cache = TokenCache::new(64).unwrap();
-        assert!(cache.get(b"token a").is_none());
-        cache.insert(b"token a", &user("@a:x"));
-        assert_eq!(cache.get(b"token a"), Some(user("@a:x")));
-        assert!(cache.get(b"token b").is_none());
+        assert!(cache.get(b"token-a").is_none());
+        cache.insert(b"token-a", &user("@a:x"));
+        assert_eq!(cache.get(b"token-a"), Some(user("@a:x")));
+        assert!(cache.get(b"token-b").is_none());
         assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn only_visible_ascii_tokens_are_held() {
+        let cache = TokenCache::new(64).unwrap();
+        for token in [&b"with space"[..], b"tab\there", b"caf\xc3\xa9", b"del\x7f"] {
+            cache.insert(token, &user("@a:x"));
+            assert!(cache.get(token).is_none(), "{token:?}");
+        }
+        assert_eq!(cache.len(), 0);
+        cache.insert(b"!~visible~!", &user("@a:x"));
+        assert_eq!(cache.get(b"!~visible~!"), Some(user("@a:x")));
     }
 
     #[test]
@@ -211,7 +228,7 @@ mod tests {
             let cache = TokenCache::new(capacity).unwrap();
             assert!(cache.capacity() <= capacity && cache.capacity() > capacity / 2);
             for i in 0..capacity * 4 {
-                cache.insert(format!("token {i}").as_bytes(), &user("@a:x"));
+                cache.insert(format!("token-{i}").as_bytes(), &user("@a:x"));
             }
             assert!(cache.len() <= cache.capacity(), "{capacity}");
             assert!(cache

@@ -24,11 +24,30 @@ use crate::error::Missing;
 /// The query parameter the Matrix spec names.
 const PARAM: &[u8] = b"access_token";
 
-/// The token a request carries, if any.
-pub(crate) fn find_token(
-    parts: &Parts,
-    query_tokens: bool,
-) -> Result<Option<Cow<'_, [u8]>>, Missing> {
+/// A token as found in a request, every rule of the table applied but perhaps one.
+#[derive(Debug)]
+pub(crate) struct Found<'a> {
+    pub(crate) token: Cow<'a, [u8]>,
+    /// Set for a lone header token: whether it is visible ASCII is still to be checked, with
+    /// [`Found::checked`]. The layer skips that check, which reads every byte, when the token
+    /// cache holds the token: the cache holds visible-ASCII tokens only, so a hit proves it.
+    pub(crate) visibility_unchecked: bool,
+}
+
+impl<'a> Found<'a> {
+    /// The token once every rule holds: `M_MISSING_TOKEN` for a header token that is not
+    /// visible ASCII.
+    pub(crate) fn checked(self) -> Result<Cow<'a, [u8]>, Missing> {
+        if self.visibility_unchecked && !visible_ascii(&self.token) {
+            return Err(Missing::NotBearer);
+        }
+        Ok(self.token)
+    }
+}
+
+/// The token a request carries, if any. A lone header token comes back with its visible-ASCII
+/// check left to the caller ([`Found::checked`]); every other outcome of the table is final.
+pub(crate) fn find_token(parts: &Parts, query_tokens: bool) -> Result<Option<Found<'_>>, Missing> {
     let header = header_token(parts)?;
     let query = if query_tokens {
         query_token(parts.uri.query())?
@@ -36,13 +55,22 @@ pub(crate) fn find_token(
         None
     };
     match (header, query) {
+        // A malformed header is reported as such, before the mixing.
+        (Some(token), Some(_)) if !visible_ascii(token) => Err(Missing::NotBearer),
         (Some(_), Some(_)) => Err(Missing::Mixed),
-        (Some(token), None) => Ok(Some(Cow::Borrowed(token))),
-        (None, query) => Ok(query),
+        (Some(token), None) => Ok(Some(Found {
+            token: Cow::Borrowed(token),
+            visibility_unchecked: true,
+        })),
+        (None, query) => Ok(query.map(|token| Found {
+            token,
+            visibility_unchecked: false,
+        })),
     }
 }
 
-/// `Authorization: Bearer <token>`, or `None` if there is no header or an empty token.
+/// `Authorization: Bearer <token>`, or `None` if there is no header or an empty token. Whether
+/// the token is visible ASCII is not checked here (see [`Found`]).
 fn header_token(parts: &Parts) -> Result<Option<&[u8]>, Missing> {
     let mut values = parts.headers.get_all(AUTHORIZATION).iter();
     let Some(value) = values.next() else {
@@ -59,16 +87,13 @@ fn header_token(parts: &Parts) -> Result<Option<&[u8]>, Missing> {
     if !scheme.eq_ignore_ascii_case(b"bearer") {
         return Err(Missing::NotBearer);
     }
-    if !visible_ascii(token) {
-        return Err(Missing::NotBearer);
-    }
     Ok((!token.is_empty()).then_some(token))
 }
 
 /// Whether every byte is visible ASCII (0x21..=0x7e): shifted down by 0x21, every byte must be
 /// at most 0x5d, so the largest one decides. A maximum without an early exit vectorizes to one
 /// subtraction and one `max` per 16 bytes, and every request's whole token goes through here.
-fn visible_ascii(bytes: &[u8]) -> bool {
+pub(crate) fn visible_ascii(bytes: &[u8]) -> bool {
     bytes
         .iter()
         .fold(0, |largest: u8, &b| largest.max(b.wrapping_sub(0x21)))
@@ -176,7 +201,10 @@ mod tests {
     }
 
     fn found(uri: &str, headers: &[&[u8]]) -> Result<Option<Vec<u8>>, Missing> {
-        find_token(&parts(uri, headers), true).map(|t| t.map(Cow::into_owned))
+        match find_token(&parts(uri, headers), true)? {
+            Some(found) => found.checked().map(|t| Some(t.into_owned())),
+            None => Ok(None),
+        }
     }
 
     #[test]
@@ -220,6 +248,12 @@ mod tests {
             b"Bearer \xc3\xa9t\xc3\xa9",
         ] {
             assert_eq!(found("/x", &[bad]), Err(Missing::NotBearer), "{bad:?}");
+            // A malformed header comes first, even beside a query token.
+            assert_eq!(
+                found("/x?access_token=q", &[bad]),
+                Err(Missing::NotBearer),
+                "{bad:?}"
+            );
         }
     }
 
@@ -233,11 +267,28 @@ mod tests {
     }
 
     #[test]
+    fn only_a_lone_header_token_leaves_its_visibility_to_the_caller() {
+        let lone = parts("/x", &[b"Bearer a\xffb"]);
+        let lone = find_token(&lone, true).unwrap().unwrap();
+        assert!(lone.visibility_unchecked);
+        assert_eq!(lone.checked(), Err(Missing::NotBearer));
+        let good = parts("/x", &[b"Bearer ab"]);
+        let good = find_token(&good, true).unwrap().unwrap();
+        assert!(good.visibility_unchecked);
+        assert_eq!(good.checked().unwrap().as_ref(), b"ab");
+        let query = parts("/x?access_token=a%20b", &[]);
+        let query = find_token(&query, true).unwrap().unwrap();
+        assert!(!query.visibility_unchecked);
+        assert_eq!(query.checked().unwrap().as_ref(), b"a b");
+    }
+
+    #[test]
     fn query_tokens_can_be_switched_off() {
         let p = parts("/x?access_token=abc&access_token=d", &[b"Bearer h"]);
-        assert_eq!(find_token(&p, false).unwrap().as_deref(), Some(&b"h"[..]));
+        let found = find_token(&p, false).unwrap().unwrap();
+        assert_eq!(found.checked().unwrap().as_ref(), b"h");
         let p = parts("/x?access_token=abc", &[]);
-        assert_eq!(find_token(&p, false).unwrap(), None);
+        assert!(find_token(&p, false).unwrap().is_none());
     }
 
     #[test]

@@ -85,10 +85,34 @@ impl Config {
         if requirement == Requirement::Skip {
             return Decision::Pass(None);
         }
-        let token = match find_token(parts, self.query_token == QueryToken::Allowed) {
-            Ok(Some(token)) => token,
+        let found = match find_token(parts, self.query_token == QueryToken::Allowed) {
+            Ok(Some(found)) => found,
             Ok(None) if requirement == Requirement::Optional => return Decision::Pass(None),
             Ok(None) => return Decision::Reject(Rejection::missing(Missing::NoToken)),
+            Err(missing) => return Decision::Reject(Rejection::missing(missing)),
+        };
+        // A cache hit first, unless `as_token`s come first: the cache holds visible-ASCII tokens
+        // only, so a hit also settles the one extraction rule `find_token` left open.
+        if !self.appservices_configured() {
+            if let Some(verified) = self.verifier.cached(&found.token, TokenType::Access) {
+                return self.after_verification(verified, parts);
+            }
+        }
+        self.decide_in_full(found, parts)
+    }
+
+    fn appservices_configured(&self) -> bool {
+        #[cfg(feature = "appservice")]
+        return !self.appservices.is_empty();
+        #[cfg(not(feature = "appservice"))]
+        return false;
+    }
+
+    /// The rest of [`Config::decide`] for a token the cache did not vouch for: the extraction
+    /// rule left open, `as_token`s, the full verification, or the resolver for opaque tokens.
+    fn decide_in_full(&self, found: crate::extract::Found<'_>, parts: &Parts) -> Decision {
+        let token = match found.checked() {
+            Ok(token) => token,
             Err(missing) => return Decision::Reject(Rejection::missing(missing)),
         };
         #[cfg(feature = "appservice")]
@@ -97,11 +121,11 @@ impl Config {
                 return self.appservice_decision(appservice, parts);
             }
         }
-        let verified = match self
+        match self
             .verifier
-            .verify_allowing_expired(&token, TokenType::Access, parts)
+            .verify_in_full(&token, TokenType::Access, parts)
         {
-            Ok(verified) => verified,
+            Ok(verified) => self.after_verification(verified, parts),
             // Macaroons are told apart by their format alone, as the verifier reports it: a
             // macaroon, valid or not, never reaches the resolver; anything else does.
             Err(rejection) if rejection.is_not_a_macaroon() => match &self.resolver {
@@ -109,15 +133,19 @@ impl Config {
                     let Ok(text) = std::str::from_utf8(&token) else {
                         return Decision::Reject(Rejection::unknown(Unknown::NotResolved));
                     };
-                    return Decision::AwaitResolver {
+                    Decision::AwaitResolver {
                         resolving: resolver.resolve(text),
                         token_id: TokenId::from_secret("opaque", &token),
-                    };
+                    }
                 }
-                None => return Decision::Reject(rejection),
+                None => Decision::Reject(rejection),
             },
-            Err(rejection) => return Decision::Reject(rejection),
-        };
+            Err(rejection) => Decision::Reject(rejection),
+        }
+    }
+
+    /// A verified macaroon's decision: the revocation store's answer, now or later.
+    fn after_verification(&self, verified: Verified, parts: &Parts) -> Decision {
         match self.revocation.check(&verified.user).now_or_later() {
             Ok(outcome) => match self.settle(outcome, verified, parts) {
                 Ok(user) => Decision::Pass(Some(user)),

@@ -171,21 +171,42 @@ impl Verifier {
         expected: TokenType,
         parts: &Parts,
     ) -> Result<Verified, Rejection> {
+        match self.cached(token, expected) {
+            Some(verified) => Ok(verified),
+            None => self.verify_in_full(token, expected, parts),
+        }
+    }
+
+    /// The verdict on a token the cache holds, verified before as `expected`: its identity, and
+    /// whether it has expired since. `None` when it must be verified in full.
+    pub(crate) fn cached(&self, token: &[u8], expected: TokenType) -> Option<Verified> {
+        if token.len() > self.max_token_len {
+            return None;
+        }
+        let user = self.cache.as_deref()?.get(token)?;
+        // Another type: verified in full, for the full rejection.
+        if user.token_type() != expected {
+            return None;
+        }
+        // The one check a hit repeats, the only one that depends on the clock; tokens without
+        // `time <` do not even read it.
+        let expired = user
+            .expires_at_ms()
+            .is_some_and(|at| self.clock.now_ms() >= at.saturating_add(self.rules.leeway_ms));
+        Some(Verified { user, expired })
+    }
+
+    /// [`Verifier::verify_allowing_expired`] without asking the cache (but filling it).
+    pub(crate) fn verify_in_full(
+        &self,
+        token: &[u8],
+        expected: TokenType,
+        parts: &Parts,
+    ) -> Result<Verified, Rejection> {
         if token.len() > self.max_token_len {
             return Err(Rejection::unknown(Unknown::TooLong));
         }
         let cache = self.cache.as_deref();
-        if let Some(user) = cache.and_then(|cache| cache.get(token)) {
-            if user.token_type() == expected {
-                // The one check a hit repeats, the only one that depends on the clock; tokens
-                // without `time <` do not even read it.
-                let expired = user.expires_at_ms().is_some_and(|at| {
-                    self.clock.now_ms() >= at.saturating_add(self.rules.leeway_ms)
-                });
-                return Ok(Verified { user, expired });
-            }
-            // Another type: verify in full, for the full rejection.
-        }
         let now_ms = self.clock.now_ms();
 
         let format = |e: FormatError| Rejection::unknown(Unknown::Format(e));

@@ -82,6 +82,43 @@ async fn a_hit_through_the_layer_gives_the_inner_service_the_same_user() {
     assert_eq!(layer.verifier().cached_tokens(), 1);
 }
 
+/// A V2JSON token may hold spaces, so it can come only in a query. Verified there, it must not
+/// become a cache entry that a header then matches: the layer skips the header's visible-ASCII
+/// check on a hit, trusting that the cache holds visible-ASCII tokens only.
+#[tokio::test]
+async fn a_token_with_spaces_verified_from_a_query_is_still_refused_in_a_header() {
+    let layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
+    let token = mint_with(
+        SECRET,
+        "key",
+        &[
+            "gen = 1",
+            "user_id = @alice:example.org",
+            "type = access",
+            "nonce = abcdefgh12345678",
+        ],
+        macaroon::Format::V2JSON,
+    )
+    // The same JSON with the spaces a JSON writer may put in.
+    .replace(",\"", ", \"");
+    assert!(token.contains(' '), "{token}");
+    let encoded: String = token
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    for _ in 0..2 {
+        let from_query = call(&layer, plain(&format!("/x?access_token={encoded}"))).await;
+        assert_eq!(from_query.user_id(), Some(ALICE));
+    }
+    assert_eq!(layer.verifier().cached_tokens(), 0);
+    let from_header = call(&layer, bearer("/x", &token)).await;
+    assert_eq!(from_header.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(from_header.errcode(), "M_MISSING_TOKEN");
+}
+
 #[tokio::test]
 async fn an_expired_token_is_still_soft_logged_out_on_a_hit() {
     let clock = ManualClock::new(NOW_MS);
