@@ -11,6 +11,9 @@
 #   SMALL=1000 LARGE=11000 benches/instructions.sh
 #   KEEP=/tmp/counts benches/instructions.sh  # keeps the callgrind files, for callgrind_annotate
 #   MODES="bare cached" benches/instructions.sh  # some modes only (the layered one is the slowest)
+#   REPEAT=7 benches/instructions.sh      # each mode counted 7 times, the median reported: the
+#                                         # per-process hash seeds move the homeserver's count
+#                                         # by several hundred from one run to the next
 #
 # Read the "cached" row first. valgrind's CPU has no SHA extensions, so under it sha2 falls back
 # to its portable code, and a full verification (the "layered" row) counts many more
@@ -24,6 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SMALL=${SMALL:-1000}
+REPEAT=${REPEAT:-1}
 LARGE=${LARGE:-6000}
 TARGET=${1:-homeserver}
 case "$TARGET" in
@@ -101,11 +105,16 @@ count() {
 
 echo "==> instructions per request: $TARGET, ($LARGE - $SMALL requests) under callgrind" >&2
 for mode in ${MODES:-bare layered cached}; do
-  count "$mode" "$SMALL"
-  small=$counted
-  count "$mode" "$LARGE"
-  per=$(((counted - small) / (LARGE - SMALL)))
-  printf '  %-8s %8d instructions per request\n' "$mode" "$per" >&2
+  runs=()
+  for _ in $(seq "$REPEAT"); do
+    count "$mode" "$SMALL"
+    small=$counted
+    count "$mode" "$LARGE"
+    runs+=($(((counted - small) / (LARGE - SMALL))))
+  done
+  # The median run (the lower middle one for an even REPEAT).
+  per=$(printf '%s\n' "${runs[@]}" | sort -n | sed -n "$(((REPEAT + 1) / 2))p")
+  printf '  %-8s %8d instructions per request (runs: %s)\n' "$mode" "$per" "${runs[*]}" >&2
   echo "$mode $per" >>"$work/results"
 done
 
