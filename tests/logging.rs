@@ -22,17 +22,29 @@ impl Write for Captured {
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn logs_name_the_user_and_the_reason_but_never_the_token() {
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// A formatting subscriber writing into the returned buffer, the default until the guard drops;
+/// span closings are logged, with their fields.
+fn capture(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
+        .with_max_level(level)
         .with_ansi(false)
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_writer(move || writer.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn logs_name_the_user_and_the_reason_but_never_the_token() {
+    let (captured, _guard) = capture(tracing::Level::TRACE);
 
     let layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
     let token = access_token(&[]);
@@ -56,7 +68,7 @@ async fn logs_name_the_user_and_the_reason_but_never_the_token() {
         StatusCode::UNAUTHORIZED
     );
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.contains("matrix_auth") && logs.contains(ALICE),
         "{logs}"
@@ -80,15 +92,7 @@ async fn logs_name_the_user_and_the_reason_but_never_the_token() {
 async fn the_request_span_gets_the_user_id_once_verified() {
     use tracing::Instrument;
 
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = capture(tracing::Level::INFO);
 
     let layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
     let token = access_token(&[]);
@@ -115,7 +119,7 @@ async fn the_request_span_gets_the_user_id_once_verified() {
         .await;
     assert_eq!(out.status, StatusCode::OK);
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let closing = |name: &str| {
         logs.lines()
             .find(|line| line.contains(&format!(" {name}")) && line.contains("close"))
@@ -141,15 +145,7 @@ async fn the_request_span_gets_the_user_id_once_verified() {
 fn an_identity_records_itself_in_the_current_span() {
     use tower_matrix_auth::{TokenType, Verifier};
 
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = capture(tracing::Level::INFO);
 
     let parts = http::Request::new(()).into_parts().0;
     let user = Verifier::new(keys())
@@ -161,7 +157,7 @@ fn an_identity_records_itself_in_the_current_span() {
         .in_scope(|| user.record_in_current_span());
     tracing::info_span!("undeclared", path = "/x").in_scope(|| user.record_in_current_span());
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.contains(&format!(" declared{{user_id={ALICE}}}: ")),
         "{logs}"
