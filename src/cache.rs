@@ -93,6 +93,9 @@ impl TokenCache {
     /// A folded-multiply hash (as in foldhash) of the length and the tail, 8 bytes at a time.
     fn hash(&self, token: &[u8]) -> u64 {
         let tail = &token[token.len().saturating_sub(HASHED_TAIL)..];
+        let mix = |hash: u64, word: [u8; 8]| {
+            folded_multiply(hash ^ u64::from_le_bytes(word), self.seeds[1])
+        };
         let mut hash = self.seeds[0] ^ token.len() as u64;
         // Whole words as plain loads; only a token shorter than the tail has a partial one
         // (a copy of variable length is a call to `memcpy`).
@@ -100,13 +103,13 @@ impl TokenCache {
         for chunk in &mut words {
             let mut word = [0; 8];
             word.copy_from_slice(chunk);
-            hash = folded_multiply(hash ^ u64::from_le_bytes(word), self.seeds[1]);
+            hash = mix(hash, word);
         }
         let rest = words.remainder();
         if !rest.is_empty() {
             let mut word = [0; 8];
             word[..rest.len()].copy_from_slice(rest);
-            hash = folded_multiply(hash ^ u64::from_le_bytes(word), self.seeds[1]);
+            hash = mix(hash, word);
         }
         folded_multiply(hash, self.seeds[2])
     }

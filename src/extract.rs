@@ -24,8 +24,8 @@ use crate::error::Missing;
 /// The query parameter the Matrix spec names.
 const PARAM: &[u8] = b"access_token";
 
-/// A token as found in a request, every rule of the table applied but perhaps one.
-#[derive(Debug)]
+/// A token as found in a request, every rule of the table applied but perhaps one. (No `Debug`:
+/// it holds the token.)
 pub(crate) struct Found<'a> {
     pub(crate) token: Cow<'a, [u8]>,
     /// Set for a lone header token: whether it is visible ASCII is still to be checked, with
@@ -92,7 +92,7 @@ fn header_token(parts: &Parts) -> Result<Option<&[u8]>, Missing> {
 
 /// Whether every byte is visible ASCII (0x21..=0x7e): shifted down by 0x21, every byte must be
 /// at most 0x5d, so the largest one decides. A maximum without an early exit vectorizes to one
-/// subtraction and one `max` per 16 bytes, and every request's whole token goes through here.
+/// subtraction and one `max` per 16 bytes; every token the cache does not hold goes through here.
 pub(crate) fn visible_ascii(bytes: &[u8]) -> bool {
     bytes
         .iter()
