@@ -42,7 +42,7 @@ fn main() {
             u128::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835),
         ),
         generation: 0,
-        issued_ms: NOW,
+        epoch: 0,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()

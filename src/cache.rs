@@ -191,6 +191,7 @@ mod tests {
             user_id: name,
             device_id: None,
             nonce: Some("n"),
+            nonce_first: false,
             is_guest: false,
             token_type: TokenType::Access,
             expires_at_ms: None,

@@ -165,6 +165,9 @@ pub(crate) struct Claims<'a> {
     pub(crate) user_id: &'a str,
     pub(crate) device_id: Option<&'a str>,
     pub(crate) nonce: Option<&'a str>,
+    /// The nonce is the token's very first caveat: only a holder of the key can put a caveat
+    /// there (a holder of the token can only append), so the minter wrote it.
+    pub(crate) nonce_first: bool,
     pub(crate) is_guest: bool,
     pub(crate) token_type: TokenType,
     pub(crate) expires_at_ms: Option<u64>,
@@ -226,12 +229,15 @@ impl CaveatRules {
         let mut user_id = None;
         let mut device_id = None;
         let mut nonce = None;
+        let mut nonce_first = false;
+        let mut first = true;
         let mut token_type = None;
         let mut is_guest = false;
         let mut expires_at_ms: Option<u64> = None;
         let mut expired = false;
 
         for raw in caveats {
+            let is_first = std::mem::replace(&mut first, false);
             if raw.third_party {
                 return Err(CaveatFailure::ThirdParty);
             }
@@ -282,8 +288,12 @@ impl CaveatRules {
                     if op != "=" {
                         return Err(CaveatFailure::Nonce);
                     }
-                    // The first nonce is the minter's; a holder can only append later ones.
-                    nonce.get_or_insert(value);
+                    // The first nonce is the minter's if the token had one; a holder can only
+                    // append later ones.
+                    if nonce.is_none() {
+                        nonce = Some(value);
+                        nonce_first = is_first;
+                    }
                 }
                 "guest" => {
                     if (op, value) != ("=", "true") {
@@ -318,6 +328,7 @@ impl CaveatRules {
             user_id,
             device_id,
             nonce,
+            nonce_first,
             is_guest,
             token_type,
             expires_at_ms,

@@ -123,6 +123,8 @@ pub struct MatrixUser {
     user_id_end: usize,
     device_id_end: Option<usize>,
     has_nonce: bool,
+    /// The nonce is the token's first caveat, where only the minter can write.
+    nonce_first: bool,
     is_guest: bool,
     token_type: TokenType,
     expires_at_ms: Option<u64>,
@@ -150,6 +152,7 @@ pub(crate) struct VerifiedClaims<'a> {
     pub(crate) user_id: &'a str,
     pub(crate) device_id: Option<&'a str>,
     pub(crate) nonce: Option<&'a str>,
+    pub(crate) nonce_first: bool,
     pub(crate) is_guest: bool,
     pub(crate) token_type: TokenType,
     pub(crate) expires_at_ms: Option<u64>,
@@ -188,6 +191,7 @@ impl MatrixUser {
             user_id_end,
             device_id_end: claims.device_id.map(|d| user_id_end + d.len()),
             has_nonce: claims.nonce.is_some(),
+            nonce_first: claims.nonce_first,
             is_guest: claims.is_guest,
             token_type: claims.token_type,
             expires_at_ms: claims.expires_at_ms,
@@ -214,6 +218,7 @@ impl MatrixUser {
             user_id_end,
             device_id_end: device_id.map(|d| user_id_end + d.len()),
             has_nonce: false,
+            nonce_first: false,
             is_guest,
             token_type: TokenType::Access,
             expires_at_ms,
@@ -319,6 +324,12 @@ impl MatrixUser {
         let start = self.device_id_end.unwrap_or(self.user_id_end);
         Some(&self.text[start..])
     }
+
+    /// Whether [`Self::nonce`] was the token's first caveat: a place no holder of the token can
+    /// write to (appending is all a holder can do), so only the minter put it there.
+    pub(crate) fn nonce_is_minters(&self) -> bool {
+        self.nonce_first
+    }
 }
 
 impl fmt::Debug for MatrixUser {
@@ -347,6 +358,7 @@ mod tests {
             user_id: "@alice:example.org",
             device_id: Some("DEVICE"),
             nonce: Some("n0nce"),
+            nonce_first: false,
             is_guest: false,
             token_type: TokenType::Access,
             expires_at_ms: Some(5),
@@ -366,6 +378,7 @@ mod tests {
             user_id: "@bob:example.org",
             device_id: None,
             nonce: None,
+            nonce_first: false,
             is_guest: true,
             token_type: TokenType::Access,
             expires_at_ms: None,

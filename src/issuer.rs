@@ -1,18 +1,29 @@
 //! Minting the tokens of a session: access, refresh, guest and login tokens, each with a nonce
-//! that names its session, its generation and when it was issued.
+//! that names its session, its generation and what a store needs to judge it.
 //!
 //! The nonce is the only place for that bookkeeping: the tokens must stay acceptable to Synapse's
 //! rules (pymacaroons), which allow `nonce = <anything>` but no new caveat keys.
 //!
-//! `nonce = <session: 32 hex>.<generation>.<issued ms>.<kind: a|r|l>`
+//! `nonce = <session: 32 hex>.<generation>.<issued ms>.<kind: a|r|l>.<session start ms>.<epoch>.<session expiry ms or ->`
+//!
+//! The issuer writes it as the token's **first** caveat. A holder of a token can only append
+//! caveats, so a nonce in first place was written by someone holding the key: a holder of a token
+//! minted without such a nonce cannot graft one on to reach another session's state. A nonce in
+//! any other place is the token's own (a [`crate::TokenId`]), never a session's.
 //!
 //! A session is one login (one device). Its first access and refresh tokens are generation 0;
 //! each refresh mints the next generation. Revocation works on sessions and generations, so a
 //! refresh token and the access token issued with it are revoked together.
+//!
+//! * The *epoch* is the user's "log out everywhere" floor when the session began (0 if they never
+//!   did): every generation carries it, so a later log-out-everywhere revokes the whole session,
+//!   whatever refresh was in flight and whichever process minted it, with no clock comparison.
+//! * The *session expiry* is the latest `time <` of any token of the session minted up to this
+//!   generation (`-` when one of them never expires): the store keeps a logged-out session's
+//!   state until then, plus the clock leeway, and not a moment less.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use crate::clock::{Clock, SystemClock};
 use crate::identity::{MatrixUser, TokenType};
@@ -80,14 +91,23 @@ pub struct TokenNonce {
     pub issued_ms: u64,
     /// What the token is for.
     pub kind: NonceKind,
+    /// When the session began: the `issued_ms` of its generation 0.
+    pub started_ms: u64,
+    /// The user's "log out everywhere" floor when the session began: a floor above it revokes
+    /// every generation of the session.
+    pub epoch: u64,
+    /// The latest expiry of any token of the session up to this generation, ms since the epoch;
+    /// `None` when one of them never expires.
+    pub session_expires_ms: Option<u64>,
 }
 
 impl TokenNonce {
-    /// Reads a nonce value; `None` for nonces minted elsewhere (Synapse's random ones).
+    /// Reads a nonce value; `None` for nonces minted elsewhere (Synapse's random ones, or this
+    /// crate's before the session fields were added).
     pub fn parse(value: &str) -> Option<Self> {
-        // The shortest is `<32 hex>.0.0.a`. Synapse's 16-character nonces stop here, before the
-        // split: the revocation check parses the nonce of every request.
-        if value.len() < 38 {
+        // The shortest is `<32 hex>.0.0.a.0.0.-`. Synapse's 16-character nonces stop here, before
+        // the split: the revocation check parses the nonce of every request.
+        if value.len() < 44 {
             return None;
         }
         let mut parts = value.split('.');
@@ -105,6 +125,12 @@ impl TokenNonce {
             "l" => NonceKind::Login,
             _ => return None,
         };
+        let started_ms = parse_decimal(parts.next()?)?;
+        let epoch = parse_decimal(parts.next()?)?;
+        let session_expires_ms = match parts.next()? {
+            "-" => None,
+            text => Some(parse_decimal(text)?),
+        };
         if parts.next().is_some() {
             return None;
         }
@@ -113,12 +139,31 @@ impl TokenNonce {
             generation,
             issued_ms,
             kind,
+            started_ms,
+            epoch,
+            session_expires_ms,
         })
     }
 
-    /// The nonce of a verified token, if this crate minted it.
+    /// The session nonce of a verified token: a nonce in this crate's shape written as the
+    /// token's first caveat, where only the minter can write. `None` otherwise, also for a
+    /// session nonce that a holder appended to a token minted without one.
     pub fn of(user: &MatrixUser) -> Option<Self> {
+        if !user.nonce_is_minters() {
+            return None;
+        }
         user.nonce().and_then(Self::parse)
+    }
+
+    /// Whether the nonce's kind is the token's type: an access nonce on a refresh token (or any
+    /// other mix) is refused.
+    pub fn matches(&self, token_type: TokenType) -> bool {
+        matches!(
+            (self.kind, token_type),
+            (NonceKind::Access, TokenType::Access)
+                | (NonceKind::Refresh, TokenType::Refresh)
+                | (NonceKind::Login, TokenType::Login)
+        )
     }
 }
 
@@ -133,12 +178,18 @@ impl fmt::Display for TokenNonce {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:032x}.{}.{}.{}",
+            "{:032x}.{}.{}.{}.{}.{}.",
             self.session.0,
             self.generation,
             self.issued_ms,
-            self.kind.letter()
-        )
+            self.kind.letter(),
+            self.started_ms,
+            self.epoch,
+        )?;
+        match self.session_expires_ms {
+            Some(at) => write!(f, "{at}"),
+            None => f.write_str("-"),
+        }
     }
 }
 
@@ -165,6 +216,9 @@ pub struct IssuedTokens {
     pub session: SessionId,
     /// Their generation.
     pub generation: u32,
+    /// The latest expiry of any token of the session so far, these included (`None`: one
+    /// never expires).
+    pub session_expires_ms: Option<u64>,
 }
 
 impl fmt::Debug for IssuedTokens {
@@ -202,10 +256,6 @@ pub struct SessionRequest {
 pub struct Issuer {
     keys: KeyRing,
     clock: Arc<dyn Clock>,
-    /// User id → that user's tokens are stamped no earlier than this (ms since the epoch): the
-    /// millisecond after their last "log out everywhere", kept only until the clock passes it.
-    /// Shared by clones.
-    floors: Arc<Mutex<HashMap<String, u64>>>,
     location: Option<String>,
     access_lifetime_ms: Option<u64>,
     refreshable_access_lifetime_ms: u64,
@@ -226,7 +276,6 @@ impl Issuer {
         Self {
             keys,
             clock: Arc::new(SystemClock),
-            floors: Arc::default(),
             location: None,
             access_lifetime_ms: None,
             refreshable_access_lifetime_ms: DEFAULT_REFRESHABLE_ACCESS_LIFETIME_MS,
@@ -294,30 +343,6 @@ impl Issuer {
         self.clock.now_ms()
     }
 
-    /// The instant written into tokens minted now for `user_id`: the clock, but never before the
-    /// floor a "log out everywhere" of theirs set ([`Issuer::stamp_after`]).
-    pub(crate) fn stamp_ms(&self, user_id: &str) -> u64 {
-        let now = self.clock.now_ms();
-        let floors = self.floors.lock().unwrap_or_else(PoisonError::into_inner);
-        match floors.get(user_id) {
-            Some(&floor) => now.max(floor),
-            None => now,
-        }
-    }
-
-    /// Stamps the tokens of `user_id` minted from now on (by this issuer and its clones) after
-    /// `instant_ms`, even within the same millisecond of the clock: "log out everywhere" revokes
-    /// the tokens minted up to `instant_ms` inclusive and must not catch a login right after it.
-    pub(crate) fn stamp_after(&self, user_id: &str, instant_ms: u64) {
-        let now = self.clock.now_ms();
-        let mut floors = self.floors.lock().unwrap_or_else(PoisonError::into_inner);
-        // Floors the clock has passed mean nothing any more: the map holds only the users who
-        // logged out everywhere within the last millisecond or so.
-        floors.retain(|_, floor| *floor > now);
-        let floor = floors.entry(user_id.to_owned()).or_insert(0);
-        *floor = (*floor).max(instant_ms.saturating_add(1));
-    }
-
     /// The longest any token minted here can live, `None` if some never expire.
     pub fn max_lifetime_ms(&self) -> Option<u64> {
         let refresh = self.refresh_lifetime_ms?;
@@ -352,7 +377,7 @@ impl Issuer {
             .keys
             .mint(user_id, token_type)
             .expect("checked in Issuer::new")
-            .nonce(nonce.to_string());
+            .session_nonce(nonce.to_string());
         if let Some(location) = &self.location {
             builder = builder.location(location.clone());
         }
@@ -368,27 +393,29 @@ impl Issuer {
         builder.serialize(self.format)
     }
 
-    /// Mints the tokens of one generation of a session.
+    /// Mints the tokens of one generation of a session. `session` carries what every generation
+    /// inherits: the session id, its start, its epoch, and the latest expiry of its tokens so
+    /// far (`None` when one never expires).
     fn generation(
         &self,
         user_id: &str,
-        session: SessionId,
+        session: SessionStart,
         generation: u32,
         request: &SessionRequest,
+        now: u64,
     ) -> IssuedTokens {
-        let now = self.stamp_ms(user_id);
-        let access_lifetime = if request.refresh {
-            Some(self.refreshable_access_lifetime_ms)
-        } else {
-            self.access_lifetime_ms
-        };
-        let expires_at_ms = access_lifetime.map(|l| now.saturating_add(l));
+        let started_ms = session.started_ms.unwrap_or(now);
+        let (access_lifetime, expires_at_ms, refresh_expires_at_ms, session_expires_ms) =
+            self.expiries(request.refresh, now, session.expires_ms);
         let device_id = request.device_id.as_deref();
         let nonce = |kind| TokenNonce {
-            session,
+            session: session.id,
             generation,
             issued_ms: now,
             kind,
+            started_ms,
+            epoch: session.epoch,
+            session_expires_ms,
         };
         let access_token = self.mint(
             user_id,
@@ -398,7 +425,6 @@ impl Issuer {
             device_id,
             expires_at_ms,
         );
-        let refresh_expires_at_ms = self.refresh_lifetime_ms.map(|l| now.saturating_add(l));
         let refresh_token = request.refresh.then(|| {
             self.mint(
                 user_id,
@@ -415,40 +441,101 @@ impl Issuer {
             expires_in_ms: access_lifetime,
             expires_at_ms,
             refresh_expires_at_ms: refresh_expires_at_ms.filter(|_| request.refresh),
-            session,
+            session: session.id,
             generation,
+            session_expires_ms,
         }
     }
 
-    /// Mints the first tokens of a new session (a login or a registration).
-    pub fn new_session(&self, user_id: &str, request: &SessionRequest) -> IssuedTokens {
-        self.generation(user_id, SessionId::random(), 0, request)
+    /// The expiries of a generation minted at `now`: the access token's lifetime and expiry, the
+    /// refresh token's expiry, and the session's latest expiry once they are minted (`None`:
+    /// never). One function, so that what a store is told and what is minted agree.
+    fn expiries(
+        &self,
+        refresh: bool,
+        now: u64,
+        session_so_far: Option<u64>,
+    ) -> (Option<u64>, Option<u64>, Option<u64>, Option<u64>) {
+        let access_lifetime = if refresh {
+            Some(self.refreshable_access_lifetime_ms)
+        } else {
+            self.access_lifetime_ms
+        };
+        let expires_at_ms = access_lifetime.map(|l| now.saturating_add(l));
+        let refresh_expires_at_ms = self.refresh_lifetime_ms.map(|l| now.saturating_add(l));
+        // The latest expiry of the session's tokens, these included: a store keeps the session's
+        // state that long, so no token of it can outlive its logout.
+        let mut session_expires_ms = latest(session_so_far, expires_at_ms);
+        if refresh {
+            session_expires_ms = latest(session_expires_ms, refresh_expires_at_ms);
+        }
+        (
+            access_lifetime,
+            expires_at_ms,
+            refresh_expires_at_ms,
+            session_expires_ms,
+        )
     }
 
-    /// Mints the next generation for the session of a verified refresh token.
+    /// The session's latest expiry once a refresh at `now` has minted the next generation.
+    pub(crate) fn successor_session_expires_ms(&self, nonce: &TokenNonce, now: u64) -> Option<u64> {
+        self.expiries(true, now, nonce.session_expires_ms).3
+    }
+
+    /// Mints the first tokens of a new session (a login or a registration). `epoch` is the
+    /// user's "log out everywhere" floor as the store knows it now
+    /// ([`crate::store::TokenStore::user_floor`]): a later log-out-everywhere, which raises the
+    /// floor, revokes the session.
+    pub(crate) fn new_session(
+        &self,
+        user_id: &str,
+        request: &SessionRequest,
+        epoch: u64,
+    ) -> IssuedTokens {
+        let start = SessionStart {
+            id: SessionId::random(),
+            started_ms: None,
+            epoch,
+            expires_ms: Some(0),
+        };
+        self.generation(user_id, start, 0, request, self.clock.now_ms())
+    }
+
+    /// Mints the next generation, stamped `now`, for the session of a verified refresh token.
     pub(crate) fn successor(
         &self,
         refresh: &MatrixUser,
-        session: SessionId,
+        nonce: &TokenNonce,
         generation: u32,
+        now: u64,
     ) -> IssuedTokens {
         let request = SessionRequest {
             device_id: refresh.device_id().map(str::to_owned),
             refresh: true,
             guest: refresh.is_guest(),
         };
-        self.generation(refresh.user_id(), session, generation, &request)
+        let start = SessionStart {
+            id: nonce.session,
+            started_ms: Some(nonce.started_ms),
+            epoch: nonce.epoch,
+            expires_ms: nonce.session_expires_ms,
+        };
+        self.generation(refresh.user_id(), start, generation, &request, now)
     }
 
-    /// Mints a single-use login token (`m.login.token`) for `user_id`.
-    pub fn login_token(&self, user_id: &str) -> (String, u64) {
-        let now = self.stamp_ms(user_id);
+    /// Mints a single-use login token (`m.login.token`) for `user_id`, whose floor is `epoch`
+    /// (see [`Issuer::new_session`]).
+    pub(crate) fn login_token(&self, user_id: &str, epoch: u64) -> (String, u64) {
+        let now = self.clock.now_ms();
         let expires_at = now.saturating_add(self.login_lifetime_ms);
         let nonce = TokenNonce {
             session: SessionId::random(),
             generation: 0,
             issued_ms: now,
             kind: NonceKind::Login,
+            started_ms: now,
+            epoch,
+            session_expires_ms: Some(expires_at),
         };
         let token = self.mint(
             user_id,
@@ -460,6 +547,22 @@ impl Issuer {
         );
         (token, self.login_lifetime_ms)
     }
+}
+
+/// What a generation inherits from its session.
+#[derive(Clone, Copy)]
+struct SessionStart {
+    id: SessionId,
+    /// `None` for a new session: it starts now.
+    started_ms: Option<u64>,
+    epoch: u64,
+    /// The latest expiry so far: `None` when a token never expires.
+    expires_ms: Option<u64>,
+}
+
+/// The later of two expiries, where `None` is "never".
+fn latest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    Some(a?.max(b?))
 }
 
 impl fmt::Debug for Issuer {
@@ -488,31 +591,134 @@ mod tests {
             generation: 7,
             issued_ms: 1_700_000_000_000,
             kind: NonceKind::Refresh,
+            started_ms: 1_600_000_000_000,
+            epoch: 42,
+            session_expires_ms: Some(1_800_000_000_000),
         };
         let text = nonce.to_string();
-        assert_eq!(text, "00000000000000000000000000000abc.7.1700000000000.r");
+        assert_eq!(
+            text,
+            "00000000000000000000000000000abc.7.1700000000000.r.1600000000000.42.1800000000000"
+        );
         assert_eq!(TokenNonce::parse(&text), Some(nonce));
+        let never = TokenNonce {
+            session_expires_ms: None,
+            ..nonce
+        };
+        assert!(never.to_string().ends_with(".42.-"));
+        assert_eq!(TokenNonce::parse(&never.to_string()), Some(never));
         // The shortest nonce there is parses; the length check before the split is exact.
         let shortest = TokenNonce {
             session: SessionId(0),
             generation: 0,
             issued_ms: 0,
             kind: NonceKind::Access,
+            started_ms: 0,
+            epoch: 0,
+            session_expires_ms: None,
         };
-        assert_eq!(shortest.to_string().len(), 38);
+        assert_eq!(shortest.to_string().len(), 44);
         assert_eq!(TokenNonce::parse(&shortest.to_string()), Some(shortest));
+        let body = "00000000000000000000000000000abc.7.1700000000000";
         for bad in [
-            "0000000000000000000000000000000.0.0.a",
-            "kZ3pQx9LwT2mVbRc",
-            "00000000000000000000000000000abc.7.1700000000000",
-            "00000000000000000000000000000abc.7.1700000000000.x",
-            "00000000000000000000000000000abc.7.1700000000000.r.extra",
-            "0000000000000000000000000000abc.7.1700000000000.r",
-            "00000000000000000000000000000abc.+7.1700000000000.r",
-            "+0000000000000000000000000000abc.7.1700000000000.r",
-            "00000000000000000000000000000abc.99999999999.1700000000000.r",
+            "0000000000000000000000000000000.0.0.a.0.0.-".to_owned(),
+            "kZ3pQx9LwT2mVbRc".to_owned(),
+            // The four-field nonces of earlier versions are not session nonces.
+            format!("{body}.r"),
+            format!("{body}.x.1.2.-"),
+            format!("{body}.r.1.2.-.extra"),
+            format!("{body}.r.1.2"),
+            format!("{body}.r.1.+2.-"),
+            format!("{body}.r.1.2.+3"),
+            "0000000000000000000000000000abc.7.1700000000000.r.1.2.-".to_owned(),
+            "00000000000000000000000000000abc.+7.1700000000000.r.1.2.-".to_owned(),
+            "+0000000000000000000000000000abc.7.1700000000000.r.1.2.-".to_owned(),
+            "00000000000000000000000000000abc.99999999999.1700000000000.r.1.2.-".to_owned(),
         ] {
-            assert_eq!(TokenNonce::parse(bad), None, "{bad}");
+            assert_eq!(TokenNonce::parse(&bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_session_nonce_is_the_first_caveat_and_names_the_whole_session() {
+        use crate::{Clock, MacaroonSecret, ManualClock, Verifier};
+        let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase("s"));
+        let clock = ManualClock::new(1_000);
+        let issuer = Issuer::new(keys.clone())
+            .clock(clock.clone())
+            .access_lifetime_ms(Some(50))
+            .refreshable_access_lifetime_ms(100)
+            .refresh_lifetime_ms(Some(1_000));
+        let verifier = Verifier::new(keys).clock(clock.clone());
+        let parts = http::Request::new(()).into_parts().0;
+        let request = SessionRequest {
+            refresh: true,
+            ..SessionRequest::default()
+        };
+        let first = issuer.new_session("@a:b", &request, 7);
+        let access = verifier
+            .verify(first.access_token.as_bytes(), TokenType::Access, &parts)
+            .unwrap();
+        let nonce = TokenNonce::of(&access).expect("the issuer's nonce is first");
+        assert_eq!(
+            (nonce.started_ms, nonce.epoch, nonce.session_expires_ms),
+            (1_000, 7, Some(2_000))
+        );
+        assert!(nonce.matches(TokenType::Access) && !nonce.matches(TokenType::Refresh));
+        // A refresh three ticks later inherits the start and the epoch, and pushes the expiry.
+        clock.set_ms(1_003);
+        let refresh = verifier
+            .verify(
+                first.refresh_token.as_ref().unwrap().as_bytes(),
+                TokenType::Refresh,
+                &parts,
+            )
+            .unwrap();
+        let refresh_nonce = TokenNonce::of(&refresh).unwrap();
+        let next = issuer.successor(&refresh, &refresh_nonce, 1, clock.now_ms());
+        let next_access = verifier
+            .verify(next.access_token.as_bytes(), TokenType::Access, &parts)
+            .unwrap();
+        let next_nonce = TokenNonce::of(&next_access).unwrap();
+        assert_eq!(
+            (
+                next_nonce.session,
+                next_nonce.started_ms,
+                next_nonce.epoch,
+                next_nonce.session_expires_ms
+            ),
+            (nonce.session, 1_000, 7, Some(2_003))
+        );
+        // Refresh tokens that never expire make the session's expiry "never".
+        let forever = Issuer::new(issuer.keys().clone()).clock(clock);
+        let tokens = forever.new_session("@a:b", &request, 0);
+        assert_eq!(tokens.session_expires_ms, None);
+    }
+
+    #[test]
+    fn a_session_nonce_appended_by_a_holder_names_no_session() {
+        use crate::{attenuate, MacaroonSecret, Verifier};
+        let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase("s"));
+        let verifier = Verifier::new(keys.clone());
+        let parts = http::Request::new(()).into_parts().0;
+        let issued = Issuer::new(keys.clone()).new_session("@a:b", &SessionRequest::default(), 0);
+        let genuine = verifier
+            .verify(issued.access_token.as_bytes(), TokenType::Access, &parts)
+            .unwrap();
+        let session_nonce = genuine.nonce().unwrap().to_owned();
+        // A token minted without a nonce, with the genuine session's nonce appended.
+        let bare = keys.mint("@a:b", TokenType::Access).unwrap().to_token();
+        let grafted = attenuate(&bare, &format!("nonce = {session_nonce}")).unwrap();
+        let user = verifier
+            .verify(grafted.as_bytes(), TokenType::Access, &parts)
+            .unwrap();
+        assert_eq!(user.nonce(), Some(session_nonce.as_str()));
+        assert_eq!(TokenNonce::of(&user), None);
+        // Appending to the genuine token changes nothing either: the first nonce stays.
+        let longer = attenuate(&issued.access_token, "nonce = other").unwrap();
+        let user = verifier
+            .verify(longer.as_bytes(), TokenType::Access, &parts)
+            .unwrap();
+        assert_eq!(TokenNonce::of(&user), TokenNonce::of(&genuine));
     }
 }

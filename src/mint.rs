@@ -28,6 +28,9 @@ pub struct TokenBuilder<'k> {
     location: Option<String>,
     caveats: Vec<String>,
     nonce: Option<String>,
+    /// Write the nonce as the first caveat (the issuer's session nonces; see
+    /// [`TokenBuilder::session_nonce`]).
+    nonce_first: bool,
     guest: bool,
     device_id: Option<String>,
     expires_at_ms: Option<u64>,
@@ -46,6 +49,7 @@ impl KeyRing {
                 format!("type = {}", token_type.as_str()),
             ],
             nonce: None,
+            nonce_first: false,
             guest: false,
             device_id: None,
             expires_at_ms: None,
@@ -63,6 +67,15 @@ impl TokenBuilder<'_> {
     /// A unique value that gives the token its [`crate::TokenId`] for revocation.
     pub fn nonce(mut self, nonce: impl Into<String>) -> Self {
         self.nonce = Some(nonce.into());
+        self
+    }
+
+    /// A nonce written as the token's first caveat, before `gen = 1`: a caveat no holder of the
+    /// token can add (holders can only append), so a store can trust what it names. The
+    /// [`crate::Issuer`] writes its session nonces this way.
+    pub(crate) fn session_nonce(mut self, nonce: impl Into<String>) -> Self {
+        self.nonce = Some(nonce.into());
+        self.nonce_first = true;
         self
     }
 
@@ -88,7 +101,10 @@ impl TokenBuilder<'_> {
     pub fn serialize(self, format: Format) -> String {
         let key = self.keys.minting().expect("checked in KeyRing::mint");
         let mut caveats = self.caveats;
-        caveats.extend(self.nonce.map(|n| format!("nonce = {n}")));
+        if let Some(nonce) = self.nonce {
+            let at = if self.nonce_first { 0 } else { caveats.len() };
+            caveats.insert(at, format!("nonce = {nonce}"));
+        }
         if self.guest {
             caveats.push("guest = true".to_owned());
         }

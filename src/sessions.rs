@@ -8,6 +8,11 @@
 //! | refresh (generation g) | minted | the same, and: used once at `/r0/tokenrefresh` |
 //! | successor (generation g+1) of `/v3/refresh` | minted | as above; its first use revokes generation g |
 //! | login token | minted | two minutes, or its one use |
+//!
+//! What the store records (a logout, a refresh, a used login token) is kept until every token it
+//! speaks for has stopped verifying: the session's latest `time <` plus the verifier's leeway, and
+//! for good when one of the session's tokens has no `time <`. "Log out everywhere" raises the
+//! user's floor above the epoch every session carries from its start.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -25,9 +30,9 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower_service::Service;
 
 use crate::identity::{MatrixUser, TokenType};
-use crate::issuer::{IssuedTokens, Issuer, SessionRequest};
+use crate::issuer::{IssuedTokens, Issuer, NonceKind, SessionRequest, TokenNonce};
 use crate::revocation::{RevocationError, RevocationStatus};
-use crate::store::{RefreshMode, TokenRef, TokenStore};
+use crate::store::{keep_until_ms, RefreshMode, TokenRef, TokenStore};
 use crate::verify::Verifier;
 
 /// Largest request body the refresh endpoints read.
@@ -94,11 +99,22 @@ impl Sessions {
     }
 
     /// Like [`Sessions::new`] with a store shared elsewhere.
+    ///
+    /// Logs a warning when the issuer mints tokens without `time <` (its defaults do: access
+    /// tokens issued without a refresh token, and refresh tokens): what the store records about
+    /// them is kept for good, so the store grows with every logout and refresh.
     pub fn with_shared_store(
         issuer: Issuer,
         verifier: Verifier,
         store: Arc<dyn TokenStore>,
     ) -> Self {
+        if issuer.session_lifetime_ms().is_none() {
+            tracing::warn!(
+                "the issuer mints tokens that never expire: the revocation store keeps every \
+                 logout and refresh of their sessions for good; set access_lifetime_ms and \
+                 refresh_lifetime_ms to bound it"
+            );
+        }
         Self {
             inner: Arc::new(Inner {
                 issuer,
@@ -138,90 +154,105 @@ impl Sessions {
     }
 
     /// Mints the tokens of a new login. Nothing is stored: a session needs state only once it
-    /// is refreshed or logged out.
+    /// is refreshed or logged out. The session carries the user's current "log out everywhere"
+    /// floor, so the next log-out-everywhere revokes it.
     pub fn login(&self, user_id: &str, request: &SessionRequest) -> IssuedTokens {
-        self.inner.issuer.new_session(user_id, request)
+        let epoch = self.inner.store.user_floor(user_id);
+        self.inner.issuer.new_session(user_id, request, epoch)
     }
 
     /// Exchanges a refresh token for the next generation of its session.
+    ///
+    /// Only a refresh token with the issuer's session nonce (its first caveat, of kind `r`) is
+    /// exchanged: a holder of a token minted without one cannot make it a fresh session by
+    /// appending a nonce. Caveats a holder appended to the refresh token are not carried over to
+    /// the successor tokens; the successor's `device_id` and `guest` come from the refresh token.
     pub async fn refresh(
         &self,
         refresh_token: &[u8],
         mode: RefreshMode,
         parts: &Parts,
     ) -> Result<IssuedTokens, ExchangeError> {
-        let user = self
-            .inner
+        let inner = &self.inner;
+        let user = inner
             .verifier
             .verify(refresh_token, TokenType::Refresh, parts)
             .map_err(|_| ExchangeError::Invalid)?;
-        let token = TokenRef::of(&user);
-        let until = self.successor_until_ms(user.user_id());
-        let generation = self
-            .inner
+        let nonce = TokenNonce::of(&user)
+            .filter(|nonce| nonce.kind == NonceKind::Refresh)
+            .ok_or(ExchangeError::Invalid)?;
+        // One instant for what the store is told to keep and for what is minted.
+        let now = inner.issuer.now_ms();
+        let until = inner
+            .issuer
+            .successor_session_expires_ms(&nonce, now)
+            .map_or(u64::MAX, |at| at.saturating_add(inner.verifier.leeway()));
+        let generation = inner
             .store
-            .refresh(&token, mode, until)
+            .refresh(&TokenRef::of(&user), mode, until)
             .await
             .map_err(ExchangeError::Unavailable)?
             .ok_or(ExchangeError::Invalid)?;
-        Ok(self
-            .inner
-            .issuer
-            .successor(&user, token.session, generation))
-    }
-
-    /// When every token of `user_id` minted so far (or by a refresh now) will have expired.
-    fn successor_until_ms(&self, user_id: &str) -> u64 {
-        let issuer = &self.inner.issuer;
-        issuer
-            .session_lifetime_ms()
-            .map_or(u64::MAX, |l| issuer.stamp_ms(user_id).saturating_add(l))
+        Ok(inner.issuer.successor(&user, &nonce, generation, now))
     }
 
     /// Logs out the session of a verified token: the token, the refresh token issued with it
-    /// and every other generation of that login.
+    /// and every other generation of that login. The record is kept until every token of the
+    /// session has stopped verifying (its latest `time <` plus the leeway; for good when one has
+    /// no `time <`).
     pub async fn logout(&self, user: &MatrixUser) -> Result<(), RevocationError> {
-        let until = self.successor_until_ms(user.user_id());
+        let until = keep_until_ms(user, self.inner.verifier.leeway());
         self.inner
             .store
             .revoke_session(&TokenRef::of(user), until)
             .await
     }
 
-    /// Logs the user out everywhere: every token of theirs minted up to this millisecond
-    /// included (the ones this engine mints for them afterwards are stamped later, so a login
-    /// right after is not caught), and the whole session of the token that asked, whatever the
-    /// clocks of other processes say: the spec includes "the access token that made this request".
+    /// Logs the user out everywhere: every session that began before this call returns is
+    /// revoked, every generation of it, including generations a refresh in flight mints after
+    /// this returns (they carry their session's epoch, which the new floor exceeds); and the
+    /// whole session of the token that asked. Sessions that begin afterwards are not caught.
     pub async fn logout_all(&self, user: &MatrixUser) -> Result<(), RevocationError> {
-        let issuer = &self.inner.issuer;
-        let now = issuer.stamp_ms(user.user_id());
-        issuer.stamp_after(user.user_id(), now);
-        self.inner
-            .store
-            .revoke_user(user.user_id(), now.saturating_add(1))
-            .await?;
+        let now = self.inner.issuer.now_ms();
+        self.inner.store.revoke_user(user.user_id(), now).await?;
         self.logout(user).await
     }
 
     /// Mints a single-use login token for `m.login.token`; returns it and its lifetime in ms.
     pub fn login_token(&self, user_id: &str) -> (String, u64) {
-        self.inner.issuer.login_token(user_id)
+        let epoch = self.inner.store.user_floor(user_id);
+        self.inner.issuer.login_token(user_id, epoch)
     }
 
     /// Redeems a login token: valid, unexpired and unused, it is used up and its user returned.
+    ///
+    /// A login token stays single-use whatever caveats its holder appends. One minted here is
+    /// known by its session nonce; one minted elsewhere must carry a `time <` caveat and is known
+    /// by the HMAC chain up to its first one, which a holder cannot change by appending (a nonce
+    /// included). Login tokens minted elsewhere without `time <` are refused.
     pub async fn redeem_login_token(
         &self,
         token: &[u8],
         parts: &Parts,
     ) -> Result<MatrixUser, ExchangeError> {
-        let user = self
-            .inner
+        let inner = &self.inner;
+        let user = inner
             .verifier
             .verify(token, TokenType::Login, parts)
             .map_err(|_| ExchangeError::Invalid)?;
-        let until = user.expires_at_ms().unwrap_or(u64::MAX);
-        let status = self
-            .inner
+        let once = match TokenNonce::of(&user) {
+            Some(nonce) if nonce.kind == NonceKind::Login => TokenRef::of(&user),
+            Some(_) => return Err(ExchangeError::Invalid),
+            None => {
+                let chain = inner
+                    .verifier
+                    .chain_through_first_expiry(token)
+                    .ok_or(ExchangeError::Invalid)?;
+                TokenRef::single_use(&user, &chain)
+            }
+        };
+        let until = keep_until_ms(&user, inner.verifier.leeway());
+        let status = inner
             .store
             .check(&user)
             .await
@@ -229,10 +260,9 @@ impl Sessions {
         if status == RevocationStatus::Revoked {
             return Err(ExchangeError::Invalid);
         }
-        let first = self
-            .inner
+        let first = inner
             .store
-            .consume_once(&TokenRef::of(&user), until)
+            .consume_once(&once, until)
             .await
             .map_err(ExchangeError::Unavailable)?;
         if first {

@@ -87,6 +87,11 @@ impl Verifier {
         self.reconfigured()
     }
 
+    /// The tolerance for `time` caveats: how long after its `time <` a token still verifies.
+    pub(crate) fn leeway(&self) -> u64 {
+        self.rules.leeway_ms
+    }
+
     /// Longest token accepted (bytes as sent); longer ones are refused before any decoding.
     pub fn max_token_len(mut self, max: usize) -> Self {
         self.max_token_len = max;
@@ -241,6 +246,7 @@ impl Verifier {
             user_id: claims.user_id,
             device_id: claims.device_id,
             nonce: claims.nonce,
+            nonce_first: claims.nonce_first,
             is_guest: claims.is_guest,
             token_type: claims.token_type,
             expires_at_ms: claims.expires_at_ms,
@@ -255,6 +261,22 @@ impl Verifier {
             user,
             expired: claims.expired,
         })
+    }
+}
+
+impl Verifier {
+    /// The HMAC chain value through the first `time <` caveat of a token this verifier already
+    /// accepted: everything up to there is its minter's (a holder can only append), so it names
+    /// the token as minted, whatever was appended. `None` without a `time <` caveat.
+    pub(crate) fn chain_through_first_expiry(&self, token: &[u8]) -> Option<[u8; 32]> {
+        let mut buf = [0; wire::DECODE_BUF];
+        let decoded = wire::decode_token_into(token, &mut buf).ok()?;
+        let mut list = CaveatList::new();
+        let macaroon = wire::parse_binary_listing(&decoded, self.max_caveats, &mut list).ok()?;
+        let key = self.keys.find(macaroon.identifier)?;
+        let caveats: Vec<&[u8]> = list.iter(&macaroon).map(|caveat| caveat.id).collect();
+        let end = caveats.iter().position(|id| id.starts_with(b"time < "))?;
+        Some(key.chain(caveats[..=end].iter().copied()))
     }
 }
 

@@ -1,8 +1,11 @@
 //! The in-memory revocation store: the default, for a homeserver running as one process.
 //!
-//! Memory stays bounded: an entry is kept only until every token it revokes would have expired
-//! anyway (entries for tokens that never expire stay). State is lost when the process restarts;
-//! use the PostgreSQL store where that matters.
+//! An entry is kept until every token it speaks for has stopped verifying: the latest `time <`
+//! of its session plus the clock leeway. Entries for sessions with a token that never expires
+//! (the default [`crate::Issuer`]: access tokens without refresh, and refresh tokens, have no
+//! lifetime) are kept for as long as the process runs: give every token a lifetime to bound the
+//! store (see `examples/revocation_memory.rs` for the figures). State is lost when the process
+//! restarts; use the PostgreSQL store where that matters.
 
 use std::fmt;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -11,7 +14,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::identity::MatrixUser;
 use crate::revocation::{Revocation, RevocationCheck, RevocationStatus};
 use crate::store::view::{Judgement, View};
-use crate::store::{RefreshMode, StoreFuture, TokenRef, TokenStore};
+use crate::store::{RefreshMode, SessionState, StoreFuture, TokenRef, TokenStore, Verdict};
 
 /// Revocation state in this process's memory. Cloning shares the state.
 #[derive(Clone)]
@@ -74,28 +77,31 @@ impl MemoryStore {
             Judgement::Revoked => RevocationStatus::Revoked,
             Judgement::Promote(session, generation) => {
                 let mut view = self.write();
-                let state = view.sessions.entry(session).or_default();
-                if state.verdict(generation) == crate::store::Verdict::Revoked {
-                    RevocationStatus::Revoked
-                } else {
-                    state.promote(generation);
-                    RevocationStatus::Active
+                match view.state_mut(session, user.user_id()) {
+                    Some(state) if state.verdict(generation) != Verdict::Revoked => {
+                        state.promote(generation);
+                        RevocationStatus::Active
+                    }
+                    _ => RevocationStatus::Revoked,
                 }
             }
         }
     }
 
-    /// Applies `change` to a session's state, then sweeps if due.
+    /// Applies `change` to a session's state under one write lock (so a decision and its
+    /// record cannot be split by another write), then sweeps if due. `None` if the session
+    /// belongs to another user.
     fn with_session<T>(
         &self,
         token: &TokenRef,
-        change: impl FnOnce(&mut crate::store::SessionState) -> T,
-    ) -> T {
+        change: impl FnOnce(&mut SessionState, bool) -> T,
+    ) -> Option<T> {
         let now = self.clock.now_ms();
         let mut view = self.write();
-        let outcome = change(view.sessions.entry(token.session).or_default());
+        let user_revoked = view.user_revoked(&token.user_id, token.epoch);
+        let outcome = change(view.state_mut(token.session, &token.user_id)?, user_revoked);
         view.sweep_if_due(now);
-        outcome
+        Some(outcome)
     }
 }
 
@@ -112,30 +118,43 @@ impl TokenStore for MemoryStore {
         mode: RefreshMode,
         until_ms: u64,
     ) -> StoreFuture<'_, Option<u32>> {
-        let outcome = if self.read().user_revoked(&token.user_id, token.issued_ms) {
-            None
-        } else {
-            self.with_session(token, |s| s.refresh(token.generation, mode, until_ms))
-        };
+        let outcome = self
+            .with_session(token, |s, user_revoked| {
+                if user_revoked {
+                    None
+                } else {
+                    s.refresh(token.generation, mode, until_ms)
+                }
+            })
+            .flatten();
         Box::pin(std::future::ready(Ok(outcome)))
     }
 
     fn revoke_session(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, ()> {
-        self.with_session(token, |s| s.revoke(until_ms));
+        // Another user's session (which no token of this user can name): nothing to log out.
+        self.with_session(token, |s, _| s.revoke(until_ms));
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn revoke_user(&self, user_id: &str, before_ms: u64) -> StoreFuture<'_, ()> {
-        self.write().merge_user(user_id, before_ms);
-        Box::pin(std::future::ready(Ok(())))
+    fn revoke_user(&self, user_id: &str, at_least: u64) -> StoreFuture<'_, u64> {
+        let mut view = self.write();
+        let floor = view.floor(user_id).saturating_add(1).max(at_least);
+        view.merge_user(user_id, floor);
+        Box::pin(std::future::ready(Ok(floor)))
+    }
+
+    fn user_floor(&self, user_id: &str) -> u64 {
+        self.read().floor(user_id)
     }
 
     fn consume_once(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, bool> {
-        let first = self.with_session(token, |s| {
-            let first = !s.revoked;
-            s.revoke(until_ms);
-            first
-        });
+        let first = self
+            .with_session(token, |s, _| {
+                let first = !s.revoked;
+                s.revoke(until_ms);
+                first
+            })
+            .unwrap_or(false);
         Box::pin(std::future::ready(Ok(first)))
     }
 }

@@ -39,40 +39,94 @@ pub enum RefreshMode {
 /// What the store needs to know about a verified token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRef {
-    /// The token's user.
+    /// The token's user: a session's state belongs to one user, and no other user's token can
+    /// read or change it.
     pub user_id: String,
-    /// Its session: from the nonce for tokens minted here, from the token id otherwise.
+    /// Its session: from the issuer's session nonce for tokens minted here, from the token id
+    /// otherwise.
     pub session: SessionId,
     /// Its generation (0 for tokens minted elsewhere).
     pub generation: u32,
-    /// When it was minted (0 when unknown, so that "log out everywhere" catches it).
-    pub issued_ms: u64,
+    /// The user's "log out everywhere" floor when its session began (0 for tokens minted
+    /// elsewhere, so that any log-out-everywhere catches them).
+    pub epoch: u64,
 }
 
-/// A token's place in the revocation state, without copying anything: (session, generation,
-/// issued_ms). Tokens minted elsewhere are a session of their own, generation 0, minted at 0.
-pub(crate) fn position(user: &MatrixUser) -> (SessionId, u32, u64) {
+/// A token's place in the revocation state, without copying anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub(crate) session: SessionId,
+    pub(crate) generation: u32,
+    pub(crate) epoch: u64,
+    /// The issuer's session nonce names another kind of token than the token's `type`: refused.
+    pub(crate) contradicts_type: bool,
+}
+
+/// Where a verified token sits. Tokens without the issuer's session nonce (minted elsewhere, or
+/// with a nonce a holder appended) are a session of their own, generation 0, epoch 0.
+pub(crate) fn position(user: &MatrixUser) -> Position {
     match TokenNonce::of(user) {
-        Some(nonce) => (nonce.session, nonce.generation, nonce.issued_ms),
-        None => (
-            SessionId::from_u128(u128::from_le_bytes(*user.token_id().as_bytes())),
-            0,
-            0,
-        ),
+        Some(nonce) => Position {
+            session: nonce.session,
+            generation: nonce.generation,
+            epoch: nonce.epoch,
+            contradicts_type: !nonce.matches(user.token_type()),
+        },
+        None => Position {
+            session: SessionId::from_u128(u128::from_le_bytes(*user.token_id().as_bytes())),
+            generation: 0,
+            epoch: 0,
+            contradicts_type: false,
+        },
     }
 }
 
 impl TokenRef {
     /// The store's view of a verified token.
     pub fn of(user: &MatrixUser) -> Self {
-        let (session, generation, issued_ms) = position(user);
+        let position = position(user);
         Self {
             user_id: user.user_id().to_owned(),
-            session,
-            generation,
-            issued_ms,
+            session: position.session,
+            generation: position.generation,
+            epoch: position.epoch,
         }
     }
+}
+
+impl TokenRef {
+    /// A single-use token minted elsewhere, known by the HMAC chain value through its first
+    /// `time <` caveat (what its minter wrote; a holder can only append after it).
+    pub(crate) fn single_use(user: &MatrixUser, chain: &[u8; 32]) -> Self {
+        let id = crate::identity::TokenId::from_signature(chain);
+        Self {
+            user_id: user.user_id().to_owned(),
+            session: SessionId::from_u128(u128::from_le_bytes(*id.as_bytes())),
+            generation: 0,
+            epoch: 0,
+        }
+    }
+}
+
+/// Until when a store must keep what it records about `user`'s token (its logout, its use) so
+/// that the record outlives every token it speaks for: the latest `time <` of the token's
+/// session (of the token alone, when minted elsewhere) plus the clock leeway; `u64::MAX` when one
+/// of them has no `time <`, since such a token verifies for as long as its key is in the ring.
+pub(crate) fn keep_until_ms(user: &MatrixUser, leeway_ms: u64) -> u64 {
+    let expires = match TokenNonce::of(user) {
+        Some(nonce) => nonce.session_expires_ms,
+        None => user.expires_at_ms(),
+    };
+    expires.map_or(u64::MAX, |at| at.saturating_add(leeway_ms))
+}
+
+/// A user id's key in a view: a keyed hash (the key random per process), compared on every
+/// read and write of a session's state so that no user's token reaches another user's session.
+pub(crate) fn user_key(user_id: &str) -> u64 {
+    use std::hash::BuildHasher;
+    static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    KEY.get_or_init(Default::default).hash_one(user_id)
 }
 
 /// The revocation state of one session.
@@ -86,8 +140,9 @@ pub struct SessionState {
     pub next_generation: u32,
     /// Logged out: every generation is revoked.
     pub revoked: bool,
-    /// When every token this state speaks for has expired, so it can be forgotten (ms since the
-    /// epoch; `u64::MAX` for tokens that never expire).
+    /// When every token this state speaks for has stopped verifying (its `time <` plus the
+    /// leeway), so it can be forgotten: ms since the epoch, `u64::MAX` for tokens that never
+    /// expire.
     pub until_ms: u64,
     /// Bumped by every change: orders updates that reach a process out of order.
     pub version: u64,
@@ -175,7 +230,9 @@ impl SessionState {
 /// shares the state between processes.
 pub trait TokenStore: Revocation {
     /// Atomically consumes a refresh token; `Ok(None)` if it is revoked (or already used, in
-    /// [`RefreshMode::SingleUse`]). `until_ms` is when the successor's tokens expire.
+    /// [`RefreshMode::SingleUse`]), or its user logged out everywhere since its session began.
+    /// `until_ms` is when every token of the session, the successor's included, has stopped
+    /// verifying.
     fn refresh(
         &self,
         token: &TokenRef,
@@ -183,13 +240,20 @@ pub trait TokenStore: Revocation {
         until_ms: u64,
     ) -> StoreFuture<'_, Option<u32>>;
 
-    /// Logs out the token's session (every generation of it).
+    /// Logs out the token's session (every generation of it), keeping that until `until_ms`.
     fn revoke_session(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, ()>;
 
-    /// Logs the user out everywhere: every token minted before `before_ms` is revoked.
-    fn revoke_user(&self, user_id: &str, before_ms: u64) -> StoreFuture<'_, ()>;
+    /// Logs the user out everywhere: raises their floor above every epoch handed out so far
+    /// (and to at least `at_least`), which revokes every session that began before, whatever
+    /// generation it has reached. Returns the new floor.
+    fn revoke_user(&self, user_id: &str, at_least: u64) -> StoreFuture<'_, u64>;
 
-    /// Marks a single-use token (a login token) used; `Ok(false)` if it already was.
+    /// The user's floor as this process knows it now: the epoch of a session that begins now.
+    /// From memory, never a round trip.
+    fn user_floor(&self, user_id: &str) -> u64;
+
+    /// Marks a single-use token (a login token) used, keeping that until `until_ms`; `Ok(false)`
+    /// if it already was.
     fn consume_once(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, bool>;
 }
 

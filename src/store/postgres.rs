@@ -39,8 +39,10 @@ CREATE TABLE IF NOT EXISTS matrix_auth_sessions (
     version BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS matrix_auth_sessions_until ON matrix_auth_sessions (until_ms);
+ALTER TABLE matrix_auth_sessions ADD COLUMN IF NOT EXISTS user_id TEXT NOT NULL DEFAULT '';
 CREATE TABLE IF NOT EXISTS matrix_auth_users (
     user_id TEXT PRIMARY KEY,
+    -- The user's floor: sessions whose epoch is below it are revoked.
     revoked_before_ms BIGINT NOT NULL
 );";
 
@@ -103,13 +105,15 @@ fn state_from_row(row: &tokio_postgres::Row) -> SessionState {
     }
 }
 
-/// The notification for a session's new state: `s <id> <live> <pending|-> <next> <revoked> <until> <version>`.
-fn session_payload(session: SessionId, s: &SessionState) -> String {
+/// The notification for a session's new state:
+/// `s <id> <live> <pending|-> <next> <revoked> <until> <version> <user id>` (user ids hold no
+/// space).
+fn session_payload(session: SessionId, user_id: &str, s: &SessionState) -> String {
     let pending = s
         .pending_generation
         .map_or("-".to_owned(), |p| p.to_string());
     format!(
-        "s {} {} {} {} {} {} {}",
+        "s {} {} {} {} {} {} {} {user_id}",
         session_key(session),
         s.live_generation,
         pending,
@@ -126,10 +130,11 @@ fn apply_notification(view: &mut View, payload: &str) {
         (Some("s"), Some(id), Some(rest)) => {
             let parts: Vec<&str> = rest.split(' ').collect();
             let parsed = (|| {
-                let [live, pending, next, revoked, until, version] = parts.as_slice() else {
+                let [live, pending, next, revoked, until, version, user_id] = parts.as_slice()
+                else {
                     return None;
                 };
-                Some(SessionState {
+                let state = SessionState {
                     live_generation: live.parse().ok()?,
                     pending_generation: match *pending {
                         "-" => None,
@@ -139,10 +144,11 @@ fn apply_notification(view: &mut View, payload: &str) {
                     revoked: *revoked == "1",
                     until_ms: until.parse().ok()?,
                     version: version.parse().ok()?,
-                })
+                };
+                Some((state, *user_id))
             })();
-            if let (Some(session), Some(state)) = (parse_session_key(id), parsed) {
-                view.merge(session, state);
+            if let (Some(session), Some((state, user_id))) = (parse_session_key(id), parsed) {
+                view.merge(session, user_id, state);
             }
         }
         (Some("u"), Some(before), Some(user_id)) => {
@@ -254,7 +260,7 @@ impl PostgresStore {
                     let mut view = shared.view.write().unwrap_or_else(|e| e.into_inner());
                     for row in &sessions {
                         if let Some(session) = parse_session_key(row.get("session_id")) {
-                            view.merge(session, state_from_row(row));
+                            view.merge(session, row.get("user_id"), state_from_row(row));
                         }
                     }
                     for row in &users {
@@ -317,19 +323,22 @@ impl PostgresStore {
     }
 
     /// Locks a session's row, applies `change`, writes it back and notifies, in one transaction.
+    /// `change` also learns whether `user_id` logged out everywhere after `epoch` (when given).
+    /// `Ok(None)` if the session belongs to another user: nothing is changed.
     async fn update_session<T: Send>(
         &self,
         session: SessionId,
-        user_check: Option<(&str, u64)>,
+        user_id: &str,
+        epoch: Option<u64>,
         change: impl FnOnce(&mut SessionState, bool) -> T + Send,
-    ) -> Result<T, RevocationError> {
+    ) -> Result<Option<T>, RevocationError> {
         let mut writer = self.shared.writer.lock().await;
         let client = writer.as_mut().ok_or_else(Self::unavailable)?;
         let key = session_key(session);
         let tx = client.transaction().await.map_err(db_error)?;
         tx.execute(
-            "INSERT INTO matrix_auth_sessions VALUES ($1, 0, NULL, 1, FALSE, 0, 0) ON CONFLICT DO NOTHING",
-            &[&key],
+            "INSERT INTO matrix_auth_sessions (session_id, live_generation, pending_generation, next_generation, revoked, until_ms, version, user_id) VALUES ($1, 0, NULL, 1, FALSE, 0, 0, $2) ON CONFLICT DO NOTHING",
+            &[&key, &user_id],
         )
         .await
         .map_err(db_error)?;
@@ -340,15 +349,21 @@ impl PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        let user_revoked = match user_check {
-            Some((user_id, issued_ms)) => tx
+        if row.get::<_, &str>("user_id") != user_id {
+            return Ok(None);
+        }
+        // Read in the same transaction as the session's row lock: a "log out everywhere"
+        // committed before it is seen, and one committed after revokes the successor anyway
+        // (it carries the session's epoch).
+        let user_revoked = match epoch {
+            Some(epoch) => tx
                 .query_opt(
                     "SELECT revoked_before_ms FROM matrix_auth_users WHERE user_id = $1",
                     &[&user_id],
                 )
                 .await
                 .map_err(db_error)?
-                .is_some_and(|row| to_u64(row.get(0)) > issued_ms),
+                .is_some_and(|row| to_u64(row.get(0)) > epoch),
             None => false,
         };
         let mut state = state_from_row(&row);
@@ -371,7 +386,7 @@ impl PostgresStore {
             .map_err(db_error)?;
             tx.execute(
                 "SELECT pg_notify($1, $2)",
-                &[&CHANNEL, &session_payload(session, &state)],
+                &[&CHANNEL, &session_payload(session, user_id, &state)],
             )
             .await
             .map_err(db_error)?;
@@ -379,8 +394,8 @@ impl PostgresStore {
         tx.commit().await.map_err(db_error)?;
         drop(writer);
         // Our own notification will say the same; merging now makes our writes visible at once.
-        self.write_view().merge(session, state);
-        Ok(outcome)
+        self.write_view().merge(session, user_id, state);
+        Ok(Some(outcome))
     }
 
     /// Judges a token of a generation the view has not heard of yet (a refresh on another
@@ -388,6 +403,7 @@ impl PostgresStore {
     async fn judge_from_database(
         self,
         session: SessionId,
+        user_id: String,
         generation: u32,
     ) -> Result<RevocationStatus, RevocationError> {
         let row = {
@@ -404,28 +420,37 @@ impl PostgresStore {
         let Some(row) = row else {
             return Ok(RevocationStatus::Revoked);
         };
+        let owner: &str = row.get("user_id");
+        if owner != user_id {
+            return Ok(RevocationStatus::Revoked);
+        }
         let state = state_from_row(&row);
-        self.write_view().merge(session, state);
+        self.write_view().merge(session, owner, state);
         match state.verdict(generation) {
             Verdict::Active => Ok(RevocationStatus::Active),
             Verdict::Revoked => Ok(RevocationStatus::Revoked),
-            Verdict::Promote => self.promote(session, generation).await,
+            Verdict::Promote => self.promote(session, user_id, generation).await,
         }
     }
 
     async fn promote(
         self,
         session: SessionId,
+        user_id: String,
         generation: u32,
     ) -> Result<RevocationStatus, RevocationError> {
-        self.update_session(session, None, |state, _| match state.verdict(generation) {
-            Verdict::Revoked => RevocationStatus::Revoked,
-            _ => {
-                state.promote(generation);
-                RevocationStatus::Active
-            }
-        })
-        .await
+        let outcome = self
+            .update_session(session, &user_id, None, |state, _| {
+                match state.verdict(generation) {
+                    Verdict::Revoked => RevocationStatus::Revoked,
+                    _ => {
+                        state.promote(generation);
+                        RevocationStatus::Active
+                    }
+                }
+            })
+            .await?;
+        Ok(outcome.unwrap_or(RevocationStatus::Revoked))
     }
 
     /// Deletes rows whose tokens have all expired (the view forgets them by itself).
@@ -448,7 +473,8 @@ impl Revocation for PostgresStore {
         if !self.is_healthy() {
             return RevocationCheck::ready(Err(Self::unavailable()));
         }
-        let (session, generation, _) = crate::store::position(user);
+        let position = crate::store::position(user);
+        let (session, generation) = (position.session, position.generation);
         let (judgement, known) = {
             let view = self.read();
             (view.judge(user), view.knows(session, generation))
@@ -457,14 +483,16 @@ impl Revocation for PostgresStore {
             Judgement::Active => RevocationCheck::ready(Ok(RevocationStatus::Active)),
             // A generation minted by another process whose notification has not arrived yet:
             // ask the database rather than refuse a token that was just refreshed.
-            Judgement::Revoked if !known => {
-                RevocationCheck::pending(self.clone().judge_from_database(session, generation))
-            }
+            Judgement::Revoked if !known && !position.contradicts_type => RevocationCheck::pending(
+                self.clone()
+                    .judge_from_database(session, user.user_id().to_owned(), generation),
+            ),
             Judgement::Revoked => RevocationCheck::ready(Ok(RevocationStatus::Revoked)),
             // The first use of a refreshed token is a write, once per session generation.
-            Judgement::Promote(session, generation) => {
-                RevocationCheck::pending(self.clone().promote(session, generation))
-            }
+            Judgement::Promote(session, generation) => RevocationCheck::pending(
+                self.clone()
+                    .promote(session, user.user_id().to_owned(), generation),
+            ),
         }
     }
 }
@@ -479,63 +507,79 @@ impl TokenStore for PostgresStore {
         let token = token.clone();
         Box::pin(async move {
             let generation = token.generation;
-            self.update_session(
-                token.session,
-                Some((&token.user_id, token.issued_ms)),
-                |state, user_revoked| {
-                    if user_revoked {
-                        None
-                    } else {
-                        state.refresh(generation, mode, until_ms)
-                    }
-                },
-            )
-            .await
+            let outcome = self
+                .update_session(
+                    token.session,
+                    &token.user_id,
+                    Some(token.epoch),
+                    |state, user_revoked| {
+                        if user_revoked {
+                            None
+                        } else {
+                            state.refresh(generation, mode, until_ms)
+                        }
+                    },
+                )
+                .await?;
+            Ok(outcome.flatten())
         })
     }
 
     fn revoke_session(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, ()> {
-        let session = token.session;
+        let token = token.clone();
         Box::pin(async move {
-            self.update_session(session, None, |state, _| state.revoke(until_ms))
-                .await
+            // Another user's session (which no token of this user can name): nothing to log out.
+            self.update_session(token.session, &token.user_id, None, |state, _| {
+                state.revoke(until_ms)
+            })
+            .await
+            .map(drop)
         })
     }
 
-    fn revoke_user(&self, user_id: &str, before_ms: u64) -> StoreFuture<'_, ()> {
+    fn revoke_user(&self, user_id: &str, at_least: u64) -> StoreFuture<'_, u64> {
         let user_id = user_id.to_owned();
         Box::pin(async move {
             let mut writer = self.shared.writer.lock().await;
             let client = writer.as_mut().ok_or_else(Self::unavailable)?;
             let tx = client.transaction().await.map_err(db_error)?;
-            tx.execute(
-                "INSERT INTO matrix_auth_users VALUES ($1, $2) ON CONFLICT (user_id) DO UPDATE SET revoked_before_ms = GREATEST(matrix_auth_users.revoked_before_ms, EXCLUDED.revoked_before_ms)",
-                &[&user_id, &to_i64(before_ms)],
-            )
-            .await
-            .map_err(db_error)?;
+            // Above every epoch handed out so far, by any process: they all read this floor.
+            let floor = tx
+                .query_one(
+                    "INSERT INTO matrix_auth_users VALUES ($1, $2) ON CONFLICT (user_id) DO UPDATE SET revoked_before_ms = GREATEST(matrix_auth_users.revoked_before_ms + 1, EXCLUDED.revoked_before_ms) RETURNING revoked_before_ms",
+                    &[&user_id, &to_i64(at_least)],
+                )
+                .await
+                .map_err(db_error)?;
+            let floor = to_u64(floor.get(0));
             tx.execute(
                 "SELECT pg_notify($1, $2)",
-                &[&CHANNEL, &format!("u {before_ms} {user_id}")],
+                &[&CHANNEL, &format!("u {floor} {user_id}")],
             )
             .await
             .map_err(db_error)?;
             tx.commit().await.map_err(db_error)?;
             drop(writer);
-            self.write_view().merge_user(&user_id, before_ms);
-            Ok(())
+            self.write_view().merge_user(&user_id, floor);
+            Ok(floor)
         })
     }
 
+    fn user_floor(&self, user_id: &str) -> u64 {
+        self.read().floor(user_id)
+    }
+
     fn consume_once(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, bool> {
-        let session = token.session;
+        let token = token.clone();
         Box::pin(async move {
-            self.update_session(session, None, |state, _| {
-                let first = !state.revoked;
-                state.revoke(until_ms);
-                first
-            })
-            .await
+            let first = self
+                .update_session(token.session, &token.user_id, None, |state, _| {
+                    let first = !state.revoked;
+                    state.revoke(until_ms);
+                    first
+                })
+                .await?;
+            Ok(first.unwrap_or(false))
         })
     }
 }

@@ -6,7 +6,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::identity::MatrixUser;
 use crate::issuer::SessionId;
-use crate::store::{position, SessionState, Verdict};
+use crate::store::{position, user_key, SessionState, Verdict};
 
 /// Session ids are 128 random bits (or a SHA-256 prefix) that no client can choose, so their low
 /// 64 bits are already a good hash: no need to pay for SipHash on every request.
@@ -37,39 +37,81 @@ pub(crate) enum Judgement {
     Promote(SessionId, u32),
 }
 
+/// One session's state and the user it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Entry {
+    /// [`user_key`] of the session's user.
+    pub(crate) user: u64,
+    pub(crate) state: SessionState,
+}
+
 #[derive(Default)]
 pub(crate) struct View {
-    pub(crate) sessions: HashMap<SessionId, SessionState, BuildHasherDefault<SessionIdHasher>>,
-    /// User id → tokens minted before this instant are revoked ("log out everywhere").
+    pub(crate) sessions: HashMap<SessionId, Entry, BuildHasherDefault<SessionIdHasher>>,
+    /// User id → floor: sessions whose epoch is below it are revoked ("log out everywhere").
     pub(crate) users: HashMap<Box<str>, u64>,
     /// Size of `sessions` after the last sweep: the next sweep waits until it doubles.
     swept_at_len: usize,
 }
 
 impl View {
-    pub(crate) fn user_revoked(&self, user_id: &str, issued_ms: u64) -> bool {
-        !self.users.is_empty()
-            && self
-                .users
-                .get(user_id)
-                .is_some_and(|&before| issued_ms < before)
+    /// The user's floor: 0 if they never logged out everywhere.
+    pub(crate) fn floor(&self, user_id: &str) -> u64 {
+        if self.users.is_empty() {
+            return 0;
+        }
+        self.users.get(user_id).copied().unwrap_or(0)
+    }
+
+    /// Whether a "log out everywhere" came after the session of `epoch` began.
+    pub(crate) fn user_revoked(&self, user_id: &str, epoch: u64) -> bool {
+        self.floor(user_id) > epoch
+    }
+
+    /// The state of `session` if it belongs to `user_id`; `Err(())` if it belongs to another
+    /// user (no token of theirs can name it, so fail closed).
+    pub(crate) fn state(
+        &self,
+        session: SessionId,
+        user_id: &str,
+    ) -> Result<Option<&SessionState>, ()> {
+        match self.sessions.get(&session) {
+            None => Ok(None),
+            Some(entry) if entry.user == user_key(user_id) => Ok(Some(&entry.state)),
+            Some(_) => Err(()),
+        }
+    }
+
+    /// The state of `session` to change, created for `user_id` if new; `None` if it belongs to
+    /// another user.
+    pub(crate) fn state_mut(
+        &mut self,
+        session: SessionId,
+        user_id: &str,
+    ) -> Option<&mut SessionState> {
+        let user = user_key(user_id);
+        let entry = self.sessions.entry(session).or_insert(Entry {
+            user,
+            state: SessionState::default(),
+        });
+        (entry.user == user).then_some(&mut entry.state)
     }
 
     pub(crate) fn judge(&self, user: &MatrixUser) -> Judgement {
-        let (session, generation, issued_ms) = position(user);
-        if self.user_revoked(user.user_id(), issued_ms) {
+        let position = position(user);
+        if position.contradicts_type || self.user_revoked(user.user_id(), position.epoch) {
             return Judgement::Revoked;
         }
-        let verdict = match self.sessions.get(&session) {
+        let verdict = match self.state(position.session, user.user_id()) {
             // No refresh or logout ever touched this session: only generation 0 exists.
-            None if generation == 0 => Verdict::Active,
-            None => Verdict::Revoked,
-            Some(state) => state.verdict(generation),
+            Ok(None) if position.generation == 0 => Verdict::Active,
+            Ok(None) | Err(()) => Verdict::Revoked,
+            Ok(Some(state)) => state.verdict(position.generation),
         };
         match verdict {
             Verdict::Active => Judgement::Active,
             Verdict::Revoked => Judgement::Revoked,
-            Verdict::Promote => Judgement::Promote(session, generation),
+            Verdict::Promote => Judgement::Promote(position.session, position.generation),
         }
     }
 
@@ -81,27 +123,35 @@ impl View {
             || self
                 .sessions
                 .get(&session)
-                .is_some_and(|state| generation < state.next_generation)
+                .is_some_and(|entry| generation < entry.state.next_generation)
     }
 
     /// Takes a state from elsewhere (a database row, a notification) unless an equal or newer
     /// version is already here: updates may arrive out of order.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn merge(&mut self, session: SessionId, state: SessionState) {
+    pub(crate) fn merge(&mut self, session: SessionId, user_id: &str, state: SessionState) {
         match self.sessions.get(&session) {
-            Some(current) if current.version >= state.version => {}
+            Some(current) if current.state.version >= state.version => {}
             _ => {
-                self.sessions.insert(session, state);
+                self.sessions.insert(
+                    session,
+                    Entry {
+                        user: user_key(user_id),
+                        state,
+                    },
+                );
             }
         }
     }
 
-    pub(crate) fn merge_user(&mut self, user_id: &str, before_ms: u64) {
+    /// Raises a user's floor to `floor` (never lowers it).
+    pub(crate) fn merge_user(&mut self, user_id: &str, floor: u64) {
         let entry = self.users.entry(user_id.into()).or_insert(0);
-        *entry = (*entry).max(before_ms);
+        *entry = (*entry).max(floor);
     }
 
-    /// Forgets entries whose tokens have all expired, amortized over the writes that grow the map.
+    /// Forgets entries whose tokens have all stopped verifying, amortized over the writes that
+    /// grow the map.
     pub(crate) fn sweep_if_due(&mut self, now_ms: u64) {
         if self.sessions.len() >= 1024 && self.sessions.len() >= self.swept_at_len * 2 {
             self.sweep(now_ms);
@@ -109,7 +159,8 @@ impl View {
     }
 
     pub(crate) fn sweep(&mut self, now_ms: u64) {
-        self.sessions.retain(|_, s| s.until_ms > now_ms);
+        self.sessions
+            .retain(|_, entry| entry.state.until_ms > now_ms);
         self.swept_at_len = self.sessions.len();
         // A map keeps its capacity when emptied; give memory back once it is mostly unused.
         if self.sessions.capacity() > 4 * self.sessions.len() + 1024 {
