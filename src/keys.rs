@@ -22,6 +22,22 @@ const KEY_GENERATOR: [u8; SIGNATURE_LEN] = {
     key
 };
 
+/// The shortest secret [`MacaroonSecret::from_passphrase`] takes without a warning: 32 bytes, as
+/// many as the HMAC key it becomes.
+pub const RECOMMENDED_SECRET_LEN: usize = 32;
+
+/// An empty macaroon secret was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmptySecret;
+
+impl fmt::Display for EmptySecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the macaroon secret is empty: tokens signed with it can be forged by anyone")
+    }
+}
+
+impl std::error::Error for EmptySecret {}
+
 /// A macaroon root secret. Its `Debug` output never shows the key.
 ///
 /// ```
@@ -36,13 +52,45 @@ pub struct MacaroonSecret {
 }
 
 impl MacaroonSecret {
-    /// Derives the root key from a secret of any length the way libmacaroons and pymacaroons do:
-    /// HMAC-SHA256 keyed with `"macaroons-key-generator"` over the secret. This is what Synapse's
+    /// Derives the root key from a secret the way libmacaroons and pymacaroons do: HMAC-SHA256
+    /// keyed with `"macaroons-key-generator"` over the secret. This is what Synapse's
     /// `macaroon_secret_key` went through, so its tokens verify with this key.
+    ///
+    /// A secret shorter than [`RECOMMENDED_SECRET_LEN`] bytes is accepted (deployments carry the
+    /// secrets they have) with a warning in the log; see [`MacaroonSecret::try_from_passphrase`]
+    /// to handle an empty one without a panic.
+    ///
+    /// # Panics
+    /// If `secret` is empty: every token would be forgeable by anyone who guesses that.
     pub fn from_passphrase(secret: impl AsRef<[u8]>) -> Self {
-        Self {
-            root_key: hmac32(&KEY_GENERATOR, secret.as_ref()),
+        match Self::try_from_passphrase(secret) {
+            Ok(secret) => secret,
+            Err(error) => panic!("{error}"),
         }
+    }
+
+    /// [`MacaroonSecret::from_passphrase`], with an error instead of a panic for an empty secret.
+    ///
+    /// ```
+    /// use tower_matrix_auth::MacaroonSecret;
+    /// assert!(MacaroonSecret::try_from_passphrase("").is_err());
+    /// assert!(MacaroonSecret::try_from_passphrase("a long and random macaroon secret key").is_ok());
+    /// ```
+    pub fn try_from_passphrase(secret: impl AsRef<[u8]>) -> Result<Self, EmptySecret> {
+        let secret = secret.as_ref();
+        if secret.is_empty() {
+            return Err(EmptySecret);
+        }
+        if secret.len() < RECOMMENDED_SECRET_LEN {
+            tracing::warn!(
+                len = secret.len(),
+                "the macaroon secret is shorter than {RECOMMENDED_SECRET_LEN} bytes: tokens are \
+                 only as hard to forge as the secret is to guess"
+            );
+        }
+        Ok(Self {
+            root_key: hmac32(&KEY_GENERATOR, secret),
+        })
     }
 
     /// Uses 32 bytes as the root key as they are, with no derivation.
@@ -241,5 +289,20 @@ mod tests {
                 assert_eq!(key.chain(caveats[..n].iter().copied()), expected, "{n}");
             }
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "the macaroon secret is empty")]
+    fn an_empty_secret_is_refused() {
+        let _ = MacaroonSecret::from_passphrase("");
+    }
+
+    #[test]
+    fn a_short_secret_is_accepted() {
+        // Deployments carry the secrets they have: short ones work (with a warning).
+        assert_eq!(
+            MacaroonSecret::from_passphrase("s"),
+            MacaroonSecret::try_from_passphrase("s").unwrap()
+        );
     }
 }

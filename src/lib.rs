@@ -96,7 +96,7 @@ pub use error::Rejection;
 pub use future::ResponseFuture;
 pub use identity::{Credential, MatrixUser, TokenId, TokenType};
 pub use issuer::{IssuedTokens, Issuer, NonceKind, SessionId, SessionRequest, TokenNonce};
-pub use keys::{KeyRing, MacaroonSecret};
+pub use keys::{EmptySecret, KeyRing, MacaroonSecret, RECOMMENDED_SECRET_LEN};
 pub use layer::{GuestPolicy, MatrixAuthLayer, QueryToken};
 pub use mint::{attenuate, TokenBuilder};
 pub use resolver::{ResolveFuture, ResolvedToken, StaticTokens, TokenResolver};

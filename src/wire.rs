@@ -11,6 +11,7 @@
 //! base64 alphabet in any field); the test rewrites those for the crate and compares again.
 
 use std::borrow::Cow;
+use std::fmt;
 
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
@@ -64,8 +65,9 @@ pub(crate) struct RawCaveat<'a> {
     pub(crate) third_party: bool,
 }
 
-/// A parsed macaroon that borrows from the decoded token.
-#[derive(Debug, Clone, Copy)]
+/// A parsed macaroon that borrows from the decoded token. `Debug` leaves the signature out: it
+/// is the token's credential.
+#[derive(Clone, Copy)]
 pub(crate) struct Macaroon<'a> {
     pub(crate) format: Format,
     pub(crate) location: Option<&'a [u8]>,
@@ -73,6 +75,17 @@ pub(crate) struct Macaroon<'a> {
     pub(crate) signature: &'a [u8; SIGNATURE_LEN],
     /// The bytes holding the caveats, re-walked by [`Macaroon::caveats`].
     caveat_section: &'a [u8],
+}
+
+impl fmt::Debug for Macaroon<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Macaroon")
+            .field("format", &self.format)
+            .field("location", &self.location.map(String::from_utf8_lossy))
+            .field("identifier", &String::from_utf8_lossy(self.identifier))
+            .field("signature", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> Macaroon<'a> {
@@ -712,13 +725,27 @@ pub(crate) struct OwnedCaveat {
     pub(crate) vid: Option<Vec<u8>>,
 }
 
-/// Everything a serialized macaroon holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Everything a serialized macaroon holds. `Debug` leaves the signature out.
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct MacaroonFields {
     pub(crate) location: Option<Vec<u8>>,
     pub(crate) identifier: Vec<u8>,
     pub(crate) caveats: Vec<OwnedCaveat>,
     pub(crate) signature: [u8; SIGNATURE_LEN],
+}
+
+impl fmt::Debug for MacaroonFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MacaroonFields")
+            .field(
+                "location",
+                &self.location.as_deref().map(String::from_utf8_lossy),
+            )
+            .field("identifier", &String::from_utf8_lossy(&self.identifier))
+            .field("caveats", &self.caveats.len())
+            .field("signature", &"<redacted>")
+            .finish()
+    }
 }
 
 fn push_v1_packet(out: &mut Vec<u8>, key: &str, value: &[u8]) {
@@ -1178,6 +1205,38 @@ mod tests {
             let caveats: Vec<_> = parsed.caveats().collect();
             assert_eq!(caveats.len(), 3);
             assert!(caveats[2].third_party && !caveats[0].third_party);
+        }
+    }
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+
+    /// The signature is the token's credential: no `Debug` output carries it.
+    #[test]
+    fn debug_output_leaves_the_signature_out() {
+        let signature = [0xab; SIGNATURE_LEN];
+        let fields = MacaroonFields {
+            location: Some(b"example.org".to_vec()),
+            identifier: b"key".to_vec(),
+            caveats: vec![OwnedCaveat {
+                id: b"user_id = @a:b".to_vec(),
+                location: None,
+                vid: None,
+            }],
+            signature,
+        };
+        let hex: String = signature.iter().map(|b| format!("{b:02x}")).collect();
+        let token = fields.serialize(Format::V1);
+        let decoded = decode_token(token.as_bytes()).unwrap();
+        let parsed = parse_binary(decoded.bytes(), 8).unwrap();
+        for debug in [format!("{fields:?}"), format!("{parsed:?}")] {
+            assert!(debug.contains("<redacted>"), "{debug}");
+            assert!(
+                !debug.contains("171, 171") && !debug.contains(&hex),
+                "{debug}"
+            );
         }
     }
 }
