@@ -1,13 +1,26 @@
-//! Measures the in-memory revocation store: heap bytes for one million logged-out sessions, and
-//! that the entries are forgotten once the tokens they revoke have expired.
+//! Measures what revocation state costs: entries and heap bytes after one million login/logout
+//! cycles, with the default issuer (tokens without `time <`: every logout is kept for good) and
+//! with lifetimes on every token (the sweep forgets a logout once the session's tokens have
+//! stopped verifying).
 //!
-//! `cargo run --release --example revocation_memory`
+//! ```text
+//! cargo run --release --example revocation_memory
+//! MATRIX_DATABASE_URL=postgresql://… cargo run --release --example revocation_memory
+//! ```
+//!
+//! With `MATRIX_DATABASE_URL`, it also measures the PostgreSQL store: the table's size and a new
+//! process's view (heap bytes, load time) over one million logged-out sessions written with SQL,
+//! after checking on a few thousand real cycles that the store writes what the SQL writes.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
-use tower_matrix_auth::store::TokenRef;
-use tower_matrix_auth::{ManualClock, MemoryStore, SessionId, TokenStore};
+use tower_matrix_auth::{
+    Clock, Issuer, KeyRing, MacaroonSecret, ManualClock, MemoryStore, SessionRequest, Sessions,
+    SystemClock, TokenStore, TokenType, Verifier,
+};
 
 /// Counts live heap bytes.
 struct Counting;
@@ -30,51 +43,149 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-fn main() {
-    const N: u64 = 1_000_000;
-    const NOW: u64 = 1_700_000_000_000;
-    let clock = ManualClock::new(NOW);
-    let store = MemoryStore::new().with_clock(clock.clone());
-    let before = LIVE.load(Ordering::Relaxed);
-    let token = |i: u64| TokenRef {
-        user_id: "@user:example.org".to_owned(),
-        session: SessionId::from_u128(
-            u128::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835),
+const CYCLES: u64 = 1_000_000;
+const USERS: u64 = 10_000;
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn keys() -> KeyRing {
+    KeyRing::new().with_key(
+        "key",
+        MacaroonSecret::from_passphrase("revocation memory measurement secret"),
+    )
+}
+
+/// `cycles` logins, each logged out at once, through `sessions`.
+async fn login_logout(sessions: &Sessions, verifier: &Verifier, cycles: u64) {
+    let parts = http::Request::new(()).into_parts().0;
+    for i in 0..cycles {
+        let user_id = format!("@user{}:example.org", i % USERS);
+        let tokens = sessions.login(&user_id, &SessionRequest::default());
+        let user = verifier
+            .verify(tokens.access_token.as_bytes(), TokenType::Access, &parts)
+            .expect("just minted");
+        sessions.logout(&user).await.expect("the store answers");
+    }
+}
+
+async fn memory() {
+    for (name, issuer) in [
+        ("default issuer (no lifetimes)", Issuer::new(keys())),
+        (
+            "every token with a lifetime (1 h access, 1 d refresh)",
+            Issuer::new(keys())
+                .access_lifetime_ms(Some(3_600_000))
+                .refresh_lifetime_ms(Some(86_400_000)),
         ),
-        generation: 0,
-        epoch: 0,
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
+    ] {
+        let clock = ManualClock::new(SystemClock.now_ms());
+        let store = MemoryStore::new().with_clock(clock.clone());
+        let verifier = Verifier::new(keys()).clock(clock.clone()).token_cache(0);
+        let sessions = Sessions::new(issuer.clock(clock.clone()), verifier.clone(), store.clone());
+        let before = LIVE.load(Ordering::Relaxed);
+        let started = Instant::now();
+        login_logout(&sessions, &verifier, CYCLES).await;
+        let used = LIVE.load(Ordering::Relaxed) - before;
+        println!(
+            "memory store, {name}: {CYCLES} login/logout cycles in {:.1} s: {} entries, {:.1} MiB heap, {:.0} bytes per entry",
+            started.elapsed().as_secs_f64(),
+            store.len(),
+            mib(used),
+            used as f64 / store.len().max(1) as f64,
+        );
+        clock.advance_ms(86_400_000 + 1);
+        store.sweep();
+        println!(
+            "  a day later, after the sweep: {} entries, {:.1} MiB heap",
+            store.len(),
+            mib(LIVE.load(Ordering::Relaxed) - before)
+        );
+    }
+}
+
+async fn postgres(url: &str) {
+    use tower_matrix_auth::PostgresStore;
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("the database answers");
+    tokio::spawn(connection);
+    // Real cycles first: the rows the store writes for a logged-out session of the default issuer.
+    let store = PostgresStore::connect(url).await.expect("connects");
+    let verifier = Verifier::new(keys()).token_cache(0);
+    let sessions = Sessions::new(Issuer::new(keys()), verifier.clone(), store.clone());
+    let real = 2_000;
+    let started = Instant::now();
+    login_logout(&sessions, &verifier, real).await;
+    println!(
+        "postgres store: {real} real login/logout cycles in {:.1} s ({:.0} logouts/s)",
+        started.elapsed().as_secs_f64(),
+        real as f64 / started.elapsed().as_secs_f64()
+    );
+    let forever: i64 = client
+        .query_one(
+            "SELECT count(*) FROM matrix_auth_sessions WHERE revoked AND until_ms = $1",
+            &[&i64::MAX],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        forever >= real as i64,
+        "every logout of the default issuer is kept for good"
+    );
+    // Then a million such rows, as SQL writes them.
+    client
+        .execute(
+            "INSERT INTO matrix_auth_sessions (session_id, live_generation, pending_generation, next_generation, revoked, until_ms, version, user_id) \
+             SELECT lpad(to_hex(g) || 'f00d', 32, '0'), 0, NULL, 1, TRUE, $1, 1, '@user' || (g % 10000) || ':example.org' \
+             FROM generate_series(1, $2::bigint) AS g ON CONFLICT DO NOTHING",
+            &[&i64::MAX, &(CYCLES as i64)],
+        )
+        .await
         .unwrap();
-    runtime.block_on(async {
-        for i in 0..N {
-            // Each logout revokes a token living one more second than the last, up to ~11.6 days.
-            store
-                .revoke_session(&token(i), NOW + 1_000 * (i + 1))
-                .await
-                .unwrap();
-        }
-    });
+    let (rows, bytes): (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT count(*), pg_total_relation_size('matrix_auth_sessions') FROM matrix_auth_sessions",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    println!(
+        "postgres store: {rows} rows, table and indexes {:.1} MiB ({:.0} bytes per row)",
+        mib(bytes as usize),
+        bytes as f64 / rows as f64
+    );
+    let before = LIVE.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let fresh = PostgresStore::connect(url).await.expect("connects");
+    let loaded = started.elapsed();
     let used = LIVE.load(Ordering::Relaxed) - before;
     println!(
-        "{N} revocations: {} sessions held, {:.1} MiB heap, {:.0} bytes per revocation",
-        store.len(),
-        used as f64 / (1024.0 * 1024.0),
-        used as f64 / N as f64
+        "postgres store: a new process loads its view in {:.2} s: {:.1} MiB heap ({:.0} bytes per session)",
+        loaded.as_secs_f64(),
+        mib(used),
+        used as f64 / rows as f64
     );
-    clock.set_ms(NOW + 1_000 * N / 2);
-    store.sweep();
-    println!(
-        "half the revoked tokens expired: {} sessions held, {:.1} MiB heap",
-        store.len(),
-        (LIVE.load(Ordering::Relaxed) - before) as f64 / (1024.0 * 1024.0)
-    );
-    clock.set_ms(NOW + 1_000 * (N + 1));
-    store.sweep();
-    println!(
-        "all expired: {} sessions held, {:.1} MiB heap",
-        store.len(),
-        (LIVE.load(Ordering::Relaxed) - before) as f64 / (1024.0 * 1024.0)
-    );
+    drop(fresh);
+    client
+        .execute(
+            "DELETE FROM matrix_auth_sessions WHERE session_id LIKE '%f00d'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let _ = Arc::new(());
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    memory().await;
+    if let Ok(url) = std::env::var("MATRIX_DATABASE_URL") {
+        postgres(&url).await;
+    }
 }
