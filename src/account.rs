@@ -16,7 +16,7 @@ pub enum AccountStatus {
     #[default]
     Active,
     /// Locked (spec v1.8): `401 M_USER_LOCKED` with `soft_logout: true` everywhere except
-    /// `/logout` and `/logout/all`.
+    /// exactly `POST …/logout` and `POST …/logout/all` ([`crate::is_logout_route`]).
     Locked,
     /// Suspended (spec v1.13, MSC3823): a largely read-only account; joining, knocking, inviting,
     /// sending messages or state, creating rooms and changing the profile get
@@ -91,13 +91,6 @@ impl fmt::Debug for AccountStates {
             .field("entries", &map.len())
             .finish()
     }
-}
-
-/// `/logout` and `/logout/all` (any version prefix): where a locked account may still go.
-pub(crate) fn is_logout(parts: &Parts) -> bool {
-    let path = parts.uri.path();
-    path.starts_with("/_matrix/client/")
-        && (path.ends_with("/logout") || path.ends_with("/logout/all"))
 }
 
 /// Whether a suspended account may make this request (MSC3823's list, by endpoint shape).
@@ -188,13 +181,5 @@ mod tests {
                 "{method} {path}"
             );
         }
-        assert!(is_logout(&parts(
-            Method::POST,
-            "/_matrix/client/v3/logout/all"
-        )));
-        assert!(!is_logout(&parts(
-            Method::POST,
-            "/_matrix/client/v3/logoutx"
-        )));
     }
 }

@@ -1,0 +1,113 @@
+//! Path-dependent rules over real HTTP (raw request lines, so the server sees the path exactly as
+//! sent, dot segments included): the exceptions for logout, whoami, suspended accounts and skipped
+//! prefixes name exact routes, never a substring, a suffix or a path with dot segments (the
+//! outside review's finding 3).
+
+mod common;
+
+use axum::extract::Request;
+use axum::routing::any;
+use axum::{Json, Router};
+use common::server::send;
+use common::*;
+use http::StatusCode;
+use tower_matrix_auth::{AccountStates, AccountStatus, ManualClock, MatrixAuthLayer, MatrixUser};
+
+/// Echoes what the layer let through.
+async fn echo(request: Request) -> Json<serde_json::Value> {
+    let user = request.extensions().get::<MatrixUser>();
+    Json(serde_json::json!({
+        "inner": true,
+        "user_id": user.map(|u| u.user_id()),
+        "suspended": user.map(|u| u.is_suspended()),
+        "path": request.uri().path(),
+    }))
+}
+
+/// Any path, any method, reaches the echo: the layer alone decides.
+async fn serve(layer: MatrixAuthLayer) -> std::net::SocketAddr {
+    let app = Router::new().route("/{*path}", any(echo)).layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn layer() -> MatrixAuthLayer {
+    MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS))
+}
+
+/// Routes whose last segment the client picks, set to `logout`: none is a logout.
+const ENDING_IN_LOGOUT: [(&str, &str); 8] = [
+    (
+        "PUT",
+        "/_matrix/client/v3/rooms/!r:example.org/send/m.room.message/logout",
+    ),
+    (
+        "PUT",
+        "/_matrix/client/v3/rooms/!r:example.org/state/m.room.topic/logout",
+    ),
+    (
+        "PUT",
+        "/_matrix/client/v3/user/@alice:example.org/account_data/logout",
+    ),
+    ("PUT", "/_matrix/client/v3/sendToDevice/m.x/logout"),
+    (
+        "PUT",
+        "/_matrix/client/v3/rooms/!r:example.org/redact/$e/logout",
+    ),
+    (
+        "PUT",
+        "/_matrix/client/v3/rooms/!r:example.org/send/m.room.message/logou%74",
+    ),
+    (
+        "PUT",
+        "/_matrix/client/v3/rooms/!r:example.org/state/logout/all",
+    ),
+    (
+        "POST",
+        "/_matrix/client/v3/rooms/!r:example.org/send/m.room.message/x/../../../../logout",
+    ),
+];
+
+const LOGOUTS: [&str; 3] = [
+    "/_matrix/client/v3/logout",
+    "/_matrix/client/v3/logout/all",
+    "/_matrix/client/r0/logout",
+];
+
+/// A locked account passed on every route ending in `/logout` (`ends_with`); now only on
+/// `POST …/logout` and `…/logout/all`.
+#[tokio::test]
+async fn locked_account_passes_on_the_logout_routes_only() {
+    let accounts = AccountStates::default();
+    accounts.set(ALICE, AccountStatus::Locked);
+    let addr = serve(layer().accounts(accounts)).await;
+    let token = access_token(&[]);
+    for (method, path) in ENDING_IN_LOGOUT {
+        let (status, json, _) = send(addr, method, path, Some(&token), Some("{}")).await;
+        assert_eq!(
+            (
+                status,
+                json["errcode"].as_str(),
+                json["soft_logout"].as_bool()
+            ),
+            (StatusCode::UNAUTHORIZED, Some("M_USER_LOCKED"), Some(true)),
+            "{method} {path}: {json}"
+        );
+    }
+    let (status, json, _) = send(addr, "GET", LOGOUTS[0], Some(&token), None).await;
+    assert_eq!(
+        (status, json["errcode"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("M_USER_LOCKED")),
+        "logout is POST"
+    );
+    for path in LOGOUTS {
+        let (status, json, _) = send(addr, "POST", path, Some(&token), Some("{}")).await;
+        assert_eq!(
+            (status, json["user_id"].as_str()),
+            (StatusCode::OK, Some(ALICE)),
+            "{path}"
+        );
+    }
+}
