@@ -212,12 +212,22 @@ impl MatrixAuthLayer {
     }
 
     /// Lets expired (but otherwise valid, unrevoked) tokens through on the requests `predicate`
-    /// picks: the spec requires `/logout` and `/logout/all` to accept them.
+    /// picks. For the spec's `/logout` and `/logout/all`, use [`Self::allow_expired_on_logout`]:
+    /// a hand-written `contains("/logout")` would also accept expired tokens on every route
+    /// where the client picks a segment, e.g. `PUT …/rooms/{roomId}/send/{eventType}/logout`.
     pub fn allow_expired_when<F>(self, predicate: F) -> Self
     where
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
     {
         self.update(|c| c.expired_allowed_when.push(Arc::new(predicate)))
+    }
+
+    /// Lets expired (but otherwise valid, unrevoked) tokens through on exactly
+    /// `POST /_matrix/client/{version}/logout` and `…/logout/all`
+    /// ([`crate::is_logout_route`]), as the spec requires: a client whose token expired can
+    /// still log out.
+    pub fn allow_expired_on_logout(self) -> Self {
+        self.allow_expired_when(crate::routes::is_logout_route)
     }
 
     /// Consults `revocation` for every token whose signature and caveats hold.

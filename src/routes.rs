@@ -172,7 +172,8 @@ fn is_version(segment: &str) -> bool {
 }
 
 /// `POST /_matrix/client/{version}/logout` or `…/logout/all`, exactly: where a locked account
-/// may still go, and where the spec wants expired tokens accepted.
+/// may still go, and where [`crate::MatrixAuthLayer::allow_expired_on_logout`] accepts expired
+/// tokens.
 ///
 /// POST only: the spec defines no other method there, and an exception should be no wider than
 /// the route it is for (a router dispatching on the path alone would otherwise hand the

@@ -111,3 +111,35 @@ async fn locked_account_passes_on_the_logout_routes_only() {
         );
     }
 }
+
+/// `allow_expired_on_logout` replaces the README's `contains("/logout")`, under which an expired
+/// token worked on every route with a client-chosen segment starting with `logout`.
+#[tokio::test]
+async fn expired_token_is_accepted_on_the_logout_routes_only() {
+    let addr = serve(layer().allow_expired_on_logout()).await;
+    let expired = access_token(&[&format!("time < {}", NOW_MS - 1)]);
+    for (method, path) in ENDING_IN_LOGOUT {
+        let (status, json, _) = send(addr, method, path, Some(&expired), Some("{}")).await;
+        assert_eq!(
+            (
+                status,
+                json["errcode"].as_str(),
+                json["soft_logout"].as_bool()
+            ),
+            (
+                StatusCode::UNAUTHORIZED,
+                Some("M_UNKNOWN_TOKEN"),
+                Some(true)
+            ),
+            "{method} {path}: {json}"
+        );
+    }
+    for path in LOGOUTS {
+        let (status, json, _) = send(addr, "POST", path, Some(&expired), Some("{}")).await;
+        assert_eq!(
+            (status, json["user_id"].as_str()),
+            (StatusCode::OK, Some(ALICE)),
+            "{path}"
+        );
+    }
+}
