@@ -143,3 +143,42 @@ async fn expired_token_is_accepted_on_the_logout_routes_only() {
         );
     }
 }
+
+/// `skip_path_prefix` matched the raw path, so a prefix could be walked out of with `..`; under a
+/// router that resolves dot segments the request would reach a client route unauthenticated.
+#[tokio::test]
+async fn dot_segments_are_never_skipped() {
+    let layer = layer()
+        .skip_path("/_matrix/client/versions")
+        .skip_path_prefix("/_matrix/federation/")
+        .skip_when(|parts| parts.uri.path().starts_with("/_matrix/key/"));
+    let addr = serve(layer).await;
+    for path in [
+        "/_matrix/federation/../client/v3/account/whoami",
+        "/_matrix/federation/%2e%2e/client/v3/account/whoami",
+        "/_matrix/federation/.%2E/client/v3/account/whoami",
+        "/_matrix/federation/v1/../../client/v3/account/whoami",
+        "/_matrix/federation/./../client/v3/account/whoami",
+        "/_matrix/key/../client/v3/account/whoami",
+        "/_matrix/client/versions/../v3/account/whoami",
+    ] {
+        let (status, json, _) = send(addr, "GET", path, None, None).await;
+        assert_eq!(
+            (status, json["errcode"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("M_MISSING_TOKEN")),
+            "{path}: {json}"
+        );
+    }
+    for path in [
+        "/_matrix/federation/v1/version",
+        "/_matrix/key/v2/server",
+        "/_matrix/client/versions",
+    ] {
+        let (status, json, _) = send(addr, "GET", path, None, None).await;
+        assert_eq!(
+            (status, json["inner"].as_bool()),
+            (StatusCode::OK, Some(true)),
+            "{path}"
+        );
+    }
+}
