@@ -64,6 +64,7 @@ pub(crate) struct Config {
     pub(crate) optional: bool,
     pub(crate) optional_when: Vec<Predicate>,
     pub(crate) expired_allowed_when: Vec<Predicate>,
+    pub(crate) suspended_allowed_when: Vec<Predicate>,
     pub(crate) revocation: Arc<dyn Revocation>,
     pub(crate) resolver: Option<Arc<dyn TokenResolver>>,
     pub(crate) accounts: Option<Arc<dyn AccountState>>,
@@ -97,6 +98,10 @@ impl Config {
 
     pub(crate) fn expired_allowed(&self, parts: &Parts) -> bool {
         granted(&self.expired_allowed_when, parts)
+    }
+
+    pub(crate) fn suspended_allowed(&self, parts: &Parts) -> bool {
+        granted(&self.suspended_allowed_when, parts)
     }
 
     pub(crate) fn render(&self, rejection: &Rejection) -> Response<Bytes> {
@@ -146,6 +151,7 @@ impl MatrixAuthLayer {
                 optional: false,
                 optional_when: Vec::new(),
                 expired_allowed_when: Vec::new(),
+                suspended_allowed_when: Vec::new(),
                 revocation: Arc::new(NeverRevoked),
                 resolver: None,
                 accounts: None,
@@ -246,6 +252,18 @@ impl MatrixAuthLayer {
     /// still log out.
     pub fn allow_expired_on_logout(self) -> Self {
         self.allow_expired_when(crate::routes::is_logout_route)
+    }
+
+    /// Lets a suspended account make the requests `predicate` picks, beyond what the layer
+    /// allows it (reads and a fixed list of writes, see [`crate::AccountStatus::Suspended`]),
+    /// e.g. messages to the room where the server's administrators talk with suspended users,
+    /// as the spec recommends. Never applies on a path that is not normal
+    /// ([`crate::is_normal_path`]); read the path with [`crate::routes::ClientRoute`].
+    pub fn allow_suspended_when<F>(self, predicate: F) -> Self
+    where
+        F: Fn(&Parts) -> bool + Send + Sync + 'static,
+    {
+        self.update(|c| c.suspended_allowed_when.push(Arc::new(predicate)))
     }
 
     /// Consults `revocation` for every token whose signature and caveats hold.

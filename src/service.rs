@@ -262,7 +262,7 @@ impl Config {
             return Err(Rejection::guest_forbidden());
         }
         if status == AccountStatus::Suspended {
-            if !suspended_may(parts) {
+            if !suspended_may(parts) && !self.suspended_allowed(parts) {
                 return Err(Rejection::of(Kind::Suspended));
             }
             user.mark_suspended();

@@ -144,6 +144,92 @@ async fn expired_token_is_accepted_on_the_logout_routes_only() {
     }
 }
 
+/// The suspension rule was a deny-list over the raw path: a trailing slash, the legacy
+/// `POST …/send/{eventType}`, `…/upgrade` and transaction-id forms got through. It is now reads
+/// plus an allow-list of writes.
+#[tokio::test]
+async fn suspended_account_cannot_write_through_another_form_of_a_write() {
+    let accounts = AccountStates::default();
+    accounts.set(ALICE, AccountStatus::Suspended);
+    let addr = serve(layer().accounts(accounts)).await;
+    let token = access_token(&[]);
+    for (method, path) in [
+        ("POST", "/_matrix/client/v3/createRoom/"),
+        ("PUT", "/_matrix/client/v3/createRoom/txn1"),
+        (
+            "POST",
+            "/_matrix/client/v3/rooms/!r:example.org/send/m.room.message",
+        ),
+        ("POST", "/_matrix/client/v3/rooms/!r:example.org/upgrade"),
+        ("POST", "/_matrix/client/v3/join/!r:example.org/"),
+        ("PUT", "/_matrix/client/v3/rooms/!r:example.org/invite/txn1"),
+        ("POST", "/_matrix/client/v3/rooms/!r:example.org/invit%65"),
+        (
+            "POST",
+            "/_matrix/client/v3/rooms/!r:example.org/state/m.room.name/",
+        ),
+        (
+            "POST",
+            "/_matrix/client/v3/rooms/!r:example.org/leave/../../../createRoom",
+        ),
+        ("GET", "/_matrix/client/v3/rooms/%2e%2e/sync"),
+    ] {
+        let (status, json, _) = send(addr, method, path, Some(&token), Some("{}")).await;
+        assert_eq!(
+            (status, json["errcode"].as_str()),
+            (StatusCode::FORBIDDEN, Some("M_USER_SUSPENDED")),
+            "{method} {path}: {json}"
+        );
+    }
+    for (method, path) in [
+        ("GET", "/_matrix/client/v3/sync"),
+        ("POST", "/_matrix/client/v3/rooms/!r:example.org/leave"),
+        ("POST", "/_matrix/client/v3/keys/upload"),
+        ("POST", "/_matrix/client/v3/logout"),
+    ] {
+        let (status, json, _) = send(addr, method, path, Some(&token), Some("{}")).await;
+        assert_eq!(
+            (status, json["suspended"].as_bool()),
+            (StatusCode::OK, Some(true)),
+            "{method} {path}: {json}"
+        );
+    }
+}
+
+/// What the layer refuses, the homeserver can allow: here, messages to an administrators' room.
+#[tokio::test]
+async fn homeserver_widens_what_a_suspended_account_may_do() {
+    use tower_matrix_auth::routes::ClientRoute;
+    let accounts = AccountStates::default();
+    accounts.set(ALICE, AccountStatus::Suspended);
+    let layer = layer().accounts(accounts).allow_suspended_when(|parts| {
+        ClientRoute::parse(parts.uri.path()).is_some_and(|route| {
+            route.matches("rooms/{roomId}/send/m.room.message/{txnId}")
+                && route.segments().nth(1) == Some("!admins:example.org")
+        })
+    });
+    let addr = serve(layer).await;
+    let token = access_token(&[]);
+    let to = |room: &str| format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t1");
+    let (status, _, _) = send(addr, "PUT", &to("!admins:example.org"), Some(&token), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = send(
+        addr,
+        "PUT",
+        &to("!admins%3Aexample.org"),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "decoded, the same room");
+    let (status, _, _) = send(addr, "PUT", &to("!other:example.org"), Some(&token), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Dot segments: no route, so no exception.
+    let walked = "/_matrix/client/v3/rooms/!admins:example.org/send/m.room.message/t1/../../../../!other:example.org/send/m.room.message/t1";
+    let (status, _, _) = send(addr, "PUT", walked, Some(&token), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
 /// `skip_path_prefix` matched the raw path, so a prefix could be walked out of with `..`; under a
 /// router that resolves dot segments the request would reach a client route unauthenticated.
 #[tokio::test]
