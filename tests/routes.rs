@@ -11,7 +11,9 @@ use axum::{Json, Router};
 use common::server::send;
 use common::*;
 use http::StatusCode;
-use tower_matrix_auth::{AccountStates, AccountStatus, ManualClock, MatrixAuthLayer, MatrixUser};
+use tower_matrix_auth::{
+    is_whoami_route, AccountStates, AccountStatus, ManualClock, MatrixAuthLayer, MatrixUser,
+};
 
 /// Echoes what the layer let through.
 async fn echo(request: Request) -> Json<serde_json::Value> {
@@ -265,6 +267,44 @@ async fn dot_segments_are_never_skipped() {
             (status, json["inner"].as_bool()),
             (StatusCode::OK, Some(true)),
             "{path}"
+        );
+    }
+}
+
+/// The example's guest rule was `ends_with("/account/whoami")`, which a state event of type
+/// `account` with state key `whoami` also ends with.
+#[tokio::test]
+async fn guests_pass_on_whoami_only() {
+    let addr = serve(layer().allow_guests_when(is_whoami_route)).await;
+    let guest = access_token(&["guest = true"]);
+    let (status, json, _) = send(
+        addr,
+        "GET",
+        "/_matrix/client/v3/account/whoami",
+        Some(&guest),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, json["user_id"].as_str()),
+        (StatusCode::OK, Some(ALICE))
+    );
+    for (method, path) in [
+        (
+            "PUT",
+            "/_matrix/client/v3/rooms/!r:example.org/state/account/whoami",
+        ),
+        (
+            "GET",
+            "/_matrix/client/v3/rooms/!r:example.org/state/account/whoami",
+        ),
+        ("GET", "/_matrix/client/v3/devices/../account/whoami"),
+    ] {
+        let (status, json, _) = send(addr, method, path, Some(&guest), Some("{}")).await;
+        assert_eq!(
+            (status, json["errcode"].as_str()),
+            (StatusCode::FORBIDDEN, Some("M_GUEST_ACCESS_FORBIDDEN")),
+            "{method} {path}: {json}"
         );
     }
 }
