@@ -123,9 +123,9 @@ use std::sync::RwLock;
 use subtle::ConstantTimeEq;
 
 use tower_matrix_auth::{
-    is_valid_user_id, AppService, AppServices, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer,
-    MatrixUser, MemoryStore, PostgresStore, ResolvedToken, ResponseBody, SessionRequest, Sessions,
-    StaticTokens, TokenStore, TokenType, Verifier,
+    is_valid_user_id, is_whoami_route, AppService, AppServices, Issuer, KeyRing, MacaroonSecret,
+    MatrixAuthLayer, MatrixUser, MemoryStore, PostgresStore, ResolvedToken, ResponseBody,
+    SessionRequest, Sessions, StaticTokens, TokenStore, TokenType, Verifier,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -235,15 +235,17 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
 
     let auth = MatrixAuthLayer::with_verifier(verifier)
         .revocation(sessions.store())
-        // The spec: logging out must work with an expired token.
-        .allow_expired_when(|parts| parts.uri.path().contains("/logout"))
+        // The spec: logging out must work with an expired token (exactly `POST …/logout` and
+        // `…/logout/all`: a `contains("/logout")` would match any route with a client-chosen
+        // segment, such as a transaction id).
+        .allow_expired_on_logout()
         // Discovery happens before login: never authenticated.
         .skip_path("/_matrix/client/versions")
         // Server-server traffic is signed with `Authorization: X-Matrix`, not access tokens.
         .skip_path_prefix("/_matrix/federation/")
         .skip_path_prefix("/_matrix/key/")
         // Guests may ask who they are, and nothing else here.
-        .allow_guests_when(|parts| parts.uri.path().ends_with("/account/whoami"));
+        .allow_guests_when(is_whoami_route);
     let auth = with_appservice(auth, &server_name, &state.devices)?;
     let auth = with_opaque_tokens(auth)?;
 

@@ -55,10 +55,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A tower service: the layer around a `service_fn`. Cloning it is cheap.
     let service = ServiceBuilder::new()
-        .layer(
-            MatrixAuthLayer::new(keys)
-                .allow_guests_when(|parts| parts.uri.path().ends_with("/account/whoami")),
-        )
+        .layer(MatrixAuthLayer::new(keys).allow_guests_when(tower_matrix_auth::is_whoami_route))
         .service(tower::service_fn(handle));
 
     let listen = std::env::var("MATRIX_LISTEN").unwrap_or_else(|_| "127.0.0.1:8009".to_owned());

@@ -15,6 +15,7 @@ use crate::error::Rejection;
 use crate::keys::KeyRing;
 use crate::resolver::TokenResolver;
 use crate::revocation::{NeverRevoked, Revocation};
+use crate::routes::is_normal_path;
 use crate::service::MatrixAuth;
 use crate::verify::Verifier;
 
@@ -63,6 +64,7 @@ pub(crate) struct Config {
     pub(crate) optional: bool,
     pub(crate) optional_when: Vec<Predicate>,
     pub(crate) expired_allowed_when: Vec<Predicate>,
+    pub(crate) suspended_allowed_when: Vec<Predicate>,
     pub(crate) revocation: Arc<dyn Revocation>,
     pub(crate) resolver: Option<Arc<dyn TokenResolver>>,
     pub(crate) accounts: Option<Arc<dyn AccountState>>,
@@ -71,11 +73,19 @@ pub(crate) struct Config {
     pub(crate) renderer: Option<Renderer>,
 }
 
+/// Whether one of `rules` grants its exception to this request. Never on a path that is not
+/// normal (dot segments, `//`), whatever a rule says: this is the one place every path-dependent
+/// exception goes through, so a predicate written with `starts_with` or `contains` cannot be
+/// walked out of its prefix with `..`. The path is scanned only once a rule said yes.
+fn granted(rules: &[Predicate], parts: &Parts) -> bool {
+    rules.iter().any(|p| p(parts)) && is_normal_path(parts.uri.path())
+}
+
 impl Config {
     pub(crate) fn requirement(&self, parts: &Parts) -> Requirement {
-        if self.skip_when.iter().any(|p| p(parts)) {
+        if granted(&self.skip_when, parts) {
             Requirement::Skip
-        } else if self.optional || self.optional_when.iter().any(|p| p(parts)) {
+        } else if self.optional || granted(&self.optional_when, parts) {
             Requirement::Optional
         } else {
             Requirement::Required
@@ -83,11 +93,15 @@ impl Config {
     }
 
     pub(crate) fn guests_allowed(&self, parts: &Parts) -> bool {
-        self.guests == GuestPolicy::Allowed || self.guests_allowed_when.iter().any(|p| p(parts))
+        self.guests == GuestPolicy::Allowed || granted(&self.guests_allowed_when, parts)
     }
 
     pub(crate) fn expired_allowed(&self, parts: &Parts) -> bool {
-        self.expired_allowed_when.iter().any(|p| p(parts))
+        granted(&self.expired_allowed_when, parts)
+    }
+
+    pub(crate) fn suspended_allowed(&self, parts: &Parts) -> bool {
+        granted(&self.suspended_allowed_when, parts)
     }
 
     pub(crate) fn render(&self, rejection: &Rejection) -> Response<Bytes> {
@@ -137,6 +151,7 @@ impl MatrixAuthLayer {
                 optional: false,
                 optional_when: Vec::new(),
                 expired_allowed_when: Vec::new(),
+                suspended_allowed_when: Vec::new(),
                 revocation: Arc::new(NeverRevoked),
                 resolver: None,
                 accounts: None,
@@ -168,7 +183,10 @@ impl MatrixAuthLayer {
         self.update(|c| c.guests = policy)
     }
 
-    /// Lets guests through on the requests `predicate` picks, e.g. whoami.
+    /// Lets guests through on the requests `predicate` picks, e.g. whoami:
+    /// `.allow_guests_when(tower_matrix_auth::is_whoami_route)`. Match routes by their segments
+    /// ([`crate::routes`]), not with `ends_with` or `contains`: clients choose many segments.
+    /// Never applies on a path that is not normal ([`crate::is_normal_path`]).
     pub fn allow_guests_when<F>(self, predicate: F) -> Self
     where
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
@@ -177,6 +195,8 @@ impl MatrixAuthLayer {
     }
 
     /// Passes requests that `predicate` picks on untouched: no token needed, none checked.
+    /// Never applies on a path that is not normal ([`crate::is_normal_path`]): such a request is
+    /// authenticated.
     pub fn skip_when<F>(self, predicate: F) -> Self
     where
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
@@ -185,7 +205,9 @@ impl MatrixAuthLayer {
     }
 
     /// Passes requests whose path starts with `prefix` on untouched, e.g.
-    /// `/_matrix/federation/` (authenticated by `Authorization: X-Matrix`, not by us).
+    /// `/_matrix/federation/` (authenticated by `Authorization: X-Matrix`, not by us). End the
+    /// prefix with `/`, or `/_matrix/federationx` is skipped too. A path with dot segments is
+    /// never skipped: `/_matrix/federation/../client/v3/account/whoami` is authenticated.
     pub fn skip_path_prefix(self, prefix: impl Into<String>) -> Self {
         let prefix = prefix.into();
         self.skip_when(move |parts| parts.uri.path().starts_with(&prefix))
@@ -203,7 +225,8 @@ impl MatrixAuthLayer {
         self.update(|c| c.optional = true)
     }
 
-    /// Makes authentication optional on the requests `predicate` picks.
+    /// Makes authentication optional on the requests `predicate` picks (never on a path that is
+    /// not normal, [`crate::is_normal_path`]).
     pub fn optional_when<F>(self, predicate: F) -> Self
     where
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
@@ -212,12 +235,35 @@ impl MatrixAuthLayer {
     }
 
     /// Lets expired (but otherwise valid, unrevoked) tokens through on the requests `predicate`
-    /// picks: the spec requires `/logout` and `/logout/all` to accept them.
+    /// picks (never on a path that is not normal, [`crate::is_normal_path`]). For the spec's
+    /// `/logout` and `/logout/all`, use [`Self::allow_expired_on_logout`]: a hand-written
+    /// `contains("/logout")` would also accept expired tokens on every route where the client
+    /// picks a segment, e.g. `PUT …/rooms/{roomId}/send/{eventType}/logout`.
     pub fn allow_expired_when<F>(self, predicate: F) -> Self
     where
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
     {
         self.update(|c| c.expired_allowed_when.push(Arc::new(predicate)))
+    }
+
+    /// Lets expired (but otherwise valid, unrevoked) tokens through on exactly
+    /// `POST /_matrix/client/{version}/logout` and `…/logout/all`
+    /// ([`crate::is_logout_route`]), as the spec requires: a client whose token expired can
+    /// still log out.
+    pub fn allow_expired_on_logout(self) -> Self {
+        self.allow_expired_when(crate::routes::is_logout_route)
+    }
+
+    /// Lets a suspended account make the requests `predicate` picks, beyond what the layer
+    /// allows it (reads and a fixed list of writes, see [`crate::AccountStatus::Suspended`]),
+    /// e.g. messages to the room where the server's administrators talk with suspended users,
+    /// as the spec recommends. Never applies on a path that is not normal
+    /// ([`crate::is_normal_path`]); read the path with [`crate::routes::ClientRoute`].
+    pub fn allow_suspended_when<F>(self, predicate: F) -> Self
+    where
+        F: Fn(&Parts) -> bool + Send + Sync + 'static,
+    {
+        self.update(|c| c.suspended_allowed_when.push(Arc::new(predicate)))
     }
 
     /// Consults `revocation` for every token whose signature and caveats hold.

@@ -44,7 +44,8 @@
 //! The source has one module per concern: `extract` finds the token, `wire` reads the macaroon
 //! formats, `verify` computes the chain, `caveat` holds every caveat rule (the whole policy in one
 //! file), `identity` is what handlers receive, `error` and `body` are the Matrix error responses,
-//! `mint` writes tokens, and `layer`, `service` and `future` are the tower plumbing.
+//! `mint` writes tokens, [`routes`] recognises the Matrix routes that path-dependent rules name,
+//! and `layer`, `service` and `future` are the tower plumbing.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -73,6 +74,7 @@ mod layer;
 mod mint;
 mod resolver;
 mod revocation;
+pub mod routes;
 #[cfg(feature = "ruma")]
 mod ruma;
 mod service;
@@ -103,6 +105,7 @@ pub use resolver::{ResolveFuture, ResolvedToken, StaticTokens, TokenResolver};
 pub use revocation::{
     NeverRevoked, Revocation, RevocationCheck, RevocationError, RevocationStatus,
 };
+pub use routes::{is_logout_route, is_normal_path, is_whoami_route};
 pub use service::MatrixAuth;
 pub use sessions::{ExchangeError, RateLimit, RefreshEndpoint, Sessions};
 #[cfg(feature = "postgres")]

@@ -7,7 +7,7 @@ use http::request::Parts;
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::account::{is_logout, suspended_may, AccountStatus};
+use crate::account::{suspended_may, AccountStatus};
 use crate::body::ResponseBody;
 use crate::error::{Kind, Missing, Rejection, Unknown};
 use crate::extract::{find_token, strip_query_token};
@@ -16,6 +16,7 @@ use crate::identity::{Credential, MatrixUser, TokenId, TokenType};
 use crate::layer::{Config, QueryToken, Requirement};
 use crate::resolver::ResolveFuture;
 use crate::revocation::{RevocationCheck, RevocationError, RevocationStatus};
+use crate::routes::is_logout_route;
 use crate::verify::Verified;
 
 /// The service [`crate::MatrixAuthLayer`] wraps around an inner service.
@@ -249,7 +250,9 @@ impl Config {
             });
         match status {
             AccountStatus::Deactivated => return Err(Rejection::unknown(Unknown::Deactivated)),
-            AccountStatus::Locked if !is_logout(parts) => return Err(Rejection::of(Kind::Locked)),
+            AccountStatus::Locked if !is_logout_route(parts) => {
+                return Err(Rejection::of(Kind::Locked))
+            }
             _ => {}
         }
         if expired && !self.expired_allowed(parts) {
@@ -259,7 +262,7 @@ impl Config {
             return Err(Rejection::guest_forbidden());
         }
         if status == AccountStatus::Suspended {
-            if !suspended_may(parts) {
+            if !suspended_may(parts) && !self.suspended_allowed(parts) {
                 return Err(Rejection::of(Kind::Suspended));
             }
             user.mark_suspended();

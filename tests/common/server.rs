@@ -40,7 +40,7 @@ pub async fn start_with(store: Arc<dyn TokenStore>, clock: ManualClock) -> Serve
     );
     let auth = MatrixAuthLayer::with_verifier(verifier)
         .revocation(sessions.store())
-        .allow_expired_when(|parts| parts.uri.path().starts_with("/_matrix/client/v3/logout"));
+        .allow_expired_on_logout();
     let (logout, logout_all) = (sessions.clone(), sessions.clone());
     let app = Router::new()
         .route("/_matrix/client/v3/account/whoami", get(whoami))
