@@ -14,12 +14,11 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use tower_matrix_auth::{
     Clock, Issuer, KeyRing, MacaroonSecret, ManualClock, MemoryStore, SessionRequest, Sessions,
-    SystemClock, TokenStore, TokenType, Verifier,
+    SystemClock, TokenType, Verifier,
 };
 
 /// Counts live heap bytes.
@@ -179,7 +178,6 @@ async fn postgres(url: &str) {
         )
         .await
         .unwrap();
-    let _ = Arc::new(());
 }
 
 #[tokio::main(flavor = "current_thread")]

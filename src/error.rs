@@ -193,9 +193,11 @@ impl Rejection {
 
     /// The token is not a macaroon at all (too long, or not in any macaroon format), as
     /// opposed to a macaroon that failed a check. Too many caveats is still a macaroon.
+    ///
+    /// A token over the length limit is not one of them: the limit bounds every token, whatever
+    /// will look at it (the verifier, a resolver, a token server), so it never reaches a resolver.
     pub(crate) fn is_not_a_macaroon(&self) -> bool {
-        matches!(self.kind, Kind::Unknown(Unknown::TooLong))
-            || matches!(self.kind, Kind::Unknown(Unknown::Format(e)) if e != FormatError::TooManyCaveats)
+        matches!(self.kind, Kind::Unknown(Unknown::Format(e)) if e != FormatError::TooManyCaveats)
     }
 
     /// What went wrong internally, for logs: never the token, never shown to the client.
