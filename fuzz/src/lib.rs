@@ -81,10 +81,11 @@ pub fn expected_verdict(token: &[u8], expected: TokenType) -> Verdict {
     expected_verdict_at(token, expected, NOW_MS)
 }
 
-/// Whether a token is a macaroon as far as the layer's routing goes (within the length limit
-/// and in one of the formats, however many caveats): anything else goes to a resolver.
+/// Whether the layer verifies a token itself rather than ask a resolver: a token in one of the
+/// macaroon formats (however many caveats), or one over the length limit, which is refused
+/// before any resolver sees it. Anything else goes to a resolver.
 pub fn is_macaroon_format(token: &[u8]) -> bool {
-    token.len() <= MAX_TOKEN_LEN && parse_token(token).is_some()
+    token.len() > MAX_TOKEN_LEN || parse_token(token).is_some()
 }
 
 /// [`expected_verdict`] at `now_ms` instead of [`NOW_MS`].
