@@ -43,6 +43,9 @@ pub(crate) enum Missing {
     TooManyHeaders,
     TooManyQueryTokens,
     NotBearer,
+    /// The query token could not be taken out of the URI: the request is refused rather than
+    /// passed on with the token in it (or to another path).
+    Unstrippable,
 }
 
 /// Verification failures: all `401 M_UNKNOWN_TOKEN`.
@@ -129,6 +132,9 @@ impl Rejection {
             Kind::Missing(Missing::NotBearer) => {
                 "Invalid Authorization header: expected `Authorization: Bearer <access token>`."
             }
+            Kind::Missing(Missing::Unstrippable) => {
+                "The access_token query parameter could not be removed from the request."
+            }
             Kind::Unknown(Unknown::Expired) => "Access token has expired.",
             Kind::Unknown(_) => "Unrecognised access token.",
             Kind::GuestForbidden => "Guest access is not allowed here.",
@@ -208,6 +214,7 @@ impl Rejection {
             Kind::Missing(Missing::TooManyHeaders) => "more than one Authorization header",
             Kind::Missing(Missing::TooManyQueryTokens) => "more than one access_token parameter",
             Kind::Missing(Missing::NotBearer) => "Authorization header is not `Bearer <token>`",
+            Kind::Missing(Missing::Unstrippable) => "the query token could not be stripped",
             Kind::Unknown(Unknown::TooLong) => "token longer than the configured limit",
             Kind::Unknown(Unknown::Format(FormatError::TooManyCaveats)) => {
                 "more caveats than the configured limit"

@@ -161,11 +161,13 @@ pub(crate) fn percent_decode(input: &[u8]) -> Cow<'_, [u8]> {
 /// The URI without any `access_token` parameter, or `None` if it has none, so that nothing
 /// after the layer (a `TraceLayer`, an access log) can record the token. One allocation: the
 /// new path and query, sized exactly (so `Bytes` takes it over as it is).
-pub(crate) fn strip_query_token(uri: &Uri) -> Option<Uri> {
-    let query = uri.query()?;
+pub(crate) fn strip_query_token(uri: &Uri) -> Result<Option<Uri>, Missing> {
+    let Some(query) = uri.query() else {
+        return Ok(None);
+    };
     let is_token = |pair: &&str| is_token_param(pair.split('=').next().unwrap_or(pair));
     if !query.split('&').any(|pair| is_token(&pair)) {
-        return None;
+        return Ok(None);
     }
     let kept = || query.split('&').filter(|pair| !is_token(pair));
     let kept_len: usize = kept().map(|pair| pair.len() + 1).sum();
@@ -179,12 +181,13 @@ pub(crate) fn strip_query_token(uri: &Uri) -> Option<Uri> {
     let mut parts = http::uri::Parts::default();
     parts.scheme = uri.scheme().cloned();
     parts.authority = uri.authority().cloned();
-    // Removing whole pairs from a valid query leaves a valid one; the path alone is the
-    // fallback that still drops the token.
-    parts.path_and_query = Some(
-        PathAndQuery::try_from(path_and_query).unwrap_or_else(|_| PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(parts).ok()
+    // Removing whole pairs from a valid query leaves a valid one. Should that ever not hold, the
+    // request is refused: passing it on with the token, or to another path, is worse.
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(path_and_query).map_err(|_| Missing::Unstrippable)?);
+    Uri::from_parts(parts)
+        .map(Some)
+        .map_err(|_| Missing::Unstrippable)
 }
 
 #[cfg(test)]
@@ -293,7 +296,11 @@ mod tests {
 
     #[test]
     fn stripping() {
-        let strip = |u: &str| strip_query_token(&u.parse().unwrap()).map(|u| u.to_string());
+        let strip = |u: &str| {
+            strip_query_token(&u.parse().unwrap())
+                .unwrap()
+                .map(|u| u.to_string())
+        };
         assert_eq!(strip("/x?access_token=abc"), Some("/x".into()));
         assert_eq!(
             strip("/x?a=1&access_token=abc&b=2"),

@@ -125,9 +125,8 @@ where
         body,
         config,
     } = waiting;
-    match verdict {
-        Ok(user) => {
-            let (request, span) = config.admit(parts, body, Some(user));
+    match verdict.and_then(|user| config.admit(parts, body, Some(user))) {
+        Ok((request, span)) => {
             let future = {
                 let _entered = span.enter();
                 service.call(request)

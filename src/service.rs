@@ -271,15 +271,15 @@ impl Config {
     }
 
     /// Readies an admitted request for the inner service: the identity goes into the
-    /// extensions, the query token out of the URI.
+    /// extensions, the query token out of the URI (or the request is refused if it cannot be).
     pub(crate) fn admit<B>(
         &self,
         mut parts: Parts,
         body: B,
         user: Option<MatrixUser>,
-    ) -> (Request<B>, tracing::Span) {
+    ) -> Result<(Request<B>, tracing::Span), Rejection> {
         if self.strip_query_token {
-            if let Some(uri) = strip_query_token(&parts.uri) {
+            if let Some(uri) = strip_query_token(&parts.uri).map_err(Rejection::missing)? {
                 parts.uri = uri;
             }
         }
@@ -298,7 +298,7 @@ impl Config {
         if let Some(user) = user {
             parts.extensions.insert(user);
         }
-        (Request::from_parts(parts, body), span)
+        Ok((Request::from_parts(parts, body), span))
     }
 
     pub(crate) fn reject(&self, rejection: &Rejection) -> Response<bytes::Bytes> {
@@ -326,14 +326,16 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let (parts, body) = request.into_parts();
         match self.config.decide(&parts) {
-            Decision::Pass(user) => {
-                let (request, span) = self.config.admit(parts, body, user);
-                let future = {
-                    let _entered = span.enter();
-                    self.inner.call(request)
-                };
-                ResponseFuture::called(future, span)
-            }
+            Decision::Pass(user) => match self.config.admit(parts, body, user) {
+                Ok((request, span)) => {
+                    let future = {
+                        let _entered = span.enter();
+                        self.inner.call(request)
+                    };
+                    ResponseFuture::called(future, span)
+                }
+                Err(rejection) => ResponseFuture::rejected(self.config.reject(&rejection)),
+            },
             Decision::Reject(rejection) => ResponseFuture::rejected(self.config.reject(&rejection)),
             Decision::AwaitRevocation { check, verified } => {
                 ResponseFuture::awaiting_revocation(check, verified, self.park(parts, body))

@@ -287,7 +287,10 @@ async fn opaque_tokens_beside_macaroons() {
         "a macaroon reached the resolver"
     );
     // The length limit bounds opaque tokens too: one over it is refused before the resolver.
-    let long = format!("syt_{}", "x".repeat(tower_matrix_auth::DEFAULT_MAX_TOKEN_LEN));
+    let long = format!(
+        "syt_{}",
+        "x".repeat(tower_matrix_auth::DEFAULT_MAX_TOKEN_LEN)
+    );
     assert_eq!(
         send(addr, "GET", "/x", Some(&long), None).await.1["errcode"],
         "M_UNKNOWN_TOKEN"
