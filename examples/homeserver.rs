@@ -418,7 +418,7 @@ fn with_appservice(
     );
     let devices = devices.clone();
     Ok(
-        auth.appservices(AppServices::new().with(registration).devices(
+        auth.appservices(AppServices::new().with(registration)?.devices(
             move |user_id: &str, device_id: &str| {
                 let devices = devices.read().unwrap_or_else(|e| e.into_inner());
                 devices.contains(&(user_id.to_owned(), device_id.to_owned()))

@@ -154,14 +154,29 @@ impl AppServices {
         Self::default()
     }
 
-    /// Registers one more.
-    pub fn with(self, appservice: AppService) -> Self {
+    /// Registers one more. Refused if its id or its `as_token` is already registered: a token
+    /// must name one registration, and an id one set of namespaces.
+    pub fn with(self, appservice: AppService) -> Result<Self, InvalidRegistration> {
+        for other in self.list.iter() {
+            if other.id == appservice.id {
+                return Err(InvalidRegistration(format!(
+                    "application service id `{}` is registered twice",
+                    appservice.id
+                )));
+            }
+            if crate::ct::bytes_equal(&other.as_token, &appservice.as_token) {
+                return Err(InvalidRegistration(format!(
+                    "application services `{}` and `{}` have the same as_token",
+                    other.id, appservice.id
+                )));
+            }
+        }
         let mut list = (*self.list).clone();
         list.push(appservice);
-        Self {
+        Ok(Self {
             list: Arc::new(list),
             devices: self.devices,
-        }
+        })
     }
 
     /// How `?device_id=` is checked: `known(user_id, device_id)`. Without it every `device_id`
@@ -202,11 +217,14 @@ impl AppServices {
                 // A namespace regex (`@irc_.*:example.org`) also matches what is no user id
                 // (`@irc_a:example.ouser_id==@irc_b:example.org`, control characters, U+FFFD
                 // for bytes that were not UTF-8); handlers key on the id: fail closed.
+                // Another service's sender is that service's own, as if exclusively claimed.
                 let allowed = is_valid_user_id(&user_id)
                     && (user_id == appservice.sender
                         || (appservice.covers(&user_id)
                             && !self.list.iter().any(|other| {
-                                other.id != appservice.id && other.claims_exclusively(&user_id)
+                                other.id != appservice.id
+                                    && (other.claims_exclusively(&user_id)
+                                        || other.sender == user_id)
                             })));
                 if !allowed {
                     return Masquerade::Forbidden;

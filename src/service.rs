@@ -156,7 +156,14 @@ impl Config {
         }
     }
 
-    /// An `as_token`: who the application service acts as, from `?user_id=` / `?device_id=`.
+    /// An `as_token`: who the application service acts as, from `?user_id=` / `?device_id=`,
+    /// then that user's account state.
+    ///
+    /// The spec's account rules apply to the user, whoever makes the request: a deactivated
+    /// user cannot be acted as (`403 M_FORBIDDEN`), a suspended one only as suspended accounts
+    /// may act (`403 M_USER_SUSPENDED`, and [`MatrixUser::is_suspended`] is set). A lock is not
+    /// applied, as in Synapse: it keeps the user's own sessions out, while the service holds a
+    /// credential of its own. No revocation store is asked: an `as_token` is not a session.
     #[cfg(feature = "appservice")]
     fn appservice_decision(
         &self,
@@ -164,22 +171,56 @@ impl Config {
         parts: &Parts,
     ) -> Decision {
         use crate::appservice::Masquerade;
-        match self.appservices.masquerade(appservice, parts) {
-            Masquerade::Forbidden => Decision::Reject(Rejection::of(Kind::AppserviceForbidden)),
-            Masquerade::UnknownDevice => Decision::Reject(Rejection::of(Kind::UnknownDevice)),
+        let (id, user_id, device_id) = match self.appservices.masquerade(appservice, parts) {
+            Masquerade::Forbidden => {
+                return Decision::Reject(Rejection::of(Kind::AppserviceForbidden))
+            }
+            Masquerade::UnknownDevice => {
+                return Decision::Reject(Rejection::of(Kind::UnknownDevice))
+            }
             Masquerade::As {
                 appservice: id,
                 user_id,
                 device_id,
-            } => Decision::Pass(Some(MatrixUser::vouched(
-                Credential::AppService,
-                &user_id,
-                device_id.as_deref(),
-                false,
-                None,
-                TokenId::from_secret("appservice", id.as_bytes()),
-                Some(id),
-            ))),
+            } => (id, user_id, device_id),
+        };
+        let mut user = MatrixUser::vouched(
+            Credential::AppService,
+            &user_id,
+            device_id.as_deref(),
+            false,
+            None,
+            TokenId::from_secret("appservice", id.as_bytes()),
+            Some(id),
+        );
+        match self.account_status(&user_id) {
+            AccountStatus::Deactivated => {
+                Decision::Reject(Rejection::of(Kind::AppserviceForbidden))
+            }
+            AccountStatus::Suspended => match self.suspension(parts) {
+                Ok(()) => {
+                    user.mark_suspended();
+                    Decision::Pass(Some(user))
+                }
+                Err(rejection) => Decision::Reject(rejection),
+            },
+            _ => Decision::Pass(Some(user)),
+        }
+    }
+
+    /// The account state of `user_id`: active without an [`crate::AccountState`] hook.
+    fn account_status(&self, user_id: &str) -> AccountStatus {
+        self.accounts
+            .as_ref()
+            .map_or(AccountStatus::Active, |accounts| accounts.status(user_id))
+    }
+
+    /// Whether a suspended account may make this request.
+    fn suspension(&self, parts: &Parts) -> Result<(), Rejection> {
+        if suspended_may(parts) || self.suspended_allowed(parts) {
+            Ok(())
+        } else {
+            Err(Rejection::of(Kind::Suspended))
         }
     }
 
@@ -242,12 +283,7 @@ impl Config {
             Ok(RevocationStatus::Active) => {}
         }
         let Verified { mut user, expired } = verified;
-        let status = self
-            .accounts
-            .as_ref()
-            .map_or(AccountStatus::Active, |accounts| {
-                accounts.status(user.user_id())
-            });
+        let status = self.account_status(user.user_id());
         match status {
             AccountStatus::Deactivated => return Err(Rejection::unknown(Unknown::Deactivated)),
             AccountStatus::Locked if !is_logout_route(parts) => {
@@ -262,9 +298,7 @@ impl Config {
             return Err(Rejection::guest_forbidden());
         }
         if status == AccountStatus::Suspended {
-            if !suspended_may(parts) && !self.suspended_allowed(parts) {
-                return Err(Rejection::of(Kind::Suspended));
-            }
+            self.suspension(parts)?;
             user.mark_suspended();
         }
         Ok(user)

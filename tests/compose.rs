@@ -51,6 +51,7 @@ fn appservices() -> AppServices {
                 .user_namespace("@shared_.*:example.org", false)
                 .unwrap(),
         )
+        .unwrap()
         .with(
             AppService::new("slack", OTHER_AS_TOKEN, "@slack_bot:example.org")
                 .unwrap()
@@ -59,6 +60,7 @@ fn appservices() -> AppServices {
                 .user_namespace("@shared_exclusive_.*:example.org", true)
                 .unwrap(),
         )
+        .unwrap()
         .devices(|user_id, device_id| user_id == "@irc_alice:example.org" && device_id == "KNOWN")
 }
 
@@ -439,4 +441,122 @@ async fn appservice_aware_extractors() {
     assert!(raw("/anyone", access_token(&[]))
         .await
         .ends_with(&format!("user {ALICE}")));
+}
+
+/// An application service acting as a user meets that user's account state: not as a
+/// deactivated user, only as suspended accounts may act as a suspended one (and the handler sees
+/// `is_suspended`), and a lock does not apply (as in Synapse). Before, every state was skipped.
+#[tokio::test]
+async fn application_services_meet_the_users_account_state() {
+    let accounts = AccountStates::default();
+    accounts.set("@irc_gone:example.org", AccountStatus::Deactivated);
+    accounts.set("@irc_quiet:example.org", AccountStatus::Suspended);
+    accounts.set("@irc_locked:example.org", AccountStatus::Locked);
+    let addr = serve(
+        MatrixAuthLayer::new(keys())
+            .clock(ManualClock::new(NOW_MS))
+            .appservices(appservices())
+            .accounts(accounts),
+    )
+    .await;
+    let send_message = |user: &str| {
+        format!("/_matrix/client/v3/rooms/!r:example.org/send/m.room.message/t1?user_id={user}")
+    };
+    let (status, json, _) = send(
+        addr,
+        "GET",
+        "/x?user_id=@irc_gone:example.org",
+        Some(AS_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, json["errcode"].as_str()),
+        (StatusCode::FORBIDDEN, Some("M_FORBIDDEN"))
+    );
+    let (status, json, _) = send(
+        addr,
+        "PUT",
+        &send_message("@irc_quiet:example.org"),
+        Some(AS_TOKEN),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(
+        (status, json["errcode"].as_str()),
+        (StatusCode::FORBIDDEN, Some("M_USER_SUSPENDED"))
+    );
+    let (status, json, _) = send(
+        addr,
+        "GET",
+        "/_matrix/client/v3/sync?user_id=@irc_quiet:example.org",
+        Some(AS_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, json["suspended"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    let (status, json, _) = send(
+        addr,
+        "PUT",
+        &send_message("@irc_locked:example.org"),
+        Some(AS_TOKEN),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(
+        (status, json["user_id"].as_str()),
+        (StatusCode::OK, Some("@irc_locked:example.org"))
+    );
+}
+
+/// Another registration's sender is as good as exclusively claimed: a service whose
+/// non-exclusive namespace covers it cannot act as it. Duplicate ids and `as_token`s are
+/// refused at registration.
+#[tokio::test]
+async fn application_services_stay_apart() {
+    let registrations = AppServices::new()
+        .with(
+            AppService::new("wide", AS_TOKEN, "@wide_bot:example.org")
+                .unwrap()
+                .user_namespace("@.*_bot:example.org", false)
+                .unwrap(),
+        )
+        .unwrap()
+        .with(AppService::new("narrow", OTHER_AS_TOKEN, "@narrow_bot:example.org").unwrap())
+        .unwrap();
+    let addr = serve(
+        MatrixAuthLayer::new(keys())
+            .clock(ManualClock::new(NOW_MS))
+            .appservices(registrations.clone()),
+    )
+    .await;
+    let (status, _, _) = send(
+        addr,
+        "GET",
+        "/x?user_id=@narrow_bot:example.org",
+        Some(AS_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, json, _) = send(
+        addr,
+        "GET",
+        "/x?user_id=@other_bot:example.org",
+        Some(AS_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, json["user_id"].as_str()),
+        (StatusCode::OK, Some("@other_bot:example.org"))
+    );
+
+    let same_id = AppService::new("wide", "a different token", "@x:example.org").unwrap();
+    assert!(registrations.clone().with(same_id).is_err());
+    let same_token = AppService::new("third", AS_TOKEN, "@x:example.org").unwrap();
+    assert!(registrations.with(same_token).is_err());
 }

@@ -68,12 +68,14 @@ async fn an_appservice_acts_only_as_matrix_user_ids() {
     use tower_matrix_auth::{AppService, AppServices, MatrixAuthLayer, MatrixUser};
 
     const AS_TOKEN: &str = "irc_as_token_for_the_regression";
-    let appservices = AppServices::new().with(
-        AppService::new("irc", AS_TOKEN, "@irc_bot:example.org")
-            .unwrap()
-            .user_namespace("@irc_.*:example.org", true)
-            .unwrap(),
-    );
+    let appservices = AppServices::new()
+        .with(
+            AppService::new("irc", AS_TOKEN, "@irc_bot:example.org")
+                .unwrap()
+                .user_namespace("@irc_.*:example.org", true)
+                .unwrap(),
+        )
+        .unwrap();
     let service = MatrixAuthLayer::new(keys())
         .appservices(appservices)
         .layer(service_fn(|request: Request<()>| async move {

@@ -157,6 +157,7 @@ async fn every_rejection_is_the_same_json_through_ruma() {
                     .user_namespace("@irc_.*:example.org", true)
                     .unwrap(),
             )
+            .unwrap()
             .devices(|_, device_id| device_id == "KNOWN"),
     );
     let send_message = "/_matrix/client/v3/rooms/!r:example.org/send/m.room.message/txn1";
@@ -428,6 +429,7 @@ async fn identity_converts_to_ruma_identifiers() {
                 .user_namespace("@irc_.*:example.org", true)
                 .unwrap(),
         )
+        .unwrap()
         .devices(|_, device_id| device_id == "KNOWN");
     let response = base()
         .appservices(appservices)

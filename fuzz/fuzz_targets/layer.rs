@@ -296,7 +296,7 @@ fn composed(layer: MatrixAuthLayer, devices: bool) -> MatrixAuthLayer {
                 .user_namespace(&namespace.regex(), namespace.exclusive)
                 .unwrap();
         }
-        appservices = appservices.with(appservice);
+        appservices = appservices.with(appservice).unwrap();
     }
     if devices {
         appservices = appservices.devices(device_known);
@@ -339,12 +339,14 @@ fn appservice_answer(registration: &Registration, query: Option<&str>, devices: 
         Some(user_id) if !user_id_ok(&user_id) => return AsAnswer::Forbidden,
         Some(user_id) => {
             let own = registration.namespaces.iter().any(|n| n.matches(&user_id));
+            // Another registration's sender counts as exclusively its own.
             let claimed_by_another = APPSERVICES.iter().any(|other| {
                 other.id != registration.id
-                    && other
-                        .namespaces
-                        .iter()
-                        .any(|n| n.exclusive && n.matches(&user_id))
+                    && (other.sender == user_id
+                        || other
+                            .namespaces
+                            .iter()
+                            .any(|n| n.exclusive && n.matches(&user_id)))
             });
             let allowed = user_id == registration.sender || (own && !claimed_by_another);
             if !allowed {
