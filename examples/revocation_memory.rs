@@ -138,7 +138,7 @@ async fn postgres(url: &str) {
     client
         .execute(
             "INSERT INTO matrix_auth_sessions (session_id, live_generation, pending_generation, next_generation, revoked, until_ms, version, user_id) \
-             SELECT lpad(to_hex(g) || 'f00d', 32, '0'), 0, NULL, 1, TRUE, $1, 1, '@user' || (g % 10000) || ':example.org' \
+             SELECT md5('revocation-memory-' || g), 0, NULL, 1, TRUE, $1, 1, '@user' || (g % 10000) || ':example.org' \
              FROM generate_series(1, $2::bigint) AS g ON CONFLICT DO NOTHING",
             &[&i64::MAX, &(CYCLES as i64)],
         )
@@ -173,7 +173,7 @@ async fn postgres(url: &str) {
     drop(fresh);
     client
         .execute(
-            "DELETE FROM matrix_auth_sessions WHERE session_id LIKE '%f00d'",
+            "DELETE FROM matrix_auth_sessions WHERE user_id LIKE '@user%:example.org' AND version = 1 AND revoked",
             &[],
         )
         .await
