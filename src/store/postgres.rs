@@ -11,13 +11,9 @@
 //! reconnected and reloaded the whole state, which it keeps trying on its own.
 
 use std::fmt;
-use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::task::Poll;
-use std::time::Duration;
 
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::clock::{Clock, SystemClock};
 use crate::identity::MatrixUser;
@@ -44,23 +40,22 @@ CREATE TABLE IF NOT EXISTS matrix_auth_users (
     revoked_before_ms BIGINT NOT NULL
 );";
 
-/// Reconnection back-off bounds.
-const RETRY_MIN: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(2);
+mod liveness;
 
 struct Shared {
-    url: String,
     view: RwLock<View>,
-    /// The view is complete and being kept current.
-    healthy: AtomicBool,
     writer: tokio::sync::Mutex<Option<Client>>,
     clock: Arc<dyn Clock>,
+    /// Connections and health: the `liveness` module's.
+    liveness: liveness::Liveness,
 }
 
-/// Revocation state in PostgreSQL, served from an in-process view. Cloning shares it.
+/// Revocation state in PostgreSQL, served from an in-process view. Cloning shares it; dropping
+/// the last clone closes its connections.
 #[derive(Clone)]
 pub struct PostgresStore {
     shared: Arc<Shared>,
+    _supervisor: Arc<liveness::Supervisor>,
 }
 
 fn db_error(e: tokio_postgres::Error) -> RevocationError {
@@ -154,154 +149,61 @@ fn apply_notification(view: &mut View, payload: &str) {
     }
 }
 
+/// The data half of every (re)connection, on the listening connection: creates the tables if
+/// needed, listens, and loads the whole state into the view (the `liveness` module does the rest).
+async fn listen_and_load(shared: &Shared, listener: &Client) -> Result<(), tokio_postgres::Error> {
+    listener
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(7318720451); {SCHEMA} COMMIT; LISTEN {CHANNEL};"
+        ))
+        .await?;
+    // LISTEN is active before the load, so nothing committed after the load is missed.
+    let now = to_i64(shared.clock.now_ms());
+    let sessions = listener
+        .query(
+            "SELECT * FROM matrix_auth_sessions WHERE until_ms > $1",
+            &[&now],
+        )
+        .await?;
+    let users = listener
+        .query(
+            "SELECT user_id, revoked_before_ms FROM matrix_auth_users",
+            &[],
+        )
+        .await?;
+    let mut view = shared.view.write().unwrap_or_else(|e| e.into_inner());
+    for row in &sessions {
+        if let Some(session) = parse_session_key(row.get("session_id")) {
+            view.merge(session, state_from_row(row));
+        }
+    }
+    for row in &users {
+        view.merge_user(row.get(0), to_u64(row.get(1)));
+    }
+    Ok(())
+}
+
 impl PostgresStore {
     /// Connects, creates the tables if needed, loads the state and starts following changes.
     /// Must be called inside a tokio runtime; fails if the database is unreachable now (later
     /// outages are survived).
     pub async fn connect(url: &str) -> Result<Self, RevocationError> {
         let shared = Arc::new(Shared {
-            url: url.to_owned(),
             view: RwLock::new(View::default()),
-            healthy: AtomicBool::new(false),
             writer: tokio::sync::Mutex::new(None),
             clock: Arc::new(SystemClock),
+            liveness: liveness::Liveness::new(url)?,
         });
-        let (listener, connection) = tokio_postgres::connect(url, NoTls)
-            .await
-            .map_err(db_error)?;
-        Self::attach(&shared, listener, connection).await?;
-        Ok(Self { shared })
-    }
-
-    /// Sets up one connection generation: schema, LISTEN, full load, then the driver task that
-    /// applies notifications and, when the connection ends, starts reconnecting.
-    fn attach(
-        shared: &Arc<Shared>,
-        listener: Client,
-        mut connection: tokio_postgres::Connection<
-            tokio_postgres::Socket,
-            tokio_postgres::tls::NoTlsStream,
-        >,
-    ) -> impl std::future::Future<Output = Result<(), RevocationError>> + Send + 'static {
-        let shared = shared.clone();
-        async move {
-            // Drive the connection (and apply notifications) from a task of its own; queries on
-            // `listener` below go through it.
-            let driver_shared = shared.clone();
-            let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
-            tokio::spawn(async move {
-                let outcome = poll_fn(|cx| loop {
-                    match connection.poll_message(cx) {
-                        Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
-                            if n.channel() == CHANNEL {
-                                let mut view = driver_shared
-                                    .view
-                                    .write()
-                                    .unwrap_or_else(|e| e.into_inner());
-                                apply_notification(&mut view, n.payload());
-                                // Every write anywhere lands here: forget expired state as the
-                                // memory store does, or the view grows with every logout ever.
-                                view.sweep_if_due(driver_shared.clock.now_ms());
-                            }
-                        }
-                        Poll::Ready(Some(Ok(_))) => {}
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                        Poll::Ready(None) => return Poll::Ready(Ok(())),
-                        Poll::Pending => return Poll::Pending,
-                    }
-                })
-                .await;
-                driver_shared.healthy.store(false, Ordering::SeqCst);
-                *driver_shared.writer.lock().await = None;
-                match outcome {
-                    Err(error) => {
-                        tracing::warn!(%error, "revocation database connection lost; refusing tokens until it is back")
-                    }
-                    Ok(()) => tracing::warn!(
-                        "revocation database connection closed; refusing tokens until it is back"
-                    ),
-                }
-                let _ = ended_tx.send(());
-                Self::reconnect(driver_shared).await;
-            });
-
-            let setup = async {
-                listener
-                    .batch_execute(&format!(
-                        "BEGIN; SELECT pg_advisory_xact_lock(7318720451); {SCHEMA} COMMIT; LISTEN {CHANNEL};"
-                    ))
-                    .await?;
-                let (writer, writer_connection) =
-                    tokio_postgres::connect(&shared.url, NoTls).await?;
-                tokio::spawn(async move {
-                    let _ = writer_connection.await;
-                });
-                // LISTEN is active before the load, so nothing committed after the load is missed.
-                let now = to_i64(shared.clock.now_ms());
-                let sessions = listener
-                    .query(
-                        "SELECT * FROM matrix_auth_sessions WHERE until_ms > $1",
-                        &[&now],
-                    )
-                    .await?;
-                let users = listener
-                    .query(
-                        "SELECT user_id, revoked_before_ms FROM matrix_auth_users",
-                        &[],
-                    )
-                    .await?;
-                {
-                    let mut view = shared.view.write().unwrap_or_else(|e| e.into_inner());
-                    for row in &sessions {
-                        if let Some(session) = parse_session_key(row.get("session_id")) {
-                            view.merge(session, state_from_row(row));
-                        }
-                    }
-                    for row in &users {
-                        view.merge_user(row.get(0), to_u64(row.get(1)));
-                    }
-                }
-                *shared.writer.lock().await = Some(writer);
-                Ok::<_, tokio_postgres::Error>(())
-            };
-            match setup.await {
-                Ok(()) => {
-                    // Keep `listener` alive as long as its connection: it owns the LISTEN.
-                    tokio::spawn(async move {
-                        let _ = ended_rx.await;
-                        drop(listener);
-                    });
-                    shared.healthy.store(true, Ordering::SeqCst);
-                    Ok(())
-                }
-                Err(error) => Err(db_error(error)),
-            }
-        }
-    }
-
-    /// Retries with growing pauses until the database answers again.
-    async fn reconnect(shared: Arc<Shared>) {
-        let mut pause = RETRY_MIN;
-        loop {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(RETRY_MAX);
-            let Ok((listener, connection)) = tokio_postgres::connect(&shared.url, NoTls).await
-            else {
-                continue;
-            };
-            match Box::pin(Self::attach(&shared, listener, connection)).await {
-                Ok(()) => {
-                    tracing::info!("revocation database connection restored");
-                    return;
-                }
-                Err(error) => tracing::debug!(%error, "reconnecting to the revocation database"),
-            }
-        }
+        let supervisor = liveness::start(&shared).await?;
+        Ok(Self {
+            shared,
+            _supervisor: Arc::new(supervisor),
+        })
     }
 
     /// Whether the view is complete and current (checks fail closed while it is not).
     pub fn is_healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::SeqCst)
+        self.shared.liveness.is_healthy()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, View> {
