@@ -1,19 +1,26 @@
-//! The PostgreSQL store's connections going bad: a database that accepts connections but fails
-//! every setup, and a writer connection that dies alone. The store must fail closed, recover by
-//! itself, and never multiply its connections.
+//! The PostgreSQL store's connections going bad without going away: a partition that drops
+//! packets without a reset (a TCP proxy that stops forwarding but keeps both sockets open), a
+//! database that accepts connections but fails every setup, and a writer connection that dies
+//! alone. The store must fail closed within its freshness deadline, recover by itself, and never
+//! multiply its connections.
 #![cfg(feature = "postgres")]
 
 mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::pg::{database_url, poll_once, wait_until};
 use common::{keys, NOW_MS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
 use tower_matrix_auth::{
-    Issuer, ManualClock, MatrixUser, PostgresStore, Revocation, RevocationStatus, SessionId,
-    SessionRequest, Sessions, TokenType, Verifier,
+    Issuer, ManualClock, MatrixUser, PostgresOptions, PostgresStore, Revocation, RevocationStatus,
+    SessionId, SessionRequest, Sessions, TokenType, Verifier,
 };
 
 /// Unique to this run: the database outlives test runs on a developer's machine.
@@ -84,6 +91,68 @@ async fn connections(admin: &tokio_postgres::Client, application_name: &str) -> 
         .collect()
 }
 
+/// A TCP proxy to the database. [`Proxy::blackhole`] makes the connections open at that moment
+/// stop forwarding anything, in both directions, without closing either socket: a partition
+/// that drops packets and sends no reset. Connections made later are forwarded normally.
+struct Proxy {
+    addr: SocketAddr,
+    open: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let connections = open.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let cut = Arc::new(AtomicBool::new(false));
+                connections.lock().unwrap().push(cut.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        pump(client_read, server_write, cut.clone()),
+                        pump(server_read, client_write, cut)
+                    );
+                });
+            }
+        });
+        Self { addr, open }
+    }
+
+    fn blackhole(&self) {
+        for cut in self.open.lock().unwrap().drain(..) {
+            cut.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, cut: Arc<AtomicBool>) {
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let read = from.read(&mut buffer).await;
+        if cut.load(Ordering::SeqCst) {
+            // Hold both sockets open (dropping `to` would send a FIN) and forward nothing more.
+            let _sockets = (from, to);
+            std::future::pending::<()>().await;
+            unreachable!();
+        }
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buffer[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 fn engine(store: &PostgresStore) -> Sessions {
     let clock = ManualClock::new(NOW_MS);
     Sessions::new(
@@ -107,6 +176,121 @@ fn login(sessions: &Sessions, name: &str) -> MatrixUser {
             .login(&uid(name), &SessionRequest::default())
             .access_token,
     )
+}
+
+/// What `store` answers within `limit`: `None` if it could not answer in time.
+async fn answer(
+    store: &PostgresStore,
+    user: &MatrixUser,
+    limit: Duration,
+) -> Option<Result<RevocationStatus, String>> {
+    tokio::time::timeout(limit, store.check(user))
+        .await
+        .ok()
+        .map(|outcome| outcome.map_err(|e| e.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
+    let (addr, dbname) = database();
+    let proxy = Proxy::start(addr).await;
+    let deadline = Duration::from_millis(1500);
+    let a = PostgresStore::connect_with(
+        &conninfo(proxy.addr, &dbname, &unique("partition_a")),
+        PostgresOptions::default().freshness_deadline(deadline),
+    )
+    .await
+    .unwrap();
+    let b = PostgresStore::connect(&database_url()).await.unwrap();
+    let (on_a, on_b) = (engine(&a), engine(&b));
+    let kept = login(&on_b, "@partition-kept");
+    let early = login(&on_b, "@partition-early");
+    let late = login(&on_b, "@partition-late");
+    let own = login(&on_a, "@partition-own");
+    for user in [&kept, &early, &late, &own] {
+        assert_eq!(a.check(user).await.unwrap(), RevocationStatus::Active);
+    }
+
+    proxy.blackhole();
+    let cut = Instant::now();
+    // A logout on B just after the partition began: A may not see it, but past `deadline` after
+    // its commit A must not call the token active either.
+    on_b.logout(&early).await.unwrap();
+    let early_committed = Instant::now();
+    // A write on A neither hangs nor keeps the writer: it fails once A gives the link up.
+    let write = tokio::spawn({
+        let own = own.clone();
+        async move { (on_a.logout(&own).await, cut.elapsed()) }
+    });
+    let noticed = loop {
+        if !a.is_healthy() {
+            break cut.elapsed();
+        }
+        if early_committed.elapsed() > deadline {
+            let answer = poll_once(a.check(&early));
+            assert!(
+                !matches!(answer, Some(Ok(RevocationStatus::Active))),
+                "a logout committed {:?} ago was still answered active",
+                early_committed.elapsed()
+            );
+        }
+        assert!(
+            cut.elapsed() < deadline + Duration::from_millis(500),
+            "still healthy {:?} into a partition (deadline {deadline:?})",
+            cut.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+
+    // A logout on B once A knows it is cut off: from now on A never calls the token active.
+    on_b.logout(&late).await.unwrap();
+    let mut refused = 0;
+    let recovered = loop {
+        let mut revoked = 0;
+        for user in [&early, &late] {
+            match answer(&a, user, Duration::from_secs(1)).await {
+                Some(Ok(RevocationStatus::Active)) => {
+                    panic!("a token logged out on B was answered active on A")
+                }
+                Some(Ok(RevocationStatus::Revoked)) => revoked += 1,
+                Some(Err(_)) | None => refused += 1,
+            }
+        }
+        if revoked == 2 {
+            break cut.elapsed();
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(20),
+            "A did not recover through a fresh proxy connection"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(refused > 0, "A answered from its view while cut off");
+    assert!(a.is_healthy());
+    assert_eq!(a.check(&kept).await.unwrap(), RevocationStatus::Active);
+
+    let (outcome, returned) = write.await.unwrap();
+    assert!(
+        outcome.is_err(),
+        "a write sent into the partition succeeded"
+    );
+    assert!(
+        returned < deadline + Duration::from_millis(500),
+        "a write sent into the partition took {returned:?} to fail"
+    );
+    // The writer was replaced too: a write on A works again and reaches B.
+    assert_eq!(a.check(&own).await.unwrap(), RevocationStatus::Active);
+    engine(&a).logout(&own).await.unwrap();
+    wait_until(Duration::from_secs(5), || {
+        matches!(
+            poll_once(b.check(&own)),
+            Some(Ok(RevocationStatus::Revoked))
+        )
+    })
+    .await;
+    eprintln!(
+        "partition (deadline {deadline:?}): unhealthy after {noticed:?}, a write failed after {returned:?}, recovered after {recovered:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,9 +6,14 @@
 //! login-token use, the first use of a refreshed token) are transactions that lock the session's
 //! row, apply [`SessionState`]'s rules, and notify every process in commit order.
 //!
-//! When the database connection drops, the view may miss updates, so the store fails closed:
-//! every check answers an error (the layer turns it into `503 M_UNKNOWN`) until it has
-//! reconnected and reloaded the whole state, which it keeps trying on its own.
+//! The view must also be proven current: a heartbeat sent through the writing connection every
+//! third of the freshness deadline has to come back on the listening one (notifications arrive
+//! in commit order, so its return proves that every change committed before it was sent has been
+//! applied). When a connection drops, or the view goes unproven for longer than the deadline
+//! (10 s by default, see [`PostgresOptions`]), as it does behind a partition that drops packets
+//! without a reset, the view may miss updates, so the store fails closed: every check answers an
+//! error (the layer turns it into `503 M_UNKNOWN`) until it has reconnected and reloaded the whole
+//! state, which one task per store keeps trying on its own (`liveness`).
 
 use std::fmt;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -42,11 +47,13 @@ CREATE TABLE IF NOT EXISTS matrix_auth_users (
 
 mod liveness;
 
+pub use liveness::PostgresOptions;
+
 struct Shared {
     view: RwLock<View>,
     writer: tokio::sync::Mutex<Option<Client>>,
     clock: Arc<dyn Clock>,
-    /// Connections and health: the `liveness` module's.
+    /// Connections, heartbeats, health: the `liveness` module's.
     liveness: liveness::Liveness,
 }
 
@@ -184,15 +191,24 @@ async fn listen_and_load(shared: &Shared, listener: &Client) -> Result<(), tokio
 }
 
 impl PostgresStore {
-    /// Connects, creates the tables if needed, loads the state and starts following changes.
-    /// Must be called inside a tokio runtime; fails if the database is unreachable now (later
-    /// outages are survived).
+    /// Connects, creates the tables if needed, loads the state and starts following changes,
+    /// with the default [`PostgresOptions`] (a 10 s freshness deadline). Must be called inside a
+    /// tokio runtime; fails if the database is unreachable now (later outages are survived).
     pub async fn connect(url: &str) -> Result<Self, RevocationError> {
+        Self::connect_with(url, PostgresOptions::default()).await
+    }
+
+    /// [`connect`](Self::connect) with other options. The store's connections carry the URL's
+    /// `application_name`, or `tower-matrix-auth`.
+    pub async fn connect_with(
+        url: &str,
+        options: PostgresOptions,
+    ) -> Result<Self, RevocationError> {
         let shared = Arc::new(Shared {
             view: RwLock::new(View::default()),
             writer: tokio::sync::Mutex::new(None),
             clock: Arc::new(SystemClock),
-            liveness: liveness::Liveness::new(url)?,
+            liveness: liveness::Liveness::new(url, options)?,
         });
         let supervisor = liveness::start(&shared).await?;
         Ok(Self {
@@ -201,7 +217,8 @@ impl PostgresStore {
         })
     }
 
-    /// Whether the view is complete and current (checks fail closed while it is not).
+    /// Whether the view is complete and proven current within the freshness deadline (checks
+    /// fail closed while it is not).
     pub fn is_healthy(&self) -> bool {
         self.shared.liveness.is_healthy()
     }
