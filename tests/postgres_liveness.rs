@@ -1,8 +1,8 @@
 //! The PostgreSQL store's connections going bad without going away: a partition that drops
 //! packets without a reset (a TCP proxy that stops forwarding but keeps both sockets open), a
-//! database that accepts connections but fails every setup, and a writer connection that dies
-//! alone. The store must fail closed within its freshness deadline, recover by itself, and never
-//! multiply its connections.
+//! database that accepts connections but fails every setup, a writer connection that dies alone,
+//! and writes stuck on a lock. The store must fail closed within its freshness deadline, recover
+//! by itself, and never multiply its connections.
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -19,8 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tower_matrix_auth::{
-    Issuer, ManualClock, MatrixUser, PostgresOptions, PostgresStore, Revocation, RevocationStatus,
-    SessionId, SessionRequest, Sessions, TokenType, Verifier,
+    Issuer, ManualClock, MatrixUser, NonceKind, PostgresOptions, PostgresStore, Revocation,
+    RevocationStatus, SessionId, SessionRequest, Sessions, TokenNonce, TokenType, Verifier,
 };
 
 /// Unique to this run: the database outlives test runs on a developer's machine.
@@ -410,4 +410,83 @@ async fn a_dead_writer_is_noticed_and_replaced() {
     })
     .await;
     assert!(connections(&admin, &application_name).await.len() <= 2);
+}
+
+/// A token naming a generation no row has heard of: a crate-style nonce on a fresh session.
+fn unknown_generation() -> MatrixUser {
+    let nonce = TokenNonce {
+        session: SessionId::random(),
+        generation: 1,
+        issued_ms: NOW_MS,
+        kind: NonceKind::Access,
+    };
+    verify(
+        &keys()
+            .mint(&uid("@unknown-generation"), TokenType::Access)
+            .unwrap()
+            .nonce(nonce.to_string())
+            .to_token(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_for_unknown_generations_neither_wait_for_writes_nor_repeat() {
+    let (addr, dbname) = database();
+    // Its writer's statements time out after a third of the deadline: 1 s.
+    let a = PostgresStore::connect_with(
+        &conninfo(addr, &dbname, &unique("lock_wait")),
+        PostgresOptions::default().freshness_deadline(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    let forged = unknown_generation();
+    // The first check asks the database; the row is absent; later ones do not ask again: they
+    // are answered on their first poll. (Asking can be too, when this thread is descheduled for
+    // the round trips; not twenty times running.)
+    assert_eq!(a.check(&forged).await.unwrap(), RevocationStatus::Revoked);
+    for _ in 0..20 {
+        assert!(matches!(
+            poll_once(a.check(&forged)),
+            Some(Ok(RevocationStatus::Revoked))
+        ));
+    }
+
+    // A write on A that waits for a lock another process holds keeps A's writer busy; reads go
+    // on meanwhile, and the write gives up at the statement timeout rather than wait for as long
+    // as the lock is held.
+    let mut locker = admin(&dbname).await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE matrix_auth_sessions IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let victim = login(&engine(&a), "@waits-for-a-lock");
+    let started = Instant::now();
+    let write = tokio::spawn({
+        let on_a = engine(&a);
+        async move { (on_a.logout(&victim).await, started.elapsed()) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!write.is_finished(), "the write did not wait for the lock");
+    let other = unknown_generation();
+    let asked = Instant::now();
+    assert_eq!(
+        answer(&a, &other, Duration::from_millis(500)).await,
+        Some(Ok(RevocationStatus::Revoked)),
+        "a read waited for the writer"
+    );
+    let read = asked.elapsed();
+    let (outcome, gave_up) = write.await.unwrap();
+    let error = format!(
+        "{:?}",
+        outcome.expect_err("the write waited for the whole lock")
+    );
+    assert!(error.contains("statement timeout"), "{error}");
+    assert!(
+        gave_up < Duration::from_secs(2),
+        "the write gave up after {gave_up:?}"
+    );
+    lock.rollback().await.unwrap();
+    // Its heartbeats waited for the writer meanwhile, within the deadline.
+    assert!(a.is_healthy());
+    eprintln!("while the writer waited for a lock: a read took {read:?}; the write gave up after {gave_up:?}");
 }

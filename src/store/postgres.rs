@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS matrix_auth_users (
     revoked_before_ms BIGINT NOT NULL
 );";
 
+mod absent;
 mod liveness;
 
 pub use liveness::PostgresOptions;
@@ -55,6 +56,8 @@ struct Shared {
     clock: Arc<dyn Clock>,
     /// Connections, heartbeats, health: the `liveness` module's.
     liveness: liveness::Liveness,
+    /// Sessions `judge_from_database` found no row for.
+    absent: absent::AbsentRows,
 }
 
 /// Revocation state in PostgreSQL, served from an in-process view. Cloning shares it; dropping
@@ -209,6 +212,7 @@ impl PostgresStore {
             writer: tokio::sync::Mutex::new(None),
             clock: Arc::new(SystemClock),
             liveness: liveness::Liveness::new(url, options)?,
+            absent: absent::AbsentRows::default(),
         });
         let supervisor = liveness::start(&shared).await?;
         Ok(Self {
@@ -303,24 +307,29 @@ impl PostgresStore {
     }
 
     /// Judges a token of a generation the view has not heard of yet (a refresh on another
-    /// process whose notification is still on its way): from the database row itself.
+    /// process whose notification is still on its way): from the database row itself, read on
+    /// the listening connection, so that it neither waits for nor holds up writes. An absent row
+    /// is remembered (see `absent`): [`check`](Revocation::check) refuses the same token again
+    /// without asking.
     async fn judge_from_database(
         self,
         session: SessionId,
         generation: u32,
     ) -> Result<RevocationStatus, RevocationError> {
-        let row = {
-            let writer = self.shared.writer.lock().await;
-            let client = writer.as_ref().ok_or_else(Self::unavailable)?;
-            client
-                .query_opt(
-                    "SELECT * FROM matrix_auth_sessions WHERE session_id = $1",
-                    &[&session_key(session)],
-                )
-                .await
-                .map_err(db_error)?
-        };
+        let client = self
+            .shared
+            .liveness
+            .reader()
+            .ok_or_else(Self::unavailable)?;
+        let row = client
+            .query_opt(
+                "SELECT * FROM matrix_auth_sessions WHERE session_id = $1",
+                &[&session_key(session)],
+            )
+            .await
+            .map_err(db_error)?;
         let Some(row) = row else {
+            self.shared.absent.insert(session, generation);
             return Ok(RevocationStatus::Revoked);
         };
         let state = state_from_row(&row);
@@ -376,7 +385,7 @@ impl Revocation for PostgresStore {
             Judgement::Active => RevocationCheck::ready(Ok(RevocationStatus::Active)),
             // A generation minted by another process whose notification has not arrived yet:
             // ask the database rather than refuse a token that was just refreshed.
-            Judgement::Revoked if !known => {
+            Judgement::Revoked if !known && !self.shared.absent.contains(session, generation) => {
                 RevocationCheck::pending(self.clone().judge_from_database(session, generation))
             }
             Judgement::Revoked => RevocationCheck::ready(Ok(RevocationStatus::Revoked)),

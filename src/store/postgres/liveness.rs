@@ -2,12 +2,12 @@
 //! reconnecting, with one task that owns every generation of connections.
 //!
 //! A *link* is one generation: the listening connection (its driver task applies notifications
-//! to the view) and the writing connection (writes, heartbeats). A single supervisor task per
-//! store watches the current link and, when it ends, tears it down and builds the next one,
-//! retrying with growing pauses. Nothing else reconnects: a link that fails half-way through its
-//! setup is dropped, which aborts whatever tasks it had started, and the supervisor tries again.
-//! So there is one reconnect loop per store and at most two connections, whatever the database
-//! does.
+//! to the view; its client also serves `judge_from_database`'s reads) and the writing connection
+//! (writes, heartbeats). A single supervisor task per store watches the current link and, when
+//! it ends, tears it down and builds the next one, retrying with growing pauses. Nothing else
+//! reconnects: a link that fails half-way through its setup is dropped, which aborts whatever
+//! tasks it had started, and the supervisor tries again. So there is one reconnect loop per store
+//! and at most two connections, whatever the database does.
 //!
 //! The link ends when either connection's driver ends (an error or an orderly close), when a
 //! heartbeat cannot be sent, or when the view has not been proven current for longer than the
@@ -16,7 +16,7 @@
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -154,6 +154,8 @@ pub(super) struct Liveness {
     proven_us: AtomicU64,
     /// Woken whenever one of this store's heartbeats comes back.
     echoed: tokio::sync::Notify,
+    /// The current link's listening client, for reads that must not wait for the writer.
+    reader: Mutex<Option<Arc<Client>>>,
 }
 
 impl Liveness {
@@ -168,6 +170,7 @@ impl Liveness {
             connected: AtomicBool::new(false),
             proven_us: AtomicU64::new(0),
             echoed: tokio::sync::Notify::new(),
+            reader: Mutex::new(None),
         })
     }
 
@@ -191,6 +194,15 @@ impl Liveness {
         self.epoch
             + Duration::from_micros(self.proven_us.load(Ordering::SeqCst))
             + self.options.freshness_deadline
+    }
+
+    /// The client to read from without taking the writer (`None` while disconnected).
+    pub(super) fn reader(&self) -> Option<Arc<Client>> {
+        self.lock_reader().clone()
+    }
+
+    fn lock_reader(&self) -> MutexGuard<'_, Option<Arc<Client>>> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sends a heartbeat through `writer` (whoever calls this holds the writer) and returns its
@@ -257,6 +269,8 @@ async fn supervise(shared: Arc<Shared>, mut link: Link) {
         // Aborting the drivers drops both connections: queries pending on them fail at once,
         // so a write stuck on a dead link gives the writer mutex back.
         drop(link);
+        *live.lock_reader() = None;
+        shared.absent.clear();
         *shared.writer.lock().await = None;
         link = reconnect(&shared).await;
         tracing::info!("revocation database connection restored");
@@ -284,8 +298,6 @@ struct Link {
     listener: Option<Driver>,
     writer: Option<Driver>,
     heartbeat: Option<Driver>,
-    /// The listening connection's client: it owns the LISTEN.
-    client: Option<Client>,
 }
 
 impl Drop for Link {
@@ -369,8 +381,9 @@ impl Link {
                 .await
                 .map_err(RevocationError::new)?;
             live.echo_of(sent).await;
+            shared.absent.clear();
             *shared.writer.lock().await = Some(writer);
-            link.client = Some(listener);
+            *live.lock_reader() = Some(Arc::new(listener));
             live.connected.store(true, Ordering::SeqCst);
             link.heartbeat = Some(tokio::spawn(heartbeat(shared.clone())));
             Ok(link)
