@@ -109,7 +109,7 @@ pub use routes::{is_logout_route, is_normal_path, is_whoami_route};
 pub use service::MatrixAuth;
 pub use sessions::{ExchangeError, RateLimit, RefreshEndpoint, Sessions};
 #[cfg(feature = "postgres")]
-pub use store::postgres::PostgresStore;
+pub use store::postgres::{PostgresOptions, PostgresStore};
 pub use store::{memory::MemoryStore, RefreshMode, TokenStore};
 pub use verify::{Verifier, DEFAULT_MAX_CAVEATS, DEFAULT_MAX_TOKEN_LEN, DEFAULT_TOKEN_CACHE};
 pub use wire::Format;

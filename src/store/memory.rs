@@ -74,7 +74,8 @@ impl MemoryStore {
         let judgement = self.read().judge(user);
         match judgement {
             Judgement::Active => RevocationStatus::Active,
-            Judgement::Revoked => RevocationStatus::Revoked,
+            // This store hears of every refresh: a generation it has not heard of was never minted.
+            Judgement::Revoked | Judgement::Unheard(..) => RevocationStatus::Revoked,
             Judgement::Promote(session, generation) => {
                 let mut view = self.write();
                 match view.state_mut(session, user.user_id()) {

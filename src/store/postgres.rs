@@ -6,18 +6,19 @@
 //! login-token use, the first use of a refreshed token) are transactions that lock the session's
 //! row, apply [`SessionState`]'s rules, and notify every process in commit order.
 //!
-//! When the database connection drops, the view may miss updates, so the store fails closed:
-//! every check answers an error (the layer turns it into `503 M_UNKNOWN`) until it has
-//! reconnected and reloaded the whole state, which it keeps trying on its own.
+//! The view must also be proven current: a heartbeat sent through the writing connection every
+//! third of the freshness deadline has to come back on the listening one (notifications arrive
+//! in commit order, so its return proves that every change committed before it was sent has been
+//! applied). When a connection drops, or the view goes unproven for longer than the deadline
+//! (10 s by default, see [`PostgresOptions`]), as it does behind a partition that drops packets
+//! without a reset, the view may miss updates, so the store fails closed: every check answers an
+//! error (the layer turns it into `503 M_UNKNOWN`) until it has reconnected and reloaded the whole
+//! state, which one task per store keeps trying on its own (`liveness`).
 
 use std::fmt;
-use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::task::Poll;
-use std::time::Duration;
 
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::clock::{Clock, SystemClock};
 use crate::identity::MatrixUser;
@@ -46,23 +47,27 @@ CREATE TABLE IF NOT EXISTS matrix_auth_users (
     revoked_before_ms BIGINT NOT NULL
 );";
 
-/// Reconnection back-off bounds.
-const RETRY_MIN: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(2);
+mod absent;
+mod liveness;
+
+pub use liveness::PostgresOptions;
 
 struct Shared {
-    url: String,
     view: RwLock<View>,
-    /// The view is complete and being kept current.
-    healthy: AtomicBool,
     writer: tokio::sync::Mutex<Option<Client>>,
     clock: Arc<dyn Clock>,
+    /// Connections, heartbeats, health: the `liveness` module's.
+    liveness: liveness::Liveness,
+    /// Sessions `judge_from_database` found no row for.
+    absent: absent::AbsentRows,
 }
 
-/// Revocation state in PostgreSQL, served from an in-process view. Cloning shares it.
+/// Revocation state in PostgreSQL, served from an in-process view. Cloning shares it; dropping
+/// the last clone closes its connections.
 #[derive(Clone)]
 pub struct PostgresStore {
     shared: Arc<Shared>,
+    _supervisor: Arc<liveness::Supervisor>,
 }
 
 fn db_error(e: tokio_postgres::Error) -> RevocationError {
@@ -160,154 +165,72 @@ fn apply_notification(view: &mut View, payload: &str) {
     }
 }
 
+/// The data half of every (re)connection, on the listening connection: creates the tables if
+/// needed, listens, and loads the whole state into the view (the `liveness` module does the rest).
+async fn listen_and_load(shared: &Shared, listener: &Client) -> Result<(), tokio_postgres::Error> {
+    listener
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(7318720451); {SCHEMA} COMMIT; LISTEN {CHANNEL};"
+        ))
+        .await?;
+    // LISTEN is active before the load, so nothing committed after the load is missed.
+    let now = to_i64(shared.clock.now_ms());
+    let sessions = listener
+        .query(
+            "SELECT * FROM matrix_auth_sessions WHERE until_ms > $1",
+            &[&now],
+        )
+        .await?;
+    let users = listener
+        .query(
+            "SELECT user_id, revoked_before_ms FROM matrix_auth_users",
+            &[],
+        )
+        .await?;
+    let mut view = shared.view.write().unwrap_or_else(|e| e.into_inner());
+    for row in &sessions {
+        if let Some(session) = parse_session_key(row.get("session_id")) {
+            view.merge(session, row.get("user_id"), state_from_row(row));
+        }
+    }
+    for row in &users {
+        view.merge_user(row.get(0), to_u64(row.get(1)));
+    }
+    Ok(())
+}
+
 impl PostgresStore {
-    /// Connects, creates the tables if needed, loads the state and starts following changes.
-    /// Must be called inside a tokio runtime; fails if the database is unreachable now (later
-    /// outages are survived).
+    /// Connects, creates the tables if needed, loads the state and starts following changes,
+    /// with the default [`PostgresOptions`] (a 10 s freshness deadline). Must be called inside a
+    /// tokio runtime; fails if the database is unreachable now (later outages are survived).
     pub async fn connect(url: &str) -> Result<Self, RevocationError> {
+        Self::connect_with(url, PostgresOptions::default()).await
+    }
+
+    /// [`connect`](Self::connect) with other options. The store's connections carry the URL's
+    /// `application_name`, or `tower-matrix-auth`.
+    pub async fn connect_with(
+        url: &str,
+        options: PostgresOptions,
+    ) -> Result<Self, RevocationError> {
         let shared = Arc::new(Shared {
-            url: url.to_owned(),
             view: RwLock::new(View::default()),
-            healthy: AtomicBool::new(false),
             writer: tokio::sync::Mutex::new(None),
             clock: Arc::new(SystemClock),
+            liveness: liveness::Liveness::new(url, options)?,
+            absent: absent::AbsentRows::default(),
         });
-        let (listener, connection) = tokio_postgres::connect(url, NoTls)
-            .await
-            .map_err(db_error)?;
-        Self::attach(&shared, listener, connection).await?;
-        Ok(Self { shared })
+        let supervisor = liveness::start(&shared).await?;
+        Ok(Self {
+            shared,
+            _supervisor: Arc::new(supervisor),
+        })
     }
 
-    /// Sets up one connection generation: schema, LISTEN, full load, then the driver task that
-    /// applies notifications and, when the connection ends, starts reconnecting.
-    fn attach(
-        shared: &Arc<Shared>,
-        listener: Client,
-        mut connection: tokio_postgres::Connection<
-            tokio_postgres::Socket,
-            tokio_postgres::tls::NoTlsStream,
-        >,
-    ) -> impl std::future::Future<Output = Result<(), RevocationError>> + Send + 'static {
-        let shared = shared.clone();
-        async move {
-            // Drive the connection (and apply notifications) from a task of its own; queries on
-            // `listener` below go through it.
-            let driver_shared = shared.clone();
-            let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
-            tokio::spawn(async move {
-                let outcome = poll_fn(|cx| loop {
-                    match connection.poll_message(cx) {
-                        Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
-                            if n.channel() == CHANNEL {
-                                let mut view = driver_shared
-                                    .view
-                                    .write()
-                                    .unwrap_or_else(|e| e.into_inner());
-                                apply_notification(&mut view, n.payload());
-                                // Every write anywhere lands here: forget expired state as the
-                                // memory store does, or the view grows with every logout ever.
-                                view.sweep_if_due(driver_shared.clock.now_ms());
-                            }
-                        }
-                        Poll::Ready(Some(Ok(_))) => {}
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                        Poll::Ready(None) => return Poll::Ready(Ok(())),
-                        Poll::Pending => return Poll::Pending,
-                    }
-                })
-                .await;
-                driver_shared.healthy.store(false, Ordering::SeqCst);
-                *driver_shared.writer.lock().await = None;
-                match outcome {
-                    Err(error) => {
-                        tracing::warn!(%error, "revocation database connection lost; refusing tokens until it is back")
-                    }
-                    Ok(()) => tracing::warn!(
-                        "revocation database connection closed; refusing tokens until it is back"
-                    ),
-                }
-                let _ = ended_tx.send(());
-                Self::reconnect(driver_shared).await;
-            });
-
-            let setup = async {
-                listener
-                    .batch_execute(&format!(
-                        "BEGIN; SELECT pg_advisory_xact_lock(7318720451); {SCHEMA} COMMIT; LISTEN {CHANNEL};"
-                    ))
-                    .await?;
-                let (writer, writer_connection) =
-                    tokio_postgres::connect(&shared.url, NoTls).await?;
-                tokio::spawn(async move {
-                    let _ = writer_connection.await;
-                });
-                // LISTEN is active before the load, so nothing committed after the load is missed.
-                let now = to_i64(shared.clock.now_ms());
-                let sessions = listener
-                    .query(
-                        "SELECT * FROM matrix_auth_sessions WHERE until_ms > $1",
-                        &[&now],
-                    )
-                    .await?;
-                let users = listener
-                    .query(
-                        "SELECT user_id, revoked_before_ms FROM matrix_auth_users",
-                        &[],
-                    )
-                    .await?;
-                {
-                    let mut view = shared.view.write().unwrap_or_else(|e| e.into_inner());
-                    for row in &sessions {
-                        if let Some(session) = parse_session_key(row.get("session_id")) {
-                            view.merge(session, row.get("user_id"), state_from_row(row));
-                        }
-                    }
-                    for row in &users {
-                        view.merge_user(row.get(0), to_u64(row.get(1)));
-                    }
-                }
-                *shared.writer.lock().await = Some(writer);
-                Ok::<_, tokio_postgres::Error>(())
-            };
-            match setup.await {
-                Ok(()) => {
-                    // Keep `listener` alive as long as its connection: it owns the LISTEN.
-                    tokio::spawn(async move {
-                        let _ = ended_rx.await;
-                        drop(listener);
-                    });
-                    shared.healthy.store(true, Ordering::SeqCst);
-                    Ok(())
-                }
-                Err(error) => Err(db_error(error)),
-            }
-        }
-    }
-
-    /// Retries with growing pauses until the database answers again.
-    async fn reconnect(shared: Arc<Shared>) {
-        let mut pause = RETRY_MIN;
-        loop {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(RETRY_MAX);
-            let Ok((listener, connection)) = tokio_postgres::connect(&shared.url, NoTls).await
-            else {
-                continue;
-            };
-            match Box::pin(Self::attach(&shared, listener, connection)).await {
-                Ok(()) => {
-                    tracing::info!("revocation database connection restored");
-                    return;
-                }
-                Err(error) => tracing::debug!(%error, "reconnecting to the revocation database"),
-            }
-        }
-    }
-
-    /// Whether the view is complete and current (checks fail closed while it is not).
+    /// Whether the view is complete and proven current within the freshness deadline (checks
+    /// fail closed while it is not).
     pub fn is_healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::SeqCst)
+        self.shared.liveness.is_healthy()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, View> {
@@ -399,25 +322,31 @@ impl PostgresStore {
     }
 
     /// Judges a token of a generation the view has not heard of yet (a refresh on another
-    /// process whose notification is still on its way): from the database row itself.
+    /// process whose notification is still on its way): from the database row itself, read on
+    /// the listening connection, so that it neither waits for nor holds up writes. An absent row
+    /// is remembered (see `absent`): [`check`](Revocation::check) refuses the same token again
+    /// without asking.
     async fn judge_from_database(
         self,
         session: SessionId,
         user_id: String,
+        epoch: u64,
         generation: u32,
     ) -> Result<RevocationStatus, RevocationError> {
-        let row = {
-            let writer = self.shared.writer.lock().await;
-            let client = writer.as_ref().ok_or_else(Self::unavailable)?;
-            client
-                .query_opt(
-                    "SELECT * FROM matrix_auth_sessions WHERE session_id = $1",
-                    &[&session_key(session)],
-                )
-                .await
-                .map_err(db_error)?
-        };
+        let client = self
+            .shared
+            .liveness
+            .reader()
+            .ok_or_else(Self::unavailable)?;
+        let row = client
+            .query_opt(
+                "SELECT * FROM matrix_auth_sessions WHERE session_id = $1",
+                &[&session_key(session)],
+            )
+            .await
+            .map_err(db_error)?;
         let Some(row) = row else {
+            self.shared.absent.insert(session, generation);
             return Ok(RevocationStatus::Revoked);
         };
         let owner: &str = row.get("user_id");
@@ -425,30 +354,43 @@ impl PostgresStore {
             return Ok(RevocationStatus::Revoked);
         }
         let state = state_from_row(&row);
-        self.write_view().merge(session, owner, state);
+        let user_revoked = {
+            let mut view = self.write_view();
+            view.merge(session, owner, state);
+            // A "log out everywhere" the view heard of meanwhile still counts.
+            view.user_revoked(&user_id, epoch)
+        };
         match state.verdict(generation) {
+            _ if user_revoked => Ok(RevocationStatus::Revoked),
             Verdict::Active => Ok(RevocationStatus::Active),
             Verdict::Revoked => Ok(RevocationStatus::Revoked),
-            Verdict::Promote => self.promote(session, user_id, generation).await,
+            Verdict::Promote => self.promote(session, user_id, epoch, generation).await,
         }
     }
 
+    /// Records the first use of a refresh's successor, unless the session was logged out, or
+    /// its user logged out everywhere, meanwhile (both read under the row's lock).
     async fn promote(
         self,
         session: SessionId,
         user_id: String,
+        epoch: u64,
         generation: u32,
     ) -> Result<RevocationStatus, RevocationError> {
         let outcome = self
-            .update_session(session, &user_id, None, |state, _| {
-                match state.verdict(generation) {
+            .update_session(
+                session,
+                &user_id,
+                Some(epoch),
+                |state, user_revoked| match state.verdict(generation) {
+                    _ if user_revoked => RevocationStatus::Revoked,
                     Verdict::Revoked => RevocationStatus::Revoked,
                     _ => {
                         state.promote(generation);
                         RevocationStatus::Active
                     }
-                }
-            })
+                },
+            )
             .await?;
         Ok(outcome.unwrap_or(RevocationStatus::Revoked))
     }
@@ -473,25 +415,30 @@ impl Revocation for PostgresStore {
         if !self.is_healthy() {
             return RevocationCheck::ready(Err(Self::unavailable()));
         }
-        let position = crate::store::position(user);
-        let (session, generation) = (position.session, position.generation);
-        let (judgement, known) = {
-            let view = self.read();
-            (view.judge(user), view.knows(session, generation))
-        };
+        let judgement = self.read().judge(user);
+        let epoch = crate::store::position(user).epoch;
         match judgement {
             Judgement::Active => RevocationCheck::ready(Ok(RevocationStatus::Active)),
-            // A generation minted by another process whose notification has not arrived yet:
-            // ask the database rather than refuse a token that was just refreshed.
-            Judgement::Revoked if !known && !position.contradicts_type => RevocationCheck::pending(
-                self.clone()
-                    .judge_from_database(session, user.user_id().to_owned(), generation),
-            ),
             Judgement::Revoked => RevocationCheck::ready(Ok(RevocationStatus::Revoked)),
+            // A generation minted by another process whose notification has not arrived yet:
+            // ask the database rather than refuse a token that was just refreshed (once: an
+            // absent row is remembered).
+            Judgement::Unheard(session, generation) => {
+                if self.shared.absent.contains(session, generation) {
+                    RevocationCheck::ready(Ok(RevocationStatus::Revoked))
+                } else {
+                    RevocationCheck::pending(self.clone().judge_from_database(
+                        session,
+                        user.user_id().to_owned(),
+                        epoch,
+                        generation,
+                    ))
+                }
+            }
             // The first use of a refreshed token is a write, once per session generation.
             Judgement::Promote(session, generation) => RevocationCheck::pending(
                 self.clone()
-                    .promote(session, user.user_id().to_owned(), generation),
+                    .promote(session, user.user_id().to_owned(), epoch, generation),
             ),
         }
     }

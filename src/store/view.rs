@@ -35,6 +35,11 @@ pub(crate) enum Judgement {
     Revoked,
     /// Valid, and the first use of a refresh's successor: the store must record it.
     Promote(SessionId, u32),
+    /// A generation this view has not heard of (a refresh on another process, whose
+    /// notification is on its way): revoked as far as this view knows; a store shared between
+    /// processes asks its database. Never for a user logged out everywhere since the session
+    /// began, nor for a nonce that contradicts the token's type.
+    Unheard(SessionId, u32),
 }
 
 /// One session's state and the user it belongs to.
@@ -102,28 +107,22 @@ impl View {
         if position.contradicts_type || self.user_revoked(user.user_id(), position.epoch) {
             return Judgement::Revoked;
         }
-        let verdict = match self.state(position.session, user.user_id()) {
+        let (session, generation) = (position.session, position.generation);
+        let verdict = match self.state(session, user.user_id()) {
             // No refresh or logout ever touched this session: only generation 0 exists.
-            Ok(None) if position.generation == 0 => Verdict::Active,
-            Ok(None) | Err(()) => Verdict::Revoked,
-            Ok(Some(state)) => state.verdict(position.generation),
+            Ok(None) if generation == 0 => Verdict::Active,
+            Ok(None) => return Judgement::Unheard(session, generation),
+            Err(()) => Verdict::Revoked,
+            Ok(Some(state)) if !state.revoked && generation >= state.next_generation => {
+                return Judgement::Unheard(session, generation)
+            }
+            Ok(Some(state)) => state.verdict(generation),
         };
         match verdict {
             Verdict::Active => Judgement::Active,
             Verdict::Revoked => Judgement::Revoked,
             Verdict::Promote => Judgement::Promote(position.session, position.generation),
         }
-    }
-
-    /// Whether this view has heard of `generation` of `session`: a refresh on another process
-    /// mints generations this view learns of only when its notification arrives.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn knows(&self, session: SessionId, generation: u32) -> bool {
-        generation == 0
-            || self
-                .sessions
-                .get(&session)
-                .is_some_and(|entry| generation < entry.state.next_generation)
     }
 
     /// Takes a state from elsewhere (a database row, a notification) unless an equal or newer
@@ -166,5 +165,44 @@ impl View {
         if self.sessions.capacity() > 4 * self.sessions.len() + 1024 {
             self.sessions.shrink_to(2 * self.sessions.len());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Issuer, KeyRing, MacaroonSecret, SessionRequest, TokenType, Verifier};
+
+    /// A generation the view has not heard of is `Unheard` (a shared store asks its database),
+    /// unless the user logged out everywhere since the session began: then it is revoked, and
+    /// no database row can make it active again.
+    #[test]
+    fn an_unheard_generation_of_a_user_logged_out_everywhere_is_revoked() {
+        let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase("s"));
+        let issuer = Issuer::new(keys.clone());
+        let verifier = Verifier::new(keys);
+        let parts = http::Request::new(()).into_parts().0;
+        let request = SessionRequest {
+            refresh: true,
+            ..SessionRequest::default()
+        };
+        let first = issuer.new_session("@a:b", &request, 0);
+        let refresh = verifier
+            .verify(
+                first.refresh_token.unwrap().as_bytes(),
+                TokenType::Refresh,
+                &parts,
+            )
+            .unwrap();
+        let nonce = crate::TokenNonce::of(&refresh).unwrap();
+        // Minted by "another process": this view never heard of generation 1.
+        let next = issuer.successor(&refresh, &nonce, 1, issuer.now_ms());
+        let user = verifier
+            .verify(next.access_token.as_bytes(), TokenType::Access, &parts)
+            .unwrap();
+        let mut view = View::default();
+        assert_eq!(view.judge(&user), Judgement::Unheard(nonce.session, 1));
+        view.merge_user("@a:b", 1);
+        assert_eq!(view.judge(&user), Judgement::Revoked);
     }
 }

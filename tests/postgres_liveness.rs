@@ -1,0 +1,492 @@
+//! The PostgreSQL store's connections going bad without going away: a partition that drops
+//! packets without a reset (a TCP proxy that stops forwarding but keeps both sockets open), a
+//! database that accepts connections but fails every setup, a writer connection that dies alone,
+//! and writes stuck on a lock. The store must fail closed within its freshness deadline, recover
+//! by itself, and never multiply its connections.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::pg::{database_url, poll_once, wait_until};
+use common::{keys, NOW_MS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tower_matrix_auth::{
+    Issuer, ManualClock, MatrixUser, NonceKind, PostgresOptions, PostgresStore, Revocation,
+    RevocationStatus, SessionId, SessionRequest, Sessions, TokenNonce, TokenType, Verifier,
+};
+
+/// Unique to this run: the database outlives test runs on a developer's machine.
+fn unique(name: &str) -> String {
+    format!("{name}_{:x}", SessionId::random().as_u128() as u32)
+}
+
+fn uid(name: &str) -> String {
+    format!("{}:example.org", unique(name))
+}
+
+/// A libpq key-value connection string to the test server's `dbname` through `addr`.
+fn conninfo(addr: SocketAddr, dbname: &str, application_name: &str) -> String {
+    let config: tokio_postgres::Config = database_url().parse().unwrap();
+    let mut info = format!(
+        "host={} port={} dbname={dbname} application_name={application_name}",
+        addr.ip(),
+        addr.port()
+    );
+    if let Some(user) = config.get_user() {
+        info += &format!(" user={user}");
+    }
+    if let Some(password) = config.get_password() {
+        let password = String::from_utf8_lossy(password).replace('\\', "\\\\");
+        info += &format!(" password='{}'", password.replace('\'', "\\'"));
+    }
+    info
+}
+
+/// The test server's address and database.
+fn database() -> (SocketAddr, String) {
+    let config: tokio_postgres::Config = database_url().parse().unwrap();
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(host) => host.clone(),
+        other => panic!("the tests need a TCP database URL, not {other:?}"),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .expect("the database host resolves")
+        .next()
+        .expect("the database host has an address");
+    (addr, config.get_dbname().unwrap_or("postgres").to_owned())
+}
+
+/// A plain connection for the test's own statements.
+async fn admin(dbname: &str) -> tokio_postgres::Client {
+    let (addr, _) = database();
+    let (client, connection) = tokio_postgres::connect(
+        &conninfo(addr, dbname, "liveness-test"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+async fn connections(admin: &tokio_postgres::Client, application_name: &str) -> Vec<i32> {
+    admin
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 ORDER BY backend_start",
+            &[&application_name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// A TCP proxy to the database. [`Proxy::blackhole`] makes the connections open at that moment
+/// stop forwarding anything, in both directions, without closing either socket: a partition
+/// that drops packets and sends no reset. Connections made later are forwarded normally.
+struct Proxy {
+    addr: SocketAddr,
+    open: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let connections = open.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let cut = Arc::new(AtomicBool::new(false));
+                connections.lock().unwrap().push(cut.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        pump(client_read, server_write, cut.clone()),
+                        pump(server_read, client_write, cut)
+                    );
+                });
+            }
+        });
+        Self { addr, open }
+    }
+
+    fn blackhole(&self) {
+        for cut in self.open.lock().unwrap().drain(..) {
+            cut.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, cut: Arc<AtomicBool>) {
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let read = from.read(&mut buffer).await;
+        if cut.load(Ordering::SeqCst) {
+            // Hold both sockets open (dropping `to` would send a FIN) and forward nothing more.
+            let _sockets = (from, to);
+            std::future::pending::<()>().await;
+            unreachable!();
+        }
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buffer[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn engine(store: &PostgresStore) -> Sessions {
+    let clock = ManualClock::new(NOW_MS);
+    Sessions::new(
+        Issuer::new(keys()).clock(clock.clone()),
+        Verifier::new(keys()).clock(clock),
+        store.clone(),
+    )
+}
+
+fn verify(token: &str) -> MatrixUser {
+    let parts = http::Request::new(()).into_parts().0;
+    Verifier::new(keys())
+        .clock(ManualClock::new(NOW_MS))
+        .verify(token.as_bytes(), TokenType::Access, &parts)
+        .expect("a valid token")
+}
+
+fn login(sessions: &Sessions, name: &str) -> MatrixUser {
+    verify(
+        &sessions
+            .login(&uid(name), &SessionRequest::default())
+            .access_token,
+    )
+}
+
+/// What `store` answers within `limit`: `None` if it could not answer in time.
+async fn answer(
+    store: &PostgresStore,
+    user: &MatrixUser,
+    limit: Duration,
+) -> Option<Result<RevocationStatus, String>> {
+    tokio::time::timeout(limit, store.check(user))
+        .await
+        .ok()
+        .map(|outcome| outcome.map_err(|e| e.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
+    let (addr, dbname) = database();
+    let proxy = Proxy::start(addr).await;
+    let deadline = Duration::from_millis(1500);
+    let a = PostgresStore::connect_with(
+        &conninfo(proxy.addr, &dbname, &unique("partition_a")),
+        PostgresOptions::default().freshness_deadline(deadline),
+    )
+    .await
+    .unwrap();
+    let b = PostgresStore::connect(&database_url()).await.unwrap();
+    let (on_a, on_b) = (engine(&a), engine(&b));
+    let kept = login(&on_b, "@partition-kept");
+    let early = login(&on_b, "@partition-early");
+    let late = login(&on_b, "@partition-late");
+    let own = login(&on_a, "@partition-own");
+    for user in [&kept, &early, &late, &own] {
+        assert_eq!(a.check(user).await.unwrap(), RevocationStatus::Active);
+    }
+
+    proxy.blackhole();
+    let cut = Instant::now();
+    // A logout on B just after the partition began: A may not see it, but past `deadline` after
+    // its commit A must not call the token active either.
+    on_b.logout(&early).await.unwrap();
+    let early_committed = Instant::now();
+    // A write on A neither hangs nor keeps the writer: it fails once A gives the link up.
+    let write = tokio::spawn({
+        let own = own.clone();
+        async move { (on_a.logout(&own).await, cut.elapsed()) }
+    });
+    let noticed = loop {
+        if !a.is_healthy() {
+            break cut.elapsed();
+        }
+        if early_committed.elapsed() > deadline {
+            let answer = poll_once(a.check(&early));
+            assert!(
+                !matches!(answer, Some(Ok(RevocationStatus::Active))),
+                "a logout committed {:?} ago was still answered active",
+                early_committed.elapsed()
+            );
+        }
+        assert!(
+            cut.elapsed() < deadline + Duration::from_millis(500),
+            "still healthy {:?} into a partition (deadline {deadline:?})",
+            cut.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+
+    // A logout on B once A knows it is cut off: from now on A never calls the token active.
+    on_b.logout(&late).await.unwrap();
+    let mut refused = 0;
+    let recovered = loop {
+        let mut revoked = 0;
+        for user in [&early, &late] {
+            match answer(&a, user, Duration::from_secs(1)).await {
+                Some(Ok(RevocationStatus::Active)) => {
+                    panic!("a token logged out on B was answered active on A")
+                }
+                Some(Ok(RevocationStatus::Revoked)) => revoked += 1,
+                Some(Err(_)) | None => refused += 1,
+            }
+        }
+        if revoked == 2 {
+            break cut.elapsed();
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(20),
+            "A did not recover through a fresh proxy connection"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(refused > 0, "A answered from its view while cut off");
+    assert!(a.is_healthy());
+    assert_eq!(a.check(&kept).await.unwrap(), RevocationStatus::Active);
+
+    let (outcome, returned) = write.await.unwrap();
+    assert!(
+        outcome.is_err(),
+        "a write sent into the partition succeeded"
+    );
+    assert!(
+        returned < deadline + Duration::from_millis(500),
+        "a write sent into the partition took {returned:?} to fail"
+    );
+    // The writer was replaced too: a write on A works again and reaches B.
+    assert_eq!(a.check(&own).await.unwrap(), RevocationStatus::Active);
+    engine(&a).logout(&own).await.unwrap();
+    wait_until(Duration::from_secs(5), || {
+        matches!(
+            poll_once(b.check(&own)),
+            Some(Ok(RevocationStatus::Revoked))
+        )
+    })
+    .await;
+    eprintln!(
+        "partition (deadline {deadline:?}): unhealthy after {noticed:?}, a write failed after {returned:?}, recovered after {recovered:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setups_that_keep_failing_never_multiply_connections() {
+    let (addr, _) = database();
+    let admin = admin("postgres").await;
+    // Left behind by an earlier run that failed half-way.
+    for row in admin
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'matrix\\_auth\\_setup\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        let leftover: String = row.get(0);
+        admin
+            .batch_execute(&format!("DROP DATABASE {leftover} WITH (FORCE)"))
+            .await
+            .unwrap();
+    }
+    let dbname = unique("matrix_auth_setup");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .unwrap();
+    let application_name = unique("setup_fails");
+    let store = PostgresStore::connect(&conninfo(addr, &dbname, &application_name))
+        .await
+        .unwrap();
+    // Every new session on that database now fails the store's setup (it creates its tables if
+    // needed) after both connections are open; then the store's connections are cut.
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {dbname} SET default_transaction_read_only = on"
+        ))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&application_name],
+        )
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(5), || !store.is_healthy()).await;
+
+    let start = Instant::now();
+    let (mut most, mut seen) = (0, HashSet::new());
+    while start.elapsed() < Duration::from_secs(6) {
+        let pids = connections(&admin, &application_name).await;
+        most = most.max(pids.len());
+        seen.extend(pids);
+        assert!(!store.is_healthy());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!(
+        "failing setups over 6 s: at most {most} connections at once, {} seen",
+        seen.len()
+    );
+    assert!(most <= 2, "{most} connections at once");
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {dbname} RESET default_transaction_read_only"
+        ))
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(10), || store.is_healthy()).await;
+    assert!(connections(&admin, &application_name).await.len() <= 2);
+    drop(store);
+    admin
+        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_writer_is_noticed_and_replaced() {
+    let (addr, dbname) = database();
+    let admin = admin(&dbname).await;
+    let application_name = unique("writer_dies");
+    let a = PostgresStore::connect(&conninfo(addr, &dbname, &application_name))
+        .await
+        .unwrap();
+    let b = PostgresStore::connect(&database_url()).await.unwrap();
+    let user = login(&engine(&b), "@writer-dies");
+    // The writer connects after the listener.
+    let pids = connections(&admin, &application_name).await;
+    assert_eq!(pids.len(), 2);
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pids[1]])
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let on_a = engine(&a);
+    loop {
+        if on_a.logout(&user).await.is_ok() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "writes on A still fail {:?} after its writer died",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "writer replaced: a write succeeded {:?} after it died",
+        start.elapsed()
+    );
+    wait_until(Duration::from_secs(5), || {
+        matches!(
+            poll_once(b.check(&user)),
+            Some(Ok(RevocationStatus::Revoked))
+        )
+    })
+    .await;
+    assert!(connections(&admin, &application_name).await.len() <= 2);
+}
+
+/// A token naming a generation no row has heard of: a crate-style nonce on a fresh session.
+fn unknown_generation() -> MatrixUser {
+    let nonce = TokenNonce {
+        session: SessionId::random(),
+        generation: 1,
+        issued_ms: NOW_MS,
+        kind: NonceKind::Access,
+    };
+    verify(
+        &keys()
+            .mint(&uid("@unknown-generation"), TokenType::Access)
+            .unwrap()
+            .nonce(nonce.to_string())
+            .to_token(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_for_unknown_generations_neither_wait_for_writes_nor_repeat() {
+    let (addr, dbname) = database();
+    // Its writer's statements time out after a third of the deadline: 1 s.
+    let a = PostgresStore::connect_with(
+        &conninfo(addr, &dbname, &unique("lock_wait")),
+        PostgresOptions::default().freshness_deadline(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    let forged = unknown_generation();
+    // The first check asks the database; the row is absent; later ones do not ask again: they
+    // are answered on their first poll. (Asking can be too, when this thread is descheduled for
+    // the round trips; not twenty times running.)
+    assert_eq!(a.check(&forged).await.unwrap(), RevocationStatus::Revoked);
+    for _ in 0..20 {
+        assert!(matches!(
+            poll_once(a.check(&forged)),
+            Some(Ok(RevocationStatus::Revoked))
+        ));
+    }
+
+    // A write on A that waits for a lock another process holds keeps A's writer busy; reads go
+    // on meanwhile, and the write gives up at the statement timeout rather than wait for as long
+    // as the lock is held.
+    let mut locker = admin(&dbname).await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE matrix_auth_sessions IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let victim = login(&engine(&a), "@waits-for-a-lock");
+    let started = Instant::now();
+    let write = tokio::spawn({
+        let on_a = engine(&a);
+        async move { (on_a.logout(&victim).await, started.elapsed()) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!write.is_finished(), "the write did not wait for the lock");
+    let other = unknown_generation();
+    let asked = Instant::now();
+    assert_eq!(
+        answer(&a, &other, Duration::from_millis(500)).await,
+        Some(Ok(RevocationStatus::Revoked)),
+        "a read waited for the writer"
+    );
+    let read = asked.elapsed();
+    let (outcome, gave_up) = write.await.unwrap();
+    let error = format!(
+        "{:?}",
+        outcome.expect_err("the write waited for the whole lock")
+    );
+    assert!(error.contains("statement timeout"), "{error}");
+    assert!(
+        gave_up < Duration::from_secs(2),
+        "the write gave up after {gave_up:?}"
+    );
+    lock.rollback().await.unwrap();
+    // Its heartbeats waited for the writer meanwhile, within the deadline.
+    assert!(a.is_healthy());
+    eprintln!("while the writer waited for a lock: a read took {read:?}; the write gave up after {gave_up:?}");
+}
