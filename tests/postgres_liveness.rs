@@ -412,21 +412,24 @@ async fn a_dead_writer_is_noticed_and_replaced() {
     assert!(connections(&admin, &application_name).await.len() <= 2);
 }
 
-/// A token naming a generation no row has heard of: a crate-style nonce on a fresh session.
+/// A token naming a generation no row has heard of: a session nonce (first caveat, as the
+/// issuer writes it, here with the key) on a fresh session.
 fn unknown_generation() -> MatrixUser {
     let nonce = TokenNonce {
         session: SessionId::random(),
         generation: 1,
         issued_ms: NOW_MS,
         kind: NonceKind::Access,
+        started_ms: NOW_MS,
+        epoch: 0,
+        session_expires_ms: None,
     };
-    verify(
-        &keys()
-            .mint(&uid("@unknown-generation"), TokenType::Access)
-            .unwrap()
-            .nonce(nonce.to_string())
-            .to_token(),
-    )
+    verify(&common::mint_raw(&[
+        &format!("nonce = {nonce}"),
+        "gen = 1",
+        &format!("user_id = {}", uid("@unknown-generation")),
+        "type = access",
+    ]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

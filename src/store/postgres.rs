@@ -395,18 +395,23 @@ impl PostgresStore {
         Ok(outcome.unwrap_or(RevocationStatus::Revoked))
     }
 
-    /// Deletes rows whose tokens have all expired (the view forgets them by itself).
+    /// Deletes rows whose tokens have all stopped verifying, and forgets them in this process's
+    /// view (which otherwise sweeps as it grows); call it on a timer. Returns the rows deleted.
     pub async fn purge_expired(&self) -> Result<u64, RevocationError> {
-        let writer = self.shared.writer.lock().await;
-        let client = writer.as_ref().ok_or_else(Self::unavailable)?;
-        let now = to_i64(self.shared.clock.now_ms());
-        client
-            .execute(
-                "DELETE FROM matrix_auth_sessions WHERE until_ms <= $1",
-                &[&now],
-            )
-            .await
-            .map_err(db_error)
+        let now = self.shared.clock.now_ms();
+        let deleted = {
+            let writer = self.shared.writer.lock().await;
+            let client = writer.as_ref().ok_or_else(Self::unavailable)?;
+            client
+                .execute(
+                    "DELETE FROM matrix_auth_sessions WHERE until_ms <= $1",
+                    &[&to_i64(now)],
+                )
+                .await
+                .map_err(db_error)?
+        };
+        self.write_view().sweep(now);
+        Ok(deleted)
     }
 }
 

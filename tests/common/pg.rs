@@ -41,3 +41,25 @@ pub fn poll_once<F: std::future::Future + Unpin>(mut future: F) -> Option<F::Out
         std::task::Poll::Pending => None,
     }
 }
+
+/// A new, empty database on the test server, for a test that must not see other tests' rows;
+/// returns its URL.
+pub async fn fresh_database_url(name: &str) -> String {
+    let url = database_url();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("the test database answers");
+    tokio::spawn(connection);
+    let dbname = format!(
+        "{name}_{:x}",
+        tower_matrix_auth::SessionId::random().as_u128() as u32
+    );
+    client
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .expect("CREATE DATABASE");
+    let (base, query) = url.split_once('?').map_or((url.as_str(), ""), |(b, q)| (b, q));
+    let (server, _) = base.rsplit_once('/').expect("a URL with a database path");
+    let query = if query.is_empty() { String::new() } else { format!("?{query}") };
+    format!("{server}/{dbname}{query}")
+}
