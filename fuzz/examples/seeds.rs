@@ -847,6 +847,32 @@ fn main() -> std::io::Result<()> {
                 "U$A0".into(),
             ],
         ),
+        // Tokens minted elsewhere: a logout and a used login token made through a copy that
+        // expires sooner are kept (at least) until the copy has expired.
+        (
+            "sweep_foreign",
+            b'0',
+            vec![
+                format!("F0{}|nonce = q0mP8wYb5J2sRxL1", alice("access")),
+                format!(
+                    "F0{}|nonce = q0mP8wYb5J2sRxL1|time < {}",
+                    alice("access"),
+                    NOW_MS + 10
+                ),
+                "O$S0".into(),
+                format!("F0{}|time < {expiring}", alice("login")),
+                format!("F0{}|time < {expiring}|time < {}", alice("login"), NOW_MS + 10),
+                "g$S0".into(),
+                "+9".into(),
+                "S".into(),
+                "U$S3".into(),
+                "g$S1".into(),
+                "+1".into(),
+                "U$S3".into(),
+                "g$S1".into(),
+                "U$S2".into(),
+            ],
+        ),
         // A refresh pushes the session's expiry: a logout with an older token keeps the state
         // for the successor's tokens too.
         (
