@@ -154,3 +154,90 @@ fn a_nonce_session_is_32_hex_digits_and_nothing_else() {
         assert_eq!(nonce.to_string(), digits);
     }
 }
+
+/// `lifecycle`, seeds `regression-sweep-attenuated-logout` and
+/// `regression-sweep-attenuated-login-token` (run the target with `LIFECYCLE_STRICT=1`): for a
+/// token without the issuer's session nonce, the store keeps a logout or a used login token until
+/// the earliest `time <` of the token that made the record, a holder's appended one included,
+/// although the record speaks for every token of the same `TokenId` (user and first nonce), or
+/// of the same chain through the first `time <` (login tokens minted elsewhere). Once the
+/// attenuated copy has expired, a sweep forgets the record and the original, which has not
+/// expired, passes again. Not fixed yet: ignored until it is.
+mod sweep_after_an_attenuated_copy {
+    use super::*;
+    use tower_matrix_auth::{
+        attenuate, Issuer, MemoryStore, Revocation, RevocationStatus, Sessions,
+    };
+
+    fn sessions() -> (ManualClock, Verifier, MemoryStore, Sessions) {
+        let clock = ManualClock::new(NOW_MS);
+        let verifier = Verifier::new(keys()).clock(clock.clone());
+        let store = MemoryStore::new().with_clock(clock.clone());
+        let issuer = Issuer::new(keys()).clock(clock.clone());
+        let sessions = Sessions::new(issuer, verifier.clone(), store.clone());
+        (clock, verifier, store, sessions)
+    }
+
+    #[tokio::test]
+    #[ignore = "known bug: keep_until_ms takes the presenting token's own `time <` for tokens without a session nonce"]
+    async fn the_original_stays_logged_out() {
+        let (clock, verifier, store, sessions) = sessions();
+        let parts = Request::new(()).into_parts().0;
+        // A token minted elsewhere (a nonce, no `time <`), logged out through a copy that
+        // expires in 10 ms: the original is revoked with it (same TokenId)...
+        let original = keys()
+            .mint("@alice:example.org", TokenType::Access)
+            .unwrap()
+            .nonce("q0mP8wYb5J2sRxL1")
+            .to_token();
+        let copy = attenuate(&original, &format!("time < {}", NOW_MS + 10)).unwrap();
+        let user = verifier
+            .verify(copy.as_bytes(), TokenType::Access, &parts)
+            .unwrap();
+        sessions.logout(&user).await.unwrap();
+        let original = verifier
+            .verify(original.as_bytes(), TokenType::Access, &parts)
+            .unwrap();
+        assert_eq!(
+            store.check(&original).await.unwrap(),
+            RevocationStatus::Revoked
+        );
+        // ... and stays revoked after a sweep once the copy has expired.
+        clock.advance_ms(10);
+        store.sweep();
+        assert_eq!(
+            store.check(&original).await.unwrap(),
+            RevocationStatus::Revoked,
+            "the logout was forgotten"
+        );
+    }
+
+    #[tokio::test]
+    #[ignore = "known bug: keep_until_ms takes the presenting token's own `time <` for tokens without a session nonce"]
+    async fn a_login_token_stays_used() {
+        let (clock, _, store, sessions) = sessions();
+        let parts = Request::new(()).into_parts().0;
+        // A login token minted elsewhere, used through a copy that expires in 10 ms.
+        let login = keys()
+            .mint("@alice:example.org", TokenType::Login)
+            .unwrap()
+            .expires_at_ms(NOW_MS + 60_000)
+            .to_token();
+        let copy = attenuate(&login, &format!("time < {}", NOW_MS + 10)).unwrap();
+        let redeem = |token: &str| {
+            let sessions = sessions.clone();
+            let (token, parts) = (token.to_owned(), parts.clone());
+            async move {
+                sessions
+                    .redeem_login_token(token.as_bytes(), &parts)
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(redeem(&copy).await);
+        assert!(!redeem(&login).await);
+        clock.advance_ms(10);
+        store.sweep();
+        assert!(!redeem(&login).await, "a login token was redeemed twice");
+    }
+}

@@ -15,9 +15,9 @@ use std::path::Path;
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use tower_matrix_auth::fuzzing::parse_token;
+use tower_matrix_auth::fuzzing::{parse_token, sign};
 use tower_matrix_auth::{attenuate, Format, KeyRing, MacaroonSecret, TokenType};
-use tower_matrix_auth_fuzz::{keys, FORGER, NOW_MS};
+use tower_matrix_auth_fuzz::{keys, FORGER, KEYS, NOW_MS};
 
 fn main() -> std::io::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -357,8 +357,7 @@ fn main() -> std::io::Result<()> {
     );
 
     // ---- Lifecycle scripts: config byte, then one operation per line -----------------------
-    // Tokens minted elsewhere under the same keys, with nonces of the crate's format (a session
-    // the run has never seen) and of Synapse's (random).
+    // Tokens minted elsewhere under the same keys.
     let foreign = |nonce: &str| {
         keys.mint("@alice:example.org", TokenType::Refresh)
             .unwrap()
@@ -366,12 +365,37 @@ fn main() -> std::io::Result<()> {
             .device_id("TABLET")
             .to_token()
     };
-    // Minted before the run (any "log out everywhere" in it catches them).
-    let ours = foreign(&format!(
-        "0123456789abcdef0123456789abcdef.0.{}.r",
-        NOW_MS - 1
-    ));
+    let secret = MacaroonSecret::from_passphrase(KEYS[0].1);
+    let signed = |caveats: &[&str]| {
+        let caveats: Vec<&[u8]> = caveats.iter().map(|c| c.as_bytes()).collect();
+        sign(&secret, KEYS[0].0.as_bytes(), &caveats, Format::V1)
+    };
+    let session = "0123456789abcdef0123456789abcdef";
+    let before = NOW_MS - 1;
+    // A session another process of the crate began before the run: its nonce first, where only
+    // the minter writes. Exchanged like the run's own (any "log out everywhere" in the run
+    // catches it: its epoch is 0).
+    let ours = signed(&[
+        &format!("nonce = {session}.0.{before}.r.{before}.0.-"),
+        "gen = 1",
+        "user_id = @alice:example.org",
+        "type = refresh",
+        "device_id = TABLET",
+    ]);
+    // The four-field nonce of earlier versions, where they wrote it (after `type`), and the
+    // session grammar appended: neither names a session.
+    let old = foreign(&format!("{session}.0.{before}.r"));
+    let appended = foreign(&format!("{session}.0.{before}.r.{before}.0.-"));
+    // Synapse's random nonce.
     let synapse = foreign("q0mP8wYb5J2sRxL1");
+    // `F` lines: caveats of a token minted elsewhere, `|`-separated.
+    let alice = |kind: &str| format!("gen = 1|user_id = @alice:example.org|type = {kind}");
+    // A session nonce of session `id` (1 to 9: sessions the run never saw).
+    let nonce = |id: u8, generation: u32, kind: char, epoch: u64| {
+        let session = format!("{:032x}", u128::from(id) * 0x1111_1111);
+        format!("nonce = {session}.{generation}.{NOW_MS}.{kind}.{NOW_MS}.{epoch}.-")
+    };
+    let expiring = NOW_MS + 60_000;
     let body = |placeholder: &str| format!("{{\"refresh_token\":\"{placeholder}\"}}");
     let lifecycle: Vec<(&str, u8, Vec<String>)> = vec![
         // The README's table, /v3/refresh: old tokens live until a successor is used.
@@ -571,11 +595,20 @@ fn main() -> std::io::Result<()> {
                 "L0".into(),
                 "N$n0".into(),
                 "N$n1".into(),
+                format!("N00000000000000000000000000000abc.7.{NOW_MS}.r.{before}.0.-"),
+                format!("N00000000000000000000000000000abc.7.{NOW_MS}.r.{before}.9.{NOW_MS}"),
+                "N00000000000000000000000000000ABC.07.0.a.00.0.-".into(),
+                "N00000000000000000000000000000abc.4294967296.0.l.0.0.-".into(),
+                "N00000000000000000000000000000abc.1.18446744073709551616.l.0.0.5".into(),
+                "N00000000000000000000000000000abc.1.2.a.3.18446744073709551615.18446744073709551615"
+                    .into(),
+                "N00000000000000000000000000000abc.1.2.a.3.4.".into(),
+                "N00000000000000000000000000000abc.1.2.a.3.4.-.".into(),
+                "N00000000000000000000000000000abc.1.2.a.3.4.+5".into(),
+                "N00000000000000000000000000000abc.1.2.x.3.4.-".into(),
                 format!("N00000000000000000000000000000abc.7.{NOW_MS}.r"),
-                "N00000000000000000000000000000ABC.07.0.a".into(),
-                "N00000000000000000000000000000abc.4294967296.0.l".into(),
-                "N00000000000000000000000000000abc.1.18446744073709551616.l".into(),
-                "N00000000000000000000000000000abc.1.2.a.".into(),
+                "N0000000000000000000000000000000.0.0.a.0.0.-".into(),
+                "N00000000000000000000000000000000.0.0.a.0.0.-".into(),
                 "Nq0mP8wYb5J2sRxL1".into(),
             ],
         ),
@@ -633,10 +666,236 @@ fn main() -> std::io::Result<()> {
                 format!("V0000{}", body(&ours)),
                 "U$A0".into(),
                 format!("V0000{}", body(&ours)),
+                format!("T0000{}", body(&old)),
+                format!("V0000{}", body(&appended)),
                 format!("T0000{}", body(&synapse)),
                 format!("T0000{}", body(&synapse)),
                 "U$A0".into(),
                 format!("V0000{}", body("$R0")),
+            ],
+        ),
+        // Nonces a holder appended (to a token minted without one, or after the session's):
+        // never the session's.
+        (
+            "grafted",
+            b'0',
+            vec![
+                "L0".into(),
+                format!("V0000{}", body("$J0")),
+                "U$I1".into(),
+                "O$A0".into(),
+                "U$I1".into(),
+                "U$A0".into(),
+                format!("F0nonce = $n1|{}", alice("access")),
+                "U$S0".into(),
+                format!("F0{}|nonce = $n1", alice("access")),
+                "U$S0".into(),
+                "L0".into(),
+                format!("V0000{}", body("$Y0")),
+                "Z$I1".into(),
+                "U$S0".into(),
+                "U$A0".into(),
+                "L0".into(),
+                "U$A0".into(),
+            ],
+        ),
+        // Log out everywhere by epoch: sessions that began before it are revoked in every
+        // generation, later ones are spared, even within one millisecond; tokens without a
+        // session nonce are revoked, minted before or after it.
+        (
+            "epochs",
+            b'0',
+            vec![
+                "L0".into(),
+                "L8".into(),
+                "Z$A1".into(),
+                "U$A0".into(),
+                "L0".into(),
+                "U$A0".into(),
+                format!("V0000{}", body("$R0")),
+                "U$A0".into(),
+                "Z$A0".into(),
+                "U$A0".into(),
+                format!("V0000{}", body("$R0")),
+                "L0".into(),
+                "U$A0".into(),
+                "+5".into(),
+                format!("F0{}|nonce = q0mP8wYb5J2sRxL1", alice("access")),
+                "U$S0".into(),
+                format!("F0{}|{}", nonce(1, 0, 'a', NOW_MS + 1), alice("access")),
+                "U$S0".into(),
+                format!("F0{}|{}", nonce(2, 0, 'a', NOW_MS), alice("access")),
+                "U$S0".into(),
+            ],
+        ),
+        // A refresh in flight when the user logs out everywhere: its successor is revoked too.
+        (
+            "in_flight",
+            b'0',
+            vec![
+                "L0".into(),
+                "L0".into(),
+                format!("V0000{}", body("$R1")),
+                "Z$A0".into(),
+                "U$A0".into(),
+                format!("T0000{}", body("$R0")),
+                "+1".into(),
+                "L0".into(),
+                format!("T0000{}", body("$R0")),
+                "U$A0".into(),
+            ],
+        ),
+        // Session nonces whose kind is not the token's type; generations no refresh minted.
+        (
+            "kinds",
+            b'0',
+            vec![
+                format!("F0{}|{}", nonce(1, 0, 'a', 0), alice("refresh")),
+                format!("V0000{}", body("$S0")),
+                format!("F1{}|{}", nonce(2, 0, 'r', 0), alice("access")),
+                "U$S0".into(),
+                format!("F2{}|{}|time < {expiring}", nonce(3, 0, 'l', 0), alice("login")),
+                "g$S0".into(),
+                "g$S0".into(),
+                format!("F0{}|{}|time < {expiring}", nonce(4, 0, 'a', 0), alice("login")),
+                "g$S0".into(),
+                format!("F0{}|{}", nonce(5, 3, 'r', 0), alice("refresh")),
+                format!("V0000{}", body("$S0")),
+                format!("F0{}|{}", nonce(5, 1, 'r', 0), alice("refresh")),
+                format!("V0000{}", body("$S0")),
+                format!("F0{}|{}", nonce(5, 0, 'r', 0), alice("refresh")),
+                format!("V0000{}", body("$S0")),
+                format!("V0000{}", body("$S1")),
+                "U$A0".into(),
+                format!("V0000{}", body("$S2")),
+            ],
+        ),
+        // Login tokens minted elsewhere: known by the chain through their first `time <`.
+        (
+            "login_foreign",
+            b'0',
+            vec![
+                format!("F0{}|nonce = q0mP8wYb5J2sRxL1|time < {expiring}", alice("login")),
+                "g$S0".into(),
+                "g$S0".into(),
+                format!(
+                    "F0{}|nonce = q0mP8wYb5J2sRxL1|time < {expiring}|nonce = x",
+                    alice("login")
+                ),
+                "g$S0".into(),
+                format!(
+                    "F0{}|nonce = q0mP8wYb5J2sRxL1|time < {expiring}|time < {}",
+                    alice("login"),
+                    expiring - 1
+                ),
+                "g$S0".into(),
+                format!("F0{}|nonce = q0mP8wYb5J2sRxL1", alice("login")),
+                "g$S0".into(),
+                format!("F0{}|time < {expiring}", alice("login")),
+                "g$S0".into(),
+                format!("F0{}|time < {expiring}|{}", alice("login"), nonce(1, 0, 'l', 0)),
+                "g$S0".into(),
+                "L0".into(),
+                "Z$A0".into(),
+                format!("F0{}|time < {expiring}|nonce = y", alice("login")),
+                "g$S0".into(),
+            ],
+        ),
+        // A session's state belongs to the user whose token made it.
+        (
+            "owners",
+            b'0',
+            vec![
+                "L0".into(),
+                format!("V0000{}", body("$R0")),
+                "F0nonce = $n0|gen = 1|user_id = @bob:example.org|type = refresh".into(),
+                format!("V0000{}", body("$S0")),
+                "F0nonce = $n1|gen = 1|user_id = @bob:example.org|type = access".into(),
+                "U$S0".into(),
+                "L8".into(),
+                format!("F0nonce = $n0|{}", alice("refresh")),
+                format!("T0000{}", body("$S0")),
+                format!("F0nonce = $n1|{}", alice("access")),
+                "O$S0".into(),
+                "U$A0".into(),
+                format!("T0000{}", body("$R0")),
+            ],
+        ),
+        // What the store records is kept until the session's tokens have expired, and no
+        // longer (refresh tokens live an hour, access tokens without a refresh token a day).
+        (
+            "sweep",
+            b'<',
+            vec![
+                "L0".into(),
+                "L1".into(),
+                "O$A0".into(),
+                "O$A1".into(),
+                "S".into(),
+                "U$A1".into(),
+                "+3599999".into(),
+                "S".into(),
+                "U$A1".into(),
+                "+1".into(),
+                "S".into(),
+                "U$A1".into(),
+                format!("V0000{}", body("$R0")),
+                "O$A1".into(),
+                "U$A0".into(),
+                "+86400000".into(),
+                "S".into(),
+                "U$A0".into(),
+            ],
+        ),
+        // Tokens minted elsewhere: a logout and a used login token made through a copy that
+        // expires sooner are kept (at least) until the copy has expired.
+        (
+            "sweep_foreign",
+            b'0',
+            vec![
+                format!("F0{}|nonce = q0mP8wYb5J2sRxL1", alice("access")),
+                format!(
+                    "F0{}|nonce = q0mP8wYb5J2sRxL1|time < {}",
+                    alice("access"),
+                    NOW_MS + 10
+                ),
+                "O$S0".into(),
+                format!("F0{}|time < {expiring}", alice("login")),
+                format!("F0{}|time < {expiring}|time < {}", alice("login"), NOW_MS + 10),
+                "g$S0".into(),
+                "+9".into(),
+                "S".into(),
+                "U$S3".into(),
+                "g$S1".into(),
+                "+1".into(),
+                "U$S3".into(),
+                "g$S1".into(),
+                "U$S2".into(),
+            ],
+        ),
+        // A refresh pushes the session's expiry: a logout with an older token keeps the state
+        // for the successor's tokens too.
+        (
+            "sweep_refresh",
+            b'<',
+            vec![
+                "L0".into(),
+                "+1800000".into(),
+                format!("V0000{}", body("$R0")),
+                "O$A1".into(),
+                "+1800001".into(),
+                "S".into(),
+                "U$A0".into(),
+                format!("T0000{}", body("$R0")),
+                format!("V0000{}", body("$R1")),
+                "K0".into(),
+                "g$G0".into(),
+                "+120000".into(),
+                "S".into(),
+                "g$G0".into(),
+                "+1800000".into(),
+                "S".into(),
+                "U$A0".into(),
             ],
         ),
     ];

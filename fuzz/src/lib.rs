@@ -75,6 +75,21 @@ pub fn chain_holds(view: &ParsedView) -> bool {
     signature == view.signature
 }
 
+/// The chain over the identifier and the first `count` caveats of a token under one of [`KEYS`]
+/// (by its identifier): what the signature would be had the token ended there. `None` for an
+/// identifier no ring key has.
+pub fn chain_prefix(view: &ParsedView, count: usize) -> Option<[u8; 32]> {
+    let (_, secret) = KEYS
+        .iter()
+        .find(|(id, _)| id.as_bytes() == view.identifier)?;
+    let root = hmac(b"macaroons-key-generator", secret.as_bytes());
+    let mut signature = hmac(&root, &view.identifier);
+    for (id, _) in view.caveats.iter().take(count) {
+        signature = hmac(&signature, id);
+    }
+    Some(signature)
+}
+
 /// What the README says `Verifier::verify(token, expected)` must answer: limits, the format,
 /// the key, the chain, then the caveat table.
 pub fn expected_verdict(token: &[u8], expected: TokenType) -> Verdict {
