@@ -192,6 +192,7 @@ mod tests {
             device_id: None,
             nonce: Some("n"),
             nonce_first: false,
+            expires_before_nonce_ms: None,
             is_guest: false,
             token_type: TokenType::Access,
             expires_at_ms: None,

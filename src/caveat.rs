@@ -168,6 +168,9 @@ pub(crate) struct Claims<'a> {
     /// The nonce is the token's very first caveat: only a holder of the key can put a caveat
     /// there (a holder of the token can only append), so the minter wrote it.
     pub(crate) nonce_first: bool,
+    /// The earliest `time <` written before the first nonce: every token with that nonce (the
+    /// minter's token and what its holders appended to it) expires by then.
+    pub(crate) expires_before_nonce_ms: Option<u64>,
     pub(crate) is_guest: bool,
     pub(crate) token_type: TokenType,
     pub(crate) expires_at_ms: Option<u64>,
@@ -230,6 +233,7 @@ impl CaveatRules {
         let mut device_id = None;
         let mut nonce = None;
         let mut nonce_first = false;
+        let mut expires_before_nonce_ms = None;
         let mut first = true;
         let mut token_type = None;
         let mut is_guest = false;
@@ -293,6 +297,7 @@ impl CaveatRules {
                     if nonce.is_none() {
                         nonce = Some(value);
                         nonce_first = is_first;
+                        expires_before_nonce_ms = expires_at_ms;
                     }
                 }
                 "guest" => {
@@ -329,6 +334,7 @@ impl CaveatRules {
             device_id,
             nonce,
             nonce_first,
+            expires_before_nonce_ms,
             is_guest,
             token_type,
             expires_at_ms,

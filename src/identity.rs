@@ -125,6 +125,8 @@ pub struct MatrixUser {
     has_nonce: bool,
     /// The nonce is the token's first caveat, where only the minter can write.
     nonce_first: bool,
+    /// The earliest `time <` before the first nonce (see [`MatrixUser::nonce_expiry_ms`]).
+    expires_before_nonce_ms: Option<u64>,
     is_guest: bool,
     token_type: TokenType,
     expires_at_ms: Option<u64>,
@@ -153,6 +155,7 @@ pub(crate) struct VerifiedClaims<'a> {
     pub(crate) device_id: Option<&'a str>,
     pub(crate) nonce: Option<&'a str>,
     pub(crate) nonce_first: bool,
+    pub(crate) expires_before_nonce_ms: Option<u64>,
     pub(crate) is_guest: bool,
     pub(crate) token_type: TokenType,
     pub(crate) expires_at_ms: Option<u64>,
@@ -192,6 +195,7 @@ impl MatrixUser {
             device_id_end: claims.device_id.map(|d| user_id_end + d.len()),
             has_nonce: claims.nonce.is_some(),
             nonce_first: claims.nonce_first,
+            expires_before_nonce_ms: claims.expires_before_nonce_ms,
             is_guest: claims.is_guest,
             token_type: claims.token_type,
             expires_at_ms: claims.expires_at_ms,
@@ -219,6 +223,7 @@ impl MatrixUser {
             device_id_end: device_id.map(|d| user_id_end + d.len()),
             has_nonce: false,
             nonce_first: false,
+            expires_before_nonce_ms: None,
             is_guest,
             token_type: TokenType::Access,
             expires_at_ms,
@@ -330,6 +335,13 @@ impl MatrixUser {
     pub(crate) fn nonce_is_minters(&self) -> bool {
         self.nonce_first
     }
+
+    /// When every token sharing this token's first nonce has expired: the earliest `time <`
+    /// written before that nonce, the part of the token its minter wrote. `None` when none was
+    /// (the minter's token may never expire, whatever a holder appended later).
+    pub(crate) fn nonce_expiry_ms(&self) -> Option<u64> {
+        self.expires_before_nonce_ms
+    }
 }
 
 impl fmt::Debug for MatrixUser {
@@ -359,6 +371,7 @@ mod tests {
             device_id: Some("DEVICE"),
             nonce: Some("n0nce"),
             nonce_first: false,
+            expires_before_nonce_ms: None,
             is_guest: false,
             token_type: TokenType::Access,
             expires_at_ms: Some(5),
@@ -379,6 +392,7 @@ mod tests {
             device_id: None,
             nonce: None,
             nonce_first: false,
+            expires_before_nonce_ms: None,
             is_guest: true,
             token_type: TokenType::Access,
             expires_at_ms: None,

@@ -240,18 +240,23 @@ impl Sessions {
             .verifier
             .verify(token, TokenType::Login, parts)
             .map_err(|_| ExchangeError::Invalid)?;
-        let once = match TokenNonce::of(&user) {
-            Some(nonce) if nonce.kind == NonceKind::Login => TokenRef::of(&user),
+        let leeway = inner.verifier.leeway();
+        let (once, until) = match TokenNonce::of(&user) {
+            Some(nonce) if nonce.kind == NonceKind::Login => {
+                (TokenRef::of(&user), keep_until_ms(&user, leeway))
+            }
             Some(_) => return Err(ExchangeError::Invalid),
             None => {
-                let chain = inner
+                let (chain, expires) = inner
                     .verifier
                     .chain_through_first_expiry(token)
                     .ok_or(ExchangeError::Invalid)?;
-                TokenRef::single_use(&user, &chain)
+                (
+                    TokenRef::single_use(&user, &chain),
+                    expires.saturating_add(leeway),
+                )
             }
         };
-        let until = keep_until_ms(&user, inner.verifier.leeway());
         let status = inner
             .store
             .check(&user)

@@ -247,6 +247,7 @@ impl Verifier {
             device_id: claims.device_id,
             nonce: claims.nonce,
             nonce_first: claims.nonce_first,
+            expires_before_nonce_ms: claims.expires_before_nonce_ms,
             is_guest: claims.is_guest,
             token_type: claims.token_type,
             expires_at_ms: claims.expires_at_ms,
@@ -266,9 +267,10 @@ impl Verifier {
 
 impl Verifier {
     /// The HMAC chain value through the first `time <` caveat of a token this verifier already
-    /// accepted: everything up to there is its minter's (a holder can only append), so it names
-    /// the token as minted, whatever was appended. `None` without a `time <` caveat.
-    pub(crate) fn chain_through_first_expiry(&self, token: &[u8]) -> Option<[u8; 32]> {
+    /// accepted, and that caveat's instant: everything up to there is its minter's (a holder can
+    /// only append), so it names the token as minted, whatever was appended, and every such
+    /// token expires by that instant. `None` without a `time <` caveat.
+    pub(crate) fn chain_through_first_expiry(&self, token: &[u8]) -> Option<([u8; 32], u64)> {
         let mut buf = [0; wire::DECODE_BUF];
         let decoded = wire::decode_token_into(token, &mut buf).ok()?;
         let mut list = CaveatList::new();
@@ -276,7 +278,11 @@ impl Verifier {
         let key = self.keys.find(macaroon.identifier)?;
         let caveats: Vec<&[u8]> = list.iter(&macaroon).map(|caveat| caveat.id).collect();
         let end = caveats.iter().position(|id| id.starts_with(b"time < "))?;
-        Some(key.chain(caveats[..=end].iter().copied()))
+        let at = std::str::from_utf8(&caveats[end][b"time < ".len()..])
+            .ok()?
+            .parse()
+            .ok()?;
+        Some((key.chain(caveats[..=end].iter().copied()), at))
     }
 }
 

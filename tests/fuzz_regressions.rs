@@ -156,13 +156,14 @@ fn a_nonce_session_is_32_hex_digits_and_nothing_else() {
 }
 
 /// `lifecycle`, seeds `regression-sweep-attenuated-logout` and
-/// `regression-sweep-attenuated-login-token` (run the target with `LIFECYCLE_STRICT=1`): for a
-/// token without the issuer's session nonce, the store keeps a logout or a used login token until
+/// `regression-sweep-attenuated-login-token`: for a
+/// token without the issuer's session nonce, the store kept a logout or a used login token until
 /// the earliest `time <` of the token that made the record, a holder's appended one included,
 /// although the record speaks for every token of the same `TokenId` (user and first nonce), or
 /// of the same chain through the first `time <` (login tokens minted elsewhere). Once the
 /// attenuated copy has expired, a sweep forgets the record and the original, which has not
-/// expired, passes again. Not fixed yet: ignored until it is.
+/// expired, passed again. Fixed: the record of a token with a nonce minted elsewhere lasts until the
+/// earliest `time <` before that nonce (for good without one), a login token's until its first `time <`.
 mod sweep_after_an_attenuated_copy {
     use super::*;
     use tower_matrix_auth::{
@@ -179,7 +180,6 @@ mod sweep_after_an_attenuated_copy {
     }
 
     #[tokio::test]
-    #[ignore = "known bug: keep_until_ms takes the presenting token's own `time <` for tokens without a session nonce"]
     async fn the_original_stays_logged_out() {
         let (clock, verifier, store, sessions) = sessions();
         let parts = Request::new(()).into_parts().0;
@@ -213,7 +213,6 @@ mod sweep_after_an_attenuated_copy {
     }
 
     #[tokio::test]
-    #[ignore = "known bug: keep_until_ms takes the presenting token's own `time <` for tokens without a session nonce"]
     async fn a_login_token_stays_used() {
         let (clock, _, store, sessions) = sessions();
         let parts = Request::new(()).into_parts().0;

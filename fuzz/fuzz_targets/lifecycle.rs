@@ -103,13 +103,6 @@ fn tracing() -> bool {
     *TRACE.get_or_init(|| std::env::var_os("LIFECYCLE_TRACE").is_some())
 }
 
-/// `LIFECYCLE_STRICT=1` also fails on the known bug the target tolerates otherwise (see
-/// [`Run::not_forgotten`]).
-fn strict() -> bool {
-    static STRICT: OnceLock<bool> = OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("LIFECYCLE_STRICT").is_some())
-}
-
 macro_rules! trace {
     ($($arg:tt)*) => {
         if tracing() {
@@ -873,28 +866,55 @@ impl Run {
                 contradicts: nonce.kind != kind_of(token_type),
                 keep_until: keep(nonce.expires_ms),
             },
+            // A record speaks for every token with this first nonce (the minter's and its
+            // attenuations): they all expire by the earliest `time <` written before that nonce,
+            // and may never expire without one. Without a nonce, for this very token.
             None => Position {
                 session: token_id(&user_id, identity.nonce.as_deref(), &view.signature),
+                keep_until: keep(match identity.nonce {
+                    Some(_) => Self::expiry_before_first_nonce(&view.caveats),
+                    None => identity.expires_at_ms,
+                }),
                 user_id,
                 generation: 0,
                 epoch: 0,
                 nonce: None,
                 contradicts: false,
-                keep_until: keep(identity.expires_at_ms),
             },
         }
     }
 
+    /// The earliest `time <` among the caveats before the first `nonce`.
+    fn expiry_before_first_nonce(caveats: &[(Vec<u8>, bool)]) -> Option<u64> {
+        let mut earliest: Option<u64> = None;
+        for (id, _) in caveats {
+            match caveat_parts(id) {
+                Some(("nonce", _, _)) => break,
+                Some(("time", "<", value)) => {
+                    let at: u64 = value.parse().expect("the oracle accepted it");
+                    earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                }
+                _ => {}
+            }
+        }
+        earliest
+    }
+
     /// A single-use token minted elsewhere is known by the chain through its first `time <`
-    /// (`None` without one), hashed as a `TokenId` of a signature is.
-    fn chain_session(token: &[u8]) -> Option<u128> {
+    /// (`None` without one), hashed as a `TokenId` of a signature is; its use is kept until that
+    /// first `time <` (every token with that chain expires by then).
+    fn chain_session(token: &[u8]) -> Option<(u128, u64)> {
         let view = parse_token(token).expect("the oracle read it");
         let end = view
             .caveats
             .iter()
             .position(|(id, _)| id.starts_with(b"time < "))?;
+        let at: u64 = std::str::from_utf8(&view.caveats[end].0[b"time < ".len()..])
+            .expect("the oracle accepted it")
+            .parse()
+            .expect("the oracle accepted it");
         let chain = chain_prefix(&view, end + 1).expect("a key of the ring");
-        Some(token_id("", None, &chain))
+        Some((token_id("", None, &chain), at.saturating_add(LEEWAY_MS)))
     }
 
     /// The README's promise about what a store records: kept until every token it speaks for
@@ -905,22 +925,14 @@ impl Run {
     /// and it says the session still has a token that has not expired (a nonce minted elsewhere
     /// is trusted as written).
     ///
-    /// Known bug, tolerated unless `LIFECYCLE_STRICT` is set (seeds
-    /// `regression-sweep-attenuated-*` reproduce it): for a token without a session nonce the
-    /// crate keeps the record until the `time <` of the token that made it (`keep_until_ms`:
-    /// the earliest, a holder's appended one included), not until the other tokens of the same
-    /// `TokenId` (or chain) stop verifying; after a sweep the unattenuated token passes the layer
-    /// again after its logout, and a login token minted elsewhere is redeemed a second time.
-    /// The model mirrors the crate's sweep, so the run goes on as the crate does.
+    /// The seeds `regression-sweep-attenuated-*` replay the bug this found: records of tokens
+    /// without a session nonce were kept until the `time <` of the token that made them, a
+    /// holder's appended one included.
     fn not_forgotten(&self, session: u128, at: &Position, what: &str) {
         if !self.model.forgotten.contains(&session) {
             return;
         }
         let speaks_for = match &at.nonce {
-            None if !strict() => {
-                trace!("  known bug: {what} meets the forgotten state of {session:032x}");
-                false
-            }
             None => true,
             Some(nonce) => {
                 self.minted_nonces.contains(&canonical_nonce(nonce))
@@ -1331,20 +1343,20 @@ impl Run {
             Verdict::Accept(identity) => {
                 let at = self.position(&token, &identity, TokenType::Login);
                 let once = match at.nonce {
-                    Some(nonce) if nonce.kind == 'l' => Some(at.session),
+                    Some(nonce) if nonce.kind == 'l' => Some((at.session, at.keep_until)),
                     Some(_) => None,
                     None => Self::chain_session(&token),
                 };
                 match once {
                     None => (Err(true), vec![]),
-                    Some(once) => {
+                    Some((once, keep_until)) => {
                         self.not_forgotten(at.session, &at, "redeem_login_token (check)");
                         self.not_forgotten(once, &at, "redeem_login_token (use)");
                         let sessions = vec![at.session, once];
                         match self.model.judge(&at) {
                             Judged::Revoked { for_good } => (Err(for_good), sessions),
                             Judged::Valid => {
-                                match self.model.consume(once, &at.user_id, at.keep_until) {
+                                match self.model.consume(once, &at.user_id, keep_until) {
                                     true => (Ok(identity), sessions),
                                     false => (Err(true), sessions),
                                 }

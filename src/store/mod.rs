@@ -109,12 +109,19 @@ impl TokenRef {
 }
 
 /// Until when a store must keep what it records about `user`'s token (its logout, its use) so
-/// that the record outlives every token it speaks for: the latest `time <` of the token's
-/// session (of the token alone, when minted elsewhere) plus the clock leeway; `u64::MAX` when one
-/// of them has no `time <`, since such a token verifies for as long as its key is in the ring.
+/// that the record outlives every token it speaks for, plus the clock leeway; `u64::MAX` when one
+/// of them may have no `time <`, since such a token verifies for as long as its key is in the
+/// ring. The record speaks for:
+/// * with the issuer's session nonce: every token of the session, whose latest `time <` the
+///   nonce carries;
+/// * with another nonce: every token whose first nonce it is, the minter's and its attenuations
+///   alike, which all expire by the earliest `time <` written before that nonce (a `time <` after
+///   it may be a holder's);
+/// * without a nonce: this very token (its id is its signature).
 pub(crate) fn keep_until_ms(user: &MatrixUser, leeway_ms: u64) -> u64 {
     let expires = match TokenNonce::of(user) {
         Some(nonce) => nonce.session_expires_ms,
+        None if user.nonce().is_some() => user.nonce_expiry_ms(),
         None => user.expires_at_ms(),
     };
     expires.map_or(u64::MAX, |at| at.saturating_add(leeway_ms))
