@@ -17,7 +17,8 @@
 //! | `RUST_LOG`                | log filter                                                  | `info,tower_http=debug,tower_matrix_auth=debug` |
 //!
 //! Without `MATRIX_MACAROON_SECRET` a random secret is generated, so tokens do not survive a
-//! restart. Any token Synapse minted with the same `macaroon_secret_key` is accepted, because
+//! restart. Set but empty, it stops the server at start-up with an error (an empty secret makes
+//! every token forgeable); shorter than 32 bytes, it is used with a warning in the log. Any token Synapse minted with the same `macaroon_secret_key` is accepted, because
 //! the layer verifies Synapse's macaroons (identifier `key`, libmacaroons key derivation).
 //!
 //! Standard output carries only machine-readable lines: the minted token (when
@@ -81,6 +82,9 @@
 //! | `MATRIX_APPSERVICE_SENDER` | its sender user id                                        | `@appservice:<server name>` |
 //! | `MATRIX_APPSERVICE_NAMESPACE` | its (exclusive) user namespace regex                   | none       |
 //! | `MATRIX_OPAQUE_TOKENS`     | `token:@user:server,...`: opaque (non-macaroon) tokens    | none       |
+//! | `MATRIX_LOGIN_TOKEN_LIFETIME_MS` | lifetime of the login tokens of `/v1/login/get_token` | `120000` |
+//! | `MATRIX_CLOCK_LEEWAY_MS`   | how long past its `time <` a token still verifies (clock skew between servers); the layer and the token lifecycle share it | `0` |
+//! | `MATRIX_SWEEP_INTERVAL_MS` | how often expired revocation state is forgotten, on a timer: the memory store is swept, PostgreSQL's expired rows deleted (at least `1`) | `10000` |
 //!
 //! For measuring (`benches/load.sh homeserver`):
 //!
@@ -98,6 +102,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::routing::Route;
@@ -126,11 +131,14 @@ use tower_matrix_auth::{
     is_valid_user_id, is_whoami_route, AppService, AppServices, Issuer, KeyRing, MacaroonSecret,
     MatrixAuthLayer, MatrixUser, MemoryStore, PostgresStore, ResolvedToken, ResponseBody,
     SessionRequest, Sessions, StaticTokens, TokenStore, TokenType, Verifier,
+    RECOMMENDED_SECRET_LEN,
 };
 use tracing_subscriber::EnvFilter;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8008";
 const DEFAULT_LOG_FILTER: &str = "info,tower_http=debug,tower_matrix_auth=debug";
+/// What `Issuer` uses unless told otherwise.
+const DEFAULT_LOGIN_TOKEN_LIFETIME_MS: u64 = 120_000;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -153,17 +161,7 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
 
     let server_name = env_or("MATRIX_SERVER_NAME", "localhost");
     let listen = env_or("MATRIX_LISTEN", DEFAULT_LISTEN);
-    let secret = match std::env::var("MATRIX_MACAROON_SECRET") {
-        Ok(secret) if !secret.is_empty() => secret,
-        _ => {
-            tracing::warn!(
-                "MATRIX_MACAROON_SECRET is not set: using a random secret, so access tokens will \
-                 not survive a restart"
-            );
-            random_string(32)
-        }
-    };
-    let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase(secret));
+    let keys = KeyRing::new().with_key("key", macaroon_secret()?);
 
     if let Some(who) = std::env::var("MATRIX_PRINT_TOKEN_FOR")
         .ok()
@@ -196,6 +194,13 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     // state of a session that used them.
     let refresh_lifetime_ms = env_number("MATRIX_REFRESH_TOKEN_LIFETIME_MS")?;
     let access_lifetime_ms = env_number("MATRIX_ACCESS_TOKEN_LIFETIME_MS")?;
+    let login_token_lifetime_ms =
+        env_number("MATRIX_LOGIN_TOKEN_LIFETIME_MS")?.unwrap_or(DEFAULT_LOGIN_TOKEN_LIFETIME_MS);
+    let leeway_ms = env_number("MATRIX_CLOCK_LEEWAY_MS")?.unwrap_or(0);
+    let sweep_every = match env_number("MATRIX_SWEEP_INTERVAL_MS")?.unwrap_or(10_000) {
+        0 => return Err("MATRIX_SWEEP_INTERVAL_MS must be at least 1".into()),
+        ms => Duration::from_millis(ms),
+    };
     let store: Arc<dyn TokenStore> = match std::env::var("MATRIX_DATABASE_URL") {
         Ok(url) if !url.is_empty() => {
             tracing::info!("revocation state in PostgreSQL");
@@ -203,7 +208,7 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
             // The view forgets expired state by itself; deleting expired rows is up to us.
             let purger = store.clone();
             tokio::spawn(async move {
-                let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+                let mut every = tokio::time::interval(sweep_every);
                 loop {
                     every.tick().await;
                     match purger.purge_expired().await {
@@ -214,9 +219,25 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
             });
             Arc::new(store)
         }
-        _ => Arc::new(MemoryStore::new()),
+        _ => {
+            // The memory store sweeps when a write finds it grown; a timer sweeps it too, so that
+            // expired state goes even when no write comes.
+            let store = MemoryStore::new();
+            let swept = store.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(sweep_every);
+                loop {
+                    every.tick().await;
+                    swept.sweep();
+                    tracing::debug!(sessions = swept.len(), "swept expired revocation state");
+                }
+            });
+            Arc::new(store)
+        }
     };
-    let mut verifier = Verifier::new(keys.clone());
+    // One verifier, so one leeway, for the layer and the Sessions engine: the store keeps a
+    // session's record until its tokens stop verifying, leeway included.
+    let mut verifier = Verifier::new(keys.clone()).leeway_ms(leeway_ms);
     if let Some(capacity) = env_number("MATRIX_TOKEN_CACHE")? {
         verifier = verifier.token_cache(usize::try_from(capacity)?);
     }
@@ -224,7 +245,8 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         .location(server_name.clone())
         .refreshable_access_lifetime_ms(lifetime_ms)
         .refresh_lifetime_ms(refresh_lifetime_ms)
-        .access_lifetime_ms(access_lifetime_ms);
+        .access_lifetime_ms(access_lifetime_ms)
+        .login_lifetime_ms(login_token_lifetime_ms);
     let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store);
     let state = AppState {
         sessions: sessions.clone(),
@@ -452,6 +474,43 @@ fn with_opaque_tokens(
     }
     tracing::info!(count, "opaque tokens registered");
     Ok(auth.resolver(tokens))
+}
+
+/// `MATRIX_MACAROON_SECRET`: unset, a random secret for this run; set but empty, an error (every
+/// token would be forgeable); shorter than [`RECOMMENDED_SECRET_LEN`] bytes, a warning.
+fn macaroon_secret() -> Result<MacaroonSecret, String> {
+    let secret = match std::env::var("MATRIX_MACAROON_SECRET") {
+        Err(std::env::VarError::NotPresent) => {
+            tracing::warn!(
+                "MATRIX_MACAROON_SECRET is not set: using a random secret, so access tokens will \
+                 not survive a restart"
+            );
+            random_string(32)
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err("MATRIX_MACAROON_SECRET is not valid UTF-8".to_owned())
+        }
+        Ok(secret) => {
+            if secret.is_empty() {
+                return Err(
+                    "MATRIX_MACAROON_SECRET is set but empty: anyone could forge tokens \
+                            signed with an empty secret. Set it to a long random value (Synapse's \
+                            macaroon_secret_key), or unset it for a random secret per run"
+                        .to_owned(),
+                );
+            }
+            if secret.len() < RECOMMENDED_SECRET_LEN {
+                tracing::warn!(
+                    len = secret.len(),
+                    "MATRIX_MACAROON_SECRET is shorter than {RECOMMENDED_SECRET_LEN} bytes: tokens \
+                     are only as hard to forge as it is to guess"
+                );
+            }
+            secret
+        }
+    };
+    MacaroonSecret::try_from_passphrase(secret)
+        .map_err(|error| format!("MATRIX_MACAROON_SECRET: {error}"))
 }
 
 /// `MATRIX_USERS=alice:password,bob:secret`.
