@@ -68,6 +68,24 @@
 //! * `POST /_matrix/client/{v3,r0}/logout` and `.../logout/all`: expired tokens accepted.
 //! * `POST /_matrix/client/v1/login/get_token` (MSC3882): a single-use login token for
 //!   `m.login.token`.
+//! * `GET|PUT /_matrix/client/v1/admin/lock/{userId}` (`{"locked": bool}`) and
+//!   `GET|PUT /_matrix/client/v1/admin/suspend/{userId}` (`{"suspended": bool}`): the spec's
+//!   admin API (v1.18, MSC4323), for the users of `MATRIX_ADMIN_USERS`; the user id raw or
+//!   percent-encoded. A change applies from the target's next request. Errors as the spec gives
+//!   them, in this order: `403 M_FORBIDDEN` for anyone but an administrator (before any
+//!   lookup), `400 M_INVALID_PARAM` for a user id that is not of this server,
+//!   `400 M_NOT_JSON`/`M_BAD_JSON` for a `PUT` body that is not `{"locked": bool}` (or
+//!   `{"suspended": bool}`), `403 M_FORBIDDEN` for a `PUT` on the administrator's own account
+//!   or for another administrator, `404 M_NOT_FOUND` for an unknown or deactivated user.
+//!
+//! The state of an account (see the table below) is what the layer enforces on every route
+//! above, from the next request on: a locked account gets `401 M_USER_LOCKED` with
+//! `"soft_logout": true` everywhere but `POST …/logout` and `…/logout/all`; a suspended one
+//! `403 M_USER_SUSPENDED` on writes (reads, logging out and the other writes the spec keeps
+//! for suspended users still work); a deactivated one `401 M_UNKNOWN_TOKEN` everywhere. Logging
+//! in (a password or a login token), once the credentials hold: a locked account gets
+//! `401 M_USER_LOCKED` with `"soft_logout": true` (no new token until it is unlocked), a
+//! deactivated one `403 M_USER_DEACTIVATED`, a suspended one logs in.
 //!
 //! More configuration for the token lifecycle:
 //!
@@ -85,6 +103,20 @@
 //! | `MATRIX_LOGIN_TOKEN_LIFETIME_MS` | lifetime of the login tokens of `/v1/login/get_token` | `120000` |
 //! | `MATRIX_CLOCK_LEEWAY_MS`   | how long past its `time <` a token still verifies (clock skew between servers); the layer and the token lifecycle share it | `0` |
 //! | `MATRIX_SWEEP_INTERVAL_MS` | how often expired revocation state is forgotten, on a timer: the memory store is swept, PostgreSQL's expired rows deleted (at least `1`) | `10000` |
+//!
+//! Accounts and administrators: each variable is a comma-separated list of user ids or bare
+//! localparts of this server (`bob` is `@bob:<server name>`).
+//!
+//! | variable                   | meaning                                                   | default    |
+//! |----------------------------|-----------------------------------------------------------|------------|
+//! | `MATRIX_ADMIN_USERS`       | server administrators: the admin API's lock and suspend   | none       |
+//! | `MATRIX_LOCKED_USERS`      | accounts locked at start (spec v1.12)                     | none       |
+//! | `MATRIX_SUSPENDED_USERS`   | accounts suspended at start (spec v1.13)                  | none       |
+//! | `MATRIX_DEACTIVATED_USERS` | deactivated accounts (for good: the admin API cannot change them) | none |
+//!
+//! The admin API knows the users of `MATRIX_USERS`, `MATRIX_PRINT_TOKEN_FOR` and these lists;
+//! any other user id is `404 M_NOT_FOUND` there (tokens of other users are still accepted
+//! elsewhere). A lock and a suspension are independent: lifting one leaves the other.
 //!
 //! For measuring (`benches/load.sh homeserver`):
 //!
@@ -121,17 +153,18 @@ use std::sync::Arc;
 use tower_http::cors::{Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
 use axum::routing::post;
 use std::collections::HashSet;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use subtle::ConstantTimeEq;
 
 use tower_matrix_auth::{
-    is_valid_user_id, is_whoami_route, AppService, AppServices, Issuer, KeyRing, MacaroonSecret,
-    MatrixAuthLayer, MatrixUser, MemoryStore, PostgresStore, ResolvedToken, ResponseBody,
-    SessionRequest, Sessions, StaticTokens, TokenStore, TokenType, Verifier,
-    RECOMMENDED_SECRET_LEN,
+    is_valid_user_id, is_whoami_route, AccountState, AccountStates, AccountStatus, AppService,
+    AppServices, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore,
+    PostgresStore, ResolvedToken, ResponseBody, SessionRequest, Sessions, StaticTokens, TokenStore,
+    TokenType, Verifier, RECOMMENDED_SECRET_LEN,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -163,16 +196,13 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let listen = env_or("MATRIX_LISTEN", DEFAULT_LISTEN);
     let keys = KeyRing::new().with_key("key", macaroon_secret()?);
 
-    if let Some(who) = std::env::var("MATRIX_PRINT_TOKEN_FOR")
+    let printed_for = std::env::var("MATRIX_PRINT_TOKEN_FOR")
         .ok()
         .filter(|who| !who.is_empty())
-    {
-        // A bare localpart means a user of this server.
-        let user_id = if who.starts_with('@') {
-            who
-        } else {
-            format!("@{who}:{server_name}")
-        };
+        .map(|who| full_user_id(&who, &server_name));
+    let users = parse_users(&std::env::var("MATRIX_USERS").unwrap_or_default())?;
+    let accounts = Accounts::from_env(&server_name, &users, printed_for.as_deref())?;
+    if let Some(user_id) = printed_for.clone() {
         if !is_valid_user_id(&user_id) {
             return Err(
                 format!("MATRIX_PRINT_TOKEN_FOR: `{user_id}` is not a Matrix user id").into(),
@@ -188,7 +218,6 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         println!("{token}");
     }
 
-    let users = parse_users(&std::env::var("MATRIX_USERS").unwrap_or_default())?;
     let lifetime_ms = env_number("MATRIX_TOKEN_LIFETIME_MS")?.unwrap_or(300_000);
     // Unset: these tokens never expire (Synapse's defaults), and neither can the revocation
     // state of a session that used them.
@@ -253,6 +282,7 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         users: Arc::new(users),
         server_name: server_name.clone(),
         devices: Arc::default(),
+        accounts: accounts.clone(),
     };
 
     let auth = MatrixAuthLayer::with_verifier(verifier)
@@ -266,6 +296,9 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         // Server-server traffic is signed with `Authorization: X-Matrix`, not access tokens.
         .skip_path_prefix("/_matrix/federation/")
         .skip_path_prefix("/_matrix/key/")
+        // Locked, suspended and deactivated accounts (`MATRIX_*_USERS`, the admin API): the
+        // layer reads this shared map on every request, so a change applies to the next one.
+        .accounts(accounts.states.clone())
         // Guests may ask who they are, and nothing else here.
         .allow_guests_when(is_whoami_route);
     let auth = with_appservice(auth, &server_name, &state.devices)?;
@@ -360,6 +393,14 @@ where
         .route("/_matrix/client/v3/logout/all", post(logout_all))
         .route("/_matrix/client/r0/logout/all", post(logout_all))
         .route("/_matrix/client/v1/login/get_token", post(get_login_token))
+        .route(
+            "/_matrix/client/v1/admin/lock/{user_id}",
+            get(admin_lock_get).put(admin_lock_put),
+        )
+        .route(
+            "/_matrix/client/v1/admin/suspend/{user_id}",
+            get(admin_suspend_get).put(admin_suspend_put),
+        )
         .method_not_allowed_fallback(method_not_allowed)
         // Authentication covers the routes above only (`/versions` is skipped by the layer
         // itself): an unknown endpoint answers 404 M_UNRECOGNIZED whether or not the request
@@ -409,6 +450,129 @@ struct AppState {
     server_name: String,
     /// (user id, device id) of every login: the devices an application service may name.
     devices: Arc<RwLock<HashSet<(String, String)>>>,
+    accounts: Accounts,
+}
+
+/// The accounts this server knows and their state: `MATRIX_USERS`, `MATRIX_PRINT_TOKEN_FOR` and
+/// the users of `MATRIX_ADMIN_USERS`, `MATRIX_LOCKED_USERS`, `MATRIX_SUSPENDED_USERS` and
+/// `MATRIX_DEACTIVATED_USERS`. Clones share everything.
+#[derive(Clone)]
+struct Accounts {
+    /// What the layer reads on every request: derived from `flags` on every change.
+    states: AccountStates,
+    /// Known user id → its flags (a lock and a suspension are independent: lifting one leaves
+    /// the other in place).
+    flags: Arc<Mutex<HashMap<String, Flags>>>,
+    admins: Arc<HashSet<String>>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Flags {
+    locked: bool,
+    suspended: bool,
+    deactivated: bool,
+}
+
+impl Flags {
+    /// The state the layer enforces: the strictest that applies.
+    fn status(self) -> AccountStatus {
+        if self.deactivated {
+            AccountStatus::Deactivated
+        } else if self.locked {
+            AccountStatus::Locked
+        } else if self.suspended {
+            AccountStatus::Suspended
+        } else {
+            AccountStatus::Active
+        }
+    }
+}
+
+/// What an admin endpoint (MSC4323, spec v1.18) reads or writes.
+#[derive(Clone, Copy)]
+enum Moderation {
+    Lock,
+    Suspend,
+}
+
+impl Moderation {
+    /// The JSON key of the request and the answer.
+    fn key(self) -> &'static str {
+        match self {
+            Moderation::Lock => "locked",
+            Moderation::Suspend => "suspended",
+        }
+    }
+
+    fn flag(self, flags: &mut Flags) -> &mut bool {
+        match self {
+            Moderation::Lock => &mut flags.locked,
+            Moderation::Suspend => &mut flags.suspended,
+        }
+    }
+}
+
+impl Accounts {
+    fn from_env(
+        server_name: &str,
+        users: &HashMap<String, String>,
+        printed_for: Option<&str>,
+    ) -> Result<Self, String> {
+        let mut flags: HashMap<String, Flags> = users
+            .keys()
+            .map(|localpart| (format!("@{localpart}:{server_name}"), Flags::default()))
+            .chain(printed_for.map(|user_id| (user_id.to_owned(), Flags::default())))
+            .collect();
+        let admins: HashSet<String> = user_list("MATRIX_ADMIN_USERS", server_name)?
+            .into_iter()
+            .collect();
+        for admin in &admins {
+            flags.entry(admin.clone()).or_default();
+        }
+        for (name, set) in [
+            (
+                "MATRIX_LOCKED_USERS",
+                (|f: &mut Flags| f.locked = true) as fn(&mut Flags),
+            ),
+            ("MATRIX_SUSPENDED_USERS", |f| f.suspended = true),
+            ("MATRIX_DEACTIVATED_USERS", |f| f.deactivated = true),
+        ] {
+            for user_id in user_list(name, server_name)? {
+                set(flags.entry(user_id).or_default());
+            }
+        }
+        let states = AccountStates::default();
+        for (user_id, flags) in &flags {
+            states.set(user_id, flags.status());
+        }
+        Ok(Self {
+            states,
+            flags: Arc::new(Mutex::new(flags)),
+            admins: Arc::new(admins),
+        })
+    }
+
+    fn status(&self, user_id: &str) -> AccountStatus {
+        self.states.status(user_id)
+    }
+
+    fn is_admin(&self, user_id: &str) -> bool {
+        self.admins.contains(user_id)
+    }
+
+    /// Reads, and with `Some(on)` first sets, one flag of a known account that is not
+    /// deactivated; `None` for any other user id.
+    fn moderate(&self, user_id: &str, what: Moderation, set: Option<bool>) -> Option<bool> {
+        let mut map = self.flags.lock().unwrap_or_else(|e| e.into_inner());
+        let flags = map.get_mut(user_id).filter(|flags| !flags.deactivated)?;
+        if let Some(on) = set {
+            *what.flag(flags) = on;
+            // Under the lock, so that two admins' changes reach the layer in the order they
+            // were made.
+            self.states.set(user_id, flags.status());
+        }
+        Some(*what.flag(flags))
+    }
 }
 
 /// `MATRIX_APPSERVICE_TOKEN` (+ `_SENDER`, `_NAMESPACE`): one application service.
@@ -513,6 +677,33 @@ fn macaroon_secret() -> Result<MacaroonSecret, String> {
         .map_err(|error| format!("MATRIX_MACAROON_SECRET: {error}"))
 }
 
+/// A user id, or a bare localpart of this server.
+fn full_user_id(who: &str, server_name: &str) -> String {
+    if who.starts_with('@') {
+        who.to_owned()
+    } else {
+        format!("@{who}:{server_name}")
+    }
+}
+
+/// `NAME=@alice:server,bob,...`: user ids (or bare localparts of this server).
+fn user_list(name: &str, server_name: &str) -> Result<Vec<String>, String> {
+    std::env::var(name)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|who| !who.is_empty())
+        .map(|who| {
+            let user_id = full_user_id(who, server_name);
+            if is_valid_user_id(&user_id) {
+                Ok(user_id)
+            } else {
+                Err(format!("{name}: `{who}` is not a Matrix user id"))
+            }
+        })
+        .collect()
+}
+
 /// `MATRIX_USERS=alice:password,bob:secret`.
 fn parse_users(spec: &str) -> Result<HashMap<String, String>, String> {
     spec.split(',')
@@ -586,6 +777,20 @@ async fn login(State(state): State<AppState>, request: Request<axum::body::Body>
         }
         _ => return matrix_error(StatusCode::BAD_REQUEST, "M_UNKNOWN", "Unknown login type"),
     };
+    // Only once the credentials hold, so that the answer tells nothing to whoever lacks them.
+    // A suspended account may log in (spec v1.13); a locked one gets no new token until it is
+    // unlocked (spec v1.12), a deactivated one never again.
+    match state.accounts.status(&user_id) {
+        AccountStatus::Deactivated => {
+            return matrix_error(
+                StatusCode::FORBIDDEN,
+                "M_USER_DEACTIVATED",
+                "This account has been deactivated.",
+            )
+        }
+        AccountStatus::Locked => return user_locked(),
+        _ => {}
+    }
     let device_id = body["device_id"]
         .as_str()
         .filter(|d| !d.is_empty())
@@ -639,6 +844,149 @@ async fn logout_all(State(state): State<AppState>, user: MatrixUser) -> Response
 async fn get_login_token(State(state): State<AppState>, user: MatrixUser) -> Json<Value> {
     let (login_token, expires_in_ms) = state.sessions.login_token(user.user_id());
     Json(json!({ "login_token": login_token, "expires_in_ms": expires_in_ms }))
+}
+
+/// `GET /_matrix/client/v1/admin/lock/{userId}` (MSC4323): `{"locked": bool}`.
+async fn admin_lock_get(
+    State(state): State<AppState>,
+    user: MatrixUser,
+    Path(target): Path<String>,
+) -> Response {
+    moderation(&state, &user, &target, Moderation::Lock, None)
+}
+
+/// `PUT /_matrix/client/v1/admin/lock/{userId}` (MSC4323): body and answer `{"locked": bool}`.
+async fn admin_lock_put(
+    State(state): State<AppState>,
+    user: MatrixUser,
+    Path(target): Path<String>,
+    body: Bytes,
+) -> Response {
+    moderation(&state, &user, &target, Moderation::Lock, Some(&body))
+}
+
+/// `GET /_matrix/client/v1/admin/suspend/{userId}` (MSC4323): `{"suspended": bool}`.
+async fn admin_suspend_get(
+    State(state): State<AppState>,
+    user: MatrixUser,
+    Path(target): Path<String>,
+) -> Response {
+    moderation(&state, &user, &target, Moderation::Suspend, None)
+}
+
+/// `PUT /_matrix/client/v1/admin/suspend/{userId}` (MSC4323): body and answer
+/// `{"suspended": bool}`.
+async fn admin_suspend_put(
+    State(state): State<AppState>,
+    user: MatrixUser,
+    Path(target): Path<String>,
+    body: Bytes,
+) -> Response {
+    moderation(&state, &user, &target, Moderation::Suspend, Some(&body))
+}
+
+/// The admin endpoints, in the spec's order: the requester must be an administrator (checked
+/// before anything is looked up, so that nobody else learns which accounts exist), the target a
+/// user id of this server (`400 M_INVALID_PARAM`), not the requester's own account nor another
+/// administrator's (`403 M_FORBIDDEN`), and known and not deactivated (`404 M_NOT_FOUND`).
+/// `target` comes percent-decoded from the path, so `%40bob%3Alocalhost` is `@bob:localhost`.
+fn moderation(
+    state: &AppState,
+    user: &MatrixUser,
+    target: &str,
+    what: Moderation,
+    body: Option<&[u8]>,
+) -> Response {
+    if !state.accounts.is_admin(user.user_id()) {
+        return matrix_error(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "Requesting user is not a server administrator.",
+        );
+    }
+    let local = is_valid_user_id(target)
+        && target
+            .split_once(':')
+            .is_some_and(|(_, server)| server == state.server_name);
+    if !local {
+        return matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+            "User does not belong to the local server.",
+        );
+    }
+    let set = match body {
+        None => None,
+        Some(body) => match json_object(body) {
+            Err(response) => return response,
+            Ok(object) => match object.get(what.key()) {
+                Some(Value::Bool(on)) => Some(*on),
+                _ => {
+                    return matrix_error(
+                        StatusCode::BAD_REQUEST,
+                        "M_BAD_JSON",
+                        &format!("`{}` must be a boolean.", what.key()),
+                    )
+                }
+            },
+        },
+    };
+    if set.is_some() && target == user.user_id() {
+        return matrix_error(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "Administrators cannot change their own account's state.",
+        );
+    }
+    if target != user.user_id() && state.accounts.is_admin(target) {
+        return matrix_error(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "The target user is another administrator.",
+        );
+    }
+    match state.accounts.moderate(target, what, set) {
+        None => matrix_error(StatusCode::NOT_FOUND, "M_NOT_FOUND", "User not found."),
+        Some(on) => {
+            if let Some(on) = set {
+                tracing::info!(admin = user.user_id(), %target, "{} = {on}", what.key());
+            }
+            Json(json!({ what.key(): on })).into_response()
+        }
+    }
+}
+
+/// A request body that must be a JSON object: `400 M_NOT_JSON` when it is no JSON,
+/// `400 M_BAD_JSON` when it is JSON but no object.
+// The error is the response to send, as axum handlers return it; boxing it would only move it.
+#[allow(clippy::result_large_err)]
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Response> {
+    match serde_json::from_slice::<Value>(body) {
+        Err(_) => Err(matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_NOT_JSON",
+            "Content not JSON.",
+        )),
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(_) => Err(matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            "The body must be a JSON object.",
+        )),
+    }
+}
+
+/// `401 M_USER_LOCKED` with `soft_logout`, as the layer answers a locked account.
+fn user_locked() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({
+            "errcode": "M_USER_LOCKED",
+            "error": "This account has been locked.",
+            "soft_logout": true,
+        })),
+    )
+        .into_response()
 }
 
 fn store_unavailable(error: &dyn std::fmt::Display) -> Response {
