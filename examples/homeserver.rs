@@ -59,7 +59,26 @@
 //! * `GET /_matrix/client/versions`: no authentication.
 //! * `GET /_matrix/client/{v3,r0}/account/whoami`: users and guests.
 //! * `GET /_matrix/client/{v3,r0}/devices`: users only (guests get `403 M_GUEST_ACCESS_FORBIDDEN`).
-//! * `GET /_matrix/client/{v3,r0}/login`: the login flows (`m.login.password`, `m.login.token`).
+//! * `GET /_matrix/client/{v3,r0}/login`: the login flows (`m.login.password`, `m.login.token`
+//!   with `"get_login_token": true`).
+//! * `GET /_matrix/client/v3/capabilities`: `m.change_password` and `m.3pid_changes` off,
+//!   `m.get_login_token` on, and for administrators `m.account_moderation`
+//!   (`{"lock": true, "suspend": true}`).
+//! * `GET /_matrix/client/{v3,r0}/sync`: `{"next_batch"}` at once (users and guests).
+//! * `PUT /_matrix/client/{v3,r0}/rooms/{roomId}/send/{eventType}/{txnId}`: `{"event_id"}`,
+//!   the same one again for a retried transaction id of the same device.
+//! * `PUT /_matrix/client/{v3,r0}/rooms/{roomId}/state/{eventType}/{stateKey}`, and with the
+//!   empty state key `…/state/{eventType}` and `…/state/{eventType}/`: `{"event_id"}`.
+//! * `POST /_matrix/client/{v3,r0}/createRoom`: `{"room_id"}`, a new one.
+//! * `POST /_matrix/client/{v3,r0}/rooms/{roomId}/join` and `…/join/{roomIdOrAlias}`:
+//!   `{"room_id"}` (an alias stands for a room id derived from it).
+//! * `POST /_matrix/client/v3/rooms/{roomId}/upgrade`: `{"replacement_room"}`, a new one.
+//! * `PUT /_matrix/client/{v3,r0}/profile/{userId}/displayname`: `{}`, one's own only (another
+//!   user's is `403 M_FORBIDDEN`; guests may set theirs).
+//!
+//!   These room and profile routes keep nothing (no rooms, no events, no profiles): they are
+//!   here to show the layer's account and guest rules on real route shapes. Bodies must be JSON
+//!   objects (`400 M_NOT_JSON` or `M_BAD_JSON` otherwise; a join's may be empty).
 //! * `POST /_matrix/client/{v3,r0}/login`: `m.login.password` (identifier `m.id.user`, localpart
 //!   or full user id, against `MATRIX_USERS`) or `m.login.token`; `"refresh_token": true` adds a
 //!   refresh token and makes the access token expire after `MATRIX_TOKEN_LIFETIME_MS`.
@@ -155,11 +174,13 @@ use tower_http::trace::TraceLayer;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::routing::post;
+use axum::http::request::Parts;
+use axum::routing::{post, put};
 use std::collections::HashSet;
 use std::sync::{Mutex, RwLock};
 use subtle::ConstantTimeEq;
 
+use tower_matrix_auth::routes::ClientRoute;
 use tower_matrix_auth::{
     is_valid_user_id, is_whoami_route, AccountState, AccountStates, AccountStatus, AppService,
     AppServices, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore,
@@ -299,8 +320,15 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         // Locked, suspended and deactivated accounts (`MATRIX_*_USERS`, the admin API): the
         // layer reads this shared map on every request, so a change applies to the next one.
         .accounts(accounts.states.clone())
-        // Guests may ask who they are, and nothing else here.
-        .allow_guests_when(is_whoami_route);
+        // Guests may ask who they are, sync and set their own display name: the routes of the
+        // spec's guest access list that need no room. Its room routes (joining, sending
+        // messages and state) are for rooms whose `m.room.guest_access` lets guests in, which
+        // the server MUST check before a guest joins; this one keeps no room state to check, so
+        // guests get 403 M_GUEST_ACCESS_FORBIDDEN there, and on everything else (`/devices`,
+        // `/capabilities`, `createRoom`, the admin API, …).
+        .allow_guests_when(is_whoami_route)
+        .allow_guests_when(is_sync_route)
+        .allow_guests_when(is_displayname_route);
     let auth = with_appservice(auth, &server_name, &state.devices)?;
     let auth = with_opaque_tokens(auth)?;
 
@@ -382,7 +410,42 @@ where
     <L::Service as Service<Request<Body>>>::Error: Into<Infallible> + 'static,
     <L::Service as Service<Request<Body>>>::Future: Send + 'static,
 {
-    Router::new()
+    // What a client does in rooms and with its profile, in both versions a client may use:
+    // answered from memory, there to show the layer's rules for each account state on the
+    // routes' real shapes.
+    let mut rooms: Router<AppState> = Router::new();
+    for version in ["v3", "r0"] {
+        let path = |rest: &str| format!("/_matrix/client/{version}/{rest}");
+        rooms = rooms
+            .route(
+                &path("rooms/{room_id}/send/{event_type}/{txn_id}"),
+                put(send_event),
+            )
+            // The empty state key, with or without the trailing slash.
+            .route(
+                &path("rooms/{room_id}/state/{event_type}"),
+                put(put_state_empty_key),
+            )
+            .route(
+                &path("rooms/{room_id}/state/{event_type}/"),
+                put(put_state_empty_key),
+            )
+            .route(
+                &path("rooms/{room_id}/state/{event_type}/{state_key}"),
+                put(put_state),
+            )
+            .route(&path("createRoom"), post(create_room))
+            .route(&path("rooms/{room_id}/join"), post(join_room))
+            .route(&path("join/{room_id_or_alias}"), post(join_by_id_or_alias))
+            .route(&path("profile/{user_id}/displayname"), put(set_displayname))
+            .route(&path("sync"), get(sync));
+    }
+    rooms
+        .route(
+            "/_matrix/client/v3/rooms/{room_id}/upgrade",
+            post(upgrade_room),
+        )
+        .route("/_matrix/client/v3/capabilities", get(capabilities))
         .route("/_matrix/client/versions", get(versions))
         .route("/_matrix/client/v3/account/whoami", get(whoami))
         .route("/_matrix/client/r0/account/whoami", get(whoami))
@@ -575,6 +638,20 @@ impl Accounts {
     }
 }
 
+/// `GET /_matrix/client/{version}/sync` exactly (or `HEAD`).
+fn is_sync_route(parts: &Parts) -> bool {
+    (parts.method == Method::GET || parts.method == Method::HEAD)
+        && ClientRoute::parse(parts.uri.path()).is_some_and(|route| route.matches("sync"))
+}
+
+/// `PUT /_matrix/client/{version}/profile/{userId}/displayname` exactly (the handler lets users
+/// set their own display name only).
+fn is_displayname_route(parts: &Parts) -> bool {
+    parts.method == Method::PUT
+        && ClientRoute::parse(parts.uri.path())
+            .is_some_and(|route| route.matches("profile/{userId}/displayname"))
+}
+
 /// `MATRIX_APPSERVICE_TOKEN` (+ `_SENDER`, `_NAMESPACE`): one application service.
 fn with_appservice(
     auth: MatrixAuthLayer,
@@ -717,11 +794,12 @@ fn parse_users(spec: &str) -> Result<HashMap<String, String>, String> {
         .collect()
 }
 
-/// `GET /_matrix/client/v3/login`.
+/// `GET /_matrix/client/v3/login`. `get_login_token` (spec v1.7) tells clients that
+/// `POST /_matrix/client/v1/login/get_token` is there.
 async fn login_flows() -> Json<Value> {
     Json(json!({ "flows": [
         { "type": "m.login.password" },
-        { "type": "m.login.token" },
+        { "type": "m.login.token", "get_login_token": true },
     ]}))
 }
 
@@ -844,6 +922,184 @@ async fn logout_all(State(state): State<AppState>, user: MatrixUser) -> Response
 async fn get_login_token(State(state): State<AppState>, user: MatrixUser) -> Json<Value> {
     let (login_token, expires_in_ms) = state.sessions.login_token(user.user_id());
     Json(json!({ "login_token": login_token, "expires_in_ms": expires_in_ms }))
+}
+
+/// `GET /_matrix/client/v3/capabilities`: what this user may do here. `m.account_moderation`
+/// (MSC4323) only for administrators: the proposal leaves it out when both would be `false`.
+async fn capabilities(State(state): State<AppState>, user: MatrixUser) -> Json<Value> {
+    let mut capabilities = json!({
+        "m.change_password": { "enabled": false },
+        "m.3pid_changes": { "enabled": false },
+        "m.get_login_token": { "enabled": true },
+    });
+    if state.accounts.is_admin(user.user_id()) {
+        capabilities["m.account_moderation"] = json!({ "lock": true, "suspend": true });
+    }
+    Json(json!({ "capabilities": capabilities }))
+}
+
+/// `GET /_matrix/client/v3/sync`: no rooms here, so always the empty answer at once.
+async fn sync(_user: MatrixUser) -> Json<Value> {
+    Json(json!({ "next_batch": format!("s{}", unix_ms()) }))
+}
+
+/// `PUT …/rooms/{roomId}/send/{eventType}/{txnId}`: `{"event_id"}`, derived from the sender,
+/// its device, the room, the type and the transaction id, so that a retried transaction gets
+/// the same event id (the spec's idempotency) with nothing stored.
+async fn send_event(
+    user: MatrixUser,
+    Path((room_id, event_type, txn_id)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = json_object(&body) {
+        return response;
+    }
+    let device_id = user.device_id().unwrap_or_default();
+    let id = derived_id(&[user.user_id(), device_id, &room_id, &event_type, &txn_id]);
+    Json(json!({ "event_id": format!("${id}") })).into_response()
+}
+
+/// `PUT …/rooms/{roomId}/state/{eventType}/{stateKey}`: `{"event_id"}`.
+async fn put_state(
+    _user: MatrixUser,
+    Path((_room_id, _event_type, _state_key)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Response {
+    state_event(&body)
+}
+
+/// `PUT …/rooms/{roomId}/state/{eventType}` and `…/state/{eventType}/`: the empty state key.
+async fn put_state_empty_key(
+    _user: MatrixUser,
+    Path((_room_id, _event_type)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    state_event(&body)
+}
+
+fn state_event(body: &[u8]) -> Response {
+    match json_object(body) {
+        Err(response) => response,
+        Ok(_) => Json(json!({ "event_id": format!("${}", random_string(43)) })).into_response(),
+    }
+}
+
+/// `POST …/createRoom`: `{"room_id"}`, a new id.
+async fn create_room(State(state): State<AppState>, _user: MatrixUser, body: Bytes) -> Response {
+    match json_object(&body) {
+        Err(response) => response,
+        Ok(_) => Json(json!({ "room_id": new_room_id(&state.server_name) })).into_response(),
+    }
+}
+
+/// `POST …/rooms/{roomId}/join`: `{"room_id"}`. The body (a `reason`, a third-party signature)
+/// is optional.
+async fn join_room(_user: MatrixUser, Path(room_id): Path<String>, body: Bytes) -> Response {
+    if !body.is_empty() {
+        if let Err(response) = json_object(&body) {
+            return response;
+        }
+    }
+    Json(json!({ "room_id": room_id })).into_response()
+}
+
+/// `POST …/join/{roomIdOrAlias}`: `{"room_id"}`; an alias stands for a room id derived from it.
+async fn join_by_id_or_alias(
+    State(state): State<AppState>,
+    _user: MatrixUser,
+    Path(room): Path<String>,
+    body: Bytes,
+) -> Response {
+    if !body.is_empty() {
+        if let Err(response) = json_object(&body) {
+            return response;
+        }
+    }
+    let room_id = if room.starts_with('!') {
+        room
+    } else if room.starts_with('#') {
+        format!("!{}:{}", &derived_id(&[&room])[..18], state.server_name)
+    } else {
+        return matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+            "Not a room id or a room alias.",
+        );
+    };
+    Json(json!({ "room_id": room_id })).into_response()
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/upgrade`: `{"replacement_room"}`, a new id.
+async fn upgrade_room(
+    State(state): State<AppState>,
+    _user: MatrixUser,
+    Path(_room_id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let object = match json_object(&body) {
+        Err(response) => return response,
+        Ok(object) => object,
+    };
+    match object.get("new_version") {
+        Some(Value::String(_)) => {
+            Json(json!({ "replacement_room": new_room_id(&state.server_name) })).into_response()
+        }
+        None => matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_MISSING_PARAM",
+            "Missing new_version.",
+        ),
+        Some(_) => matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            "new_version must be a string.",
+        ),
+    }
+}
+
+/// `PUT …/profile/{userId}/displayname`: `{}`, for one's own profile only.
+async fn set_displayname(user: MatrixUser, Path(user_id): Path<String>, body: Bytes) -> Response {
+    if user_id != user.user_id() {
+        return matrix_error(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "You cannot set another user's display name.",
+        );
+    }
+    match json_object(&body) {
+        Err(response) => response,
+        Ok(object) => match object.get("displayname") {
+            None | Some(Value::String(_) | Value::Null) => Json(json!({})).into_response(),
+            Some(_) => matrix_error(
+                StatusCode::BAD_REQUEST,
+                "M_BAD_JSON",
+                "displayname must be a string.",
+            ),
+        },
+    }
+}
+
+fn new_room_id(server_name: &str) -> String {
+    format!("!{}:{server_name}", random_string(18))
+}
+
+/// 43 characters of unpadded base64url over SHA-256 of `parts` (each length-prefixed, so that
+/// no two lists of parts run together alike).
+fn derived_id(parts: &[&str]) -> String {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash.finalize())
+}
+
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis())
 }
 
 /// `GET /_matrix/client/v1/admin/lock/{userId}` (MSC4323): `{"locked": bool}`.
