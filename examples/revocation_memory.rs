@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use tower_matrix_auth::{
     Clock, Issuer, KeyRing, MacaroonSecret, ManualClock, MemoryStore, SessionRequest, Sessions,
-    SystemClock, TokenStore, TokenType, Verifier,
+    SystemClock, TokenType, Verifier,
 };
 
 /// Counts live heap bytes.
