@@ -18,8 +18,9 @@
 //!
 //! Without `MATRIX_MACAROON_SECRET` a random secret is generated, so tokens do not survive a
 //! restart. Set but empty, it stops the server at start-up with an error (an empty secret makes
-//! every token forgeable); shorter than 32 bytes, it is used with a warning in the log. Any token Synapse minted with the same `macaroon_secret_key` is accepted, because
-//! the layer verifies Synapse's macaroons (identifier `key`, libmacaroons key derivation).
+//! every token forgeable); shorter than 32 bytes, it is used with a warning in the log. Any token
+//! Synapse minted with the same `macaroon_secret_key` is accepted, because the layer verifies
+//! Synapse's macaroons (identifier `key`, libmacaroons key derivation).
 //!
 //! Standard output carries only machine-readable lines: the minted token (when
 //! `MATRIX_PRINT_TOKEN_FOR` is set) on a line of its own, then `listening on http://ADDR` once
@@ -61,24 +62,6 @@
 //! * `GET /_matrix/client/{v3,r0}/devices`: users only (guests get `403 M_GUEST_ACCESS_FORBIDDEN`).
 //! * `GET /_matrix/client/{v3,r0}/login`: the login flows (`m.login.password`, `m.login.token`
 //!   with `"get_login_token": true`).
-//! * `GET /_matrix/client/v3/capabilities`: `m.change_password` and `m.3pid_changes` off,
-//!   `m.get_login_token` on, and for administrators `m.account_moderation`
-//!   (`{"lock": true, "suspend": true}`).
-//! * `GET /_matrix/client/{v3,r0}/sync`: `{"next_batch"}` at once (users and guests).
-//! * `PUT /_matrix/client/{v3,r0}/rooms/{roomId}/send/{eventType}/{txnId}`: `{"event_id"}`,
-//!   the same one again for a retried transaction id of the same device.
-//! * `PUT /_matrix/client/{v3,r0}/rooms/{roomId}/state/{eventType}/{stateKey}`, and with the
-//!   empty state key `…/state/{eventType}` and `…/state/{eventType}/`: `{"event_id"}`.
-//! * `POST /_matrix/client/{v3,r0}/createRoom`: `{"room_id"}`, a new one.
-//! * `POST /_matrix/client/{v3,r0}/rooms/{roomId}/join` and `…/join/{roomIdOrAlias}`:
-//!   `{"room_id"}` (an alias stands for a room id derived from it).
-//! * `POST /_matrix/client/v3/rooms/{roomId}/upgrade`: `{"replacement_room"}`, a new one.
-//! * `PUT /_matrix/client/{v3,r0}/profile/{userId}/displayname`: `{}`, one's own only (another
-//!   user's is `403 M_FORBIDDEN`; guests may set theirs).
-//!
-//!   These room and profile routes keep nothing (no rooms, no events, no profiles): they are
-//!   here to show the layer's account and guest rules on real route shapes. Bodies must be JSON
-//!   objects (`400 M_NOT_JSON` or `M_BAD_JSON` otherwise; a join's may be empty).
 //! * `POST /_matrix/client/{v3,r0}/login`: `m.login.password` (identifier `m.id.user`, localpart
 //!   or full user id, against `MATRIX_USERS`) or `m.login.token`; `"refresh_token": true` adds a
 //!   refresh token and makes the access token expire after `MATRIX_TOKEN_LIFETIME_MS`.
@@ -95,7 +78,34 @@
 //!   lookup), `400 M_INVALID_PARAM` for a user id that is not of this server,
 //!   `400 M_NOT_JSON`/`M_BAD_JSON` for a `PUT` body that is not `{"locked": bool}` (or
 //!   `{"suspended": bool}`), `403 M_FORBIDDEN` for a `PUT` on the administrator's own account
-//!   or for another administrator, `404 M_NOT_FOUND` for an unknown or deactivated user.
+//!   and for any request about another administrator, `404 M_NOT_FOUND` for an unknown or
+//!   deactivated user.
+//! * `GET /_matrix/client/v3/capabilities`: `m.change_password` and `m.3pid_changes` off,
+//!   `m.get_login_token` on, and for administrators `m.account_moderation`
+//!   (`{"lock": true, "suspend": true}`).
+//! * `GET /_matrix/client/{v3,r0}/sync`: `{"next_batch"}` at once (users and guests).
+//! * `PUT /_matrix/client/{v3,r0}/rooms/{roomId}/send/{eventType}/{txnId}`: `{"event_id"}`,
+//!   the same one again for a retried transaction id of the same device.
+//! * `PUT /_matrix/client/{v3,r0}/rooms/{roomId}/state/{eventType}/{stateKey}`, and with the
+//!   empty state key `…/state/{eventType}` and `…/state/{eventType}/`: `{"event_id"}`.
+//! * `POST /_matrix/client/{v3,r0}/createRoom`: `{"room_id"}`, a new one.
+//! * `POST /_matrix/client/{v3,r0}/rooms/{roomId}/join` and `…/join/{roomIdOrAlias}`:
+//!   `{"room_id"}` (an alias stands for a room id derived from it).
+//! * `POST /_matrix/client/v3/rooms/{roomId}/upgrade`: `{"replacement_room"}`, a new one.
+//! * `PUT /_matrix/client/{v3,r0}/profile/{userId}/displayname`: `{}`, one's own only (another
+//!   user's is `403 M_FORBIDDEN`; guests may set theirs).
+//!
+//! The room and profile routes keep nothing (no rooms, no events, no profiles): they are here to
+//! show the layer's account and guest rules on the shapes of real routes. Their bodies must be
+//! JSON objects (`400 M_NOT_JSON` or `M_BAD_JSON` otherwise; a join's may be empty).
+//!
+//! Guests (tokens with `guest = true`, minted elsewhere: this server registers none) may use
+//! whoami, sync and their own display name, the routes of the spec's guest access list that
+//! need no room. The list's room routes (joining, sending messages and state) are for rooms
+//! whose `m.room.guest_access` lets guests in, which a server MUST check before a guest joins;
+//! this one keeps no room state to check it against, so guests get
+//! `403 M_GUEST_ACCESS_FORBIDDEN` there and everywhere else (`/devices`, `/capabilities`,
+//! `/login/get_token`, `createRoom`, the admin API).
 //!
 //! The state of an account (see the table below) is what the layer enforces on every route
 //! above, from the next request on: a locked account gets `401 M_USER_LOCKED` with
