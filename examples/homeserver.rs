@@ -17,8 +17,10 @@
 //! | `RUST_LOG`                | log filter                                                  | `info,tower_http=debug,tower_matrix_auth=debug` |
 //!
 //! Without `MATRIX_MACAROON_SECRET` a random secret is generated, so tokens do not survive a
-//! restart. Any token Synapse minted with the same `macaroon_secret_key` is accepted, because
-//! the layer verifies Synapse's macaroons (identifier `key`, libmacaroons key derivation).
+//! restart. Set but empty, it stops the server at start-up with an error (an empty secret makes
+//! every token forgeable); shorter than 32 bytes, it is used with a warning in the log. Any token
+//! Synapse minted with the same `macaroon_secret_key` is accepted, because the layer verifies
+//! Synapse's macaroons (identifier `key`, libmacaroons key derivation).
 //!
 //! Standard output carries only machine-readable lines: the minted token (when
 //! `MATRIX_PRINT_TOKEN_FOR` is set) on a line of its own, then `listening on http://ADDR` once
@@ -58,7 +60,8 @@
 //! * `GET /_matrix/client/versions`: no authentication.
 //! * `GET /_matrix/client/{v3,r0}/account/whoami`: users and guests.
 //! * `GET /_matrix/client/{v3,r0}/devices`: users only (guests get `403 M_GUEST_ACCESS_FORBIDDEN`).
-//! * `GET /_matrix/client/{v3,r0}/login`: the login flows (`m.login.password`, `m.login.token`).
+//! * `GET /_matrix/client/{v3,r0}/login`: the login flows (`m.login.password`, `m.login.token`
+//!   with `"get_login_token": true`).
 //! * `POST /_matrix/client/{v3,r0}/login`: `m.login.password` (identifier `m.id.user`, localpart
 //!   or full user id, against `MATRIX_USERS`) or `m.login.token`; `"refresh_token": true` adds a
 //!   refresh token and makes the access token expire after `MATRIX_TOKEN_LIFETIME_MS`.
@@ -67,6 +70,51 @@
 //! * `POST /_matrix/client/{v3,r0}/logout` and `.../logout/all`: expired tokens accepted.
 //! * `POST /_matrix/client/v1/login/get_token` (MSC3882): a single-use login token for
 //!   `m.login.token`.
+//! * `GET|PUT /_matrix/client/v1/admin/lock/{userId}` (`{"locked": bool}`) and
+//!   `GET|PUT /_matrix/client/v1/admin/suspend/{userId}` (`{"suspended": bool}`): the spec's
+//!   admin API (v1.18, MSC4323), for the users of `MATRIX_ADMIN_USERS`; the user id raw or
+//!   percent-encoded. A change applies from the target's next request. Errors as the spec gives
+//!   them, in this order: `403 M_FORBIDDEN` for anyone but an administrator (before any
+//!   lookup), `400 M_INVALID_PARAM` for a user id that is not of this server,
+//!   `400 M_NOT_JSON`/`M_BAD_JSON` for a `PUT` body that is not `{"locked": bool}` (or
+//!   `{"suspended": bool}`), `403 M_FORBIDDEN` for a `PUT` on the administrator's own account
+//!   and for any request about another administrator, `404 M_NOT_FOUND` for an unknown or
+//!   deactivated user.
+//! * `GET /_matrix/client/v3/capabilities`: `m.change_password` and `m.3pid_changes` off,
+//!   `m.get_login_token` on, and for administrators `m.account_moderation`
+//!   (`{"lock": true, "suspend": true}`).
+//! * `GET /_matrix/client/{v3,r0}/sync`: `{"next_batch"}` at once (users and guests).
+//! * `PUT /_matrix/client/{v3,r0}/rooms/{roomId}/send/{eventType}/{txnId}`: `{"event_id"}`,
+//!   the same one again for a retried transaction id of the same device.
+//! * `PUT /_matrix/client/{v3,r0}/rooms/{roomId}/state/{eventType}/{stateKey}`, and with the
+//!   empty state key `…/state/{eventType}` and `…/state/{eventType}/`: `{"event_id"}`.
+//! * `POST /_matrix/client/{v3,r0}/createRoom`: `{"room_id"}`, a new one.
+//! * `POST /_matrix/client/{v3,r0}/rooms/{roomId}/join` and `…/join/{roomIdOrAlias}`:
+//!   `{"room_id"}` (an alias stands for a room id derived from it).
+//! * `POST /_matrix/client/v3/rooms/{roomId}/upgrade`: `{"replacement_room"}`, a new one.
+//! * `PUT /_matrix/client/{v3,r0}/profile/{userId}/displayname`: `{}`, one's own only (another
+//!   user's is `403 M_FORBIDDEN`; guests may set theirs).
+//!
+//! The room and profile routes keep nothing (no rooms, no events, no profiles): they are here to
+//! show the layer's account and guest rules on the shapes of real routes. Their bodies must be
+//! JSON objects (`400 M_NOT_JSON` or `M_BAD_JSON` otherwise; a join's may be empty).
+//!
+//! Guests (tokens with `guest = true`, minted elsewhere: this server registers none) may use
+//! whoami, sync and their own display name, the routes of the spec's guest access list that
+//! need no room. The list's room routes (joining, sending messages and state) are for rooms
+//! whose `m.room.guest_access` lets guests in, which a server MUST check before a guest joins;
+//! this one keeps no room state to check it against, so guests get
+//! `403 M_GUEST_ACCESS_FORBIDDEN` there and everywhere else (`/devices`, `/capabilities`,
+//! `/login/get_token`, `createRoom`, the admin API).
+//!
+//! The state of an account (see the table below) is what the layer enforces on every route
+//! above, from the next request on: a locked account gets `401 M_USER_LOCKED` with
+//! `"soft_logout": true` everywhere but `POST …/logout` and `…/logout/all`; a suspended one
+//! `403 M_USER_SUSPENDED` on writes (reads, logging out and the other writes the spec keeps
+//! for suspended users still work); a deactivated one `401 M_UNKNOWN_TOKEN` everywhere. Logging
+//! in (a password or a login token), once the credentials hold: a locked account gets
+//! `401 M_USER_LOCKED` with `"soft_logout": true` (no new token until it is unlocked), a
+//! deactivated one `403 M_USER_DEACTIVATED`, a suspended one logs in.
 //!
 //! More configuration for the token lifecycle:
 //!
@@ -81,6 +129,23 @@
 //! | `MATRIX_APPSERVICE_SENDER` | its sender user id                                        | `@appservice:<server name>` |
 //! | `MATRIX_APPSERVICE_NAMESPACE` | its (exclusive) user namespace regex                   | none       |
 //! | `MATRIX_OPAQUE_TOKENS`     | `token:@user:server,...`: opaque (non-macaroon) tokens    | none       |
+//! | `MATRIX_LOGIN_TOKEN_LIFETIME_MS` | lifetime of the login tokens of `/v1/login/get_token` | `120000` |
+//! | `MATRIX_CLOCK_LEEWAY_MS`   | how long past its `time <` a token still verifies (clock skew between servers); the layer and the token lifecycle share it | `0` |
+//! | `MATRIX_SWEEP_INTERVAL_MS` | how often expired revocation state is forgotten, on a timer: the memory store is swept, PostgreSQL's expired rows deleted (at least `1`) | `10000` |
+//!
+//! Accounts and administrators: each variable is a comma-separated list of user ids or bare
+//! localparts of this server (`bob` is `@bob:<server name>`).
+//!
+//! | variable                   | meaning                                                   | default    |
+//! |----------------------------|-----------------------------------------------------------|------------|
+//! | `MATRIX_ADMIN_USERS`       | server administrators: the admin API's lock and suspend   | none       |
+//! | `MATRIX_LOCKED_USERS`      | accounts locked at start (spec v1.12)                     | none       |
+//! | `MATRIX_SUSPENDED_USERS`   | accounts suspended at start (spec v1.13)                  | none       |
+//! | `MATRIX_DEACTIVATED_USERS` | deactivated accounts (for good: the admin API cannot change them) | none |
+//!
+//! The admin API knows the users of `MATRIX_USERS`, `MATRIX_PRINT_TOKEN_FOR` and these lists;
+//! any other user id is `404 M_NOT_FOUND` there (tokens of other users are still accepted
+//! elsewhere). A lock and a suspension are independent: lifting one leaves the other.
 //!
 //! For measuring (`benches/load.sh homeserver`):
 //!
@@ -98,6 +163,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::routing::Route;
@@ -116,21 +182,27 @@ use std::sync::Arc;
 use tower_http::cors::{Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
-use axum::extract::State;
-use axum::routing::post;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::request::Parts;
+use axum::routing::{post, put};
 use std::collections::HashSet;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use subtle::ConstantTimeEq;
 
+use tower_matrix_auth::routes::ClientRoute;
 use tower_matrix_auth::{
-    is_valid_user_id, is_whoami_route, AppService, AppServices, Issuer, KeyRing, MacaroonSecret,
-    MatrixAuthLayer, MatrixUser, MemoryStore, PostgresStore, ResolvedToken, ResponseBody,
-    SessionRequest, Sessions, StaticTokens, TokenStore, TokenType, Verifier,
+    is_valid_user_id, is_whoami_route, AccountState, AccountStates, AccountStatus, AppService,
+    AppServices, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore,
+    PostgresStore, ResolvedToken, ResponseBody, SessionRequest, Sessions, StaticTokens, TokenStore,
+    TokenType, Verifier, RECOMMENDED_SECRET_LEN,
 };
 use tracing_subscriber::EnvFilter;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8008";
 const DEFAULT_LOG_FILTER: &str = "info,tower_http=debug,tower_matrix_auth=debug";
+/// What `Issuer` uses unless told otherwise.
+const DEFAULT_LOGIN_TOKEN_LIFETIME_MS: u64 = 120_000;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -153,28 +225,15 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
 
     let server_name = env_or("MATRIX_SERVER_NAME", "localhost");
     let listen = env_or("MATRIX_LISTEN", DEFAULT_LISTEN);
-    let secret = match std::env::var("MATRIX_MACAROON_SECRET") {
-        Ok(secret) if !secret.is_empty() => secret,
-        _ => {
-            tracing::warn!(
-                "MATRIX_MACAROON_SECRET is not set: using a random secret, so access tokens will \
-                 not survive a restart"
-            );
-            random_string(32)
-        }
-    };
-    let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase(secret));
+    let keys = KeyRing::new().with_key("key", macaroon_secret()?);
 
-    if let Some(who) = std::env::var("MATRIX_PRINT_TOKEN_FOR")
+    let printed_for = std::env::var("MATRIX_PRINT_TOKEN_FOR")
         .ok()
         .filter(|who| !who.is_empty())
-    {
-        // A bare localpart means a user of this server.
-        let user_id = if who.starts_with('@') {
-            who
-        } else {
-            format!("@{who}:{server_name}")
-        };
+        .map(|who| full_user_id(&who, &server_name));
+    let users = parse_users(&std::env::var("MATRIX_USERS").unwrap_or_default())?;
+    let accounts = Accounts::from_env(&server_name, &users, printed_for.as_deref())?;
+    if let Some(user_id) = printed_for.clone() {
         if !is_valid_user_id(&user_id) {
             return Err(
                 format!("MATRIX_PRINT_TOKEN_FOR: `{user_id}` is not a Matrix user id").into(),
@@ -190,12 +249,18 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         println!("{token}");
     }
 
-    let users = parse_users(&std::env::var("MATRIX_USERS").unwrap_or_default())?;
     let lifetime_ms = env_number("MATRIX_TOKEN_LIFETIME_MS")?.unwrap_or(300_000);
     // Unset: these tokens never expire (Synapse's defaults), and neither can the revocation
     // state of a session that used them.
     let refresh_lifetime_ms = env_number("MATRIX_REFRESH_TOKEN_LIFETIME_MS")?;
     let access_lifetime_ms = env_number("MATRIX_ACCESS_TOKEN_LIFETIME_MS")?;
+    let login_token_lifetime_ms =
+        env_number("MATRIX_LOGIN_TOKEN_LIFETIME_MS")?.unwrap_or(DEFAULT_LOGIN_TOKEN_LIFETIME_MS);
+    let leeway_ms = env_number("MATRIX_CLOCK_LEEWAY_MS")?.unwrap_or(0);
+    let sweep_every = match env_number("MATRIX_SWEEP_INTERVAL_MS")?.unwrap_or(10_000) {
+        0 => return Err("MATRIX_SWEEP_INTERVAL_MS must be at least 1".into()),
+        ms => Duration::from_millis(ms),
+    };
     let store: Arc<dyn TokenStore> = match std::env::var("MATRIX_DATABASE_URL") {
         Ok(url) if !url.is_empty() => {
             tracing::info!("revocation state in PostgreSQL");
@@ -203,7 +268,7 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
             // The view forgets expired state by itself; deleting expired rows is up to us.
             let purger = store.clone();
             tokio::spawn(async move {
-                let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+                let mut every = tokio::time::interval(sweep_every);
                 loop {
                     every.tick().await;
                     match purger.purge_expired().await {
@@ -214,9 +279,25 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
             });
             Arc::new(store)
         }
-        _ => Arc::new(MemoryStore::new()),
+        _ => {
+            // The memory store sweeps when a write finds it grown; a timer sweeps it too, so that
+            // expired state goes even when no write comes.
+            let store = MemoryStore::new();
+            let swept = store.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(sweep_every);
+                loop {
+                    every.tick().await;
+                    swept.sweep();
+                    tracing::debug!(sessions = swept.len(), "swept expired revocation state");
+                }
+            });
+            Arc::new(store)
+        }
     };
-    let mut verifier = Verifier::new(keys.clone());
+    // One verifier, so one leeway, for the layer and the Sessions engine: the store keeps a
+    // session's record until its tokens stop verifying, leeway included.
+    let mut verifier = Verifier::new(keys.clone()).leeway_ms(leeway_ms);
     if let Some(capacity) = env_number("MATRIX_TOKEN_CACHE")? {
         verifier = verifier.token_cache(usize::try_from(capacity)?);
     }
@@ -224,13 +305,15 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         .location(server_name.clone())
         .refreshable_access_lifetime_ms(lifetime_ms)
         .refresh_lifetime_ms(refresh_lifetime_ms)
-        .access_lifetime_ms(access_lifetime_ms);
+        .access_lifetime_ms(access_lifetime_ms)
+        .login_lifetime_ms(login_token_lifetime_ms);
     let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store);
     let state = AppState {
         sessions: sessions.clone(),
         users: Arc::new(users),
         server_name: server_name.clone(),
         devices: Arc::default(),
+        accounts: accounts.clone(),
     };
 
     let auth = MatrixAuthLayer::with_verifier(verifier)
@@ -244,8 +327,18 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         // Server-server traffic is signed with `Authorization: X-Matrix`, not access tokens.
         .skip_path_prefix("/_matrix/federation/")
         .skip_path_prefix("/_matrix/key/")
-        // Guests may ask who they are, and nothing else here.
-        .allow_guests_when(is_whoami_route);
+        // Locked, suspended and deactivated accounts (`MATRIX_*_USERS`, the admin API): the
+        // layer reads this shared map on every request, so a change applies to the next one.
+        .accounts(accounts.states.clone())
+        // Guests may ask who they are, sync and set their own display name: the routes of the
+        // spec's guest access list that need no room. Its room routes (joining, sending
+        // messages and state) are for rooms whose `m.room.guest_access` lets guests in, which
+        // the server MUST check before a guest joins; this one keeps no room state to check, so
+        // guests get 403 M_GUEST_ACCESS_FORBIDDEN there, and on everything else (`/devices`,
+        // `/capabilities`, `createRoom`, the admin API, …).
+        .allow_guests_when(is_whoami_route)
+        .allow_guests_when(is_sync_route)
+        .allow_guests_when(is_displayname_route);
     let auth = with_appservice(auth, &server_name, &state.devices)?;
     let auth = with_opaque_tokens(auth)?;
 
@@ -327,7 +420,42 @@ where
     <L::Service as Service<Request<Body>>>::Error: Into<Infallible> + 'static,
     <L::Service as Service<Request<Body>>>::Future: Send + 'static,
 {
-    Router::new()
+    // What a client does in rooms and with its profile, in both versions a client may use:
+    // answered from memory, there to show the layer's rules for each account state on the
+    // routes' real shapes.
+    let mut rooms: Router<AppState> = Router::new();
+    for version in ["v3", "r0"] {
+        let path = |rest: &str| format!("/_matrix/client/{version}/{rest}");
+        rooms = rooms
+            .route(
+                &path("rooms/{room_id}/send/{event_type}/{txn_id}"),
+                put(send_event),
+            )
+            // The empty state key, with or without the trailing slash.
+            .route(
+                &path("rooms/{room_id}/state/{event_type}"),
+                put(put_state_empty_key),
+            )
+            .route(
+                &path("rooms/{room_id}/state/{event_type}/"),
+                put(put_state_empty_key),
+            )
+            .route(
+                &path("rooms/{room_id}/state/{event_type}/{state_key}"),
+                put(put_state),
+            )
+            .route(&path("createRoom"), post(create_room))
+            .route(&path("rooms/{room_id}/join"), post(join_room))
+            .route(&path("join/{room_id_or_alias}"), post(join_by_id_or_alias))
+            .route(&path("profile/{user_id}/displayname"), put(set_displayname))
+            .route(&path("sync"), get(sync));
+    }
+    rooms
+        .route(
+            "/_matrix/client/v3/rooms/{room_id}/upgrade",
+            post(upgrade_room),
+        )
+        .route("/_matrix/client/v3/capabilities", get(capabilities))
         .route("/_matrix/client/versions", get(versions))
         .route("/_matrix/client/v3/account/whoami", get(whoami))
         .route("/_matrix/client/r0/account/whoami", get(whoami))
@@ -338,6 +466,14 @@ where
         .route("/_matrix/client/v3/logout/all", post(logout_all))
         .route("/_matrix/client/r0/logout/all", post(logout_all))
         .route("/_matrix/client/v1/login/get_token", post(get_login_token))
+        .route(
+            "/_matrix/client/v1/admin/lock/{user_id}",
+            get(admin_lock_get).put(admin_lock_put),
+        )
+        .route(
+            "/_matrix/client/v1/admin/suspend/{user_id}",
+            get(admin_suspend_get).put(admin_suspend_put),
+        )
         .method_not_allowed_fallback(method_not_allowed)
         // Authentication covers the routes above only (`/versions` is skipped by the layer
         // itself): an unknown endpoint answers 404 M_UNRECOGNIZED whether or not the request
@@ -387,6 +523,143 @@ struct AppState {
     server_name: String,
     /// (user id, device id) of every login: the devices an application service may name.
     devices: Arc<RwLock<HashSet<(String, String)>>>,
+    accounts: Accounts,
+}
+
+/// The accounts this server knows and their state: `MATRIX_USERS`, `MATRIX_PRINT_TOKEN_FOR` and
+/// the users of `MATRIX_ADMIN_USERS`, `MATRIX_LOCKED_USERS`, `MATRIX_SUSPENDED_USERS` and
+/// `MATRIX_DEACTIVATED_USERS`. Clones share everything.
+#[derive(Clone)]
+struct Accounts {
+    /// What the layer reads on every request: derived from `flags` on every change.
+    states: AccountStates,
+    /// Known user id → its flags (a lock and a suspension are independent: lifting one leaves
+    /// the other in place).
+    flags: Arc<Mutex<HashMap<String, Flags>>>,
+    admins: Arc<HashSet<String>>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Flags {
+    locked: bool,
+    suspended: bool,
+    deactivated: bool,
+}
+
+impl Flags {
+    /// The state the layer enforces: the strictest that applies.
+    fn status(self) -> AccountStatus {
+        if self.deactivated {
+            AccountStatus::Deactivated
+        } else if self.locked {
+            AccountStatus::Locked
+        } else if self.suspended {
+            AccountStatus::Suspended
+        } else {
+            AccountStatus::Active
+        }
+    }
+}
+
+/// What an admin endpoint (MSC4323, spec v1.18) reads or writes.
+#[derive(Clone, Copy)]
+enum Moderation {
+    Lock,
+    Suspend,
+}
+
+impl Moderation {
+    /// The JSON key of the request and the answer.
+    fn key(self) -> &'static str {
+        match self {
+            Moderation::Lock => "locked",
+            Moderation::Suspend => "suspended",
+        }
+    }
+
+    fn flag(self, flags: &mut Flags) -> &mut bool {
+        match self {
+            Moderation::Lock => &mut flags.locked,
+            Moderation::Suspend => &mut flags.suspended,
+        }
+    }
+}
+
+impl Accounts {
+    fn from_env(
+        server_name: &str,
+        users: &HashMap<String, String>,
+        printed_for: Option<&str>,
+    ) -> Result<Self, String> {
+        let mut flags: HashMap<String, Flags> = users
+            .keys()
+            .map(|localpart| (format!("@{localpart}:{server_name}"), Flags::default()))
+            .chain(printed_for.map(|user_id| (user_id.to_owned(), Flags::default())))
+            .collect();
+        let admins: HashSet<String> = user_list("MATRIX_ADMIN_USERS", server_name)?
+            .into_iter()
+            .collect();
+        for admin in &admins {
+            flags.entry(admin.clone()).or_default();
+        }
+        for (name, set) in [
+            (
+                "MATRIX_LOCKED_USERS",
+                (|f: &mut Flags| f.locked = true) as fn(&mut Flags),
+            ),
+            ("MATRIX_SUSPENDED_USERS", |f| f.suspended = true),
+            ("MATRIX_DEACTIVATED_USERS", |f| f.deactivated = true),
+        ] {
+            for user_id in user_list(name, server_name)? {
+                set(flags.entry(user_id).or_default());
+            }
+        }
+        let states = AccountStates::default();
+        for (user_id, flags) in &flags {
+            states.set(user_id, flags.status());
+        }
+        Ok(Self {
+            states,
+            flags: Arc::new(Mutex::new(flags)),
+            admins: Arc::new(admins),
+        })
+    }
+
+    fn status(&self, user_id: &str) -> AccountStatus {
+        self.states.status(user_id)
+    }
+
+    fn is_admin(&self, user_id: &str) -> bool {
+        self.admins.contains(user_id)
+    }
+
+    /// Reads, and with `Some(on)` first sets, one flag of a known account that is not
+    /// deactivated; `None` for any other user id.
+    fn moderate(&self, user_id: &str, what: Moderation, set: Option<bool>) -> Option<bool> {
+        let mut map = self.flags.lock().unwrap_or_else(|e| e.into_inner());
+        let flags = map.get_mut(user_id).filter(|flags| !flags.deactivated)?;
+        if let Some(on) = set {
+            *what.flag(flags) = on;
+            // Under the lock, so that two admins' changes reach the layer in the order they
+            // were made.
+            self.states.set(user_id, flags.status());
+        }
+        Some(*what.flag(flags))
+    }
+}
+
+/// `GET /_matrix/client/{version}/sync` exactly (or `HEAD`).
+fn is_sync_route(parts: &Parts) -> bool {
+    (parts.method == Method::GET || parts.method == Method::HEAD)
+        && ClientRoute::parse(parts.uri.path()).is_some_and(|route| route.matches("sync"))
+}
+
+/// `PUT /_matrix/client/{version}/profile/{userId}/displayname` exactly (the handler lets users
+/// set their own display name only).
+fn is_displayname_route(parts: &Parts) -> bool {
+    parts.method == Method::PUT
+        && ClientRoute::parse(parts.uri.path())
+            .is_some_and(|route| route.matches("profile/{userId}/displayname"))
 }
 
 /// `MATRIX_APPSERVICE_TOKEN` (+ `_SENDER`, `_NAMESPACE`): one application service.
@@ -454,6 +727,70 @@ fn with_opaque_tokens(
     Ok(auth.resolver(tokens))
 }
 
+/// `MATRIX_MACAROON_SECRET`: unset, a random secret for this run; set but empty, an error (every
+/// token would be forgeable); shorter than [`RECOMMENDED_SECRET_LEN`] bytes, a warning.
+fn macaroon_secret() -> Result<MacaroonSecret, String> {
+    let secret = match std::env::var("MATRIX_MACAROON_SECRET") {
+        Err(std::env::VarError::NotPresent) => {
+            tracing::warn!(
+                "MATRIX_MACAROON_SECRET is not set: using a random secret, so access tokens will \
+                 not survive a restart"
+            );
+            random_string(32)
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err("MATRIX_MACAROON_SECRET is not valid UTF-8".to_owned())
+        }
+        Ok(secret) => {
+            if secret.is_empty() {
+                return Err(
+                    "MATRIX_MACAROON_SECRET is set but empty: anyone could forge tokens \
+                            signed with an empty secret. Set it to a long random value (Synapse's \
+                            macaroon_secret_key), or unset it for a random secret per run"
+                        .to_owned(),
+                );
+            }
+            if secret.len() < RECOMMENDED_SECRET_LEN {
+                tracing::warn!(
+                    len = secret.len(),
+                    "MATRIX_MACAROON_SECRET is shorter than {RECOMMENDED_SECRET_LEN} bytes: tokens \
+                     are only as hard to forge as it is to guess"
+                );
+            }
+            secret
+        }
+    };
+    MacaroonSecret::try_from_passphrase(secret)
+        .map_err(|error| format!("MATRIX_MACAROON_SECRET: {error}"))
+}
+
+/// A user id, or a bare localpart of this server.
+fn full_user_id(who: &str, server_name: &str) -> String {
+    if who.starts_with('@') {
+        who.to_owned()
+    } else {
+        format!("@{who}:{server_name}")
+    }
+}
+
+/// `NAME=@alice:server,bob,...`: user ids (or bare localparts of this server).
+fn user_list(name: &str, server_name: &str) -> Result<Vec<String>, String> {
+    std::env::var(name)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|who| !who.is_empty())
+        .map(|who| {
+            let user_id = full_user_id(who, server_name);
+            if is_valid_user_id(&user_id) {
+                Ok(user_id)
+            } else {
+                Err(format!("{name}: `{who}` is not a Matrix user id"))
+            }
+        })
+        .collect()
+}
+
 /// `MATRIX_USERS=alice:password,bob:secret`.
 fn parse_users(spec: &str) -> Result<HashMap<String, String>, String> {
     spec.split(',')
@@ -467,11 +804,12 @@ fn parse_users(spec: &str) -> Result<HashMap<String, String>, String> {
         .collect()
 }
 
-/// `GET /_matrix/client/v3/login`.
+/// `GET /_matrix/client/v3/login`. `get_login_token` (spec v1.7) tells clients that
+/// `POST /_matrix/client/v1/login/get_token` is there.
 async fn login_flows() -> Json<Value> {
     Json(json!({ "flows": [
         { "type": "m.login.password" },
-        { "type": "m.login.token" },
+        { "type": "m.login.token", "get_login_token": true },
     ]}))
 }
 
@@ -527,6 +865,20 @@ async fn login(State(state): State<AppState>, request: Request<axum::body::Body>
         }
         _ => return matrix_error(StatusCode::BAD_REQUEST, "M_UNKNOWN", "Unknown login type"),
     };
+    // Only once the credentials hold, so that the answer tells nothing to whoever lacks them.
+    // A suspended account may log in (spec v1.13); a locked one gets no new token until it is
+    // unlocked (spec v1.12), a deactivated one never again.
+    match state.accounts.status(&user_id) {
+        AccountStatus::Deactivated => {
+            return matrix_error(
+                StatusCode::FORBIDDEN,
+                "M_USER_DEACTIVATED",
+                "This account has been deactivated.",
+            )
+        }
+        AccountStatus::Locked => return user_locked(),
+        _ => {}
+    }
     let device_id = body["device_id"]
         .as_str()
         .filter(|d| !d.is_empty())
@@ -580,6 +932,327 @@ async fn logout_all(State(state): State<AppState>, user: MatrixUser) -> Response
 async fn get_login_token(State(state): State<AppState>, user: MatrixUser) -> Json<Value> {
     let (login_token, expires_in_ms) = state.sessions.login_token(user.user_id());
     Json(json!({ "login_token": login_token, "expires_in_ms": expires_in_ms }))
+}
+
+/// `GET /_matrix/client/v3/capabilities`: what this user may do here. `m.account_moderation`
+/// (MSC4323) only for administrators: the proposal leaves it out when both would be `false`.
+async fn capabilities(State(state): State<AppState>, user: MatrixUser) -> Json<Value> {
+    let mut capabilities = json!({
+        "m.change_password": { "enabled": false },
+        "m.3pid_changes": { "enabled": false },
+        "m.get_login_token": { "enabled": true },
+    });
+    if state.accounts.is_admin(user.user_id()) {
+        capabilities["m.account_moderation"] = json!({ "lock": true, "suspend": true });
+    }
+    Json(json!({ "capabilities": capabilities }))
+}
+
+/// `GET /_matrix/client/v3/sync`: no rooms here, so always the empty answer at once.
+async fn sync(_user: MatrixUser) -> Json<Value> {
+    Json(json!({ "next_batch": format!("s{}", unix_ms()) }))
+}
+
+/// `PUT …/rooms/{roomId}/send/{eventType}/{txnId}`: `{"event_id"}`, derived from the sender,
+/// its device, the room, the type and the transaction id, so that a retried transaction gets
+/// the same event id (the spec's idempotency) with nothing stored.
+async fn send_event(
+    user: MatrixUser,
+    Path((room_id, event_type, txn_id)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = json_object(&body) {
+        return response;
+    }
+    let device_id = user.device_id().unwrap_or_default();
+    let id = derived_id(&[user.user_id(), device_id, &room_id, &event_type, &txn_id]);
+    Json(json!({ "event_id": format!("${id}") })).into_response()
+}
+
+/// `PUT …/rooms/{roomId}/state/{eventType}/{stateKey}`: `{"event_id"}`.
+async fn put_state(
+    _user: MatrixUser,
+    Path((_room_id, _event_type, _state_key)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Response {
+    state_event(&body)
+}
+
+/// `PUT …/rooms/{roomId}/state/{eventType}` and `…/state/{eventType}/`: the empty state key.
+async fn put_state_empty_key(
+    _user: MatrixUser,
+    Path((_room_id, _event_type)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    state_event(&body)
+}
+
+fn state_event(body: &[u8]) -> Response {
+    match json_object(body) {
+        Err(response) => response,
+        Ok(_) => Json(json!({ "event_id": format!("${}", random_string(43)) })).into_response(),
+    }
+}
+
+/// `POST …/createRoom`: `{"room_id"}`, a new id.
+async fn create_room(State(state): State<AppState>, _user: MatrixUser, body: Bytes) -> Response {
+    match json_object(&body) {
+        Err(response) => response,
+        Ok(_) => Json(json!({ "room_id": new_room_id(&state.server_name) })).into_response(),
+    }
+}
+
+/// `POST …/rooms/{roomId}/join`: `{"room_id"}`. The body (a `reason`, a third-party signature)
+/// is optional.
+async fn join_room(_user: MatrixUser, Path(room_id): Path<String>, body: Bytes) -> Response {
+    if !body.is_empty() {
+        if let Err(response) = json_object(&body) {
+            return response;
+        }
+    }
+    Json(json!({ "room_id": room_id })).into_response()
+}
+
+/// `POST …/join/{roomIdOrAlias}`: `{"room_id"}`; an alias stands for a room id derived from it.
+async fn join_by_id_or_alias(
+    State(state): State<AppState>,
+    _user: MatrixUser,
+    Path(room): Path<String>,
+    body: Bytes,
+) -> Response {
+    if !body.is_empty() {
+        if let Err(response) = json_object(&body) {
+            return response;
+        }
+    }
+    let room_id = if room.starts_with('!') {
+        room
+    } else if room.starts_with('#') {
+        format!("!{}:{}", &derived_id(&[&room])[..18], state.server_name)
+    } else {
+        return matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+            "Not a room id or a room alias.",
+        );
+    };
+    Json(json!({ "room_id": room_id })).into_response()
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/upgrade`: `{"replacement_room"}`, a new id.
+async fn upgrade_room(
+    State(state): State<AppState>,
+    _user: MatrixUser,
+    Path(_room_id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let object = match json_object(&body) {
+        Err(response) => return response,
+        Ok(object) => object,
+    };
+    match object.get("new_version") {
+        Some(Value::String(_)) => {
+            Json(json!({ "replacement_room": new_room_id(&state.server_name) })).into_response()
+        }
+        None => matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_MISSING_PARAM",
+            "Missing new_version.",
+        ),
+        Some(_) => matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            "new_version must be a string.",
+        ),
+    }
+}
+
+/// `PUT …/profile/{userId}/displayname`: `{}`, for one's own profile only.
+async fn set_displayname(user: MatrixUser, Path(user_id): Path<String>, body: Bytes) -> Response {
+    if user_id != user.user_id() {
+        return matrix_error(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "You cannot set another user's display name.",
+        );
+    }
+    match json_object(&body) {
+        Err(response) => response,
+        Ok(object) => match object.get("displayname") {
+            None | Some(Value::String(_) | Value::Null) => Json(json!({})).into_response(),
+            Some(_) => matrix_error(
+                StatusCode::BAD_REQUEST,
+                "M_BAD_JSON",
+                "displayname must be a string.",
+            ),
+        },
+    }
+}
+
+fn new_room_id(server_name: &str) -> String {
+    format!("!{}:{server_name}", random_string(18))
+}
+
+/// 43 characters of unpadded base64url over SHA-256 of `parts` (each length-prefixed, so that
+/// no two lists of parts run together alike).
+fn derived_id(parts: &[&str]) -> String {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash.finalize())
+}
+
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis())
+}
+
+/// `GET /_matrix/client/v1/admin/lock/{userId}` (MSC4323): `{"locked": bool}`.
+async fn admin_lock_get(
+    State(state): State<AppState>,
+    user: MatrixUser,
+    Path(target): Path<String>,
+) -> Response {
+    moderation(&state, &user, &target, Moderation::Lock, None)
+}
+
+/// `PUT /_matrix/client/v1/admin/lock/{userId}` (MSC4323): body and answer `{"locked": bool}`.
+async fn admin_lock_put(
+    State(state): State<AppState>,
+    user: MatrixUser,
+    Path(target): Path<String>,
+    body: Bytes,
+) -> Response {
+    moderation(&state, &user, &target, Moderation::Lock, Some(&body))
+}
+
+/// `GET /_matrix/client/v1/admin/suspend/{userId}` (MSC4323): `{"suspended": bool}`.
+async fn admin_suspend_get(
+    State(state): State<AppState>,
+    user: MatrixUser,
+    Path(target): Path<String>,
+) -> Response {
+    moderation(&state, &user, &target, Moderation::Suspend, None)
+}
+
+/// `PUT /_matrix/client/v1/admin/suspend/{userId}` (MSC4323): body and answer
+/// `{"suspended": bool}`.
+async fn admin_suspend_put(
+    State(state): State<AppState>,
+    user: MatrixUser,
+    Path(target): Path<String>,
+    body: Bytes,
+) -> Response {
+    moderation(&state, &user, &target, Moderation::Suspend, Some(&body))
+}
+
+/// The admin endpoints, in the spec's order: the requester must be an administrator (checked
+/// before anything is looked up, so that nobody else learns which accounts exist), the target a
+/// user id of this server (`400 M_INVALID_PARAM`), not the requester's own account nor another
+/// administrator's (`403 M_FORBIDDEN`), and known and not deactivated (`404 M_NOT_FOUND`).
+/// `target` comes percent-decoded from the path, so `%40bob%3Alocalhost` is `@bob:localhost`.
+fn moderation(
+    state: &AppState,
+    user: &MatrixUser,
+    target: &str,
+    what: Moderation,
+    body: Option<&[u8]>,
+) -> Response {
+    if !state.accounts.is_admin(user.user_id()) {
+        return matrix_error(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "Requesting user is not a server administrator.",
+        );
+    }
+    let local = is_valid_user_id(target)
+        && target
+            .split_once(':')
+            .is_some_and(|(_, server)| server == state.server_name);
+    if !local {
+        return matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+            "User does not belong to the local server.",
+        );
+    }
+    let set = match body {
+        None => None,
+        Some(body) => match json_object(body) {
+            Err(response) => return response,
+            Ok(object) => match object.get(what.key()) {
+                Some(Value::Bool(on)) => Some(*on),
+                _ => {
+                    return matrix_error(
+                        StatusCode::BAD_REQUEST,
+                        "M_BAD_JSON",
+                        &format!("`{}` must be a boolean.", what.key()),
+                    )
+                }
+            },
+        },
+    };
+    if set.is_some() && target == user.user_id() {
+        return matrix_error(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "Administrators cannot change their own account's state.",
+        );
+    }
+    if target != user.user_id() && state.accounts.is_admin(target) {
+        return matrix_error(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "The target user is another administrator.",
+        );
+    }
+    match state.accounts.moderate(target, what, set) {
+        None => matrix_error(StatusCode::NOT_FOUND, "M_NOT_FOUND", "User not found."),
+        Some(on) => {
+            if let Some(on) = set {
+                tracing::info!(admin = user.user_id(), %target, "{} = {on}", what.key());
+            }
+            Json(json!({ what.key(): on })).into_response()
+        }
+    }
+}
+
+/// A request body that must be a JSON object: `400 M_NOT_JSON` when it is no JSON,
+/// `400 M_BAD_JSON` when it is JSON but no object.
+// The error is the response to send, as axum handlers return it; boxing it would only move it.
+#[allow(clippy::result_large_err)]
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Response> {
+    match serde_json::from_slice::<Value>(body) {
+        Err(_) => Err(matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_NOT_JSON",
+            "Content not JSON.",
+        )),
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(_) => Err(matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            "The body must be a JSON object.",
+        )),
+    }
+}
+
+/// `401 M_USER_LOCKED` with `soft_logout`, as the layer answers a locked account.
+fn user_locked() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({
+            "errcode": "M_USER_LOCKED",
+            "error": "This account has been locked.",
+            "soft_logout": true,
+        })),
+    )
+        .into_response()
 }
 
 fn store_unavailable(error: &dyn std::fmt::Display) -> Response {
