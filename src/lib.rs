@@ -97,7 +97,10 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::Rejection;
 pub use future::ResponseFuture;
 pub use identity::{Credential, MatrixUser, TokenId, TokenType};
-pub use issuer::{IssuedTokens, Issuer, NonceKind, SessionId, SessionRequest, TokenNonce};
+pub use issuer::{
+    IssuedTokens, Issuer, NonceKind, SessionId, SessionRequest, TokenNonce,
+    DEFAULT_LOGIN_TOKEN_LIFETIME_MS, DEFAULT_REFRESHABLE_ACCESS_LIFETIME_MS,
+};
 pub use keys::{EmptySecret, KeyRing, MacaroonSecret, RECOMMENDED_SECRET_LEN};
 pub use layer::{GuestPolicy, MatrixAuthLayer, QueryToken};
 pub use mint::{attenuate, TokenBuilder};

@@ -58,8 +58,14 @@ pub async fn fresh_database_url(name: &str) -> String {
         .batch_execute(&format!("CREATE DATABASE {dbname}"))
         .await
         .expect("CREATE DATABASE");
-    let (base, query) = url.split_once('?').map_or((url.as_str(), ""), |(b, q)| (b, q));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url.as_str(), ""), |(b, q)| (b, q));
     let (server, _) = base.rsplit_once('/').expect("a URL with a database path");
-    let query = if query.is_empty() { String::new() } else { format!("?{query}") };
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
     format!("{server}/{dbname}{query}")
 }
