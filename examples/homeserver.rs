@@ -130,6 +130,7 @@
 //! | `MATRIX_APPSERVICE_NAMESPACE` | its (exclusive) user namespace regex                   | none       |
 //! | `MATRIX_OPAQUE_TOKENS`     | `token:@user:server,...`: opaque (non-macaroon) tokens    | none       |
 //! | `MATRIX_LOGIN_TOKEN_LIFETIME_MS` | lifetime of the login tokens of `/v1/login/get_token` | `120000` |
+//! | `MATRIX_SESSION_LIFETIME_MS` | how long a session lives from its login, refreshes included (every token expires by then, a later refresh is `401 M_UNKNOWN_TOKEN`); bounds the revocation state even when other tokens never expire | no limit |
 //! | `MATRIX_CLOCK_LEEWAY_MS`   | how long past its `time <` a token still verifies (clock skew between servers); the layer and the token lifecycle share it | `0` |
 //! | `MATRIX_SWEEP_INTERVAL_MS` | how often expired revocation state is forgotten, on a timer: the memory store is swept, PostgreSQL's expired rows deleted (at least `1`) | `10000` |
 //!
@@ -254,6 +255,8 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     // state of a session that used them.
     let refresh_lifetime_ms = env_number("MATRIX_REFRESH_TOKEN_LIFETIME_MS")?;
     let access_lifetime_ms = env_number("MATRIX_ACCESS_TOKEN_LIFETIME_MS")?;
+    // Absolute, from login: bounds every token of a session, and the state kept about it.
+    let session_lifetime_ms = env_number("MATRIX_SESSION_LIFETIME_MS")?;
     let login_token_lifetime_ms =
         env_number("MATRIX_LOGIN_TOKEN_LIFETIME_MS")?.unwrap_or(DEFAULT_LOGIN_TOKEN_LIFETIME_MS);
     let leeway_ms = env_number("MATRIX_CLOCK_LEEWAY_MS")?.unwrap_or(0);
@@ -306,6 +309,7 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         .refreshable_access_lifetime_ms(lifetime_ms)
         .refresh_lifetime_ms(refresh_lifetime_ms)
         .access_lifetime_ms(access_lifetime_ms)
+        .session_lifetime_ms(session_lifetime_ms)
         .login_lifetime_ms(login_token_lifetime_ms);
     let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store);
     let state = AppState {

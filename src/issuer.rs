@@ -261,6 +261,7 @@ pub struct Issuer {
     refreshable_access_lifetime_ms: u64,
     refresh_lifetime_ms: Option<u64>,
     login_lifetime_ms: u64,
+    session_lifetime_ms: Option<u64>,
     format: Format,
 }
 
@@ -281,6 +282,7 @@ impl Issuer {
             refreshable_access_lifetime_ms: DEFAULT_REFRESHABLE_ACCESS_LIFETIME_MS,
             refresh_lifetime_ms: None,
             login_lifetime_ms: DEFAULT_LOGIN_TOKEN_LIFETIME_MS,
+            session_lifetime_ms: None,
             format: Format::V1,
         }
     }
@@ -321,6 +323,15 @@ impl Issuer {
         self
     }
 
+    /// How long a session lives from its login, whatever its refreshes (default: no limit; as
+    /// Synapse's `session_lifetime`): every token of the session expires by then, and a refresh
+    /// after it fails, so the client logs in again. It also bounds what a store keeps about the
+    /// session, whatever the other lifetimes.
+    pub fn session_lifetime_ms(mut self, lifetime: Option<u64>) -> Self {
+        self.session_lifetime_ms = lifetime;
+        self
+    }
+
     /// Lifetime of login tokens (default: two minutes).
     pub fn login_lifetime_ms(mut self, lifetime: u64) -> Self {
         self.login_lifetime_ms = lifetime;
@@ -345,23 +356,27 @@ impl Issuer {
 
     /// The longest any token minted here can live, `None` if some never expire.
     pub fn max_lifetime_ms(&self) -> Option<u64> {
-        let refresh = self.refresh_lifetime_ms?;
-        let access = self.access_lifetime_ms?;
-        Some(
-            refresh
-                .max(access)
-                .max(self.refreshable_access_lifetime_ms)
-                .max(self.login_lifetime_ms),
-        )
+        Some(self.longest_session_token_ms()?.max(self.login_lifetime_ms))
     }
 
     /// The longest an access or refresh token (the tokens of a session) can live, `None` if some
-    /// never expire. Login tokens are sessions of their own, so they do not count: the state of a
-    /// logged-out session is kept this long, not two minutes longer.
-    pub(crate) fn session_lifetime_ms(&self) -> Option<u64> {
-        let refresh = self.refresh_lifetime_ms?;
-        let access = self.access_lifetime_ms?;
-        Some(refresh.max(access).max(self.refreshable_access_lifetime_ms))
+    /// never expire: then what a store records about sessions is kept for good.
+    pub(crate) fn longest_session_token_ms(&self) -> Option<u64> {
+        let tokens = (|| {
+            let refresh = self.refresh_lifetime_ms?;
+            let access = self.access_lifetime_ms?;
+            Some(refresh.max(access).max(self.refreshable_access_lifetime_ms))
+        })();
+        match (tokens, self.session_lifetime_ms) {
+            (Some(tokens), Some(session)) => Some(tokens.min(session)),
+            (tokens, session) => tokens.or(session),
+        }
+    }
+
+    /// When a session that began at `started_ms` ends, if it has a lifetime.
+    pub(crate) fn session_end_ms(&self, started_ms: u64) -> Option<u64> {
+        self.session_lifetime_ms
+            .map(|l| started_ms.saturating_add(l))
     }
 
     fn mint(
@@ -406,7 +421,7 @@ impl Issuer {
     ) -> IssuedTokens {
         let started_ms = session.started_ms.unwrap_or(now);
         let (access_lifetime, expires_at_ms, refresh_expires_at_ms, session_expires_ms) =
-            self.expiries(request.refresh, now, session.expires_ms);
+            self.expiries(request.refresh, now, started_ms, session.expires_ms);
         let device_id = request.device_id.as_deref();
         let nonce = |kind| TokenNonce {
             session: session.id,
@@ -454,6 +469,7 @@ impl Issuer {
         &self,
         refresh: bool,
         now: u64,
+        started_ms: u64,
         session_so_far: Option<u64>,
     ) -> (Option<u64>, Option<u64>, Option<u64>, Option<u64>) {
         let access_lifetime = if refresh {
@@ -461,8 +477,15 @@ impl Issuer {
         } else {
             self.access_lifetime_ms
         };
-        let expires_at_ms = access_lifetime.map(|l| now.saturating_add(l));
-        let refresh_expires_at_ms = self.refresh_lifetime_ms.map(|l| now.saturating_add(l));
+        // Nothing outlives the session's end, when it has one.
+        let end = self.session_end_ms(started_ms);
+        let capped = |at: Option<u64>| match (at, end) {
+            (Some(at), Some(end)) => Some(at.min(end)),
+            (at, end) => at.or(end),
+        };
+        let expires_at_ms = capped(access_lifetime.map(|l| now.saturating_add(l)));
+        let access_lifetime = expires_at_ms.map(|at| at.saturating_sub(now));
+        let refresh_expires_at_ms = capped(self.refresh_lifetime_ms.map(|l| now.saturating_add(l)));
         // The latest expiry of the session's tokens, these included: a store keeps the session's
         // state that long, so no token of it can outlive its logout.
         let mut session_expires_ms = latest(session_so_far, expires_at_ms);
@@ -479,7 +502,8 @@ impl Issuer {
 
     /// The session's latest expiry once a refresh at `now` has minted the next generation.
     pub(crate) fn successor_session_expires_ms(&self, nonce: &TokenNonce, now: u64) -> Option<u64> {
-        self.expiries(true, now, nonce.session_expires_ms).3
+        self.expiries(true, now, nonce.started_ms, nonce.session_expires_ms)
+            .3
     }
 
     /// Mints the first tokens of a new session (a login or a registration). `epoch` is the
@@ -576,6 +600,7 @@ impl fmt::Debug for Issuer {
             )
             .field("refresh_lifetime_ms", &self.refresh_lifetime_ms)
             .field("login_lifetime_ms", &self.login_lifetime_ms)
+            .field("session_lifetime_ms", &self.session_lifetime_ms)
             .finish_non_exhaustive()
     }
 }

@@ -108,11 +108,11 @@ impl Sessions {
         verifier: Verifier,
         store: Arc<dyn TokenStore>,
     ) -> Self {
-        if issuer.session_lifetime_ms().is_none() {
+        if issuer.longest_session_token_ms().is_none() {
             tracing::warn!(
                 "the issuer mints tokens that never expire: the revocation store keeps every \
-                 logout and refresh of their sessions for good; set access_lifetime_ms and \
-                 refresh_lifetime_ms to bound it"
+                 logout and refresh of their sessions for good; set session_lifetime_ms (or \
+                 access_lifetime_ms and refresh_lifetime_ms) to bound it"
             );
         }
         Self {
@@ -183,6 +183,15 @@ impl Sessions {
             .ok_or(ExchangeError::Invalid)?;
         // One instant for what the store is told to keep and for what is minted.
         let now = inner.issuer.now_ms();
+        // Past the session's lifetime (set after it began, so its tokens may not say so): the
+        // client logs in again.
+        if inner
+            .issuer
+            .session_end_ms(nonce.started_ms)
+            .is_some_and(|end| now >= end)
+        {
+            return Err(ExchangeError::Invalid);
+        }
         let until = inner
             .issuer
             .successor_session_expires_ms(&nonce, now)

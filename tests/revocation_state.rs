@@ -528,3 +528,61 @@ async fn a_session_nonce_of_another_kind_is_refused() {
     })
     .await;
 }
+
+/// Finding 2's bound: a session lifetime alone (no other lifetime set) gives every token of the
+/// session a `time <`, so what the store keeps about it is forgotten once it ends; a refresh after
+/// the end fails, also for a session that began before the lifetime was configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lifetime_bounds_the_session_and_its_state() {
+    each_backend(|mut h| async move {
+        let user = uid("ceiling");
+        let parts = http::Request::new(()).into_parts().0;
+        let start = h.clock.now_ms();
+        let bounded = h.sessions(Issuer::new(keys()).session_lifetime_ms(Some(10_000)));
+        let login = bounded.login(&user, &with_refresh());
+        assert_eq!(login.session_expires_ms, Some(start + 10_000));
+        assert_eq!(login.refresh_expires_at_ms, Some(start + 10_000));
+        // A session from before the lifetime was configured: its tokens never expire.
+        let unbounded = h.sessions(Issuer::new(keys()));
+        let old = unbounded.login(&user, &with_refresh());
+        h.clock.advance_ms(3_000);
+        let next = bounded
+            .refresh(
+                login.refresh_token.as_ref().unwrap().as_bytes(),
+                RefreshMode::Rotating,
+                &parts,
+            )
+            .await
+            .expect("within the session's lifetime");
+        // Capped at the session's end (the default refreshable lifetime is five minutes).
+        assert_eq!(
+            (next.expires_at_ms, next.expires_in_ms),
+            (Some(start + 10_000), Some(7_000))
+        );
+        assert_eq!(next.refresh_expires_at_ms, Some(start + 10_000));
+        bounded
+            .logout(&h.user(&next.access_token, TokenType::Access))
+            .await
+            .unwrap();
+        h.clock.set_ms(start + 10_000);
+        assert!(bounded
+            .refresh(
+                old.refresh_token.as_ref().unwrap().as_bytes(),
+                RefreshMode::Rotating,
+                &parts
+            )
+            .await
+            .is_err());
+        h.clock.set_ms(start + 10_000 + LEEWAY_MS);
+        if let Backend::Memory = h.backend {
+            assert!(h.memory.len() > 0);
+            h.forget_expired().await;
+            assert_eq!(
+                h.memory.len(),
+                0,
+                "the session's record outlived its tokens"
+            );
+        }
+    })
+    .await;
+}
