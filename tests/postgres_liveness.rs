@@ -192,6 +192,9 @@ async fn answer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
+    if common::pg::skip() {
+        return;
+    }
     let (addr, dbname) = database();
     let proxy = Proxy::start(addr).await;
     let deadline = Duration::from_millis(1500);
@@ -295,6 +298,9 @@ async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setups_that_keep_failing_never_multiply_connections() {
+    if common::pg::skip() {
+        return;
+    }
     let (addr, _) = database();
     let admin = admin("postgres").await;
     // Left behind by an earlier run that failed half-way.
@@ -370,6 +376,9 @@ async fn setups_that_keep_failing_never_multiply_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_writer_is_noticed_and_replaced() {
+    if common::pg::skip() {
+        return;
+    }
     let (addr, dbname) = database();
     let admin = admin(&dbname).await;
     let application_name = unique("writer_dies");
@@ -434,6 +443,9 @@ fn unknown_generation() -> MatrixUser {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_for_unknown_generations_neither_wait_for_writes_nor_repeat() {
+    if common::pg::skip() {
+        return;
+    }
     let (addr, dbname) = database();
     // Its writer's statements time out after a third of the deadline: 1 s.
     let a = PostgresStore::connect_with(

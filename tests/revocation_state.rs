@@ -142,6 +142,11 @@ where
     Fut: Future<Output = ()>,
 {
     for backend in [Backend::Memory, Backend::Postgres] {
+        if let Backend::Postgres = backend {
+            if common::pg::skip() {
+                continue;
+            }
+        }
         eprintln!("backend: {backend:?}");
         test(Harness::new(backend).await).await;
     }

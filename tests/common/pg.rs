@@ -1,5 +1,22 @@
 //! The PostgreSQL server `scripts/postgres.sh` started for the tests.
 
+/// Whether this test must skip for want of a PostgreSQL server: a plain `cargo test` on a fresh
+/// clone has none, and says so; `./scripts/test.sh` starts one and sets
+/// `MATRIX_REQUIRE_POSTGRES`, under which a missing server fails the test instead.
+pub fn skip() -> bool {
+    if std::env::var_os("MATRIX_TEST_DATABASE_URL").is_some() {
+        return false;
+    }
+    assert!(
+        std::env::var_os("MATRIX_REQUIRE_POSTGRES").is_none(),
+        "MATRIX_REQUIRE_POSTGRES is set but MATRIX_TEST_DATABASE_URL is not"
+    );
+    eprintln!(
+        "skipped: needs PostgreSQL (MATRIX_TEST_DATABASE_URL unset; ./scripts/test.sh starts one)"
+    );
+    true
+}
+
 pub fn database_url() -> String {
     std::env::var("MATRIX_TEST_DATABASE_URL").expect(
         "MATRIX_TEST_DATABASE_URL is not set: run ./scripts/test.sh, or `eval \"$(scripts/postgres.sh start)\"` first",
