@@ -125,8 +125,9 @@ pub struct MatrixUser {
     has_nonce: bool,
     /// The nonce is the token's first caveat, where only the minter can write.
     nonce_first: bool,
-    /// The earliest `time <` before the first nonce (see [`MatrixUser::nonce_expiry_ms`]).
-    expires_before_nonce_ms: Option<u64>,
+    /// The earliest `time <` before the first nonce (see [`MatrixUser::nonce_expiry_ms`]),
+    /// `u64::MAX` for none: a word, not an `Option`'s two, on every verified request.
+    expires_before_nonce_ms: u64,
     is_guest: bool,
     token_type: TokenType,
     expires_at_ms: Option<u64>,
@@ -195,7 +196,7 @@ impl MatrixUser {
             device_id_end: claims.device_id.map(|d| user_id_end + d.len()),
             has_nonce: claims.nonce.is_some(),
             nonce_first: claims.nonce_first,
-            expires_before_nonce_ms: claims.expires_before_nonce_ms,
+            expires_before_nonce_ms: claims.expires_before_nonce_ms.unwrap_or(u64::MAX),
             is_guest: claims.is_guest,
             token_type: claims.token_type,
             expires_at_ms: claims.expires_at_ms,
@@ -223,7 +224,7 @@ impl MatrixUser {
             device_id_end: device_id.map(|d| user_id_end + d.len()),
             has_nonce: false,
             nonce_first: false,
-            expires_before_nonce_ms: None,
+            expires_before_nonce_ms: u64::MAX,
             is_guest,
             token_type: TokenType::Access,
             expires_at_ms,
@@ -340,7 +341,7 @@ impl MatrixUser {
     /// written before that nonce, the part of the token its minter wrote. `None` when none was
     /// (the minter's token may never expire, whatever a holder appended later).
     pub(crate) fn nonce_expiry_ms(&self) -> Option<u64> {
-        self.expires_before_nonce_ms
+        Some(self.expires_before_nonce_ms).filter(|&at| at != u64::MAX)
     }
 }
 
