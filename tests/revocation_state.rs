@@ -580,7 +580,7 @@ async fn a_session_lifetime_bounds_the_session_and_its_state() {
             .is_err());
         h.clock.set_ms(start + 10_000 + LEEWAY_MS);
         if let Backend::Memory = h.backend {
-            assert!(h.memory.len() > 0);
+            assert!(!h.memory.is_empty());
             h.forget_expired().await;
             assert_eq!(
                 h.memory.len(),
