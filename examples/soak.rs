@@ -1292,7 +1292,7 @@ mod lifecycle {
                 return false;
             };
             self.whoami(client, "whoami a0", &a0, &device, true).await;
-            let (a1, r1) = if n.is_multiple_of(2) {
+            let (a1, r1) = if n % 2 == 0 {
                 let Some((a1, r1)) = self
                     .refresh(client, "v3/refresh r0", REFRESH, &r0, true)
                     .await

@@ -27,6 +27,7 @@ struct Namespace {
 ///     .unwrap();
 /// assert!(format!("{bridge:?}").contains("irc") && !format!("{bridge:?}").contains("as_token_from"));
 /// ```
+#[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct AppService {
     id: Arc<str>,
@@ -124,9 +125,10 @@ impl fmt::Debug for AppService {
 }
 
 /// Answers whether a user has a device, for `?device_id=`.
-pub type DeviceCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+pub(crate) type DeviceCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 /// The registered application services.
+#[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone, Default)]
 pub struct AppServices {
     list: Arc<Vec<AppService>>,

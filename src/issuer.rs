@@ -252,6 +252,7 @@ pub struct SessionRequest {
 /// Access tokens carry `gen = 1`, `user_id`, `type = access`, `nonce`, then `guest = true`,
 /// `device_id` and `time <` when they apply: Synapse's caveats plus `device_id`, so pymacaroons
 /// with Synapse's rules (and `device_id` allowed) accepts them.
+#[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct Issuer {
     keys: KeyRing,

@@ -179,6 +179,7 @@ impl RingKey {
 /// assert!(format!("{ring:?}").contains("key2"));
 /// assert!(!format!("{ring:?}").contains("secret"));
 /// ```
+#[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone, Default)]
 pub struct KeyRing {
     keys: Arc<[RingKey]>,

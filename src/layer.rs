@@ -126,6 +126,7 @@ impl Config {
 /// exchange) can record theirs the same way with [`crate::MatrixUser::record_in_current_span`].
 ///
 /// See the [crate docs](crate) for an example.
+#[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct MatrixAuthLayer {
     config: Arc<Config>,

@@ -47,6 +47,7 @@
 //! `mint` writes tokens, [`routes`] recognises the Matrix routes that path-dependent rules name,
 //! and `layer`, `service` and `future` are the tower plumbing.
 #![deny(missing_docs)]
+#![warn(unreachable_pub, missing_debug_implementations, rust_2018_idioms)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -126,3 +127,22 @@ pub use crate::axum::{AppServiceRejection, AppServiceRequest, MissingMatrixUser}
 pub fn __hmac_sha256_32(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
     hmac_sha256::hmac32(key, message)
 }
+
+/// A layer configured and then dropped is a compile-time warning, not a silent no-op:
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// use tower_matrix_auth::{KeyRing, MacaroonSecret, MatrixAuthLayer};
+/// let layer = MatrixAuthLayer::new(KeyRing::new().with_key("k", MacaroonSecret::from_passphrase("s")));
+/// layer.clone().skip_path("/x"); // the rule would be lost
+/// ```
+///
+/// ```
+/// #![deny(unused_must_use)]
+/// use tower_matrix_auth::{KeyRing, MacaroonSecret, MatrixAuthLayer};
+/// let layer = MatrixAuthLayer::new(KeyRing::new().with_key("k", MacaroonSecret::from_passphrase("s")));
+/// let layer = layer.skip_path("/x");
+/// # drop(layer);
+/// ```
+#[cfg(doctest)]
+pub struct MustUseBuilders;

@@ -22,6 +22,7 @@ use crate::wire::{self, Format, MacaroonFields, OwnedCaveat};
 ///     .to_token();
 /// assert!(!token.contains('='));
 /// ```
+#[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct TokenBuilder<'k> {
     keys: &'k KeyRing,

@@ -86,6 +86,7 @@ struct Inner {
 ///
 /// The layer must consult the same store, e.g.
 /// `MatrixAuthLayer::with_verifier(verifier).revocation(sessions.store())`.
+#[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct Sessions {
     inner: Arc<Inner>,

@@ -35,6 +35,7 @@ pub const DEFAULT_TOKEN_CACHE: usize = 4096;
 /// let rejection = verifier.verify(b"not a macaroon", TokenType::Access, &parts).unwrap_err();
 /// assert_eq!(rejection.errcode(), "M_UNKNOWN_TOKEN");
 /// ```
+#[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct Verifier {
     keys: KeyRing,

@@ -46,6 +46,7 @@ const APPLICATION_NAME: &str = "tower-matrix-auth";
 ///     .setup_timeout(Duration::from_secs(60));
 /// assert_eq!(options.get_freshness_deadline(), Duration::from_secs(5));
 /// ```
+#[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Debug, Clone)]
 pub struct PostgresOptions {
     freshness_deadline: Duration,
