@@ -11,6 +11,29 @@ pub trait Clock: Send + Sync + 'static {
     fn now_ms(&self) -> u64;
 }
 
+/// A closure is a clock:
+///
+/// ```
+/// use tower_matrix_auth::{Clock, Verifier};
+/// # let keys = tower_matrix_auth::KeyRing::new();
+/// let verifier = Verifier::new(keys).clock(|| 1_700_000_000_000);
+/// assert_eq!(verifier.now_ms(), 1_700_000_000_000);
+/// ```
+impl<F> Clock for F
+where
+    F: Fn() -> u64 + Send + Sync + 'static,
+{
+    fn now_ms(&self) -> u64 {
+        self()
+    }
+}
+
+impl<C: Clock + ?Sized> Clock for std::sync::Arc<C> {
+    fn now_ms(&self) -> u64 {
+        (**self).now_ms()
+    }
+}
+
 /// The system's wall clock.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;

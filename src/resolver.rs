@@ -60,6 +60,26 @@ pub trait TokenResolver: Send + Sync + 'static {
     fn resolve(&self, token: &str) -> ResolveFuture;
 }
 
+/// A closure is a resolver:
+///
+/// ```
+/// use tower_matrix_auth::{ResolveFuture, ResolvedToken};
+/// # let keys = tower_matrix_auth::KeyRing::new().with_key("k", tower_matrix_auth::MacaroonSecret::from_passphrase("s"));
+/// let layer = tower_matrix_auth::MatrixAuthLayer::new(keys).resolver(|token: &str| -> ResolveFuture {
+///     let known = (token == "syt_opaque").then(|| ResolvedToken::user("@alice:example.org"));
+///     Box::pin(std::future::ready(Ok(known)))
+/// });
+/// # drop(layer);
+/// ```
+impl<F> TokenResolver for F
+where
+    F: Fn(&str) -> ResolveFuture + Send + Sync + 'static,
+{
+    fn resolve(&self, token: &str) -> ResolveFuture {
+        self(token)
+    }
+}
+
 impl<R: TokenResolver + ?Sized> TokenResolver for Arc<R> {
     fn resolve(&self, token: &str) -> ResolveFuture {
         (**self).resolve(token)

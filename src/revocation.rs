@@ -139,6 +139,26 @@ pub trait Revocation: Send + Sync + 'static {
     fn check(&self, user: &MatrixUser) -> RevocationCheck;
 }
 
+/// A closure is a revocation check:
+///
+/// ```
+/// use tower_matrix_auth::{MatrixUser, RevocationCheck, RevocationStatus};
+/// # let keys = tower_matrix_auth::KeyRing::new().with_key("k", tower_matrix_auth::MacaroonSecret::from_passphrase("s"));
+/// let layer = tower_matrix_auth::MatrixAuthLayer::new(keys).revocation(|user: &MatrixUser| {
+///     let revoked = user.user_id() == "@mallory:example.org";
+///     RevocationCheck::ready(Ok(if revoked { RevocationStatus::Revoked } else { RevocationStatus::Active }))
+/// });
+/// # drop(layer);
+/// ```
+impl<F> Revocation for F
+where
+    F: Fn(&MatrixUser) -> RevocationCheck + Send + Sync + 'static,
+{
+    fn check(&self, user: &MatrixUser) -> RevocationCheck {
+        self(user)
+    }
+}
+
 /// The default: nothing is ever revoked.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NeverRevoked;

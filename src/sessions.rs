@@ -54,6 +54,12 @@ where
     }
 }
 
+impl<R: RateLimit + ?Sized> RateLimit for Arc<R> {
+    fn check(&self, parts: &Parts) -> Option<Duration> {
+        (**self).check(parts)
+    }
+}
+
 /// Why a refresh or a login token was refused.
 #[derive(Debug)]
 #[non_exhaustive]

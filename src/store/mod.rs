@@ -264,6 +264,29 @@ pub trait TokenStore: Revocation {
     fn consume_once(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, bool>;
 }
 
+impl<T: TokenStore + ?Sized> TokenStore for std::sync::Arc<T> {
+    fn refresh(
+        &self,
+        token: &TokenRef,
+        mode: RefreshMode,
+        until_ms: u64,
+    ) -> StoreFuture<'_, Option<u32>> {
+        (**self).refresh(token, mode, until_ms)
+    }
+    fn revoke_session(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, ()> {
+        (**self).revoke_session(token, until_ms)
+    }
+    fn revoke_user(&self, user_id: &str, at_least: u64) -> StoreFuture<'_, u64> {
+        (**self).revoke_user(user_id, at_least)
+    }
+    fn user_floor(&self, user_id: &str) -> u64 {
+        (**self).user_floor(user_id)
+    }
+    fn consume_once(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, bool> {
+        (**self).consume_once(token, until_ms)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
