@@ -27,13 +27,7 @@ impl std::error::Error for MissingMatrixUser {}
 
 /// A Matrix JSON error as an axum response.
 fn matrix_error(status: StatusCode, errcode: &str, error: &str) -> Response {
-    let body = serde_json::json!({ "errcode": errcode, "error": error });
-    (
-        status,
-        [(http::header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    crate::json::matrix_error(status, errcode, error).map(axum_core::body::Body::from)
 }
 
 impl IntoResponse for MissingMatrixUser {

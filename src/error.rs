@@ -238,6 +238,10 @@ impl Rejection {
 
     /// The Matrix JSON body: `{"errcode", "error"}`, plus `"soft_logout": true` when it applies.
     pub fn to_json(&self) -> String {
+        self.json().to_string()
+    }
+
+    fn json(&self) -> serde_json::Value {
         let mut body = serde_json::json!({
             "errcode": self.errcode(),
             "error": self.message(),
@@ -245,17 +249,12 @@ impl Rejection {
         if self.soft_logout() {
             body["soft_logout"] = true.into();
         }
-        body.to_string()
+        body
     }
 
     /// The complete response: status, `Content-Type: application/json` and the JSON body.
     pub fn to_response(&self) -> Response<Bytes> {
-        let mut response = Response::new(Bytes::from(self.to_json()));
-        *response.status_mut() = self.status();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        let mut response = crate::json::json_response(self.status(), &self.json());
         if self.is_unavailable() {
             response
                 .headers_mut()

@@ -70,6 +70,7 @@ pub mod fuzzing;
 mod hmac_sha256;
 mod identity;
 mod issuer;
+mod json;
 mod keys;
 mod layer;
 mod mint;

@@ -330,27 +330,14 @@ pub struct RefreshEndpoint {
     mode: RefreshMode,
 }
 
-/// A Matrix JSON response.
-pub(crate) fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+/// A Matrix JSON response, as the endpoints' body type.
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    crate::json::json_response(status, &body).map(Full::new)
 }
 
-/// A Matrix JSON error response.
-pub(crate) fn matrix_error(
-    status: StatusCode,
-    errcode: &str,
-    error: &str,
-) -> Response<Full<Bytes>> {
-    json_response(
-        status,
-        serde_json::json!({"errcode": errcode, "error": error}),
-    )
+/// A Matrix JSON error, as the endpoints' body type.
+fn matrix_error(status: StatusCode, errcode: &str, error: &str) -> Response<Full<Bytes>> {
+    crate::json::matrix_error(status, errcode, error).map(Full::new)
 }
 
 /// Reads `refresh_token` from a JSON body, or the `errcode` and `error` of the 400 that says what
