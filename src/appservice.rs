@@ -126,7 +126,7 @@ impl fmt::Debug for AppService {
 /// Answers whether a user has a device, for `?device_id=`.
 pub type DeviceCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
-/// The registered application services.
+#[doc = include_str!("../docs/appservice.md")]
 #[derive(Clone, Default)]
 pub struct AppServices {
     list: Arc<Vec<AppService>>,
