@@ -79,3 +79,8 @@ pub use crate::axum::{AppServiceRejection, AppServiceRequest, MissingMatrixUser}
 pub fn __hmac_sha256_32(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
     hmac_sha256::hmac32(key, message)
 }
+
+/// The README's code blocks, compiled and run as doctests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
