@@ -67,7 +67,7 @@ fn layer(c: &mut Criterion) {
     group.finish();
 
     // The revocation hook, on cache hits so that the store's share stands out. Where the real
-    // in-memory store of issue 3 is measured next to the toy `HashSetStore`.
+    // in-memory store (`MemoryStore`) is measured next to the toy `HashSetStore`.
     let header = header_request(&token);
     let mut group = c.benchmark_group("revocation");
     let stores = [

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The load benchmark of issue 4: hyper 1 on one tokio thread, bare and behind MatrixAuthLayer
+# The load benchmark of `docs/performance.md` ("Under load"): hyper 1 on one tokio thread, bare and behind MatrixAuthLayer
 # (without and with the verified-token cache), each under wrk with every request carrying the
 # same valid token, on 127.0.0.1 only. The three servers run side by side for the whole run and
 # wrk loads them in turn, in short slices whose order rotates every round, so that a shared

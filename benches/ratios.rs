@@ -1,10 +1,11 @@
-//! The figures of issue 4 as ratios, measured interleaved so that they hold on a busy machine:
+//! The verification figures of `docs/performance.md` as ratios, measured interleaved so that they hold on a busy machine:
 //! every round times a short batch of each case in turn, and each ratio is the median over rounds
 //! of the two cases' times in the same round. `cargo bench --bench ratios`; `RATIO_ROUNDS=N`
 //! for more rounds (default 300).
 //!
 //! Criterion's groups (`verify`, `layer`) measure the same cases one after the other, with
-//! confidence intervals; this harness is what the README's table comes from.
+//! confidence intervals; this harness is what the tables of `docs/performance.md` (and the
+//! README's headline figures) come from.
 
 mod common;
 
@@ -84,7 +85,7 @@ fn cases() -> Vec<(&'static str, Run)> {
     let cached_verifier = Verifier::new(keys.clone());
     let crate_ = MacaroonCrate::new();
     let jwt = Jwt::new();
-    // Where the real in-memory store is measured next to the toy one: `MemoryStore` (issue 3).
+    // Where the real in-memory store is measured next to the toy one: `MemoryStore`.
     let hash_set = MatrixAuthLayer::new(keys.clone()).revocation(HashSetStore::with_revoked(1000));
     let memory = MatrixAuthLayer::new(keys.clone()).revocation(MemoryStore::new());
     for layer in [&uncached, &cached, &hash_set, &memory] {

@@ -1,9 +1,9 @@
-//! The verification group of issue 4 with criterion: our full verification of a Synapse-style
+//! The verification figures of `docs/performance.md` with criterion: our full verification of a Synapse-style
 //! token against the chain-only floor (the same RustCrypto HMAC), the `macaroon` crate and
 //! `jsonwebtoken`, and the verified-token cache.
 //!
 //! `cargo bench --bench verify`. Compare ratios within one run, never absolute times; the
-//! README's figures come from `benches/ratios.rs`, which interleaves the same cases.
+//! published figures come from `benches/ratios.rs`, which interleaves the same cases.
 
 mod common;
 

@@ -3,10 +3,13 @@
 //! Run it with
 //!
 //! ```text
-//! cargo run --release --example homeserver --features axum
+//! MATRIX_USERS=alice:password cargo run --release --example homeserver
 //! ```
 //!
-//! Configuration, all from the environment:
+//! No `--features` are needed: examples build with every feature of the crate (its
+//! dev-dependency on itself enables them).
+//!
+//! Configuration, all from the environment (a contract that outside conformance tests drive):
 //!
 //! | variable                  | meaning                                                     | default          |
 //! |---------------------------|-------------------------------------------------------------|------------------|
@@ -29,7 +32,7 @@
 //! Getting a token:
 //!
 //! ```text
-//! MATRIX_PRINT_TOKEN_FOR=@alice:localhost cargo run --example homeserver --features axum
+//! MATRIX_PRINT_TOKEN_FOR=@alice:localhost cargo run --example homeserver
 //! curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8008/_matrix/client/v3/account/whoami
 //! ```
 //!
@@ -94,6 +97,9 @@
 //! * `POST /_matrix/client/v3/rooms/{roomId}/upgrade`: `{"replacement_room"}`, a new one.
 //! * `PUT /_matrix/client/{v3,r0}/profile/{userId}/displayname`: `{}`, one's own only (another
 //!   user's is `403 M_FORBIDDEN`; guests may set theirs).
+//! * any other path: `404 M_UNRECOGNIZED`, token or not.
+//! * a known path with another method: `405 M_UNRECOGNIZED` (authentication comes first there,
+//!   so without a valid token it is the 401).
 //!
 //! The room and profile routes keep nothing (no rooms, no events, no profiles): they are here to
 //! show the layer's account and guest rules on the shapes of real routes. Their bodies must be
@@ -134,6 +140,11 @@
 //! | `MATRIX_CLOCK_LEEWAY_MS`   | how long past its `time <` a token still verifies (clock skew between servers); the layer and the token lifecycle share it | `0` |
 //! | `MATRIX_SWEEP_INTERVAL_MS` | how often expired revocation state is forgotten, on a timer: the memory store is swept, PostgreSQL's expired rows deleted (at least `1`) | `10000` |
 //!
+//! Revocation state (logouts, refreshes) is forgotten only once every token it speaks for has
+//! stopped verifying: with both `MATRIX_REFRESH_TOKEN_LIFETIME_MS` and
+//! `MATRIX_ACCESS_TOKEN_LIFETIME_MS` set, or `MATRIX_SESSION_LIFETIME_MS`; otherwise it is kept for
+//! as long as the server runs (with a warning at start-up).
+//!
 //! Accounts and administrators: each variable is a comma-separated list of user ids or bare
 //! localparts of this server (`bob` is `@bob:<server name>`).
 //!
@@ -158,9 +169,6 @@
 //!
 //! An application service may act as a user of its namespace with `?user_id=`, and as one of
 //! that user's devices with `?device_id=` (a device is known here once it logged in).
-//! * any other path: `404 M_UNRECOGNIZED`, token or not.
-//! * a known path with another method: `405 M_UNRECOGNIZED` (authentication comes first there,
-//!   so without a valid token it is the 401).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -961,7 +961,7 @@ async fn main() {
 /// `--mode lifecycle`: many clients at once, each its own user (`soak<i>`), repeat
 /// login → whoami → refresh → whoami → logout (every fourth cycle: a second login, then
 /// `logout/all`), alternating `/v3/refresh` and `/r0/tokenrefresh`, and check every answer against
-/// the README's lifecycle table:
+/// the docs' lifecycle table:
 ///
 /// - after `/v3/refresh` the old access token works until the new one is used, then
 ///   `401 M_UNKNOWN_TOKEN`, and the old refresh token is refused (`401 M_UNKNOWN_TOKEN`);

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the cargo-fuzz targets in fuzz/ (see fuzz/fuzz_targets/*.rs and the README's Hardening).
+# Runs the cargo-fuzz targets in fuzz/ (see fuzz/fuzz_targets/*.rs and TESTING.md).
 #
 #   scripts/fuzz.sh short [SECONDS]     every target for SECONDS (default 10): what ./scripts/test.sh runs
 #   scripts/fuzz.sh long [SECONDS]      every target for SECONDS (default 300), one after the other

@@ -27,7 +27,7 @@ store=memory
 if [ -n "${MATRIX_DATABASE_URL:-}" ]; then store=postgres; fi
 
 # SOAK_PROFILE=dev reuses the test build (./scripts/test.sh does, to spare CI a release build of
-# every dependency); the figures in the README are from release builds.
+# every dependency); the figures in TESTING.md are from release builds.
 profile=${SOAK_PROFILE:-release}
 cargo build --profile "$profile" --all-features --quiet --example homeserver --example soak
 case "$profile" in dev) dir=debug ;; *) dir=$profile ;; esac

@@ -34,8 +34,7 @@ pub enum AccountStatus {
     Deactivated,
 }
 
-/// Tells the layer the state of an account. Called for every authenticated request, so answer
-/// from memory (a cache the homeserver keeps current), never with a database round trip.
+#[doc = include_str!("../docs/account_state.md")]
 pub trait AccountState: Send + Sync + 'static {
     /// The state of `user_id`'s account.
     fn status(&self, user_id: &str) -> AccountStatus;

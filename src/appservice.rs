@@ -127,7 +127,7 @@ impl fmt::Debug for AppService {
 /// Answers whether a user has a device, for `?device_id=`.
 pub(crate) type DeviceCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
-/// The registered application services.
+#[doc = include_str!("../docs/appservice.md")]
 #[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone, Default)]
 pub struct AppServices {

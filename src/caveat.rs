@@ -5,18 +5,8 @@
 //! requires ("Servers are required to reject any macaroon with a caveat that they do not
 //! understand").
 //!
-//! | caveat | accepted | rejected |
-//! |---|---|---|
-//! | `gen = 1` | exactly that | any other value or operator |
-//! | `user_id = @local:server` | required; repeated only with the same value | missing, not `=`, not a user id, two different users |
-//! | `type = access\|refresh\|login` | exactly one value, the one the endpoint expects | missing, unknown, two different types |
-//! | `time < T` | now < T (ms, UTC) | no longer holds: `soft_logout` |
-//! | `time > T` / `time == T` | now > T / now = T | otherwise |
-//! | `nonce = …` | any value | other operators |
-//! | `guest = true` | exactly that | any other value |
-//! | `device_id = …` | repeated only with the same value | two different devices |
-//! | registered custom keys | the checker says yes | the checker says no |
-//! | anything else, third-party caveats | never | always |
+//! The caveat table this file implements is written once, in `docs/verifier.md`, and rendered
+//! on [`crate::Verifier`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -27,6 +17,10 @@ use crate::identity::TokenType;
 use crate::wire::RawCaveat;
 
 /// A first-party caveat in the `key op value` form, as a custom caveat checker sees it.
+///
+/// What each caveat means, and which ones a token must have, is the caveat table on
+/// [`Verifier`](crate::Verifier#caveats); [`Verifier::caveat`](crate::Verifier::caveat) and
+/// [`MatrixAuthLayer::caveat`](crate::MatrixAuthLayer::caveat) register checkers for other keys.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Caveat<'a> {
     key: &'a str,

@@ -93,8 +93,17 @@ impl Rejection {
         Self { kind }
     }
 
-    /// The HTTP status: 401, 403 for a guest where guests may not go, 503 when the revocation
-    /// state could not be read.
+    /// The HTTP status:
+    ///
+    /// - 401 for `M_MISSING_TOKEN`, `M_UNKNOWN_TOKEN` (a token that does not verify, is revoked or
+    ///   expired, of a deactivated account, or an opaque token nobody knows) and `M_USER_LOCKED`;
+    /// - 403 for `M_GUEST_ACCESS_FORBIDDEN` (a guest where guests may not go), `M_USER_SUSPENDED`
+    ///   (a write a suspended account may not make) and `M_FORBIDDEN` (an application service
+    ///   acting as a user it may not act as);
+    /// - 400 for `M_UNKNOWN_DEVICE` (an application service's `?device_id=` the user does not
+    ///   have);
+    /// - 503 for `M_UNKNOWN`, when the revocation store or the token resolver could not answer
+    ///   (the response also carries `Retry-After: 1`).
     pub fn status(&self) -> StatusCode {
         match self.kind {
             Kind::Missing(_) | Kind::Unknown(_) | Kind::Locked => StatusCode::UNAUTHORIZED,
@@ -146,8 +155,10 @@ impl Rejection {
         }
     }
 
-    /// Whether the client should refresh or log in again without wiping its data: the token
-    /// was valid but its `time <` caveat no longer holds.
+    /// Whether the response carries `"soft_logout": true`, telling the client to refresh or log
+    /// in again without wiping its data: the token is valid but its `time <` caveat no longer
+    /// holds (or an opaque token's resolved expiry has passed), or the account is locked
+    /// (`M_USER_LOCKED`, which the spec pairs with a soft logout).
     pub fn soft_logout(&self) -> bool {
         self.is_expired() || self.is_locked()
     }

@@ -1,17 +1,9 @@
 //! Finding the access token in a request: the `Authorization: Bearer` header and the
 //! `access_token` query parameter, with the Matrix rules for conflicts.
 //!
-//! | request | outcome |
-//! |---|---|
-//! | no header, no parameter (or only empty ones) | no token |
-//! | `Authorization: Bearer <t>` (scheme in any case, one space, one token) | `<t>` |
-//! | `?access_token=<t>` (percent-decoded; `+` stays `+`) | `<t>`, if query tokens are allowed |
-//! | header token and non-empty parameter | `M_MISSING_TOKEN` (mixing) |
-//! | two `Authorization` headers | `M_MISSING_TOKEN` |
-//! | two `access_token` parameters (empty or not) | `M_MISSING_TOKEN` |
-//! | `Authorization` that is not `Bearer <visible ASCII>` (`Basic …`, two tokens, bytes > 0x7e) | `M_MISSING_TOKEN` |
-//!
-//! An empty token (`Bearer` with nothing after it, `?access_token=`) counts as no token.
+//! The extraction table this file implements is written once, in `docs/layer.md`, and rendered on
+//! [`crate::MatrixAuthLayer`]. An empty token (`Bearer` with nothing after it, `?access_token=`)
+//! counts as no token.
 
 use std::borrow::Cow;
 

@@ -250,8 +250,10 @@ pub struct SessionRequest {
 /// Mints tokens with a key ring's minting key.
 ///
 /// Access tokens carry `gen = 1`, `user_id`, `type = access`, `nonce`, then `guest = true`,
-/// `device_id` and `time <` when they apply: Synapse's caveats plus `device_id`, so pymacaroons
-/// with Synapse's rules (and `device_id` allowed) accepts them.
+/// `device_id` and `time <` when they apply. Without a device those are all caveats Synapse
+/// understood, so pymacaroons with Synapse's rules accepts them; a `device_id` caveat is this
+/// crate's, and Synapse 1.33's `validate_macaroon` refuses it. See [`crate::Sessions`] for the
+/// session nonce and the lifetimes.
 #[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct Issuer {

@@ -166,9 +166,10 @@ impl RingKey {
 
 /// The keys a layer verifies with, looked up by the macaroon identifier.
 ///
-/// The first key added mints (see [`KeyRing::minting_key`]); every key verifies, so a deployment
-/// rotates by adding a new key in front and keeping the old ones until their tokens have expired.
-/// `Debug` lists the identifiers only.
+/// The first key added mints (see [`KeyRing::minting_key`]); every key verifies.
+/// [`with_key`](Self::with_key) appends, so to rotate, build a new ring that starts with the new
+/// key, followed by the old ones, which keep verifying until their tokens have expired (or are
+/// removed from the ring, which kills every token under them). `Debug` lists the identifiers only.
 ///
 /// ```
 /// use tower_matrix_auth::{KeyRing, MacaroonSecret};
@@ -191,8 +192,9 @@ impl KeyRing {
         Self::default()
     }
 
-    /// Adds a key under a macaroon identifier (Synapse used `key`). A later key with an identifier
-    /// already in the ring replaces it.
+    /// Adds a key under a macaroon identifier (Synapse used `key`), after the keys already in the
+    /// ring: it mints only if the ring was empty. A key with an identifier already in the ring
+    /// replaces that key, in its place.
     pub fn with_key(self, identifier: impl AsRef<[u8]>, secret: MacaroonSecret) -> Self {
         let identifier: Box<[u8]> = identifier.as_ref().into();
         let mut keys: Vec<RingKey> = self

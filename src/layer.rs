@@ -112,20 +112,7 @@ impl Config {
     }
 }
 
-/// Authenticates Matrix client-server requests with macaroon access tokens.
-///
-/// Every request that reaches the inner service carries a verified [`crate::MatrixUser`] in its
-/// extensions (unless a [`skip_when`](Self::skip_when) or optional rule let it through without
-/// one); every other request gets the Matrix JSON error. Cloning is cheap: the configuration is
-/// shared.
-///
-/// Logging: if the span current when the layer is called declares a `user_id` field (a
-/// `TraceLayer` span made with `user_id = tracing::field::Empty`), the layer fills it in with
-/// the verified user id, so the request's log lines say who made it. Nothing is recorded for a
-/// rejected request, and a token never is. Requests authenticated elsewhere (a login, a refresh
-/// exchange) can record theirs the same way with [`crate::MatrixUser::record_in_current_span`].
-///
-/// See the [crate docs](crate) for an example.
+#[doc = include_str!("../docs/layer.md")]
 #[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct MatrixAuthLayer {

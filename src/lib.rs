@@ -1,51 +1,4 @@
-//! Authenticate Matrix client-server requests with macaroon access tokens, as a tower layer.
-//!
-//! [`MatrixAuthLayer`] takes the access token from `Authorization: Bearer` or the
-//! `access_token` query parameter, verifies it as a macaroon (the HMAC chain, compared in
-//! constant time, and every caveat, failing closed on anything unknown), puts the verified
-//! [`MatrixUser`] into the request's extensions and answers everything else with the Matrix JSON
-//! error: `401 M_MISSING_TOKEN`, `401 M_UNKNOWN_TOKEN` (with `"soft_logout": true` when the token
-//! merely expired) or `403 M_GUEST_ACCESS_FORBIDDEN`.
-//!
-//! ```
-//! use http::{Request, Response, StatusCode};
-//! use tower::{service_fn, ServiceBuilder, ServiceExt};
-//! use tower_matrix_auth::{KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, TokenType};
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase("macaroon secret"));
-//! let token = keys.mint("@alice:example.org", TokenType::Access).unwrap().nonce("n1").to_token();
-//!
-//! let service = ServiceBuilder::new()
-//!     .layer(MatrixAuthLayer::new(keys))
-//!     .service(service_fn(|request: Request<String>| async move {
-//!         let user = request.extensions().get::<MatrixUser>().expect("the layer put it there");
-//!         Ok::<_, std::convert::Infallible>(Response::new(user.user_id().to_owned()))
-//!     }));
-//!
-//! // Accepted: the inner service sees Alice.
-//! let request = Request::get("/_matrix/client/v3/account/whoami")
-//!     .header("Authorization", format!("Bearer {token}"))
-//!     .body(String::new())?;
-//! let response = service.clone().oneshot(request).await?;
-//! assert_eq!(response.status(), StatusCode::OK);
-//!
-//! // Rejected: no token, so the inner service never runs.
-//! let request = Request::get("/_matrix/client/v3/account/whoami").body(String::new())?;
-//! let response = service.oneshot(request).await?;
-//! assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-//! let body = http_body_util::BodyExt::collect(response.into_body()).await?.to_bytes();
-//! assert_eq!(&body[..], br#"{"errcode":"M_MISSING_TOKEN","error":"Missing access token."}"#);
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! The source has one module per concern: `extract` finds the token, `wire` reads the macaroon
-//! formats, `verify` computes the chain, `caveat` holds every caveat rule (the whole policy in one
-//! file), `identity` is what handlers receive, `error` and `body` are the Matrix error responses,
-//! `mint` writes tokens, [`routes`] recognises the Matrix routes that path-dependent rules name,
-//! and `layer`, `service` and `future` are the tower plumbing.
+#![doc = include_str!("../docs/crate.md")]
 #![deny(missing_docs)]
 #![warn(unreachable_pub, missing_debug_implementations, rust_2018_idioms)]
 #![forbid(unsafe_code)]
@@ -147,3 +100,8 @@ pub fn __hmac_sha256_32(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
 /// ```
 #[cfg(doctest)]
 pub struct MustUseBuilders;
+
+/// The README's code blocks, compiled and run as doctests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

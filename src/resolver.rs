@@ -54,7 +54,7 @@ impl fmt::Debug for ResolvedToken {
 pub type ResolveFuture =
     Pin<Box<dyn Future<Output = Result<Option<ResolvedToken>, RevocationError>> + Send>>;
 
-/// Looks up tokens that are not macaroons (typically in the homeserver's database).
+#[doc = include_str!("../docs/opaque_tokens.md")]
 pub trait TokenResolver: Send + Sync + 'static {
     /// Resolves one token, as sent by the client.
     fn resolve(&self, token: &str) -> ResolveFuture;

@@ -43,25 +43,7 @@ impl TryFrom<&MatrixUser> for OwnedUserId {
 }
 
 impl Rejection {
-    /// ruma's [`ErrorKind`] for this rejection (feature `ruma`): the variant named like
-    /// [`Self::errcode`].
-    ///
-    /// | errcode                    | status | ruma                                            |
-    /// |----------------------------|--------|-------------------------------------------------|
-    /// | `M_MISSING_TOKEN`          | 401    | [`ErrorKind::MissingToken`]                     |
-    /// | `M_UNKNOWN_TOKEN`          | 401    | [`ErrorKind::UnknownToken`], `soft_logout` from [`Self::soft_logout`] |
-    /// | `M_USER_LOCKED`            | 401    | [`ErrorKind::UserLocked`] (ruma adds `"soft_logout": true`, as the layer does) |
-    /// | `M_GUEST_ACCESS_FORBIDDEN` | 403    | [`ErrorKind::GuestAccessForbidden`]             |
-    /// | `M_USER_SUSPENDED`         | 403    | [`ErrorKind::UserSuspended`]                    |
-    /// | `M_FORBIDDEN`              | 403    | [`ErrorKind::Forbidden`]                        |
-    /// | `M_UNKNOWN_DEVICE`         | 400    | [`ErrorKind::UnknownDevice`]                    |
-    /// | `M_UNKNOWN`                | 503    | [`ErrorKind::Unknown`]                          |
-    ///
-    /// `From<&Rejection> for ruma_common::api::error::Error` pairs this kind with
-    /// [`Self::status`] and [`Self::message`], so ruma's response has the layer's status and the
-    /// same JSON body. One header differs: the layer answers 503 with `Retry-After: 1`, which
-    /// ruma writes only for `M_LIMIT_EXCEEDED`; add it yourself if you render a store outage
-    /// with ruma.
+    #[doc = include_str!("../docs/ruma.md")]
     pub fn ruma_error_kind(&self) -> ErrorKind {
         match self.errcode() {
             "M_MISSING_TOKEN" => ErrorKind::MissingToken,

@@ -2,17 +2,8 @@
 //! single-use login tokens. One engine, [`Sessions`], over an [`Issuer`], a [`Verifier`] and a
 //! [`TokenStore`]; the refresh endpoints are tower services a homeserver mounts as they are.
 //!
-//! | token | valid from | until |
-//! |---|---|---|
-//! | access (generation g) | minted | its `time <`; its session logged out; the user logged out everywhere; a refresh of generation g used its successor (`/v3/refresh`) or happened (`/r0/tokenrefresh`) |
-//! | refresh (generation g) | minted | the same, and: used once at `/r0/tokenrefresh` |
-//! | successor (generation g+1) of `/v3/refresh` | minted | as above; its first use revokes generation g |
-//! | login token | minted | two minutes, or its one use |
-//!
-//! What the store records (a logout, a refresh, a used login token) is kept until every token it
-//! speaks for has stopped verifying: the session's latest `time <` plus the verifier's leeway, and
-//! for good when one of the session's tokens has no `time <`. "Log out everywhere" raises the
-//! user's floor above the epoch every session carries from its start.
+//! The lifecycle tables this file implements are written once, in `docs/sessions.md`, and
+//! rendered on [`Sessions`].
 
 use std::convert::Infallible;
 use std::fmt;
@@ -88,10 +79,7 @@ struct Inner {
     rate_limit: Option<Arc<dyn RateLimit>>,
 }
 
-/// The token lifecycle engine. Cloning is cheap; clones share everything.
-///
-/// The layer must consult the same store, e.g.
-/// `MatrixAuthLayer::with_verifier(verifier).revocation(sessions.store())`.
+#[doc = include_str!("../docs/sessions.md")]
 #[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct Sessions {

@@ -3,7 +3,7 @@
 //!
 //! The chain is computed here rather than by the `macaroon` crate, whose `Verifier` compares the
 //! final signature with `==`, cannot see a clock or the request, and costs several times the
-//! HMACs themselves (see the README's Performance section).
+//! HMACs themselves (see `docs/formats.md` and `docs/performance.md`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -25,16 +25,7 @@ pub const DEFAULT_MAX_CAVEATS: usize = 64;
 /// Default number of verified tokens remembered (see [`Verifier::token_cache`]).
 pub const DEFAULT_TOKEN_CACHE: usize = 4096;
 
-/// Checks tokens against a key ring and the caveat rules. The layer owns one; a homeserver can
-/// use one directly too (the refresh exchange, login tokens).
-///
-/// ```
-/// use tower_matrix_auth::{KeyRing, MacaroonSecret, TokenType, Verifier};
-/// let verifier = Verifier::new(KeyRing::new().with_key("key", MacaroonSecret::from_passphrase("s")));
-/// let parts = http::Request::new(()).into_parts().0;
-/// let rejection = verifier.verify(b"not a macaroon", TokenType::Access, &parts).unwrap_err();
-/// assert_eq!(rejection.errcode(), "M_UNKNOWN_TOKEN");
-/// ```
+#[doc = include_str!("../docs/verifier.md")]
 #[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct Verifier {

@@ -46,7 +46,7 @@ pub(crate) enum FormatError {
     Json,
 }
 
-/// The serialization a token arrived in (or is to be written in).
+#[doc = include_str!("../docs/formats.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Format {

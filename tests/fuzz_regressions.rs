@@ -129,7 +129,7 @@ async fn an_appservice_acts_only_as_matrix_user_ids() {
     }
 }
 
-/// `lifecycle`, seed `regression-nonce-signs`: the target's nonce oracle (the README's grammar,
+/// `lifecycle`, seed `regression-nonce-signs`: the target's nonce oracle (the docs' grammar,
 /// `<session: 32 hex>.<generation>.<issued ms>.<a|r|l>.<start>.<epoch>.<expiry|->`) refuses a session spelled with a
 /// leading `+`, which `TokenNonce::parse` took (`u128::from_str_radix` accepts a sign), so one
 /// session had two spellings (and two `TokenId`s). Found reading the code the oracle flagged,

@@ -1,7 +1,7 @@
 //! Property tests (proptest) of the token lifecycle: random sequences of logins, uses of access
 //! tokens, refreshes on both endpoints, logouts, log-outs everywhere, clock moves and sweeps, run
 //! against the real `Sessions` engine behind the real layer, over `MemoryStore` and over
-//! `PostgresStore`; every answer is compared with `Model`, a small model written from the README's
+//! `PostgresStore`; every answer is compared with `Model`, a small model written from the docs'
 //! "Token lifecycle" table and rules (not from `SessionState`). And: N concurrent single-use
 //! refreshes of one refresh token have exactly one winner, on both stores (two PostgreSQL stores,
 //! as two processes, for the database).
@@ -146,9 +146,9 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
     prop::collection::vec(op(), 1..48)
 }
 
-// ---- The model: the README's rules, nothing from src/store ------------------------------------
+// ---- The model: the docs' rules, nothing from src/store ------------------------------------
 
-/// What the README says about one login.
+/// What the docs say about one login.
 #[derive(Debug, Clone)]
 struct ModelLogin {
     user: usize,
@@ -164,7 +164,7 @@ struct ModelLogin {
     /// Expiry of the longest-lived token minted for this login so far.
     last_expiry_ms: u64,
     /// A sweep ran after every token of this login had expired: the store may have forgotten
-    /// it, which the README allows ("only until every token it speaks for would have expired").
+    /// it, which the docs allow ("only until every token it speaks for would have expired").
     forgettable: bool,
 }
 
@@ -319,7 +319,7 @@ impl Model {
 
     /// `/logout/all` with a token the layer let through: every token of the user minted before
     /// the request (the spec: "Invalidates all access tokens for a user [...] This includes the
-    /// access token that made this request"; the README's table: a0, r0 and other logins
+    /// access token that made this request"; the docs' table: a0, r0 and other logins
     /// revoked), however close in time; tokens minted after it are valid.
     fn logout_all(&mut self, login: usize) {
         let user = self.logins[login].user;
@@ -608,7 +608,7 @@ impl Case<'_> {
         let minted = &self.logins[li].generations[gi];
         let (generation, stamp) = (minted.generation, minted.stamp);
         // Logging out with an expired token of a login the store may have forgotten: the
-        // README does not say what happens (every token of that login has expired); not asked.
+        // the docs do not say what happens (every token of that login has expired); not asked.
         if path != WHOAMI
             && self.model.logins[li].forgettable
             && self.model.access_expired(li, stamp.issued_ms)

@@ -1,5 +1,5 @@
 //! Property tests (proptest): the round trip mint → serialize → verify, monotone attenuation,
-//! single-bit changes, and token extraction against an oracle written from the README's table
+//! single-bit changes, and token extraction against an oracle written from the docs' table
 //! (`tests/oracle/mod.rs`, shared with the fuzz targets).
 //!
 //! Case counts are fixed per property (see `config`); `PROPTEST_CASES` overrides them all for a
@@ -79,7 +79,7 @@ fn ready<F: Future>(future: F) -> F::Output {
 
 // ---- Strategies -------------------------------------------------------------------------------
 
-/// A Matrix user id in the grammar the README gives: any printable localpart without `:`, a DNS
+/// A Matrix user id in the grammar the docs give: any printable localpart without `:`, a DNS
 /// name, IPv4 or IPv6 literal, an optional port.
 fn user_id() -> impl Strategy<Value = String> {
     let localpart = "[!-9;-~]{1,20}";
@@ -434,7 +434,7 @@ proptest! {
     }
 }
 
-// ---- 4. Extraction matches the README's table -----------------------------------------------------
+// ---- 4. Extraction matches the docs' table --------------------------------------------------------
 
 const WHOAMI: &str = "/_matrix/client/v3/account/whoami";
 

@@ -114,8 +114,9 @@ async fn locked_account_passes_on_the_logout_routes_only() {
     }
 }
 
-/// `allow_expired_on_logout` replaces the README's `contains("/logout")`, under which an expired
-/// token worked on every route with a client-chosen segment starting with `logout`.
+/// `allow_expired_on_logout` replaces the `contains("/logout")` an earlier README suggested,
+/// under which an expired token worked on every route with a client-chosen segment starting with
+/// `logout`.
 #[tokio::test]
 async fn expired_token_is_accepted_on_the_logout_routes_only() {
     let addr = serve(layer().allow_expired_on_logout()).await;

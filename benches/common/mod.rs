@@ -1,5 +1,5 @@
-//! What the benches share: the Synapse-style token of issue 4, the implementations it is compared
-//! with, and a toy revocation store.
+//! What the benches share: the Synapse-style token of `docs/performance.md` (5 caveats, V1), the
+//! implementations it is compared with, and a toy revocation store.
 #![allow(dead_code)]
 
 use std::collections::HashSet;

@@ -398,7 +398,7 @@ fn main() -> std::io::Result<()> {
     let expiring = NOW_MS + 60_000;
     let body = |placeholder: &str| format!("{{\"refresh_token\":\"{placeholder}\"}}");
     let lifecycle: Vec<(&str, u8, Vec<String>)> = vec![
-        // The README's table, /v3/refresh: old tokens live until a successor is used.
+        // The docs' table, /v3/refresh: old tokens live until a successor is used.
         (
             "rotate",
             b'0',

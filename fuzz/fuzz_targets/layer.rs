@@ -12,7 +12,7 @@
 //! tokens.
 //!
 //! Checked for every request: never a 5xx (but the `503 M_UNKNOWN` of a resolver that is down);
-//! the answer is the one the README's extraction table, caveat table and "who gets which
+//! the answer is the one the docs' extraction table, caveat table and "who gets which
 //! identity, and which error" table give (independent oracles in `tests/oracle` and below:
 //! namespaces, `?user_id=` / `?device_id=`, the resolver's answers); a request that reaches the
 //! inner service carries exactly the identity and credential the oracle expects, and a Matrix
@@ -310,7 +310,7 @@ fn composed(layer: MatrixAuthLayer, devices: bool) -> MatrixAuthLayer {
     layer.appservices(appservices).resolver(Resolver(tokens))
 }
 
-/// What the README's application-service row says: who the request acts as, or the error.
+/// What the docs' application-service row says: who the request acts as, or the error.
 #[derive(Debug, PartialEq, Eq)]
 enum AsAnswer {
     Acts(String, Option<String>),

@@ -1,5 +1,5 @@
 //! Target 5: the token lifecycle (`Sessions`), driven by a script, against a model of the
-//! README's "Token lifecycle" table.
+//! docs' lifecycle table (docs/sessions.md).
 //!
 //! Every input gets a fresh `Sessions` (memory store, an `Issuer` and a `Verifier` sharing one
 //! `ManualClock` that starts at [`NOW_MS`] and moves only when the script says), the two refresh
@@ -41,10 +41,10 @@
 //!
 //! Checked: never a panic, never a 5xx; every answer is the model's (status, errcode, the
 //! refresh answer's keys, the successor's user, device, guest flag, nonce and expiry, checked
-//! with the independent verdict of `tests/oracle`); minted tokens are exactly the README's
+//! with the independent verdict of `tests/oracle`); minted tokens are exactly the docs'
 //! caveats, the session nonce first and stamped with the clock; the store holds state for the
 //! sessions the model does, and the user's floor the model's; the crate's `TokenId` is the
-//! README's; a token once refused stays refused (refresh endpoints, login tokens, the layer)
+//! documented one; a token once refused stays refused (refresh endpoints, login tokens, the layer)
 //! unless a sweep forgot the state that refused it, or a refresh may still mint its generation,
 //! or it has a `time >`/`time ==` caveat; no sweep forgets a state while a token it speaks for
 //! still verifies; a login token works once; refusals repeat no token; `TokenNonce::parse`
@@ -236,7 +236,7 @@ fn latest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     Some(a?.max(b?))
 }
 
-/// A `TokenId` as the README defines it, computed here: SHA-256 of the user id and the first
+/// A `TokenId` as the docs define it, computed here: SHA-256 of the user id and the first
 /// nonce, or of the signature for a token without a nonce; its first 16 bytes, as a session id.
 fn token_id(user_id: &str, nonce: Option<&str>, signature: &[u8; 32]) -> u128 {
     let digest = match nonce {
@@ -571,7 +571,7 @@ fn rate_limit(parts: &Parts) -> Option<Duration> {
     limit_of(index.wrapping_sub(b'0'))
 }
 
-/// What the README says about a refresh body: the token, or the errcode of the 400.
+/// What the docs say about a refresh body: the token, or the errcode of the 400.
 fn body_token(body: &[u8]) -> Result<String, &'static str> {
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
         return Err("M_NOT_JSON");
@@ -917,7 +917,7 @@ impl Run {
         Some((token_id("", None, &chain), at.saturating_add(LEEWAY_MS)))
     }
 
-    /// The README's promise about what a store records: kept until every token it speaks for
+    /// The docs' promise about what a store records: kept until every token it speaks for
     /// has stopped verifying. A token that verifies now (not expired) and belongs to a session
     /// whose state a sweep forgot shows the state was forgotten too early: for a token minted
     /// elsewhere (whose session is its `TokenId`, shared by every attenuation of it, or the chain
@@ -982,7 +982,7 @@ impl Run {
         expires
     }
 
-    /// A freshly minted token must be exactly what the README says: the session nonce first,
+    /// A freshly minted token must be exactly what the docs say: the session nonce first,
     /// then Synapse's caveats (`gen`, `user_id`, `type`, `guest`), `device_id`, `time <`; the
     /// identity the caveat oracle reads; the nonce `TokenNonce` reads.
     fn minted(
@@ -1391,7 +1391,7 @@ impl Run {
         }
     }
 
-    /// The crate's `TokenId` is the README's, computed here.
+    /// The crate's `TokenId` is the docs', computed here.
     fn same_token_id(&self, user: &MatrixUser, token: &[u8], identity: &Identity) {
         let view = parse_token(token).expect("a verified token parses");
         let id = token_id(

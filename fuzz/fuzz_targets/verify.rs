@@ -1,5 +1,5 @@
 //! Target 1: arbitrary bytes as a token through the whole verifier, for every token type. The
-//! answer must be the README's (limits, format, key, chain, caveat table), computed
+//! answer must be the docs' (limits, format, key, chain, caveat table), computed
 //! independently by `expected_verdict`; never a panic.
 #![no_main]
 

@@ -1,5 +1,5 @@
 //! What the fuzz targets share: the keys (those of `tests/vectors/pymacaroons.json`, so the
-//! pymacaroons seeds verify), a clock fixed at the vectors' `now_ms`, the README's tables as
+//! pymacaroons seeds verify), a clock fixed at the vectors' `now_ms`, the docs' tables as
 //! independent oracles (`tests/oracle/mod.rs`), an independent HMAC chain, and a poll helper for
 //! futures that must be ready at once.
 
@@ -90,7 +90,7 @@ pub fn chain_prefix(view: &ParsedView, count: usize) -> Option<[u8; 32]> {
     Some(signature)
 }
 
-/// What the README says `Verifier::verify(token, expected)` must answer: limits, the format,
+/// What the docs say `Verifier::verify(token, expected)` must answer: limits, the format,
 /// the key, the chain, then the caveat table.
 pub fn expected_verdict(token: &[u8], expected: TokenType) -> Verdict {
     expected_verdict_at(token, expected, NOW_MS)

@@ -17,6 +17,8 @@ use crate::store::view::{Judgement, View};
 use crate::store::{RefreshMode, SessionState, StoreFuture, TokenRef, TokenStore, Verdict};
 
 /// Revocation state in this process's memory. Cloning shares the state.
+///
+/// What it keeps, for how long, and what that costs: the [`store`](crate::store) module.
 #[derive(Clone)]
 pub struct MemoryStore {
     view: Arc<RwLock<View>>,

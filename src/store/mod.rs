@@ -1,14 +1,4 @@
-//! Revocation stores: the server-side state that lets self-contained tokens be logged out,
-//! refreshed once, and used once (login tokens).
-//!
-//! Both backends share [`SessionState`], the rules of one session's generations, so memory and
-//! PostgreSQL cannot disagree on what is valid.
-//!
-//! | token (session S, generation g) | valid while |
-//! |---|---|
-//! | g = S's live generation | S not logged out, user not logged out everywhere since it was minted |
-//! | g = S's pending generation (minted by a refresh, not used yet) | same; its first use makes g live and revokes every older generation |
-//! | any other g | never |
+#![doc = include_str!("../../docs/store.md")]
 
 use std::future::Future;
 use std::pin::Pin;

@@ -62,8 +62,7 @@ struct Shared {
     absent: absent::AbsentRows,
 }
 
-/// Revocation state in PostgreSQL, served from an in-process view. Cloning shares it; dropping
-/// the last clone closes its connections.
+#[doc = include_str!("../../docs/postgres_store.md")]
 #[derive(Clone)]
 pub struct PostgresStore {
     shared: Arc<Shared>,

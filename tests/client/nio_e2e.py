@@ -169,7 +169,7 @@ async def scenario(base):
     check("logged-out token is 401 M_UNKNOWN_TOKEN", status == 401 and gone["errcode"] == "M_UNKNOWN_TOKEN", gone)
     await client.close()
 
-    # The example's application service and opaque token (env contract of issue 6).
+    # The example's application service and opaque token (the environment variables of examples/homeserver.rs).
     whoami = "/_matrix/client/v3/account/whoami"
     status, who = raw(base, "GET", whoami, token="as-secret-token")
     check("as_token acts as the sender", status == 200 and who["user_id"] == "@bridge:localhost", who)

@@ -1,4 +1,4 @@
-//! Independent oracles for the README's rules tables, written from the tables and not from the
+//! Independent oracles for the docs' rules tables, written from the tables and not from the
 //! code: token extraction, the caveat grammar, Matrix user ids, and the caveat table.
 //!
 //! Shared by `tests/properties.rs` (proptest) and the fuzz targets in `fuzz/` (through
@@ -21,7 +21,7 @@ pub enum Missing {
 }
 
 impl Missing {
-    /// The `error` text the README promises (the table gives most; the rest is the crate's).
+    /// The `error` text the docs promise (the table gives most; the rest is the crate's).
     pub fn message_prefix(self) -> &'static str {
         match self {
             Missing::NoToken => "Missing access token.",
@@ -238,7 +238,7 @@ pub enum Verdict {
     Reject(&'static str),
 }
 
-/// The README's caveat table for a token whose signature holds, on an endpoint that takes
+/// The docs' caveat table for a token whose signature holds, on an endpoint that takes
 /// `expected` (`access`, `refresh` or `login`), at `now_ms`, no leeway, no custom caveats.
 /// `caveats` are `(identifier, third_party)`.
 pub fn caveat_table(caveats: &[(&[u8], bool)], expected: &str, now_ms: u64) -> Verdict {
