@@ -87,7 +87,9 @@ pub fn __hmac_sha256_32(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
 /// decoded length, or `None`.
 #[doc(hidden)]
 pub fn __decode_token(token: &[u8], buf: &mut [u8]) -> Option<usize> {
-    wire::decode_token_into(token, buf).ok().map(|decoded| decoded.len())
+    wire::decode_token_into(token, buf)
+        .ok()
+        .map(|decoded| decoded.len())
 }
 
 /// Not a public API: the size of the stack buffer the verifier decodes tokens into.
