@@ -82,20 +82,6 @@ pub fn __hmac_sha256_32(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
     hmac_sha256::hmac32(key, message)
 }
 
-/// Not a public API: the token decoding the verifier uses (its base64url fast path, the `base64`
-/// crate behind it), so that `benches/` can weigh it against the `base64` crate alone. The
-/// decoded length, or `None`.
-#[doc(hidden)]
-pub fn __decode_token(token: &[u8], buf: &mut [u8]) -> Option<usize> {
-    wire::decode_token_into(token, buf)
-        .ok()
-        .map(|decoded| decoded.len())
-}
-
-/// Not a public API: the size of the stack buffer the verifier decodes tokens into.
-#[doc(hidden)]
-pub const __DECODE_BUF: usize = wire::DECODE_BUF;
-
 /// A layer configured and then dropped is a compile-time warning, not a silent no-op:
 ///
 /// ```compile_fail
