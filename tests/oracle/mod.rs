@@ -1,7 +1,7 @@
 //! Independent oracles for the docs' rules tables, written from the tables and not from the
 //! code: token extraction, the caveat grammar, Matrix user ids, and the caveat table.
 //!
-//! Shared by `tests/properties.rs` (proptest) and the fuzz targets in `fuzz/` (through
+//! Shared by `tests/it/properties.rs` (proptest) and the fuzz targets in `fuzz/` (through
 //! `#[path]`), so it depends on nothing but `std`.
 #![allow(dead_code)]
 

@@ -7,13 +7,11 @@
 //! `try_into_http_response`). Status, `Content-Type` and the parsed JSON must be equal.
 #![cfg(feature = "ruma")]
 
-mod common;
-
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use ruma_common::api::error::{Error as RumaError, ErrorKind, UnknownTokenErrorData};

@@ -7,13 +7,11 @@
 //! everywhere compared mint times, and any `nonce` caveat in the crate's shape named a session.
 #![cfg(feature = "postgres")]
 
-mod common;
-
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{keys, mint_raw};
+use crate::common::{keys, mint_raw};
 use tower_matrix_auth::store::{RefreshMode, StoreFuture, TokenRef};
 use tower_matrix_auth::{
     attenuate, Clock, IssuedTokens, Issuer, ManualClock, MatrixUser, MemoryStore, PostgresStore,
@@ -47,7 +45,7 @@ impl Harness {
         let postgres = match backend {
             Backend::Memory => None,
             Backend::Postgres => Some(
-                PostgresStore::connect(&common::pg::database_url())
+                PostgresStore::connect(&crate::common::pg::database_url())
                     .await
                     .unwrap(),
             ),
@@ -96,7 +94,7 @@ impl Harness {
             Backend::Postgres => {
                 let pg = self.postgres.as_ref().unwrap();
                 pg.purge_expired().await.unwrap();
-                let fresh = PostgresStore::connect(&common::pg::database_url())
+                let fresh = PostgresStore::connect(&crate::common::pg::database_url())
                     .await
                     .unwrap();
                 self.store = Arc::new(fresh.clone());
@@ -143,7 +141,7 @@ where
 {
     for backend in [Backend::Memory, Backend::Postgres] {
         if let Backend::Postgres = backend {
-            if common::pg::skip() {
+            if crate::common::pg::skip() {
                 continue;
             }
         }

@@ -3,13 +3,11 @@
 //! it verifies anywhere, whatever the refreshes were doing.
 #![cfg(all(feature = "postgres", feature = "axum"))]
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::server::{refresh_body, send, start_with, Server, WHOAMI};
+use crate::common::server::{refresh_body, send, start_with, Server, WHOAMI};
 use http::StatusCode;
 use tower_matrix_auth::{
     Clock, ManualClock, MemoryStore, PostgresStore, SessionRequest, SystemClock, TokenStore,
@@ -132,10 +130,10 @@ async fn logout_all_wins_every_race_on_the_memory_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_all_wins_every_race_across_two_postgres_processes() {
-    if common::pg::skip() {
+    if crate::common::pg::skip() {
         return;
     }
-    let url = common::pg::database_url();
+    let url = crate::common::pg::database_url();
     let clock = ManualClock::new(SystemClock.now_ms());
     let a = PostgresStore::connect(&url).await.unwrap();
     let b = PostgresStore::connect(&url).await.unwrap();

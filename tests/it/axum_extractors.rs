@@ -1,11 +1,9 @@
 //! The layer in an axum `Router`, served by a real server on loopback, with the extractors.
 #![cfg(feature = "axum")]
 
-mod common;
-
+use crate::common::*;
 use axum::routing::get;
 use axum::{Json, Router};
-use common::*;
 use http::StatusCode;
 use tower_matrix_auth::{GuestPolicy, ManualClock, MatrixAuthLayer, MatrixUser};
 

@@ -7,12 +7,10 @@
 //! as two processes, for the database).
 //!
 //! The PostgreSQL properties need the server `scripts/postgres.sh` starts (`./scripts/test.sh`
-//! does), as `tests/postgres.rs` does; they run fewer cases. Case counts are per property, four
+//! does), as `tests/it/postgres.rs` does; they run fewer cases. Case counts are per property, four
 //! times more in release builds; `PROPTEST_CASES` overrides them all, e.g.
 //! `PROPTEST_CASES=2000 cargo test --release --test lifecycle_properties`.
 #![cfg(all(feature = "postgres", feature = "axum"))]
-
-mod common;
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -31,7 +29,7 @@ use tower_matrix_auth::{
     TokenType, Verifier,
 };
 
-use common::keys;
+use crate::common::keys;
 
 /// Lifetime of an access token issued with a refresh token.
 const ACCESS_MS: u64 = 60_000;
@@ -779,7 +777,7 @@ fn check_sequences(rt: &tokio::runtime::Runtime, postgres: Option<&PostgresStore
             // The database outlives test runs and the store keeps its own (system) clock for
             // loading and purging: unique users, and a test clock that starts now.
             Some(_) => System::new(postgres, SystemClock.now_ms(), user_ids(true)),
-            None => System::new(None, common::NOW_MS, user_ids(false)),
+            None => System::new(None, crate::common::NOW_MS, user_ids(false)),
         };
         rt.block_on(run(&system, &ops))
     });
@@ -795,12 +793,12 @@ fn memory_store_follows_the_readme_rules() {
 
 #[test]
 fn postgres_store_follows_the_readme_rules() {
-    if common::pg::skip() {
+    if crate::common::pg::skip() {
         return;
     }
     let rt = runtime();
     let store = rt
-        .block_on(PostgresStore::connect(&common::pg::database_url()))
+        .block_on(PostgresStore::connect(&crate::common::pg::database_url()))
         .expect("the test database answers");
     check_sequences(&rt, Some(&store), 64);
 }
@@ -924,7 +922,7 @@ fn check_races(rt: &tokio::runtime::Runtime, postgres: &[PostgresStore], cases: 
     let mut runner = TestRunner::new(config(cases));
     let result = runner.run(&(race(), 2usize..=16), |(race, calls)| {
         let systems: Vec<System> = if postgres.is_empty() {
-            vec![System::new(None, common::NOW_MS, user_ids(false))]
+            vec![System::new(None, crate::common::NOW_MS, user_ids(false))]
         } else {
             let (now, users) = (SystemClock.now_ms(), user_ids(true));
             postgres
@@ -946,11 +944,11 @@ fn concurrent_single_use_refreshes_have_one_winner_in_memory() {
 
 #[test]
 fn concurrent_single_use_refreshes_have_one_winner_across_two_postgres_stores() {
-    if common::pg::skip() {
+    if crate::common::pg::skip() {
         return;
     }
     let rt = runtime();
-    let url = common::pg::database_url();
+    let url = crate::common::pg::database_url();
     let stores = rt.block_on(async {
         [
             PostgresStore::connect(&url)

@@ -5,14 +5,12 @@
 //! A hit hands out a clone of the cached identity, which shares its text; a full verification
 //! builds a new one. So `same_allocation` tells a hit from a miss without any timing.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::common::*;
 use base64::Engine as _;
-use common::*;
 use http::StatusCode;
 use tower_matrix_auth::{
     attenuate, ManualClock, MatrixAuthLayer, MatrixUser, Revocation, RevocationCheck,

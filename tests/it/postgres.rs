@@ -2,14 +2,12 @@
 //! it, propagation of revocations between them, a restart, and real concurrency.
 #![cfg(all(feature = "postgres", feature = "axum"))]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::pg::{database_url, poll_once, wait_until};
-use common::server::{refresh_body, send, start_with, WHOAMI};
-use common::*;
+use crate::common::pg::{database_url, poll_once, wait_until};
+use crate::common::server::{refresh_body, send, start_with, WHOAMI};
+use crate::common::*;
 use http::StatusCode;
 use tower_matrix_auth::{
     ManualClock, PostgresStore, Revocation, RevocationStatus, SessionRequest, TokenType,
@@ -34,7 +32,7 @@ async fn status(store: &PostgresStore, token: &str) -> RevocationStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_share_revocations_and_a_restart_loses_nothing() {
-    if common::pg::skip() {
+    if crate::common::pg::skip() {
         return;
     }
     let url = database_url();
@@ -174,7 +172,7 @@ async fn two_processes_share_revocations_and_a_restart_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokenrefresh_across_two_processes_has_exactly_one_winner() {
-    if common::pg::skip() {
+    if crate::common::pg::skip() {
         return;
     }
     let url = database_url();
@@ -237,7 +235,7 @@ async fn tokenrefresh_across_two_processes_has_exactly_one_winner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_refresh_first_use_is_recorded_for_every_process() {
-    if common::pg::skip() {
+    if crate::common::pg::skip() {
         return;
     }
     let url = database_url();
@@ -337,12 +335,12 @@ fn view_sessions(store: &PostgresStore) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_view_forgets_state_whose_tokens_have_all_expired() {
-    if common::pg::skip() {
+    if crate::common::pg::skip() {
         return;
     }
     use tower_matrix_auth::{Clock, Issuer, Sessions, SystemClock, Verifier};
     // A database of its own: rows other tests keep for good would put off the first sweep.
-    let url = common::pg::fresh_database_url("view_forgets").await;
+    let url = crate::common::pg::fresh_database_url("view_forgets").await;
     let store = PostgresStore::connect(&url).await.unwrap();
     let parts = http::Request::new(()).into_parts().0;
     let engine = |clock: &ManualClock| {

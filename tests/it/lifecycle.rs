@@ -2,10 +2,8 @@
 //! log out everywhere, login tokens; with real concurrency against a real server.
 #![cfg(feature = "axum")]
 
-mod common;
-
-use common::server::{refresh_body, send, start_memory as start};
-use common::*;
+use crate::common::server::{refresh_body, send, start_memory as start};
+use crate::common::*;
 use http::StatusCode;
 use tower_matrix_auth::SessionRequest;
 
@@ -25,7 +23,7 @@ async fn rotating_refresh_keeps_old_tokens_until_the_new_ones_are_used() {
         login.refresh_token.clone().unwrap(),
     );
     assert_eq!(login.expires_in_ms, Some(60_000));
-    let whoami = common::server::WHOAMI;
+    let whoami = crate::common::server::WHOAMI;
     assert_eq!(
         send(s.addr, "GET", whoami, Some(&a0), None).await.0,
         StatusCode::OK
@@ -149,7 +147,7 @@ async fn tokenrefresh_is_single_use_and_exactly_one_of_many_concurrent_calls_win
     }
     assert_eq!(won.len(), 1, "exactly one concurrent refresh succeeds");
     // The old access token died at once; the new one works.
-    let whoami = common::server::WHOAMI;
+    let whoami = crate::common::server::WHOAMI;
     assert_eq!(
         send(s.addr, "GET", whoami, Some(&login.access_token), None)
             .await
@@ -210,7 +208,7 @@ async fn refresh_endpoints_answer_bad_bodies_and_rate_limits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_and_logout_all_accept_expired_tokens_and_revoke_linked_ones() {
     let s = start().await;
-    let whoami = common::server::WHOAMI;
+    let whoami = crate::common::server::WHOAMI;
     let phone = s.sessions.login(
         ALICE,
         &SessionRequest {
@@ -309,7 +307,7 @@ async fn login_tokens_are_single_use() {
     assert_eq!(lifetime, 120_000);
     let parts = http::Request::new(()).into_parts().0;
     // Not an access token.
-    let whoami = common::server::WHOAMI;
+    let whoami = crate::common::server::WHOAMI;
     assert_eq!(
         send(s.addr, "GET", whoami, Some(&token), None).await.1["errcode"],
         "M_UNKNOWN_TOKEN"
@@ -385,7 +383,7 @@ async fn minted_access_tokens_have_synapse_caveats_plus_device_id() {
 async fn logout_all_in_the_same_millisecond_revokes_earlier_logins_and_spares_later_ones() {
     // The clock stands still: every step happens within one millisecond.
     let s = start().await;
-    let whoami = common::server::WHOAMI;
+    let whoami = crate::common::server::WHOAMI;
     let phone = s.sessions.login(ALICE, &SessionRequest::default());
     let laptop = s.sessions.login(ALICE, &SessionRequest::default());
     let (status, _, _) = send(

@@ -1,12 +1,10 @@
 //! The layer in a real hyper 1 server on loopback, driven by a real HTTP client and raw TCP.
 
-mod common;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;

@@ -28,7 +28,7 @@ const NOW_MS: u64 = 1_700_000_000_000;
 /// no branch and no early exit, and only the accumulated word is tested, through `subtle`.
 #[test]
 fn the_comparison_primitive_has_no_data_dependent_exit() {
-    let source = include_str!("../src/ct.rs");
+    let source = include_str!("../../src/ct.rs");
     let body = &source[source.find("pub(crate) fn bytes_equal").unwrap()..];
     let body = &body[..body.find("\n}\n").unwrap()];
     // The one early return is on the lengths, which are public.
@@ -46,19 +46,19 @@ fn the_comparison_primitive_has_no_data_dependent_exit() {
 fn credentials_are_compared_with_the_constant_time_primitive() {
     let uses = [
         (
-            include_str!("../src/verify.rs"),
+            include_str!("../../src/verify.rs"),
             "crate::ct::bytes_equal(&signature, macaroon.signature)",
         ),
         (
-            include_str!("../src/cache.rs"),
+            include_str!("../../src/cache.rs"),
             "crate::ct::bytes_equal(&entry.token, token)",
         ),
         (
-            include_str!("../src/appservice.rs"),
+            include_str!("../../src/appservice.rs"),
             "crate::ct::bytes_equal(appservice.as_token",
         ),
         (
-            include_str!("../src/resolver.rs"),
+            include_str!("../../src/resolver.rs"),
             "crate::ct::bytes_equal(candidate",
         ),
     ];

@@ -1,16 +1,14 @@
 //! Composing into real homeserver stacks, over HTTP: application services, opaque tokens
 //! beside macaroons, account state.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::common::server::send;
+use crate::common::*;
 use axum::extract::Request;
 use axum::routing::any;
 use axum::{Json, Router};
-use common::server::send;
-use common::*;
 use http::StatusCode;
 use tower_matrix_auth::{
     AccountStates, AccountStatus, AppService, AppServices, ManualClock, MatrixAuthLayer,

@@ -1,11 +1,9 @@
 //! What the layer logs: the user id after success and the reason of a rejection, never a token.
 
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use crate::common::*;
 use http::StatusCode;
 use tower_matrix_auth::{ManualClock, MatrixAuthLayer};
 

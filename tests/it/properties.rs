@@ -5,8 +5,6 @@
 //! Case counts are fixed per property (see `config`); `PROPTEST_CASES` overrides them all for a
 //! longer run, e.g. `PROPTEST_CASES=20000 cargo test --test properties --release`.
 
-mod oracle;
-
 use std::convert::Infallible;
 use std::future::Future;
 use std::task::{Context, Poll, Waker};
@@ -24,7 +22,7 @@ use tower_matrix_auth::{
     MatrixUser, QueryToken, Rejection, TokenType, Verifier,
 };
 
-use oracle::{Extraction, Missing};
+use crate::oracle::{Extraction, Missing};
 
 const SECRET: &str = "property test macaroon secret";
 const NOW_MS: u64 = 1_700_000_000_000;
@@ -95,7 +93,7 @@ fn user_id() -> impl Strategy<Value = String> {
             Some(port) => format!("@{local}:{host}:{port}"),
             None => format!("@{local}:{host}"),
         })
-        .prop_filter("a valid user id", |u| oracle::user_id_ok(u))
+        .prop_filter("a valid user id", |u| crate::oracle::user_id_ok(u))
 }
 
 /// Device ids and nonces are opaque: printable, not starting with a space.
@@ -607,7 +605,7 @@ proptest! {
 
         let values: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
         let uri: http::Uri = uri.parse().unwrap();
-        let expected = oracle::extract(&values, uri.query(), query_allowed);
+        let expected = crate::oracle::extract(&values, uri.query(), query_allowed);
         match &expected {
             Extraction::Refused(reasons) => {
                 prop_assert_eq!((status, errcode), (StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN"));
@@ -633,7 +631,7 @@ proptest! {
                     prop_assert_eq!(user.as_ref().map(|u| u.user_id()), Some("@alice:example.org"));
                     // The inner service never sees the token in the URI.
                     let seen = body.split_once('?').map_or("", |(_, q)| q);
-                    prop_assert!(!seen.split('&').any(oracle::is_access_token_pair), "{}", body);
+                    prop_assert!(!seen.split('&').any(crate::oracle::is_access_token_pair), "{}", body);
                 } else {
                     let expired = token.as_slice() == tokens.expired.as_bytes();
                     prop_assert_eq!((status, errcode), (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN"));

@@ -5,16 +5,14 @@
 //! by itself, and never multiply its connections.
 #![cfg(feature = "postgres")]
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::pg::{database_url, poll_once, wait_until};
-use common::{keys, NOW_MS};
+use crate::common::pg::{database_url, poll_once, wait_until};
+use crate::common::{keys, NOW_MS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -192,7 +190,7 @@ async fn answer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
-    if common::pg::skip() {
+    if crate::common::pg::skip() {
         return;
     }
     let (addr, dbname) = database();
@@ -298,7 +296,7 @@ async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setups_that_keep_failing_never_multiply_connections() {
-    if common::pg::skip() {
+    if crate::common::pg::skip() {
         return;
     }
     let (addr, _) = database();
@@ -376,7 +374,7 @@ async fn setups_that_keep_failing_never_multiply_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_writer_is_noticed_and_replaced() {
-    if common::pg::skip() {
+    if crate::common::pg::skip() {
         return;
     }
     let (addr, dbname) = database();
@@ -433,7 +431,7 @@ fn unknown_generation() -> MatrixUser {
         epoch: 0,
         session_expires_ms: None,
     };
-    verify(&common::mint_raw(&[
+    verify(&crate::common::mint_raw(&[
         &format!("nonce = {nonce}"),
         "gen = 1",
         &format!("user_id = {}", uid("@unknown-generation")),
@@ -443,7 +441,7 @@ fn unknown_generation() -> MatrixUser {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_for_unknown_generations_neither_wait_for_writes_nor_repeat() {
-    if common::pg::skip() {
+    if crate::common::pg::skip() {
         return;
     }
     let (addr, dbname) = database();

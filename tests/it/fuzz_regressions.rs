@@ -23,7 +23,7 @@ fn v2json_keys_given_twice_read_as_their_last_copy() {
     let parts = Request::new(()).into_parts().0;
 
     // The input itself: a macaroon under a key this ring does not hold, so refused, cleanly.
-    let input = include_bytes!("../fuzz/seeds/differential/regression-v2json-duplicate-keys");
+    let input = include_bytes!("../../fuzz/seeds/differential/regression-v2json-duplicate-keys");
     let refused = verifier
         .verify(input, TokenType::Access, &parts)
         .unwrap_err();
@@ -98,7 +98,8 @@ async fn an_appservice_acts_only_as_matrix_user_ids() {
     };
 
     // The input itself: config byte, the request target, then the as_token in a header.
-    let input = include_bytes!("../fuzz/seeds/layer/regression-appservice-user-id-not-a-user-id");
+    let input =
+        include_bytes!("../../fuzz/seeds/layer/regression-appservice-user-id-not-a-user-id");
     let mut lines = input[1..].split(|&b| b == b'\n');
     let target = lines.next().unwrap();
     assert_eq!(lines.next(), Some(&b"Authorization: Bearer $IRC"[..]));
@@ -138,7 +139,7 @@ async fn an_appservice_acts_only_as_matrix_user_ids() {
 fn a_nonce_session_is_32_hex_digits_and_nothing_else() {
     use tower_matrix_auth::TokenNonce;
 
-    let input = include_bytes!("../fuzz/seeds/lifecycle/regression-nonce-signs");
+    let input = include_bytes!("../../fuzz/seeds/lifecycle/regression-nonce-signs");
     let signed: Vec<&str> = std::str::from_utf8(input)
         .unwrap()
         .lines()

@@ -3,13 +3,11 @@
 //! prefixes name exact routes, never a substring, a suffix or a path with dot segments (the
 //! outside review's finding 3).
 
-mod common;
-
+use crate::common::server::send;
+use crate::common::*;
 use axum::extract::Request;
 use axum::routing::any;
 use axum::{Json, Router};
-use common::server::send;
-use common::*;
 use http::StatusCode;
 use tower_matrix_auth::{
     is_whoami_route, AccountStates, AccountStatus, ManualClock, MatrixAuthLayer, MatrixUser,

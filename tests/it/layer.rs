@@ -1,12 +1,10 @@
 //! The layer through `oneshot`: the caveat table, the extraction rules, and every policy knob.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use http::StatusCode;
 use tower_matrix_auth::{
     attenuate, GuestPolicy, KeyRing, MacaroonSecret, ManualClock, MatrixAuthLayer, MatrixUser,
