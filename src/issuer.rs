@@ -423,8 +423,7 @@ impl Issuer {
         now: u64,
     ) -> IssuedTokens {
         let started_ms = session.started_ms.unwrap_or(now);
-        let (access_lifetime, expires_at_ms, refresh_expires_at_ms, session_expires_ms) =
-            self.expiries(request.refresh, now, started_ms, session.expires_ms);
+        let expiries = self.expiries(request.refresh, now, started_ms, session.expires_ms);
         let device_id = request.device_id.as_deref();
         let nonce = |kind| TokenNonce {
             session: session.id,
@@ -433,7 +432,7 @@ impl Issuer {
             kind,
             started_ms,
             epoch: session.epoch,
-            session_expires_ms,
+            session_expires_ms: expiries.session_ms,
         };
         let access_token = self.mint(
             user_id,
@@ -441,7 +440,7 @@ impl Issuer {
             nonce(NonceKind::Access),
             request.guest,
             device_id,
-            expires_at_ms,
+            expiries.access_ms,
         );
         let refresh_token = request.refresh.then(|| {
             self.mint(
@@ -450,18 +449,18 @@ impl Issuer {
                 nonce(NonceKind::Refresh),
                 request.guest,
                 device_id,
-                refresh_expires_at_ms,
+                expiries.refresh_ms,
             )
         });
         IssuedTokens {
             access_token,
             refresh_token,
-            expires_in_ms: access_lifetime,
-            expires_at_ms,
-            refresh_expires_at_ms: refresh_expires_at_ms.filter(|_| request.refresh),
+            expires_in_ms: expiries.access_lifetime_ms,
+            expires_at_ms: expiries.access_ms,
+            refresh_expires_at_ms: expiries.refresh_ms.filter(|_| request.refresh),
             session: session.id,
             generation,
-            session_expires_ms,
+            session_expires_ms: expiries.session_ms,
         }
     }
 
@@ -474,7 +473,7 @@ impl Issuer {
         now: u64,
         started_ms: u64,
         session_so_far: Option<u64>,
-    ) -> (Option<u64>, Option<u64>, Option<u64>, Option<u64>) {
+    ) -> Expiries {
         let access_lifetime = if refresh {
             Some(self.refreshable_access_lifetime_ms)
         } else {
@@ -486,27 +485,26 @@ impl Issuer {
             (Some(at), Some(end)) => Some(at.min(end)),
             (at, end) => at.or(end),
         };
-        let expires_at_ms = capped(access_lifetime.map(|l| now.saturating_add(l)));
-        let access_lifetime = expires_at_ms.map(|at| at.saturating_sub(now));
-        let refresh_expires_at_ms = capped(self.refresh_lifetime_ms.map(|l| now.saturating_add(l)));
+        let access_ms = capped(access_lifetime.map(|l| now.saturating_add(l)));
+        let refresh_ms = capped(self.refresh_lifetime_ms.map(|l| now.saturating_add(l)));
         // The latest expiry of the session's tokens, these included: a store keeps the session's
         // state that long, so no token of it can outlive its logout.
-        let mut session_expires_ms = latest(session_so_far, expires_at_ms);
+        let mut session_ms = latest(session_so_far, access_ms);
         if refresh {
-            session_expires_ms = latest(session_expires_ms, refresh_expires_at_ms);
+            session_ms = latest(session_ms, refresh_ms);
         }
-        (
-            access_lifetime,
-            expires_at_ms,
-            refresh_expires_at_ms,
-            session_expires_ms,
-        )
+        Expiries {
+            access_lifetime_ms: access_ms.map(|at| at.saturating_sub(now)),
+            access_ms,
+            refresh_ms,
+            session_ms,
+        }
     }
 
     /// The session's latest expiry once a refresh at `now` has minted the next generation.
     pub(crate) fn successor_session_expires_ms(&self, nonce: &TokenNonce, now: u64) -> Option<u64> {
         self.expiries(true, now, nonce.started_ms, nonce.session_expires_ms)
-            .3
+            .session_ms
     }
 
     /// Mints the first tokens of a new session (a login or a registration). `epoch` is the
@@ -574,6 +572,16 @@ impl Issuer {
         );
         (token, self.login_lifetime_ms)
     }
+}
+
+/// When the tokens of one generation expire (ms since the epoch; `None`: never).
+struct Expiries {
+    /// How long the access token lives from its minting.
+    access_lifetime_ms: Option<u64>,
+    access_ms: Option<u64>,
+    refresh_ms: Option<u64>,
+    /// The latest expiry of any token of the session, these included.
+    session_ms: Option<u64>,
 }
 
 /// What a generation inherits from its session.

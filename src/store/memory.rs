@@ -78,11 +78,11 @@ impl MemoryStore {
             Judgement::Active => RevocationStatus::Active,
             // This store hears of every refresh: a generation it has not heard of was never minted.
             Judgement::Revoked | Judgement::Unheard(..) => RevocationStatus::Revoked,
-            Judgement::Promote(session, generation) => {
+            Judgement::Promote(at) => {
                 let mut view = self.write();
-                match view.state_mut(session, user.user_id()) {
-                    Some(state) if state.verdict(generation) != Verdict::Revoked => {
-                        state.promote(generation);
+                match view.state_mut(at.session, user.user_id()) {
+                    Some(state) if state.verdict(at.generation) != Verdict::Revoked => {
+                        state.promote(at.generation);
                         RevocationStatus::Active
                     }
                     _ => RevocationStatus::Revoked,

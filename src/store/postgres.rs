@@ -420,30 +420,31 @@ impl Revocation for PostgresStore {
             return RevocationCheck::ready(Err(Self::unavailable()));
         }
         let judgement = self.read().judge(user);
-        let epoch = crate::store::position(user).epoch;
         match judgement {
             Judgement::Active => RevocationCheck::ready(Ok(RevocationStatus::Active)),
             Judgement::Revoked => RevocationCheck::ready(Ok(RevocationStatus::Revoked)),
             // A generation minted by another process whose notification has not arrived yet:
             // ask the database rather than refuse a token that was just refreshed (once: an
             // absent row is remembered).
-            Judgement::Unheard(session, generation) => {
-                if self.shared.absent.contains(session, generation) {
+            Judgement::Unheard(at) => {
+                if self.shared.absent.contains(at.session, at.generation) {
                     RevocationCheck::ready(Ok(RevocationStatus::Revoked))
                 } else {
                     RevocationCheck::pending(self.clone().judge_from_database(
-                        session,
+                        at.session,
                         user.user_id().to_owned(),
-                        epoch,
-                        generation,
+                        at.epoch,
+                        at.generation,
                     ))
                 }
             }
             // The first use of a refreshed token is a write, once per session generation.
-            Judgement::Promote(session, generation) => RevocationCheck::pending(
-                self.clone()
-                    .promote(session, user.user_id().to_owned(), epoch, generation),
-            ),
+            Judgement::Promote(at) => RevocationCheck::pending(self.clone().promote(
+                at.session,
+                user.user_id().to_owned(),
+                at.epoch,
+                at.generation,
+            )),
         }
     }
 }

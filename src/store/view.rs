@@ -6,7 +6,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::identity::MatrixUser;
 use crate::issuer::SessionId;
-use crate::store::{position, user_key, SessionState, Verdict};
+use crate::store::{position, user_key, Position, SessionState, Verdict};
 
 /// Session ids are 128 random bits (or a SHA-256 prefix) that no client can choose, so their low
 /// 64 bits are already a good hash: no need to pay for SipHash on every request.
@@ -33,13 +33,14 @@ impl Hasher for SessionIdHasher {
 pub(crate) enum Judgement {
     Active,
     Revoked,
-    /// Valid, and the first use of a refresh's successor: the store must record it.
-    Promote(SessionId, u32),
+    /// Valid, and the first use of a refresh's successor: the store must record it. Carries the
+    /// token's place, so that the store need not read the nonce again.
+    Promote(Position),
     /// A generation this view has not heard of (a refresh on another process, whose
     /// notification is on its way): revoked as far as this view knows; a store shared between
     /// processes asks its database. Never for a user logged out everywhere since the session
     /// began, nor for a nonce that contradicts the token's type.
-    Unheard(SessionId, u32),
+    Unheard(Position),
 }
 
 /// One session's state and the user it belongs to.
@@ -111,17 +112,17 @@ impl View {
         let verdict = match self.state(session, user.user_id()) {
             // No refresh or logout ever touched this session: only generation 0 exists.
             Ok(None) if generation == 0 => Verdict::Active,
-            Ok(None) => return Judgement::Unheard(session, generation),
+            Ok(None) => return Judgement::Unheard(position),
             Err(()) => Verdict::Revoked,
             Ok(Some(state)) if !state.revoked && generation >= state.next_generation => {
-                return Judgement::Unheard(session, generation)
+                return Judgement::Unheard(position)
             }
             Ok(Some(state)) => state.verdict(generation),
         };
         match verdict {
             Verdict::Active => Judgement::Active,
             Verdict::Revoked => Judgement::Revoked,
-            Verdict::Promote => Judgement::Promote(position.session, position.generation),
+            Verdict::Promote => Judgement::Promote(position),
         }
     }
 
@@ -201,7 +202,10 @@ mod tests {
             .verify(next.access_token.as_bytes(), TokenType::Access, &parts)
             .unwrap();
         let mut view = View::default();
-        assert_eq!(view.judge(&user), Judgement::Unheard(nonce.session, 1));
+        let Judgement::Unheard(unheard) = view.judge(&user) else {
+            panic!("generation 1 is unheard of");
+        };
+        assert_eq!((unheard.session, unheard.generation), (nonce.session, 1));
         view.merge_user("@a:b", 1);
         assert_eq!(view.judge(&user), Judgement::Revoked);
     }
