@@ -127,3 +127,29 @@ pub fn refresh_body(token: &str) -> String {
 }
 
 pub const WHOAMI: &str = "/_matrix/client/v3/account/whoami";
+
+/// Echoes the identity the layer attached, and what the inner service saw of the request.
+async fn echo(request: axum::extract::Request) -> Json<serde_json::Value> {
+    let user = request.extensions().get::<MatrixUser>();
+    Json(serde_json::json!({
+        "inner": true,
+        "user_id": user.map(|u| u.user_id()),
+        "device_id": user.and_then(|u| u.device_id()),
+        "appservice": user.and_then(|u| u.appservice()),
+        "credential": user.map(|u| format!("{:?}", u.credential())),
+        "suspended": user.map(|u| u.is_suspended()),
+        "uri": request.uri().to_string(),
+        "path": request.uri().path(),
+    }))
+}
+
+/// `layer` around an echo of every path and method, on loopback: the layer alone decides.
+pub async fn serve_echo(layer: MatrixAuthLayer) -> std::net::SocketAddr {
+    let app = Router::new()
+        .route("/{*path}", axum::routing::any(echo))
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}

@@ -4,11 +4,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::common::server::send;
+use crate::common::server::{send, serve_echo};
 use crate::common::*;
-use axum::extract::Request;
 use axum::routing::any;
-use axum::{Json, Router};
+use axum::Router;
 use http::StatusCode;
 use tower_matrix_auth::{
     AccountStates, AccountStatus, AppService, AppServices, ManualClock, MatrixAuthLayer,
@@ -17,27 +16,6 @@ use tower_matrix_auth::{
 
 const AS_TOKEN: &str = "as_token_irc_0123456789";
 const OTHER_AS_TOKEN: &str = "as_token_slack_9876543210";
-
-/// Echoes the identity the layer attached.
-async fn echo(request: Request) -> Json<serde_json::Value> {
-    let user = request.extensions().get::<MatrixUser>();
-    Json(serde_json::json!({
-        "user_id": user.map(|u| u.user_id()),
-        "device_id": user.and_then(|u| u.device_id()),
-        "appservice": user.and_then(|u| u.appservice()),
-        "credential": user.map(|u| format!("{:?}", u.credential())),
-        "suspended": user.map(|u| u.is_suspended()),
-        "uri": request.uri().to_string(),
-    }))
-}
-
-async fn serve(layer: MatrixAuthLayer) -> std::net::SocketAddr {
-    let app = Router::new().route("/{*path}", any(echo)).layer(layer);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
 
 fn appservices() -> AppServices {
     AppServices::new()
@@ -64,7 +42,7 @@ fn appservices() -> AppServices {
 
 #[tokio::test]
 async fn application_services() {
-    let addr = serve(
+    let addr = serve_echo(
         MatrixAuthLayer::new(keys())
             .clock(ManualClock::new(NOW_MS))
             .appservices(appservices()),
@@ -232,7 +210,7 @@ async fn opaque_tokens_beside_macaroons() {
         calls: AtomicUsize::new(0),
         fail: false,
     });
-    let addr = serve(
+    let addr = serve_echo(
         MatrixAuthLayer::new(keys())
             .clock(ManualClock::new(NOW_MS))
             .resolver(resolver.clone()),
@@ -306,7 +284,7 @@ async fn opaque_tokens_beside_macaroons() {
         calls: AtomicUsize::new(0),
         fail: true,
     });
-    let addr = serve(MatrixAuthLayer::new(keys()).resolver(down)).await;
+    let addr = serve_echo(MatrixAuthLayer::new(keys()).resolver(down)).await;
     let (status, json, _) = send(addr, "GET", "/x", Some("syt_anything"), None).await;
     assert_eq!(
         (status, json["errcode"].as_str()),
@@ -321,7 +299,7 @@ async fn account_state() {
     let layer = MatrixAuthLayer::new(keys())
         .clock(ManualClock::new(NOW_MS))
         .accounts(accounts.clone());
-    let addr = serve(layer).await;
+    let addr = serve_echo(layer).await;
     let token = access_token(&[]);
     let send_message = "/_matrix/client/v3/rooms/!r:example.org/send/m.room.message/txn1";
 
@@ -450,7 +428,7 @@ async fn application_services_meet_the_users_account_state() {
     accounts.set("@irc_gone:example.org", AccountStatus::Deactivated);
     accounts.set("@irc_quiet:example.org", AccountStatus::Suspended);
     accounts.set("@irc_locked:example.org", AccountStatus::Locked);
-    let addr = serve(
+    let addr = serve_echo(
         MatrixAuthLayer::new(keys())
             .clock(ManualClock::new(NOW_MS))
             .appservices(appservices())
@@ -525,7 +503,7 @@ async fn application_services_stay_apart() {
         .unwrap()
         .with(AppService::new("narrow", OTHER_AS_TOKEN, "@narrow_bot:example.org").unwrap())
         .unwrap();
-    let addr = serve(
+    let addr = serve_echo(
         MatrixAuthLayer::new(keys())
             .clock(ManualClock::new(NOW_MS))
             .appservices(registrations.clone()),

@@ -3,35 +3,12 @@
 //! prefixes name exact routes, never a substring, a suffix or a path with dot segments (the
 //! outside review's finding 3).
 
-use crate::common::server::send;
+use crate::common::server::{send, serve_echo};
 use crate::common::*;
-use axum::extract::Request;
-use axum::routing::any;
-use axum::{Json, Router};
 use http::StatusCode;
 use tower_matrix_auth::{
-    is_whoami_route, AccountStates, AccountStatus, ManualClock, MatrixAuthLayer, MatrixUser,
+    is_whoami_route, AccountStates, AccountStatus, ManualClock, MatrixAuthLayer,
 };
-
-/// Echoes what the layer let through.
-async fn echo(request: Request) -> Json<serde_json::Value> {
-    let user = request.extensions().get::<MatrixUser>();
-    Json(serde_json::json!({
-        "inner": true,
-        "user_id": user.map(|u| u.user_id()),
-        "suspended": user.map(|u| u.is_suspended()),
-        "path": request.uri().path(),
-    }))
-}
-
-/// Any path, any method, reaches the echo: the layer alone decides.
-async fn serve(layer: MatrixAuthLayer) -> std::net::SocketAddr {
-    let app = Router::new().route("/{*path}", any(echo)).layer(layer);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
 
 fn layer() -> MatrixAuthLayer {
     MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS))
@@ -82,7 +59,7 @@ const LOGOUTS: [&str; 3] = [
 async fn locked_account_passes_on_the_logout_routes_only() {
     let accounts = AccountStates::default();
     accounts.set(ALICE, AccountStatus::Locked);
-    let addr = serve(layer().accounts(accounts)).await;
+    let addr = serve_echo(layer().accounts(accounts)).await;
     let token = access_token(&[]);
     for (method, path) in ENDING_IN_LOGOUT {
         let (status, json, _) = send(addr, method, path, Some(&token), Some("{}")).await;
@@ -117,7 +94,7 @@ async fn locked_account_passes_on_the_logout_routes_only() {
 /// `logout`.
 #[tokio::test]
 async fn expired_token_is_accepted_on_the_logout_routes_only() {
-    let addr = serve(layer().allow_expired_on_logout()).await;
+    let addr = serve_echo(layer().allow_expired_on_logout()).await;
     let expired = access_token(&[&format!("time < {}", NOW_MS - 1)]);
     for (method, path) in ENDING_IN_LOGOUT {
         let (status, json, _) = send(addr, method, path, Some(&expired), Some("{}")).await;
@@ -152,7 +129,7 @@ async fn expired_token_is_accepted_on_the_logout_routes_only() {
 async fn suspended_account_cannot_write_through_another_form_of_a_write() {
     let accounts = AccountStates::default();
     accounts.set(ALICE, AccountStatus::Suspended);
-    let addr = serve(layer().accounts(accounts)).await;
+    let addr = serve_echo(layer().accounts(accounts)).await;
     let token = access_token(&[]);
     for (method, path) in [
         ("POST", "/_matrix/client/v3/createRoom/"),
@@ -209,7 +186,7 @@ async fn homeserver_widens_what_a_suspended_account_may_do() {
                 && route.segments().nth(1) == Some("!admins:example.org")
         })
     });
-    let addr = serve(layer).await;
+    let addr = serve_echo(layer).await;
     let token = access_token(&[]);
     let to = |room: &str| format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t1");
     let (status, _, _) = send(addr, "PUT", &to("!admins:example.org"), Some(&token), None).await;
@@ -239,7 +216,7 @@ async fn dot_segments_are_never_skipped() {
         .skip_path("/_matrix/client/versions")
         .skip_path_prefix("/_matrix/federation/")
         .skip_when(|parts| parts.uri.path().starts_with("/_matrix/key/"));
-    let addr = serve(layer).await;
+    let addr = serve_echo(layer).await;
     for path in [
         "/_matrix/federation/../client/v3/account/whoami",
         "/_matrix/federation/%2e%2e/client/v3/account/whoami",
@@ -274,7 +251,7 @@ async fn dot_segments_are_never_skipped() {
 /// `account` with state key `whoami` also ends with.
 #[tokio::test]
 async fn guests_pass_on_whoami_only() {
-    let addr = serve(layer().allow_guests_when(is_whoami_route)).await;
+    let addr = serve_echo(layer().allow_guests_when(is_whoami_route)).await;
     let guest = access_token(&["guest = true"]);
     let (status, json, _) = send(
         addr,
