@@ -1,9 +1,11 @@
 //! What the layer logs: the user id after success and the reason of a rejection, never a token.
 
+mod common;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use crate::common::*;
+use common::*;
 use http::StatusCode;
 use tower_matrix_auth::{ManualClock, MatrixAuthLayer};
 

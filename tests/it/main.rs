@@ -1,6 +1,8 @@
-//! The integration tests, in one binary (one link instead of twenty). Two stay binaries of
-//! their own: `tests/allocations.rs` installs a counting global allocator, and
-//! `tests/postgres_outage.rs` stops and restarts the PostgreSQL server the others share.
+//! The integration tests, in one binary (one link instead of twenty). Three stay binaries of
+//! their own: `tests/allocations.rs` installs a counting global allocator,
+//! `tests/postgres_outage.rs` stops and restarts the PostgreSQL server the others share, and
+//! `tests/logging.rs` captures logs with a thread's own subscriber, which tracing's process-wide
+//! callsite cache makes unreliable beside other tests logging on other threads.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -16,7 +18,6 @@ mod http_server;
 mod layer;
 mod lifecycle;
 mod lifecycle_properties;
-mod logging;
 mod logout_all_hammer;
 mod postgres;
 mod postgres_liveness;
