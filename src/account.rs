@@ -206,16 +206,7 @@ pub(crate) fn suspended_may(parts: &Parts) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parts(method: Method, path: &str) -> Parts {
-        http::Request::builder()
-            .method(method)
-            .uri(path)
-            .body(())
-            .unwrap()
-            .into_parts()
-            .0
-    }
+    use crate::routes::tests::parts;
 
     #[test]
     fn suspension_rules() {

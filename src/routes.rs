@@ -221,10 +221,11 @@ pub fn is_whoami_route(parts: &Parts) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn parts(method: Method, path: &str) -> Parts {
+    /// A request head, for the route rules' unit tests here and in `account`.
+    pub(crate) fn parts(method: Method, path: &str) -> Parts {
         http::Request::builder()
             .method(method)
             .uri(path)
