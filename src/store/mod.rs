@@ -52,6 +52,11 @@ pub(crate) struct Position {
     pub(crate) contradicts_type: bool,
 }
 
+/// The session of a token that is a session of its own: its id, as a session id.
+fn session_of(id: crate::identity::TokenId) -> SessionId {
+    SessionId::from_u128(u128::from_le_bytes(*id.as_bytes()))
+}
+
 /// Where a verified token sits. Tokens without the issuer's session nonce (minted elsewhere, or
 /// with a nonce a holder appended) are a session of their own, generation 0, epoch 0.
 pub(crate) fn position(user: &MatrixUser) -> Position {
@@ -63,7 +68,7 @@ pub(crate) fn position(user: &MatrixUser) -> Position {
             contradicts_type: !nonce.matches(user.token_type()),
         },
         None => Position {
-            session: SessionId::from_u128(u128::from_le_bytes(*user.token_id().as_bytes())),
+            session: session_of(user.token_id()),
             generation: 0,
             epoch: 0,
             contradicts_type: false,
@@ -88,10 +93,9 @@ impl TokenRef {
     /// A single-use token minted elsewhere, known by the HMAC chain value through its first
     /// `time <` caveat (what its minter wrote; a holder can only append after it).
     pub(crate) fn single_use(user: &MatrixUser, chain: &[u8; 32]) -> Self {
-        let id = crate::identity::TokenId::from_signature(chain);
         Self {
             user_id: user.user_id().to_owned(),
-            session: SessionId::from_u128(u128::from_le_bytes(*id.as_bytes())),
+            session: session_of(crate::identity::TokenId::from_signature(chain)),
             generation: 0,
             epoch: 0,
         }
