@@ -5,8 +5,8 @@ use std::fmt;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::caveat::CaveatFailure;
-use crate::wire::FormatError;
+use crate::macaroon::caveat::CaveatFailure;
+use crate::macaroon::wire::FormatError;
 
 /// Why a request was refused: a small opaque type to query with `is_*()` and render.
 ///

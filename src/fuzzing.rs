@@ -3,11 +3,11 @@
 //! crate and build tokens with arbitrary caveats. Not a public API: nothing here is stable, and
 //! nothing on the request path depends on it.
 
-use crate::keys::hmac32;
-use crate::wire::{self, MacaroonFields, OwnedCaveat};
+use crate::macaroon::keys::hmac32;
+use crate::macaroon::wire::{self, MacaroonFields, OwnedCaveat};
 use crate::{Format, MacaroonSecret};
 
-pub use crate::v2json_dialect::crate_dialect;
+pub use crate::macaroon::v2json_dialect::crate_dialect;
 
 /// What the wire parser read from a token: every field, caveats as `(id, third_party)`.
 #[derive(Debug, Clone, PartialEq, Eq)]

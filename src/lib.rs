@@ -4,73 +4,49 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod account;
-#[cfg(feature = "appservice")]
-mod appservice;
-mod body;
-mod cache;
-mod caveat;
-mod clock;
-mod ct;
-#[cfg(test)]
-mod differential_tests;
+#[cfg(feature = "axum")]
+mod axum;
 mod error;
-mod extract;
-mod future;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
-mod hmac_sha256;
+pub mod hooks;
 mod identity;
-mod issuer;
 mod json;
-mod keys;
-mod layer;
-mod mint;
-mod resolver;
-mod revocation;
+pub mod layer;
+pub mod lifecycle;
+pub mod macaroon;
 pub mod routes;
 #[cfg(feature = "ruma")]
 mod ruma;
-mod service;
-mod sessions;
 pub mod store;
-#[cfg(any(test, feature = "fuzzing"))]
-mod v2json_dialect;
-mod verify;
-mod wire;
 
-#[cfg(feature = "axum")]
-mod axum;
-
-pub use account::{AccountState, AccountStates, AccountStatus};
-#[cfg(feature = "appservice")]
-pub use appservice::{AppService, AppServices, InvalidRegistration};
-pub use body::ResponseBody;
-pub use caveat::{is_valid_user_id, Caveat};
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::Rejection;
-pub use future::ResponseFuture;
-pub use identity::{Credential, MatrixUser, TokenId, TokenType};
-pub use issuer::{
-    IssuedTokens, Issuer, NonceKind, SessionId, SessionRequest, TokenNonce,
-    DEFAULT_LOGIN_TOKEN_LIFETIME_MS, DEFAULT_REFRESHABLE_ACCESS_LIFETIME_MS,
+pub use hooks::{
+    AccountState, AccountStates, AccountStatus, Clock, ManualClock, NeverRevoked, ResolveFuture,
+    ResolvedToken, Revocation, RevocationCheck, RevocationError, RevocationStatus, StaticTokens,
+    SystemClock, TokenResolver,
 };
-pub use keys::{EmptySecret, KeyRing, MacaroonSecret, RECOMMENDED_SECRET_LEN};
-pub use layer::{GuestPolicy, MatrixAuthLayer, QueryToken};
-pub use mint::{attenuate, TokenBuilder};
-pub use resolver::{ResolveFuture, ResolvedToken, StaticTokens, TokenResolver};
-pub use revocation::{
-    NeverRevoked, Revocation, RevocationCheck, RevocationError, RevocationStatus,
+#[cfg(feature = "appservice")]
+pub use hooks::{AppService, AppServices, InvalidRegistration};
+pub use identity::{Credential, MatrixUser, TokenId, TokenType};
+pub use layer::{
+    GuestPolicy, MatrixAuth, MatrixAuthLayer, QueryToken, ResponseBody, ResponseFuture,
+};
+pub use lifecycle::{
+    ExchangeError, IssuedTokens, Issuer, NonceKind, RateLimit, RefreshEndpoint, SessionId,
+    SessionRequest, Sessions, TokenNonce, DEFAULT_LOGIN_TOKEN_LIFETIME_MS,
+    DEFAULT_REFRESHABLE_ACCESS_LIFETIME_MS,
+};
+pub use macaroon::{
+    attenuate, is_valid_user_id, Caveat, EmptySecret, Format, KeyRing, MacaroonSecret,
+    TokenBuilder, Verifier, DEFAULT_MAX_CAVEATS, DEFAULT_MAX_TOKEN_LEN, DEFAULT_TOKEN_CACHE,
+    RECOMMENDED_SECRET_LEN,
 };
 pub use routes::{is_logout_route, is_normal_path, is_whoami_route};
-pub use service::MatrixAuth;
-pub use sessions::{ExchangeError, RateLimit, RefreshEndpoint, Sessions};
 #[cfg(feature = "postgres")]
 pub use store::postgres::{PostgresOptions, PostgresStore};
 pub use store::{memory::MemoryStore, RefreshMode, TokenStore};
-pub use verify::{Verifier, DEFAULT_MAX_CAVEATS, DEFAULT_MAX_TOKEN_LEN, DEFAULT_TOKEN_CACHE};
-pub use wire::Format;
 
 #[cfg(feature = "axum")]
 pub use crate::axum::{AppServiceRejection, AppServiceRequest, MissingMatrixUser};
@@ -79,7 +55,7 @@ pub use crate::axum::{AppServiceRejection, AppServiceRequest, MissingMatrixUser}
 /// the chain floor with the very implementation the verifier uses.
 #[doc(hidden)]
 pub fn __hmac_sha256_32(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
-    hmac_sha256::hmac32(key, message)
+    macaroon::hmac_sha256::hmac32(key, message)
 }
 
 /// A layer configured and then dropped is a compile-time warning, not a silent no-op:

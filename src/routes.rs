@@ -35,7 +35,7 @@ use std::borrow::Cow;
 use http::request::Parts;
 use http::Method;
 
-use crate::extract::percent_decode;
+use percent_encoding::percent_decode;
 
 /// Whether `path` is in normal form: it starts with `/`, no segment is `.` or `..` (raw or
 /// percent-encoded: `%2e`, `.%2E`, …), and no segment but the last is empty (a trailing slash
@@ -158,7 +158,7 @@ impl<'a> ClientRoute<'a> {
 }
 
 fn decode(raw: &str) -> Option<Cow<'_, str>> {
-    match percent_decode(raw.as_bytes()) {
+    match Cow::from(percent_decode(raw.as_bytes())) {
         Cow::Borrowed(_) => Some(Cow::Borrowed(raw)),
         Cow::Owned(bytes) => String::from_utf8(bytes).ok().map(Cow::Owned),
     }

@@ -1,4 +1,4 @@
-//! Target 4: our wire parser against the `macaroon` crate, as `src/differential_tests.rs`
+//! Target 4: our wire parser against the `macaroon` crate, as `src/macaroon/differential_tests.rs`
 //! states the relation: whatever we accept (as a token, or as V1/V2 binary), the crate accepts
 //! with the same location, identifier, caveats (id, third-party flag) and signature. The only
 //! exceptions are the documented V2JSON spellings the crate cannot read (no `"v"`, no `"c"`,

@@ -10,9 +10,9 @@
 use std::fmt;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::clock::{Clock, SystemClock};
+use crate::hooks::clock::{Clock, SystemClock};
+use crate::hooks::revocation::{Revocation, RevocationCheck, RevocationStatus};
 use crate::identity::MatrixUser;
-use crate::revocation::{Revocation, RevocationCheck, RevocationStatus};
 use crate::store::view::{Judgement, View};
 use crate::store::{RefreshMode, SessionState, StoreFuture, TokenRef, TokenStore, Verdict};
 

@@ -3,9 +3,9 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use crate::hooks::revocation::{Revocation, RevocationError};
 use crate::identity::MatrixUser;
-use crate::issuer::{SessionId, TokenNonce};
-use crate::revocation::{Revocation, RevocationError};
+use crate::lifecycle::issuer::{SessionId, TokenNonce};
 
 pub mod memory;
 #[cfg(feature = "postgres")]

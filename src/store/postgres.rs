@@ -20,10 +20,10 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio_postgres::Client;
 
-use crate::clock::{Clock, SystemClock};
+use crate::hooks::clock::{Clock, SystemClock};
+use crate::hooks::revocation::{Revocation, RevocationCheck, RevocationError, RevocationStatus};
 use crate::identity::MatrixUser;
-use crate::issuer::SessionId;
-use crate::revocation::{Revocation, RevocationCheck, RevocationError, RevocationStatus};
+use crate::lifecycle::issuer::SessionId;
 use crate::store::view::{Judgement, View};
 use crate::store::{RefreshMode, SessionState, StoreFuture, TokenRef, TokenStore, Verdict};
 

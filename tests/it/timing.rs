@@ -1,8 +1,8 @@
 //! The signature check is constant-time by construction, not by measurement (no timed tests
 //! here: a timer on a shared 2-core machine proves nothing either way).
 //!
-//! - `src/verify.rs` computes the whole HMAC chain for every caveat of the token, whatever the
-//!   signature says, then compares the 32 signature bytes with `src/ct.rs`: the differences of
+//! - `src/macaroon/verify.rs` computes the whole HMAC chain for every caveat of the token, whatever the
+//!   signature says, then compares the 32 signature bytes with `src/macaroon/ct.rs`: the differences of
 //!   all four `u64` words are OR-ed together with no branch, and only the result goes through
 //!   `subtle`'s optimization barrier.
 //! - What the token's caveats say is looked at only after the comparison, so a forged signature
@@ -24,11 +24,11 @@ use tower_matrix_auth::{
 
 const NOW_MS: u64 = 1_700_000_000_000;
 
-/// The comparison primitive, `src/ct.rs`: the differences of all words are OR-ed together with
+/// The comparison primitive, `src/macaroon/ct.rs`: the differences of all words are OR-ed together with
 /// no branch and no early exit, and only the accumulated word is tested, through `subtle`.
 #[test]
 fn the_comparison_primitive_has_no_data_dependent_exit() {
-    let source = include_str!("../../src/ct.rs");
+    let source = include_str!("../../src/macaroon/ct.rs");
     let body = &source[source.find("pub(crate) fn bytes_equal").unwrap()..];
     let body = &body[..body.find("\n}\n").unwrap()];
     // The one early return is on the lengths, which are public.
@@ -46,20 +46,20 @@ fn the_comparison_primitive_has_no_data_dependent_exit() {
 fn credentials_are_compared_with_the_constant_time_primitive() {
     let uses = [
         (
-            include_str!("../../src/verify.rs"),
-            "crate::ct::bytes_equal(&signature, macaroon.signature)",
+            include_str!("../../src/macaroon/verify.rs"),
+            "crate::macaroon::ct::bytes_equal(&signature, macaroon.signature)",
         ),
         (
-            include_str!("../../src/cache.rs"),
-            "crate::ct::bytes_equal(&entry.token, token)",
+            include_str!("../../src/macaroon/cache.rs"),
+            "crate::macaroon::ct::bytes_equal(&entry.token, token)",
         ),
         (
-            include_str!("../../src/appservice.rs"),
-            "crate::ct::bytes_equal(appservice.as_token",
+            include_str!("../../src/hooks/appservice.rs"),
+            "crate::macaroon::ct::bytes_equal(appservice.as_token",
         ),
         (
-            include_str!("../../src/resolver.rs"),
-            "crate::ct::bytes_equal(candidate",
+            include_str!("../../src/hooks/resolver.rs"),
+            "crate::macaroon::ct::bytes_equal(candidate",
         ),
     ];
     for (source, call) in uses {
@@ -67,7 +67,7 @@ fn credentials_are_compared_with_the_constant_time_primitive() {
     }
     let verify = uses[0].0;
     for shortcut in ["signature ==", "== macaroon.signature", "signature.eq("] {
-        assert!(!verify.contains(shortcut), "`{shortcut}` in src/verify.rs");
+        assert!(!verify.contains(shortcut), "`{shortcut}` in src/macaroon/verify.rs");
     }
 }
 

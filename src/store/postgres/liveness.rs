@@ -24,8 +24,8 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
 use super::{apply_notification, listen_and_load, Shared, CHANNEL};
-use crate::issuer::SessionId;
-use crate::revocation::RevocationError;
+use crate::hooks::revocation::RevocationError;
+use crate::lifecycle::issuer::SessionId;
 
 /// Reconnection back-off bounds.
 const RETRY_MIN: Duration = Duration::from_millis(50);

@@ -30,8 +30,8 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::v2json_dialect::crate_dialect;
-use crate::wire::{decode_token, parse_binary, Format, MacaroonFields, OwnedCaveat};
+use crate::macaroon::v2json_dialect::crate_dialect;
+use crate::macaroon::wire::{decode_token, parse_binary, Format, MacaroonFields, OwnedCaveat};
 use crate::{KeyRing, MacaroonSecret, ManualClock, TokenType, Verifier};
 
 /// No caveat limit in the comparisons: the crate has none.

@@ -4,8 +4,8 @@
 use std::fmt;
 
 use crate::identity::TokenType;
-use crate::keys::{hmac32, KeyRing};
-use crate::wire::{self, Format, MacaroonFields, OwnedCaveat};
+use crate::macaroon::keys::{hmac32, KeyRing};
+use crate::macaroon::wire::{self, Format, MacaroonFields, OwnedCaveat};
 
 /// Builds one token. Caveats are written in Synapse's order: `gen = 1`, `user_id`, `type`,
 /// `nonce`, then `guest`, `device_id` and `time <` when set.

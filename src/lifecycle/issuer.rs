@@ -25,10 +25,10 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::clock::{Clock, SystemClock};
+use crate::hooks::clock::{Clock, SystemClock};
 use crate::identity::{MatrixUser, TokenType};
-use crate::keys::KeyRing;
-use crate::wire::Format;
+use crate::macaroon::keys::KeyRing;
+use crate::macaroon::wire::Format;
 
 /// One login's identity in the revocation state: 128 random bits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

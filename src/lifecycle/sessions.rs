@@ -20,11 +20,11 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower_service::Service;
 
+use crate::hooks::revocation::{RevocationError, RevocationStatus};
 use crate::identity::{MatrixUser, TokenType};
-use crate::issuer::{IssuedTokens, Issuer, NonceKind, SessionRequest, TokenNonce};
-use crate::revocation::{RevocationError, RevocationStatus};
+use crate::lifecycle::issuer::{IssuedTokens, Issuer, NonceKind, SessionRequest, TokenNonce};
+use crate::macaroon::verify::Verifier;
 use crate::store::{keep_until_ms, RefreshMode, TokenRef, TokenStore};
-use crate::verify::Verifier;
 
 /// Largest request body the refresh endpoints read.
 const MAX_BODY: usize = 64 * 1024;
@@ -79,7 +79,7 @@ struct Inner {
     rate_limit: Option<Arc<dyn RateLimit>>,
 }
 
-#[doc = include_str!("../docs/sessions.md")]
+#[doc = include_str!("../../docs/sessions.md")]
 #[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct Sessions {

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::revocation::RevocationError;
+use crate::hooks::revocation::RevocationError;
 
 /// Who an opaque token belongs to.
 #[derive(Clone, PartialEq, Eq)]
@@ -54,7 +54,7 @@ impl fmt::Debug for ResolvedToken {
 pub type ResolveFuture =
     Pin<Box<dyn Future<Output = Result<Option<ResolvedToken>, RevocationError>> + Send>>;
 
-#[doc = include_str!("../docs/opaque_tokens.md")]
+#[doc = include_str!("../../docs/opaque_tokens.md")]
 pub trait TokenResolver: Send + Sync + 'static {
     /// Resolves one token, as sent by the client.
     fn resolve(&self, token: &str) -> ResolveFuture;
@@ -108,7 +108,7 @@ impl TokenResolver for StaticTokens {
         // Every entry is compared, so the time taken does not say which one matched.
         let mut found = None;
         for (candidate, resolved) in self.tokens.iter() {
-            if crate::ct::bytes_equal(candidate.as_ref(), token.as_bytes()) {
+            if crate::macaroon::ct::bytes_equal(candidate.as_ref(), token.as_bytes()) {
                 found = Some(resolved.clone());
             }
         }

@@ -1,5 +1,5 @@
 //! Macaroon verification: limits, decoding, the HMAC chain and its constant-time comparison,
-//! then the caveat rules of [`crate::caveat`].
+//! then the caveat rules of [`crate::macaroon::caveat`].
 //!
 //! The chain is computed here rather than by the `macaroon` crate, whose `Verifier` compares the
 //! final signature with `==`, cannot see a clock or the request, and costs several times the
@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use http::request::Parts;
 
-use crate::cache::TokenCache;
-use crate::caveat::{Caveat, CaveatCheck, CaveatFailure, CaveatRules, STANDARD_KEYS};
-use crate::clock::{Clock, SystemClock};
 use crate::error::{Rejection, Unknown};
+use crate::hooks::clock::{Clock, SystemClock};
 use crate::identity::{MatrixUser, TokenType, VerifiedClaims};
-use crate::keys::KeyRing;
-use crate::wire::{self, CaveatList, FormatError};
+use crate::macaroon::cache::TokenCache;
+use crate::macaroon::caveat::{Caveat, CaveatCheck, CaveatFailure, CaveatRules, STANDARD_KEYS};
+use crate::macaroon::keys::KeyRing;
+use crate::macaroon::wire::{self, CaveatList, FormatError};
 
 /// Default longest token accepted, in bytes as sent.
 pub const DEFAULT_MAX_TOKEN_LEN: usize = 4096;
@@ -25,7 +25,7 @@ pub const DEFAULT_MAX_CAVEATS: usize = 64;
 /// Default number of verified tokens remembered (see [`Verifier::token_cache`]).
 pub const DEFAULT_TOKEN_CACHE: usize = 4096;
 
-#[doc = include_str!("../docs/verifier.md")]
+#[doc = include_str!("../../docs/verifier.md")]
 #[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct Verifier {
@@ -225,7 +225,7 @@ impl Verifier {
         }
         let signature = key.chain(caveats.clone().map(|caveat| caveat.id));
         // Constant time: a forger learns nothing from how long a wrong signature took.
-        if !crate::ct::bytes_equal(&signature, macaroon.signature) {
+        if !crate::macaroon::ct::bytes_equal(&signature, macaroon.signature) {
             return Err(Rejection::unknown(Unknown::BadSignature));
         }
 

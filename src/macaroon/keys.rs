@@ -4,9 +4,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-pub(crate) use crate::hmac_sha256::hmac32;
-use crate::hmac_sha256::PreparedKey;
-use crate::wire::SIGNATURE_LEN;
+pub(crate) use crate::macaroon::hmac_sha256::hmac32;
+use crate::macaroon::hmac_sha256::PreparedKey;
+use crate::macaroon::wire::SIGNATURE_LEN;
 
 /// The fixed key libmacaroons (and so pymacaroons and the `macaroon` crate) uses to turn a
 /// secret of any length into a 32-byte root key: `"macaroons-key-generator"`, zero-padded to 32

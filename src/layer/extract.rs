@@ -11,35 +11,18 @@ use http::header::AUTHORIZATION;
 use http::request::Parts;
 use http::uri::{PathAndQuery, Uri};
 
+use percent_encoding::percent_decode;
+
 use crate::error::Missing;
 
 /// The query parameter the Matrix spec names.
 const PARAM: &[u8] = b"access_token";
 
-/// A token as found in a request, every rule of the table applied but perhaps one. (No `Debug`:
-/// it holds the token.)
-pub(crate) struct Found<'a> {
-    pub(crate) token: Cow<'a, [u8]>,
-    /// Set for a lone header token: whether it is visible ASCII is still to be checked, with
-    /// [`Found::checked`]. The layer skips that check, which reads every byte, when the token
-    /// cache holds the token: the cache holds visible-ASCII tokens only, so a hit proves it.
-    pub(crate) visibility_unchecked: bool,
-}
-
-impl<'a> Found<'a> {
-    /// The token once every rule holds: `M_MISSING_TOKEN` for a header token that is not
-    /// visible ASCII.
-    pub(crate) fn checked(self) -> Result<Cow<'a, [u8]>, Missing> {
-        if self.visibility_unchecked && !visible_ascii(&self.token) {
-            return Err(Missing::NotBearer);
-        }
-        Ok(self.token)
-    }
-}
-
-/// The token a request carries, if any. A lone header token comes back with its visible-ASCII
-/// check left to the caller ([`Found::checked`]); every other outcome of the table is final.
-pub(crate) fn find_token(parts: &Parts, query_tokens: bool) -> Result<Option<Found<'_>>, Missing> {
+/// The token a request carries, if any, every rule of the extraction table applied.
+pub(crate) fn find_token(
+    parts: &Parts,
+    query_tokens: bool,
+) -> Result<Option<Cow<'_, [u8]>>, Missing> {
     let header = header_token(parts)?;
     let query = if query_tokens {
         query_token(parts.uri.query())?
@@ -50,19 +33,14 @@ pub(crate) fn find_token(parts: &Parts, query_tokens: bool) -> Result<Option<Fou
         // A malformed header is reported as such, before the mixing.
         (Some(token), Some(_)) if !visible_ascii(token) => Err(Missing::NotBearer),
         (Some(_), Some(_)) => Err(Missing::Mixed),
-        (Some(token), None) => Ok(Some(Found {
-            token: Cow::Borrowed(token),
-            visibility_unchecked: true,
-        })),
-        (None, query) => Ok(query.map(|token| Found {
-            token,
-            visibility_unchecked: false,
-        })),
+        (Some(token), None) if !visible_ascii(token) => Err(Missing::NotBearer),
+        (Some(token), None) => Ok(Some(Cow::Borrowed(token))),
+        (None, query) => Ok(query),
     }
 }
 
 /// `Authorization: Bearer <token>`, or `None` if there is no header or an empty token. Whether
-/// the token is visible ASCII is not checked here (see [`Found`]).
+/// the token is visible ASCII is checked by [`find_token`], after the mixing rule's check.
 fn header_token(parts: &Parts) -> Result<Option<&[u8]>, Missing> {
     let mut values = parts.headers.get_all(AUTHORIZATION).iter();
     let Some(value) = values.next() else {
@@ -84,8 +62,8 @@ fn header_token(parts: &Parts) -> Result<Option<&[u8]>, Missing> {
 
 /// Whether every byte is visible ASCII (0x21..=0x7e): shifted down by 0x21, every byte must be
 /// at most 0x5d, so the largest one decides. A maximum without an early exit vectorizes to one
-/// subtraction and one `max` per 16 bytes; every token the cache does not hold goes through here.
-pub(crate) fn visible_ascii(bytes: &[u8]) -> bool {
+/// subtraction and one `max` per 16 bytes.
+fn visible_ascii(bytes: &[u8]) -> bool {
     bytes
         .iter()
         .fold(0, |largest: u8, &b| largest.max(b.wrapping_sub(0x21)))
@@ -109,45 +87,16 @@ fn query_token(query: Option<&str>) -> Result<Option<Cow<'_, [u8]>>, Missing> {
         }
         seen = true;
         if !value.is_empty() {
-            found = Some(percent_decode(value.as_bytes()));
+            found = Some(percent_decode(value.as_bytes()).into());
         }
     }
     Ok(found)
 }
 
+/// Whether a query key is `access_token`, percent-encoded or not. (`percent_decode` leaves
+/// malformed escapes as they are and does not read `+` as a space: standard base64 holds `+`.)
 fn is_token_param(key: &str) -> bool {
-    key.len() >= PARAM.len() && percent_decode(key.as_bytes()) == PARAM
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).map(|d| d as u8)
-}
-
-/// Percent-decoding; malformed escapes stay as they are. `+` is not a space here: a token never
-/// holds a space, but standard base64 holds `+`.
-pub(crate) fn percent_decode(input: &[u8]) -> Cow<'_, [u8]> {
-    if !input.contains(&b'%') {
-        return Cow::Borrowed(input);
-    }
-    let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
-    while i < input.len() {
-        let escaped = match input.get(i..i + 3) {
-            Some([b'%', hi, lo]) => hex_value(*hi).zip(hex_value(*lo)),
-            _ => None,
-        };
-        match escaped {
-            Some((hi, lo)) => {
-                out.push(hi << 4 | lo);
-                i += 3;
-            }
-            None => {
-                out.push(input[i]);
-                i += 1;
-            }
-        }
-    }
-    Cow::Owned(out)
+    key.len() >= PARAM.len() && Cow::from(percent_decode(key.as_bytes())) == PARAM
 }
 
 /// The URI without any `access_token` parameter, or `None` if it has none, so that nothing
@@ -197,7 +146,7 @@ mod tests {
 
     fn found(uri: &str, headers: &[&[u8]]) -> Result<Option<Vec<u8>>, Missing> {
         match find_token(&parts(uri, headers), true)? {
-            Some(found) => found.checked().map(|t| Some(t.into_owned())),
+            Some(token) => Ok(Some(token.into_owned())),
             None => Ok(None),
         }
     }
@@ -262,26 +211,10 @@ mod tests {
     }
 
     #[test]
-    fn only_a_lone_header_token_leaves_its_visibility_to_the_caller() {
-        let lone = parts("/x", &[b"Bearer a\xffb"]);
-        let lone = find_token(&lone, true).unwrap().unwrap();
-        assert!(lone.visibility_unchecked);
-        assert_eq!(lone.checked(), Err(Missing::NotBearer));
-        let good = parts("/x", &[b"Bearer ab"]);
-        let good = find_token(&good, true).unwrap().unwrap();
-        assert!(good.visibility_unchecked);
-        assert_eq!(good.checked().unwrap().as_ref(), b"ab");
-        let query = parts("/x?access_token=a%20b", &[]);
-        let query = find_token(&query, true).unwrap().unwrap();
-        assert!(!query.visibility_unchecked);
-        assert_eq!(query.checked().unwrap().as_ref(), b"a b");
-    }
-
-    #[test]
     fn query_tokens_can_be_switched_off() {
         let p = parts("/x?access_token=abc&access_token=d", &[b"Bearer h"]);
         let found = find_token(&p, false).unwrap().unwrap();
-        assert_eq!(found.checked().unwrap().as_ref(), b"h");
+        assert_eq!(found.as_ref(), b"h");
         let p = parts("/x?access_token=abc", &[]);
         assert!(find_token(&p, false).unwrap().is_none());
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use http::request::Parts;
 
 use crate::identity::TokenType;
-use crate::wire::RawCaveat;
+use crate::macaroon::wire::RawCaveat;
 
 /// A first-party caveat in the `key op value` form, as a custom caveat checker sees it.
 ///

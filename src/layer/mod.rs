@@ -1,4 +1,23 @@
-//! The layer and its configuration.
+//! The tower side: the layer a homeserver adds, the service it wraps, and the plumbing between.
+//!
+//! | File | What it holds |
+//! |---|---|
+//! | `mod.rs` | [`MatrixAuthLayer`], the builder: everything a homeserver configures |
+//! | `decision.rs` | **the decision pipeline**: why a request passes or is refused |
+//! | `extract.rs` | where the token comes from: `Authorization: Bearer`, `?access_token=` |
+//! | `service.rs` | [`MatrixAuth`], the service: hands requests to the pipeline and on |
+//! | `future.rs` | [`ResponseFuture`]: waits for a store or resolver, then calls the service |
+//! | `body.rs` | [`ResponseBody`]: the inner body or our error's bytes |
+
+mod body;
+mod decision;
+pub(crate) mod extract;
+mod future;
+mod service;
+
+pub use body::ResponseBody;
+pub use future::ResponseFuture;
+pub use service::MatrixAuth;
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,16 +27,15 @@ use http::request::Parts;
 use http::Response;
 use tower_layer::Layer;
 
-use crate::account::AccountState;
-use crate::caveat::Caveat;
-use crate::clock::Clock;
 use crate::error::Rejection;
-use crate::keys::KeyRing;
-use crate::resolver::TokenResolver;
-use crate::revocation::{NeverRevoked, Revocation};
-use crate::routes::is_normal_path;
-use crate::service::MatrixAuth;
-use crate::verify::Verifier;
+use crate::hooks::account::AccountState;
+use crate::hooks::clock::Clock;
+use crate::hooks::resolver::TokenResolver;
+use crate::hooks::revocation::{NeverRevoked, Revocation};
+use crate::macaroon::caveat::Caveat;
+use crate::macaroon::keys::KeyRing;
+use crate::macaroon::verify::Verifier;
+use decision::{Decision, Policy};
 
 /// Whether the `access_token` query parameter is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -39,84 +57,11 @@ pub enum GuestPolicy {
     Allowed,
 }
 
-type Predicate = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
-type Renderer = Arc<dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync>;
-
-/// How the layer treats one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Requirement {
-    /// Not ours (federation, `/versions`): passed on untouched.
-    Skip,
-    /// A token is verified if present; without one the request passes unauthenticated.
-    Optional,
-    /// A valid token is required.
-    Required,
-}
-
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub(crate) verifier: Verifier,
-    pub(crate) query_token: QueryToken,
-    pub(crate) strip_query_token: bool,
-    pub(crate) guests: GuestPolicy,
-    pub(crate) guests_allowed_when: Vec<Predicate>,
-    pub(crate) skip_when: Vec<Predicate>,
-    pub(crate) optional: bool,
-    pub(crate) optional_when: Vec<Predicate>,
-    pub(crate) expired_allowed_when: Vec<Predicate>,
-    pub(crate) suspended_allowed_when: Vec<Predicate>,
-    pub(crate) revocation: Arc<dyn Revocation>,
-    pub(crate) resolver: Option<Arc<dyn TokenResolver>>,
-    pub(crate) accounts: Option<Arc<dyn AccountState>>,
-    #[cfg(feature = "appservice")]
-    pub(crate) appservices: crate::appservice::AppServices,
-    pub(crate) renderer: Option<Renderer>,
-}
-
-/// Whether one of `rules` grants its exception to this request. Never on a path that is not
-/// normal (dot segments, `//`), whatever a rule says: this is the one place every path-dependent
-/// exception goes through, so a predicate written with `starts_with` or `contains` cannot be
-/// walked out of its prefix with `..`. The path is scanned only once a rule said yes.
-fn granted(rules: &[Predicate], parts: &Parts) -> bool {
-    rules.iter().any(|p| p(parts)) && is_normal_path(parts.uri.path())
-}
-
-impl Config {
-    pub(crate) fn requirement(&self, parts: &Parts) -> Requirement {
-        if granted(&self.skip_when, parts) {
-            Requirement::Skip
-        } else if self.optional || granted(&self.optional_when, parts) {
-            Requirement::Optional
-        } else {
-            Requirement::Required
-        }
-    }
-
-    pub(crate) fn guests_allowed(&self, parts: &Parts) -> bool {
-        self.guests == GuestPolicy::Allowed || granted(&self.guests_allowed_when, parts)
-    }
-
-    pub(crate) fn expired_allowed(&self, parts: &Parts) -> bool {
-        granted(&self.expired_allowed_when, parts)
-    }
-
-    pub(crate) fn suspended_allowed(&self, parts: &Parts) -> bool {
-        granted(&self.suspended_allowed_when, parts)
-    }
-
-    pub(crate) fn render(&self, rejection: &Rejection) -> Response<Bytes> {
-        match &self.renderer {
-            Some(render) => render(rejection),
-            None => rejection.to_response(),
-        }
-    }
-}
-
-#[doc = include_str!("../docs/layer.md")]
+#[doc = include_str!("../../docs/layer.md")]
 #[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone)]
 pub struct MatrixAuthLayer {
-    config: Arc<Config>,
+    policy: Arc<Policy>,
 }
 
 impl MatrixAuthLayer {
@@ -129,7 +74,7 @@ impl MatrixAuthLayer {
     /// A layer around a configured [`Verifier`].
     pub fn with_verifier(verifier: Verifier) -> Self {
         Self {
-            config: Arc::new(Config {
+            policy: Arc::new(Policy {
                 verifier,
                 query_token: QueryToken::Allowed,
                 strip_query_token: true,
@@ -144,14 +89,14 @@ impl MatrixAuthLayer {
                 resolver: None,
                 accounts: None,
                 #[cfg(feature = "appservice")]
-                appservices: crate::appservice::AppServices::default(),
+                appservices: crate::hooks::appservice::AppServices::default(),
                 renderer: None,
             }),
         }
     }
 
-    fn update(mut self, change: impl FnOnce(&mut Config)) -> Self {
-        change(Arc::make_mut(&mut self.config));
+    fn update(mut self, change: impl FnOnce(&mut Policy)) -> Self {
+        change(Arc::make_mut(&mut self.policy));
         self
     }
 
@@ -273,7 +218,7 @@ impl MatrixAuthLayer {
 
     /// Authenticates these application services by their `as_token` (feature `appservice`).
     #[cfg(feature = "appservice")]
-    pub fn appservices(self, appservices: crate::appservice::AppServices) -> Self {
+    pub fn appservices(self, appservices: crate::hooks::appservice::AppServices) -> Self {
         self.update(|c| c.appservices = appservices)
     }
 
@@ -327,17 +272,16 @@ impl MatrixAuthLayer {
         &self,
         parts: &Parts,
     ) -> Option<Result<Option<crate::MatrixUser>, Rejection>> {
-        match self.config.decide(parts) {
-            crate::service::Decision::Pass(user) => Some(Ok(user)),
-            crate::service::Decision::Reject(rejection) => Some(Err(rejection)),
-            crate::service::Decision::AwaitRevocation { .. }
-            | crate::service::Decision::AwaitResolver { .. } => None,
+        match self.policy.decide(parts) {
+            Decision::Pass(user) => Some(Ok(user)),
+            Decision::Reject(rejection) => Some(Err(rejection)),
+            Decision::AwaitRevocation { .. } | Decision::AwaitResolver { .. } => None,
         }
     }
 
     /// The verifier this layer uses, e.g. to check refresh or login tokens elsewhere.
     pub fn verifier(&self) -> &Verifier {
-        &self.config.verifier
+        &self.policy.verifier
     }
 }
 
@@ -345,30 +289,14 @@ impl<S> Layer<S> for MatrixAuthLayer {
     type Service = MatrixAuth<S>;
 
     fn layer(&self, inner: S) -> MatrixAuth<S> {
-        MatrixAuth::new(inner, self.config.clone())
-    }
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MatrixAuthConfig")
-            .field("verifier", &self.verifier)
-            .field("query_token", &self.query_token)
-            .field("strip_query_token", &self.strip_query_token)
-            .field("guests", &self.guests)
-            .field("guest_rules", &self.guests_allowed_when.len())
-            .field("skip_rules", &self.skip_when.len())
-            .field("optional", &self.optional)
-            .field("optional_rules", &self.optional_when.len())
-            .field("custom_renderer", &self.renderer.is_some())
-            .finish_non_exhaustive()
+        MatrixAuth::new(inner, self.policy.clone())
     }
 }
 
 impl fmt::Debug for MatrixAuthLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("MatrixAuthLayer")
-            .field(&self.config)
+            .field(&self.policy)
             .finish()
     }
 }

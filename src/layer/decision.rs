@@ -1,29 +1,99 @@
-//! The middleware service: decides for each request whether it passes, and with which identity.
+//! The decision pipeline: why a request passes, with which identity, or why it is refused.
+//!
+//! Everything the layer decides is here, in the order it is decided: which requirement applies
+//! to the route ([`Policy::requirement`]), the token's extraction, `as_token`s, the macaroon's
+//! verification or the resolver, then [`Policy::settle`] (revocation, account state, expiry,
+//! guests, suspension) and [`Policy::admit`]. The service and its future only carry requests
+//! between these steps; they decide nothing.
 
+use std::fmt;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response};
-use tower_service::Service;
 
-use crate::account::{suspended_may, AccountStatus};
-use crate::body::ResponseBody;
 use crate::error::{Kind, Missing, Rejection, Unknown};
-use crate::extract::{find_token, strip_query_token};
-use crate::future::ResponseFuture;
+use crate::hooks::account::{suspended_may, AccountState, AccountStatus};
+use crate::hooks::resolver::{ResolveFuture, TokenResolver};
+use crate::hooks::revocation::{Revocation, RevocationCheck, RevocationError, RevocationStatus};
 use crate::identity::{Credential, MatrixUser, TokenId, TokenType};
-use crate::layer::{Config, QueryToken, Requirement};
-use crate::resolver::ResolveFuture;
-use crate::revocation::{RevocationCheck, RevocationError, RevocationStatus};
-use crate::routes::is_logout_route;
-use crate::verify::Verified;
+use crate::layer::extract::{find_token, strip_query_token};
+use crate::layer::{GuestPolicy, QueryToken};
+use crate::macaroon::verify::{Verified, Verifier};
+use crate::routes::{is_logout_route, is_normal_path};
 
-/// The service [`crate::MatrixAuthLayer`] wraps around an inner service.
-#[derive(Clone, Debug)]
-pub struct MatrixAuth<S> {
-    inner: S,
-    config: Arc<Config>,
+type Predicate = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
+type Renderer = Arc<dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync>;
+
+/// How the layer treats one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Requirement {
+    /// Not ours (federation, `/versions`): passed on untouched.
+    Skip,
+    /// A token is verified if present; without one the request passes unauthenticated.
+    Optional,
+    /// A valid token is required.
+    Required,
+}
+
+#[derive(Clone)]
+pub(crate) struct Policy {
+    pub(crate) verifier: Verifier,
+    pub(crate) query_token: QueryToken,
+    pub(crate) strip_query_token: bool,
+    pub(crate) guests: GuestPolicy,
+    pub(crate) guests_allowed_when: Vec<Predicate>,
+    pub(crate) skip_when: Vec<Predicate>,
+    pub(crate) optional: bool,
+    pub(crate) optional_when: Vec<Predicate>,
+    pub(crate) expired_allowed_when: Vec<Predicate>,
+    pub(crate) suspended_allowed_when: Vec<Predicate>,
+    pub(crate) revocation: Arc<dyn Revocation>,
+    pub(crate) resolver: Option<Arc<dyn TokenResolver>>,
+    pub(crate) accounts: Option<Arc<dyn AccountState>>,
+    #[cfg(feature = "appservice")]
+    pub(crate) appservices: crate::hooks::appservice::AppServices,
+    pub(crate) renderer: Option<Renderer>,
+}
+
+/// Whether one of `rules` grants its exception to this request. Never on a path that is not
+/// normal (dot segments, `//`), whatever a rule says: this is the one place every path-dependent
+/// exception goes through, so a predicate written with `starts_with` or `contains` cannot be
+/// walked out of its prefix with `..`. The path is scanned only once a rule said yes.
+fn granted(rules: &[Predicate], parts: &Parts) -> bool {
+    rules.iter().any(|p| p(parts)) && is_normal_path(parts.uri.path())
+}
+
+impl Policy {
+    pub(crate) fn requirement(&self, parts: &Parts) -> Requirement {
+        if granted(&self.skip_when, parts) {
+            Requirement::Skip
+        } else if self.optional || granted(&self.optional_when, parts) {
+            Requirement::Optional
+        } else {
+            Requirement::Required
+        }
+    }
+
+    pub(crate) fn guests_allowed(&self, parts: &Parts) -> bool {
+        self.guests == GuestPolicy::Allowed || granted(&self.guests_allowed_when, parts)
+    }
+
+    pub(crate) fn expired_allowed(&self, parts: &Parts) -> bool {
+        granted(&self.expired_allowed_when, parts)
+    }
+
+    pub(crate) fn suspended_allowed(&self, parts: &Parts) -> bool {
+        granted(&self.suspended_allowed_when, parts)
+    }
+
+    pub(crate) fn render(&self, rejection: &Rejection) -> Response<Bytes> {
+        match &self.renderer {
+            Some(render) => render(rejection),
+            None => rejection.to_response(),
+        }
+    }
 }
 
 /// What to do with a request once its token was looked at.
@@ -43,42 +113,7 @@ pub(crate) enum Decision {
     },
 }
 
-impl<S: Clone> MatrixAuth<S> {
-    /// Parks a request until an asynchronous answer: the service that was driven ready goes
-    /// into the future, a clone stays here.
-    fn park<B>(&mut self, parts: Parts, body: B) -> crate::future::Waiting<S, B> {
-        let clone = self.inner.clone();
-        crate::future::Waiting {
-            service: std::mem::replace(&mut self.inner, clone),
-            parts,
-            body,
-            config: self.config.clone(),
-        }
-    }
-}
-
-impl<S> MatrixAuth<S> {
-    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
-        Self { inner, config }
-    }
-
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
-
-impl Config {
+impl Policy {
     /// Everything that can be decided without waiting: extraction, verification, and the
     /// revocation answer when the store has it at hand.
     pub(crate) fn decide(&self, parts: &Parts) -> Decision {
@@ -86,34 +121,10 @@ impl Config {
         if requirement == Requirement::Skip {
             return Decision::Pass(None);
         }
-        let found = match find_token(parts, self.query_token == QueryToken::Allowed) {
-            Ok(Some(found)) => found,
+        let token = match find_token(parts, self.query_token == QueryToken::Allowed) {
+            Ok(Some(token)) => token,
             Ok(None) if requirement == Requirement::Optional => return Decision::Pass(None),
             Ok(None) => return Decision::Reject(Rejection::missing(Missing::NoToken)),
-            Err(missing) => return Decision::Reject(Rejection::missing(missing)),
-        };
-        // A cache hit first, unless `as_token`s come first: the cache holds visible-ASCII tokens
-        // only, so a hit also settles the one extraction rule `find_token` left open.
-        if !self.appservices_configured() {
-            if let Some(verified) = self.verifier.cached(&found.token, TokenType::Access) {
-                return self.after_verification(verified, parts);
-            }
-        }
-        self.decide_in_full(found, parts)
-    }
-
-    fn appservices_configured(&self) -> bool {
-        #[cfg(feature = "appservice")]
-        return !self.appservices.is_empty();
-        #[cfg(not(feature = "appservice"))]
-        return false;
-    }
-
-    /// The rest of [`Config::decide`] for a token the cache did not vouch for: the extraction
-    /// rule left open, `as_token`s, the full verification, or the resolver for opaque tokens.
-    fn decide_in_full(&self, found: crate::extract::Found<'_>, parts: &Parts) -> Decision {
-        let token = match found.checked() {
-            Ok(token) => token,
             Err(missing) => return Decision::Reject(Rejection::missing(missing)),
         };
         #[cfg(feature = "appservice")]
@@ -124,7 +135,7 @@ impl Config {
         }
         match self
             .verifier
-            .verify_in_full(&token, TokenType::Access, parts)
+            .verify_allowing_expired(&token, TokenType::Access, parts)
         {
             Ok(verified) => self.after_verification(verified, parts),
             // Macaroons are told apart by their format alone, as the verifier reports it: a
@@ -167,10 +178,10 @@ impl Config {
     #[cfg(feature = "appservice")]
     fn appservice_decision(
         &self,
-        appservice: &crate::appservice::AppService,
+        appservice: &crate::hooks::appservice::AppService,
         parts: &Parts,
     ) -> Decision {
-        use crate::appservice::Masquerade;
+        use crate::hooks::appservice::Masquerade;
         let (id, user_id, device_id) = match self.appservices.masquerade(appservice, parts) {
             Masquerade::Forbidden => {
                 return Decision::Reject(Rejection::of(Kind::AppserviceForbidden))
@@ -227,7 +238,7 @@ impl Config {
     /// What the resolver's answer means for this request.
     pub(crate) fn settle_resolved(
         &self,
-        outcome: Result<Option<crate::resolver::ResolvedToken>, RevocationError>,
+        outcome: Result<Option<crate::hooks::resolver::ResolvedToken>, RevocationError>,
         token_id: TokenId,
         parts: &Parts,
     ) -> Result<MatrixUser, Rejection> {
@@ -237,7 +248,7 @@ impl Config {
                 Err(Rejection::unavailable())
             }
             Ok(None) => Err(Rejection::unknown(Unknown::NotResolved)),
-            Ok(Some(resolved)) if !crate::caveat::is_valid_user_id(&resolved.user_id) => {
+            Ok(Some(resolved)) if !crate::macaroon::caveat::is_valid_user_id(&resolved.user_id) => {
                 tracing::warn!("token resolver answered a user id that is not a Matrix user id");
                 Err(Rejection::unknown(Unknown::NotResolved))
             }
@@ -345,39 +356,18 @@ impl Config {
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for MatrixAuth<S>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-{
-    type Response = Response<ResponseBody<ResBody>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S, ReqBody>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let (parts, body) = request.into_parts();
-        match self.config.decide(&parts) {
-            Decision::Pass(user) => match self.config.admit(parts, body, user) {
-                Ok((request, span)) => {
-                    let future = {
-                        let _entered = span.enter();
-                        self.inner.call(request)
-                    };
-                    ResponseFuture::called(future, span)
-                }
-                Err(rejection) => ResponseFuture::rejected(self.config.reject(&rejection)),
-            },
-            Decision::Reject(rejection) => ResponseFuture::rejected(self.config.reject(&rejection)),
-            Decision::AwaitRevocation { check, verified } => {
-                ResponseFuture::awaiting_revocation(check, verified, self.park(parts, body))
-            }
-            Decision::AwaitResolver {
-                resolving,
-                token_id,
-            } => ResponseFuture::awaiting_resolver(resolving, token_id, self.park(parts, body)),
-        }
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MatrixAuthPolicy")
+            .field("verifier", &self.verifier)
+            .field("query_token", &self.query_token)
+            .field("strip_query_token", &self.strip_query_token)
+            .field("guests", &self.guests)
+            .field("guest_rules", &self.guests_allowed_when.len())
+            .field("skip_rules", &self.skip_when.len())
+            .field("optional", &self.optional)
+            .field("optional_rules", &self.optional_when.len())
+            .field("custom_renderer", &self.renderer.is_some())
+            .finish_non_exhaustive()
     }
 }

@@ -1,5 +1,5 @@
 //! The V2JSON spellings we read on purpose and the `macaroon` crate does not, for the
-//! differential tests (`src/differential_tests.rs`) and the `differential` fuzz target, so that
+//! differential tests (`src/macaroon/differential_tests.rs`) and the `differential` fuzz target, so that
 //! both hold the crate to the same documented exceptions.
 
 /// The V2JSON the crate refuses but we accept on purpose, rewritten the way the crate wants it.

@@ -12,20 +12,20 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::body::ResponseBody;
+use super::body::ResponseBody;
+use super::decision::Policy;
 use crate::error::Rejection;
+use crate::hooks::resolver::ResolveFuture;
+use crate::hooks::revocation::RevocationCheck;
 use crate::identity::{MatrixUser, TokenId};
-use crate::layer::Config;
-use crate::resolver::ResolveFuture;
-use crate::revocation::RevocationCheck;
-use crate::verify::Verified;
+use crate::macaroon::verify::Verified;
 
 /// A request parked until an asynchronous answer, with the service that was driven ready.
 pub(crate) struct Waiting<S, B> {
     pub(crate) service: S,
     pub(crate) parts: Parts,
     pub(crate) body: B,
-    pub(crate) config: Arc<Config>,
+    pub(crate) policy: Arc<Policy>,
 }
 
 pin_project! {
@@ -123,9 +123,9 @@ where
         mut service,
         parts,
         body,
-        config,
+        policy,
     } = waiting;
-    match verdict.and_then(|user| config.admit(parts, body, Some(user))) {
+    match verdict.and_then(|user| policy.admit(parts, body, Some(user))) {
         Ok((request, span)) => {
             let future = {
                 let _entered = span.enter();
@@ -134,7 +134,7 @@ where
             (State::Called { future }, span)
         }
         Err(rejection) => {
-            let response = Some(config.reject(&rejection));
+            let response = Some(policy.reject(&rejection));
             (State::Rejected { response }, tracing::Span::none())
         }
     }
@@ -153,7 +153,7 @@ where
                 StateProj::AwaitingRevocation { check, parked } => {
                     let outcome = ready!(Pin::new(check).poll(cx));
                     let (verified, waiting) = *parked.take().expect("polled after completion");
-                    let verdict = waiting.config.settle(outcome, verified, &waiting.parts);
+                    let verdict = waiting.policy.settle(outcome, verified, &waiting.parts);
                     let (next, span) = resume(verdict, waiting);
                     *this.span = span;
                     this.state.set(next);
@@ -162,7 +162,7 @@ where
                     let outcome = ready!(resolving.as_mut().poll(cx));
                     let (token_id, waiting) = *parked.take().expect("polled after completion");
                     let verdict = waiting
-                        .config
+                        .policy
                         .settle_resolved(outcome, token_id, &waiting.parts);
                     let (next, span) = resume(verdict, waiting);
                     *this.span = span;

@@ -34,7 +34,7 @@ pub enum AccountStatus {
     Deactivated,
 }
 
-#[doc = include_str!("../docs/account_state.md")]
+#[doc = include_str!("../../docs/account_state.md")]
 pub trait AccountState: Send + Sync + 'static {
     /// The state of `user_id`'s account.
     fn status(&self, user_id: &str) -> AccountStatus;

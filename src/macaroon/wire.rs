@@ -5,7 +5,7 @@
 //! [`Macaroon::caveats`] walks the caveat section again instead of collecting it, so the hot path
 //! allocates nothing. The parser is deliberately stricter than the `macaroon` crate (it rejects a
 //! missing or misplaced signature, duplicate fields and trailing bytes, which that crate lets
-//! through); `src/differential_tests.rs` checks that whatever this module accepts, the crate
+//! through); `src/macaroon/differential_tests.rs` checks that whatever this module accepts, the crate
 //! accepts with the same identifier, caveats and signature. The exceptions are V2JSON spellings
 //! that pymacaroons and libmacaroons write and the crate cannot read (no `"v"`, no `"c"`, either
 //! base64 alphabet in any field); the test rewrites those for the crate and compares again.
@@ -46,7 +46,7 @@ pub(crate) enum FormatError {
     Json,
 }
 
-#[doc = include_str!("../docs/formats.md")]
+#[doc = include_str!("../../docs/formats.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Format {

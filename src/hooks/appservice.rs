@@ -2,13 +2,15 @@
 //! user in their namespaces (`?user_id=`) and, since spec v1.17, as one of that user's devices
 //! (`?device_id=`).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
 use http::request::Parts;
+use percent_encoding::percent_decode;
 use regex::Regex;
 
-use crate::caveat::is_valid_user_id;
+use crate::macaroon::caveat::is_valid_user_id;
 
 /// A user namespace of an application service registration.
 #[derive(Clone)]
@@ -127,7 +129,7 @@ impl fmt::Debug for AppService {
 /// Answers whether a user has a device, for `?device_id=`.
 pub(crate) type DeviceCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
-#[doc = include_str!("../docs/appservice.md")]
+#[doc = include_str!("../../docs/appservice.md")]
 #[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
 #[derive(Clone, Default)]
 pub struct AppServices {
@@ -166,7 +168,7 @@ impl AppServices {
                     appservice.id
                 )));
             }
-            if crate::ct::bytes_equal(&other.as_token, &appservice.as_token) {
+            if crate::macaroon::ct::bytes_equal(&other.as_token, &appservice.as_token) {
                 return Err(InvalidRegistration(format!(
                     "application services `{}` and `{}` have the same as_token",
                     other.id, appservice.id
@@ -197,7 +199,7 @@ impl AppServices {
     pub(crate) fn find(&self, token: &[u8]) -> Option<&AppService> {
         let mut found = None;
         for appservice in self.list.iter() {
-            if crate::ct::bytes_equal(appservice.as_token.as_ref(), token) {
+            if crate::macaroon::ct::bytes_equal(appservice.as_token.as_ref(), token) {
                 found = Some(appservice);
             }
         }
@@ -268,12 +270,14 @@ fn query_param(parts: &Parts, name: &str) -> Result<Option<String>, ()> {
     let mut value = None;
     for pair in query.split('&') {
         let (key, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if crate::extract::percent_decode(key.as_bytes()) == name.as_bytes() {
+        if Cow::from(percent_decode(key.as_bytes())) == name.as_bytes() {
             if value.is_some() {
                 return Err(());
             }
             value = Some(
-                String::from_utf8_lossy(&crate::extract::percent_decode(v.as_bytes())).into_owned(),
+                percent_decode(v.as_bytes())
+                    .decode_utf8_lossy()
+                    .into_owned(),
             );
         }
     }

@@ -1,0 +1,12 @@
+//! The life of a session: minting its tokens ([`Issuer`]), reading their nonces
+//! ([`TokenNonce`]), and the engine that logs in, refreshes and logs out ([`Sessions`]) over a
+//! [`crate::store::TokenStore`].
+
+pub(crate) mod issuer;
+pub(crate) mod sessions;
+
+pub use issuer::{
+    IssuedTokens, Issuer, NonceKind, SessionId, SessionRequest, TokenNonce,
+    DEFAULT_LOGIN_TOKEN_LIFETIME_MS, DEFAULT_REFRESHABLE_ACCESS_LIFETIME_MS,
+};
+pub use sessions::{ExchangeError, RateLimit, RefreshEndpoint, Sessions};
