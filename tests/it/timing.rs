@@ -67,7 +67,10 @@ fn credentials_are_compared_with_the_constant_time_primitive() {
     }
     let verify = uses[0].0;
     for shortcut in ["signature ==", "== macaroon.signature", "signature.eq("] {
-        assert!(!verify.contains(shortcut), "`{shortcut}` in src/macaroon/verify.rs");
+        assert!(
+            !verify.contains(shortcut),
+            "`{shortcut}` in src/macaroon/verify.rs"
+        );
     }
 }
 
