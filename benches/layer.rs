@@ -16,7 +16,7 @@ use common::*;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderValue, Request, Response};
 use tower::{Layer, Service};
-use tower_matrix_auth::{MatrixAuthLayer, MemoryStore};
+use tower_matrix_auth::{MatrixAuthLayer, MemoryStore, Verifier};
 
 fn now<F: Future>(future: F) -> F::Output {
     match pin!(future)
@@ -54,8 +54,7 @@ fn layer(c: &mut Criterion) {
     group.bench_function("bare_service", |b| {
         b.iter(|| one_request(&mut bare, &bearer))
     });
-    let mut layered = MatrixAuthLayer::new(keys.clone())
-        .token_cache(0)
+    let mut layered = MatrixAuthLayer::with_verifier(Verifier::new(keys.clone()).token_cache(0))
         .layer(tower::service_fn(ok));
     group.bench_function("layered_full_verification", |b| {
         b.iter(|| one_request(&mut layered, &bearer))

@@ -23,7 +23,9 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::Layer;
-use tower_matrix_auth::{KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, TokenType};
+use tower_matrix_auth::{
+    KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, TokenType, Verifier,
+};
 
 const SECRET: &str = "load test macaroon secret";
 
@@ -104,7 +106,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("listening on http://{}", listener.local_addr()?);
             let layer = match mode {
                 Mode::Bare => None,
-                Mode::Layered => Some(MatrixAuthLayer::new(keys).token_cache(0)),
+                Mode::Layered => Some(MatrixAuthLayer::with_verifier(
+                    Verifier::new(keys).token_cache(0),
+                )),
                 Mode::Cached => Some(MatrixAuthLayer::new(keys)),
             };
             let stop = async {

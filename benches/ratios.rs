@@ -79,7 +79,7 @@ fn cases() -> Vec<(&'static str, Run)> {
     let header = header_request(&token);
     let query = query_request(&token);
     let bare_parts = http::Request::new(()).into_parts().0;
-    let uncached = MatrixAuthLayer::new(keys.clone()).token_cache(0);
+    let uncached = MatrixAuthLayer::with_verifier(Verifier::new(keys.clone()).token_cache(0));
     let cached = MatrixAuthLayer::new(keys.clone());
     let verifier = Verifier::new(keys.clone()).token_cache(0);
     let cached_verifier = Verifier::new(keys.clone());
@@ -150,7 +150,8 @@ fn cases() -> Vec<(&'static str, Run)> {
         (
             "ours_query",
             Box::new({
-                let uncached = MatrixAuthLayer::new(keys.clone()).token_cache(0);
+                let uncached =
+                    MatrixAuthLayer::with_verifier(Verifier::new(keys.clone()).token_cache(0));
                 move || {
                     black_box(uncached.__authenticate(black_box(&query)));
                 }
@@ -212,7 +213,9 @@ fn cases() -> Vec<(&'static str, Run)> {
         (
             "service_layered",
             through(
-                Some(MatrixAuthLayer::new(keys.clone()).token_cache(0)),
+                Some(MatrixAuthLayer::with_verifier(
+                    Verifier::new(keys.clone()).token_cache(0),
+                )),
                 &token,
             ),
         ),
@@ -223,9 +226,9 @@ fn cases() -> Vec<(&'static str, Run)> {
         (
             "uncached_hashset_revocation",
             Box::new({
-                let layer = MatrixAuthLayer::new(keys.clone())
-                    .token_cache(0)
-                    .revocation(HashSetStore::with_revoked(1000));
+                let layer =
+                    MatrixAuthLayer::with_verifier(Verifier::new(keys.clone()).token_cache(0))
+                        .revocation(HashSetStore::with_revoked(1000));
                 move || {
                     black_box(layer.__authenticate(black_box(&h4)));
                 }
@@ -234,7 +237,8 @@ fn cases() -> Vec<(&'static str, Run)> {
         (
             "uncached_never_revoked",
             Box::new({
-                let layer = MatrixAuthLayer::new(keys.clone()).token_cache(0);
+                let layer =
+                    MatrixAuthLayer::with_verifier(Verifier::new(keys.clone()).token_cache(0));
                 move || {
                     black_box(layer.__authenticate(black_box(&h5)));
                 }

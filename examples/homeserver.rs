@@ -201,10 +201,17 @@ use subtle::ConstantTimeEq;
 
 use tower_matrix_auth::routes::ClientRoute;
 use tower_matrix_auth::{
-    is_valid_user_id, is_whoami_route, AccountState, AccountStates, AccountStatus, AppService,
-    AppServices, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore,
-    PostgresStore, ResolvedToken, ResponseBody, SessionRequest, Sessions, StaticTokens, TokenStore,
-    TokenType, Verifier, RECOMMENDED_SECRET_LEN,
+    hooks::{
+        AccountDirectory, AccountStatus, AppService, AppServices, MemoryAccounts, ResolvedToken,
+        StaticTokens,
+    },
+    layer::ResponseBody,
+    lifecycle::SessionRequest,
+    macaroon::{is_valid_user_id, RECOMMENDED_SECRET_LEN},
+    routes::is_whoami_route,
+    store::TokenStore,
+    Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore, PostgresStore,
+    Sessions, TokenType, Verifier,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -308,17 +315,18 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     };
     // One verifier, so one leeway, for the layer and the Sessions engine: the store keeps a
     // session's record until its tokens stop verifying, leeway included.
-    let mut verifier = Verifier::new(keys.clone()).leeway_ms(leeway_ms);
+    let mut verifier =
+        Verifier::new(keys.clone()).leeway(std::time::Duration::from_millis(leeway_ms));
     if let Some(capacity) = env_number("MATRIX_TOKEN_CACHE")? {
         verifier = verifier.token_cache(usize::try_from(capacity)?);
     }
     let issuer = Issuer::new(keys)
         .location(server_name.clone())
-        .refreshable_access_lifetime_ms(lifetime_ms)
-        .refresh_lifetime_ms(refresh_lifetime_ms)
-        .access_lifetime_ms(access_lifetime_ms)
-        .session_lifetime_ms(session_lifetime_ms)
-        .login_lifetime_ms(login_token_lifetime_ms);
+        .refreshable_access_lifetime(std::time::Duration::from_millis(lifetime_ms))
+        .refresh_lifetime(refresh_lifetime_ms.map(std::time::Duration::from_millis))
+        .access_lifetime(access_lifetime_ms.map(std::time::Duration::from_millis))
+        .session_lifetime(session_lifetime_ms.map(std::time::Duration::from_millis))
+        .login_lifetime(std::time::Duration::from_millis(login_token_lifetime_ms));
     let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store);
     let state = AppState {
         sessions: sessions.clone(),
@@ -544,7 +552,7 @@ struct AppState {
 #[derive(Clone)]
 struct Accounts {
     /// What the layer reads on every request: derived from `flags` on every change.
-    states: AccountStates,
+    states: MemoryAccounts,
     /// Known user id → its flags (a lock and a suspension are independent: lifting one leaves
     /// the other in place).
     flags: Arc<Mutex<HashMap<String, Flags>>>,
@@ -626,7 +634,7 @@ impl Accounts {
                 set(flags.entry(user_id).or_default());
             }
         }
-        let states = AccountStates::default();
+        let states = MemoryAccounts::default();
         for (user_id, flags) in &flags {
             states.set(user_id, flags.status());
         }
@@ -897,11 +905,9 @@ async fn login(State(state): State<AppState>, request: Request<axum::body::Body>
         .map_or_else(|| random_string(10).to_uppercase(), str::to_owned);
     let tokens = state.sessions.login(
         &user_id,
-        &SessionRequest {
-            device_id: Some(device_id.clone()),
-            refresh: body["refresh_token"].as_bool() == Some(true),
-            guest: false,
-        },
+        &SessionRequest::new()
+            .device_id(device_id.clone())
+            .refresh(body["refresh_token"].as_bool() == Some(true)),
     );
     tracing::info!(%user_id, %device_id, "logged in");
     state

@@ -55,7 +55,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A tower service: the layer around a `service_fn`. Cloning it is cheap.
     let service = ServiceBuilder::new()
-        .layer(MatrixAuthLayer::new(keys).allow_guests_when(tower_matrix_auth::is_whoami_route))
+        .layer(
+            MatrixAuthLayer::new(keys)
+                .allow_guests_when(tower_matrix_auth::routes::is_whoami_route),
+        )
         .service(tower::service_fn(handle));
 
     let listen = std::env::var("MATRIX_LISTEN").unwrap_or_else(|_| "127.0.0.1:8009".to_owned());

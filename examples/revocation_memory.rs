@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tower_matrix_auth::{
-    Clock, Issuer, KeyRing, MacaroonSecret, ManualClock, MemoryStore, SessionRequest, Sessions,
-    SystemClock, TokenType, Verifier,
+    hooks::{Clock, ManualClock, SystemClock},
+    lifecycle::SessionRequest,
+    Issuer, KeyRing, MacaroonSecret, MemoryStore, Sessions, TokenType, Verifier,
 };
 
 /// Counts live heap bytes.
@@ -75,8 +76,8 @@ async fn memory() {
         (
             "every token with a lifetime (1 h access, 1 d refresh)",
             Issuer::new(keys())
-                .access_lifetime_ms(Some(3_600_000))
-                .refresh_lifetime_ms(Some(86_400_000)),
+                .access_lifetime(Some(std::time::Duration::from_millis(3_600_000)))
+                .refresh_lifetime(Some(std::time::Duration::from_millis(86_400_000))),
         ),
     ] {
         let clock = ManualClock::new(SystemClock.now_ms());

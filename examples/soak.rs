@@ -42,7 +42,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tower_matrix_auth::{attenuate, Format, KeyRing, MacaroonSecret, TokenType};
+use tower_matrix_auth::{
+    macaroon::{attenuate, MacaroonFormat},
+    KeyRing, MacaroonSecret, TokenType,
+};
 
 const WHOAMI: &str = "/_matrix/client/v3/account/whoami";
 const DEVICES: &str = "/_matrix/client/v3/devices";
@@ -200,7 +203,7 @@ fn tokens(secret: &str) -> Tokens {
             .mint("@alice:localhost", TokenType::Access)
             .unwrap()
             .to_token(),
-        json: alice().serialize(Format::V2Json),
+        json: alice().serialize(MacaroonFormat::V2Json),
         alice: token,
     }
 }

@@ -12,6 +12,7 @@ use crate::identity::MatrixUser;
 /// The rejection of the [`MatrixUser`] extractor: the request has no verified user, which on a
 /// route the layer covers can only mean the layer is missing or skips this route.
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct MissingMatrixUser;
 
 impl fmt::Display for MissingMatrixUser {
@@ -68,6 +69,7 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for MatrixUser {
 /// (e.g. `POST /_matrix/client/v1/appservice/{id}/ping`). Other callers get `403 M_FORBIDDEN`;
 /// `Option<AppServiceRequest>` accepts everyone and says who is an application service.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct AppServiceRequest {
     /// Who the application service acts as (its sender, or `?user_id=`).
     pub user: MatrixUser,
@@ -77,6 +79,7 @@ pub struct AppServiceRequest {
 
 /// The rejection of [`AppServiceRequest`].
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub enum AppServiceRejection {
     /// No identity at all: the layer is missing (a server misconfiguration).
     MissingLayer,

@@ -5,7 +5,7 @@
 
 use crate::macaroon::keys::hmac32;
 use crate::macaroon::wire::{self, MacaroonFields, OwnedCaveat};
-use crate::{Format, MacaroonSecret};
+use crate::macaroon::{MacaroonFormat, MacaroonSecret};
 
 pub use crate::macaroon::v2json_dialect::crate_dialect;
 
@@ -13,7 +13,7 @@ pub use crate::macaroon::v2json_dialect::crate_dialect;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedView {
     /// The format the bytes were in (V2JSON is converted to V2 binary, so it reads as `V2`).
-    pub format: Format,
+    pub format: MacaroonFormat,
     /// The unsigned location field.
     pub location: Option<Vec<u8>>,
     /// The identifier, which selects the key.
@@ -55,14 +55,14 @@ impl ParsedView {
     ///
     /// # Panics
     /// In V1, a field longer than a V1 packet holds (about 64 KiB) trips a debug assertion.
-    pub fn serialize(&self, format: Format) -> String {
+    pub fn serialize(&self, format: MacaroonFormat) -> String {
         self.fields().serialize(format)
     }
 
     /// The V1 or V2 binary of the view.
-    pub fn to_binary(&self, format: Format) -> Vec<u8> {
+    pub fn to_binary(&self, format: MacaroonFormat) -> Vec<u8> {
         match format {
-            Format::V1 => self.fields().to_v1(),
+            MacaroonFormat::V1 => self.fields().to_v1(),
             _ => self.fields().to_v2(),
         }
     }
@@ -92,7 +92,7 @@ pub fn sign(
     secret: &MacaroonSecret,
     identifier: &[u8],
     caveats: &[&[u8]],
-    format: Format,
+    format: MacaroonFormat,
 ) -> String {
     let mut signature = hmac32(secret.root_key(), identifier);
     for caveat in caveats {

@@ -144,7 +144,7 @@ pub struct MatrixUser {
 pub enum Credential {
     /// A macaroon this layer verified.
     Macaroon,
-    /// An opaque token the homeserver's [`crate::TokenResolver`] knew.
+    /// An opaque token the homeserver's [`crate::hooks::TokenResolver`] knew.
     Opaque,
     /// An application service's `as_token` (acting as its sender or a user of its namespaces).
     AppService,

@@ -5,7 +5,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "axum")]
-mod axum;
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod axum;
 mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -21,35 +22,14 @@ pub mod routes;
 mod ruma;
 pub mod store;
 
-pub use error::Rejection;
-pub use hooks::{
-    AccountState, AccountStates, AccountStatus, Clock, ManualClock, NeverRevoked, ResolveFuture,
-    ResolvedToken, Revocation, RevocationCheck, RevocationError, RevocationStatus, StaticTokens,
-    SystemClock, TokenResolver,
-};
-#[cfg(feature = "appservice")]
-pub use hooks::{AppService, AppServices, InvalidRegistration};
-pub use identity::{Credential, MatrixUser, TokenId, TokenType};
-pub use layer::{
-    GuestPolicy, MatrixAuth, MatrixAuthLayer, QueryToken, ResponseBody, ResponseFuture,
-};
-pub use lifecycle::{
-    ExchangeError, IssuedTokens, Issuer, NonceKind, RateLimit, RefreshEndpoint, SessionId,
-    SessionRequest, Sessions, TokenNonce, DEFAULT_LOGIN_TOKEN_LIFETIME_MS,
-    DEFAULT_REFRESHABLE_ACCESS_LIFETIME_MS,
-};
-pub use macaroon::{
-    attenuate, is_valid_user_id, Caveat, EmptySecret, Format, KeyRing, MacaroonSecret,
-    TokenBuilder, Verifier, DEFAULT_MAX_CAVEATS, DEFAULT_MAX_TOKEN_LEN, DEFAULT_TOKEN_CACHE,
-    RECOMMENDED_SECRET_LEN,
-};
-pub use routes::{is_logout_route, is_normal_path, is_whoami_route};
+pub use crate::error::Rejection;
+pub use crate::identity::{Credential, MatrixUser, TokenId, TokenType};
+pub use crate::layer::{MatrixAuth, MatrixAuthLayer};
+pub use crate::lifecycle::{Issuer, Sessions};
+pub use crate::macaroon::{KeyRing, MacaroonSecret, Verifier};
+pub use crate::store::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use store::postgres::{PostgresOptions, PostgresStore};
-pub use store::{memory::MemoryStore, RefreshMode, TokenStore};
-
-#[cfg(feature = "axum")]
-pub use crate::axum::{AppServiceRejection, AppServiceRequest, MissingMatrixUser};
+pub use crate::store::PostgresStore;
 
 /// Not a public API: the chain's HMAC-SHA256 with a 32-byte key, so that `benches/` can measure
 /// the chain floor with the very implementation the verifier uses.

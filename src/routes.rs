@@ -45,7 +45,7 @@ use percent_encoding::percent_decode;
 /// guests, a locked or suspended account's allowed requests) on a path that is not normal.
 ///
 /// ```
-/// use tower_matrix_auth::is_normal_path;
+/// use tower_matrix_auth::routes::is_normal_path;
 /// assert!(is_normal_path("/_matrix/federation/v1/version"));
 /// assert!(is_normal_path("/_matrix/client/v3/rooms/!r:example.org/state/m.room.topic/"));
 /// assert!(!is_normal_path("/_matrix/federation/../client/v3/account/whoami"));
@@ -181,7 +181,7 @@ fn is_version(segment: &str) -> bool {
 ///
 /// ```
 /// use http::{Method, Request};
-/// use tower_matrix_auth::is_logout_route;
+/// use tower_matrix_auth::routes::is_logout_route;
 /// let parts = |method: Method, path: &str| {
 ///     Request::builder().method(method).uri(path).body(()).unwrap().into_parts().0
 /// };
@@ -201,11 +201,11 @@ pub fn is_logout_route(parts: &Parts) -> bool {
 
 /// `GET /_matrix/client/{version}/account/whoami` exactly (or `HEAD`, which is `GET` without
 /// the body): e.g. the one route guests may use,
-/// `.allow_guests_when(tower_matrix_auth::is_whoami_route)`.
+/// `.allow_guests_when(tower_matrix_auth::routes::is_whoami_route)`.
 ///
 /// ```
 /// use http::{Method, Request};
-/// use tower_matrix_auth::is_whoami_route;
+/// use tower_matrix_auth::routes::is_whoami_route;
 /// let parts = |method: Method, path: &str| {
 ///     Request::builder().method(method).uri(path).body(()).unwrap().into_parts().0
 /// };

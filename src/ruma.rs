@@ -18,10 +18,10 @@ impl MatrixUser {
     ///
     /// ruma parses user ids with the lenient grammar it uses for ids from clients: historical ids
     /// such as `@Alice:example.org` convert (and [`ruma_common::UserId::is_historical`] says so).
-    /// It is stricter than [`crate::is_valid_user_id`] about the server name, so a token whose
+    /// It is stricter than [`crate::macaroon::is_valid_user_id`] about the server name, so a token whose
     /// `user_id` caveat passed this layer can still fail here: a port above 65535
     /// (`@a:example.org:99999`) or a bracketed host that is not an IPv6 address (`@a:[1:2]`).
-    /// An id a [`crate::TokenResolver`] vouched for is converted as it is, unchecked by the layer.
+    /// An id a [`crate::hooks::TokenResolver`] vouched for is converted as it is, unchecked by the layer.
     pub fn ruma_user_id(&self) -> Result<OwnedUserId, IdParseError> {
         OwnedUserId::try_from(self.user_id())
     }

@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Waker};
 use common::*;
 use http::{Request, Response};
 use tower::{Layer, Service};
-use tower_matrix_auth::{ManualClock, MatrixAuthLayer, MatrixUser};
+use tower_matrix_auth::{hooks::ManualClock, MatrixAuthLayer, MatrixUser, Verifier};
 
 /// Counts the allocations of the current thread while a count is open, so that the test
 /// harness's other threads do not disturb it.
@@ -119,10 +119,11 @@ fn query_request(token: &str) -> Request<()> {
 #[test]
 fn allocations_per_authenticated_request() {
     let token = access_token(&[&format!("time < {}", NOW_MS + 3_600_000)]);
-    let layer = || MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
+    let verifier = Verifier::new(keys()).clock(ManualClock::new(NOW_MS));
     let mut bare = tower::service_fn(ok);
-    let mut uncached = layer().token_cache(0).layer(tower::service_fn(ok));
-    let cached_layer = layer();
+    let mut uncached = MatrixAuthLayer::with_verifier(verifier.clone().token_cache(0))
+        .layer(tower::service_fn(ok));
+    let cached_layer = MatrixAuthLayer::with_verifier(verifier);
     // Every shard of the cache has had its slots allocated (a one-off per shard), as in a
     // server that has run for a while.
     let keys = keys();

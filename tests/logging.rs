@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use http::StatusCode;
-use tower_matrix_auth::{ManualClock, MatrixAuthLayer};
+use tower_matrix_auth::{hooks::ManualClock, MatrixAuthLayer, Verifier};
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -46,7 +46,8 @@ fn capture(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuar
 async fn logs_name_the_user_and_the_reason_but_never_the_token() {
     let (captured, _guard) = capture(tracing::Level::TRACE);
 
-    let layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
+    let layer =
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)));
     let token = access_token(&[]);
     let forged = mint_with(
         "wrong secret",
@@ -94,7 +95,8 @@ async fn the_request_span_gets_the_user_id_once_verified() {
 
     let (captured, _guard) = capture(tracing::Level::INFO);
 
-    let layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
+    let layer =
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)));
     let token = access_token(&[]);
     let forged = mint_with(
         "wrong secret",

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::pg::{database_url, pg_ctl, wait_until};
 use common::server::{send, start_with, WHOAMI};
 use http::StatusCode;
-use tower_matrix_auth::{ManualClock, PostgresStore, SessionRequest};
+use tower_matrix_auth::{hooks::ManualClock, lifecycle::SessionRequest, PostgresStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_fails_closed_and_recovers() {

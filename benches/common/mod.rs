@@ -10,8 +10,8 @@ use hmac::{Hmac, Mac};
 use http::request::Parts;
 use sha2::Sha256;
 use tower_matrix_auth::{
-    KeyRing, MacaroonSecret, MatrixUser, Revocation, RevocationCheck, RevocationStatus, TokenId,
-    TokenType,
+    hooks::{Revocation, RevocationCheck, RevocationStatus},
+    KeyRing, MacaroonSecret, MatrixUser, TokenId, TokenType,
 };
 
 pub const SECRET: &str = "bench macaroon secret";

@@ -16,7 +16,7 @@ use std::path::Path;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use tower_matrix_auth::fuzzing::{parse_token, sign};
-use tower_matrix_auth::{attenuate, Format, KeyRing, MacaroonSecret, TokenType};
+use tower_matrix_auth::{KeyRing, MacaroonSecret, TokenType, macaroon::{attenuate, MacaroonFormat}};
 use tower_matrix_auth_fuzz::{keys, FORGER, KEYS, NOW_MS};
 
 fn main() -> std::io::Result<()> {
@@ -119,7 +119,7 @@ fn main() -> std::io::Result<()> {
         }
     }
     // Every format and encoding of the plain access token.
-    for (format, name) in [(Format::V1, "v1"), (Format::V2, "v2")] {
+    for (format, name) in [(MacaroonFormat::V1, "v1"), (MacaroonFormat::V2, "v2")] {
         let token = alice().location("example.org").serialize(format);
         let binary = URL_SAFE_NO_PAD.decode(&token).unwrap();
         for (encoding, engine) in [
@@ -134,14 +134,14 @@ fn main() -> std::io::Result<()> {
     let json = alice()
         .location("example.org")
         .device_id("PHONE")
-        .serialize(Format::V2Json);
+        .serialize(MacaroonFormat::V2Json);
     let mut without_v: serde_json::Value = serde_json::from_str(&json).unwrap();
     without_v.as_object_mut().unwrap().remove("v");
     tokens.push(("alice_v2json".into(), json));
     tokens.push(("alice_v2json_no_v".into(), without_v.to_string()));
     tokens.push((
         "alice_v2_device".into(),
-        alice().device_id("PHONE").serialize(Format::V2),
+        alice().device_id("PHONE").serialize(MacaroonFormat::V2),
     ));
 
     // pymacaroons, as Synapse minted.
@@ -170,7 +170,7 @@ fn main() -> std::io::Result<()> {
         add("differential", name.clone(), token.clone().into_bytes());
         if let Some(view) = parse_token(token.as_bytes()) {
             let format = if token.starts_with('{') {
-                Format::V2
+                MacaroonFormat::V2
             } else {
                 view.format
             };
@@ -368,7 +368,7 @@ fn main() -> std::io::Result<()> {
     let secret = MacaroonSecret::from_passphrase(KEYS[0].1);
     let signed = |caveats: &[&str]| {
         let caveats: Vec<&[u8]> = caveats.iter().map(|c| c.as_bytes()).collect();
-        sign(&secret, KEYS[0].0.as_bytes(), &caveats, Format::V1)
+        sign(&secret, KEYS[0].0.as_bytes(), &caveats, MacaroonFormat::V1)
     };
     let session = "0123456789abcdef0123456789abcdef";
     let before = NOW_MS - 1;

@@ -12,7 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use libfuzzer_sys::fuzz_target;
 use macaroon::{Caveat as CrateCaveat, Macaroon as CrateMacaroon};
 use tower_matrix_auth::fuzzing::{crate_dialect, parse_binary, parse_token, ParsedView};
-use tower_matrix_auth::Format;
+use tower_matrix_auth::macaroon::MacaroonFormat;
 
 #[derive(Debug, PartialEq, Eq)]
 struct View {
@@ -155,8 +155,8 @@ fn round_trip(view: &ParsedView) {
         ])
         .max()
         .unwrap_or(0);
-    for format in [Format::V1, Format::V2, Format::V2Json] {
-        if format == Format::V1 && longest > 60_000 {
+    for format in [MacaroonFormat::V1, MacaroonFormat::V2, MacaroonFormat::V2Json] {
+        if format == MacaroonFormat::V1 && longest > 60_000 {
             continue; // a V1 packet holds at most 64 KiB
         }
         let token = view.serialize(format);

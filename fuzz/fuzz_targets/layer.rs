@@ -29,11 +29,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use libfuzzer_sys::fuzz_target;
 use tower::{service_fn, Layer, ServiceExt};
-use tower_matrix_auth::{
-    attenuate, AppService, AppServices, Credential, GuestPolicy, KeyRing, MacaroonSecret,
-    ManualClock, MatrixAuthLayer, MatrixUser, QueryToken, ResolveFuture, ResolvedToken,
-    RevocationError, StaticTokens, TokenResolver, TokenType,
-};
+use tower_matrix_auth::{Credential, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, TokenType, hooks::{AppService, AppServices, ManualClock, ResolveFuture, ResolvedToken, BackendError, StaticTokens, TokenResolver}, layer::{GuestPolicy, QueryToken}, macaroon::attenuate};
 use tower_matrix_auth_fuzz::oracle::{
     extract, is_access_token_pair, percent_decode, user_id_ok, Extraction, Identity, Verdict,
 };
@@ -53,7 +49,7 @@ fn tokens() -> &'static [(&'static str, String)] {
                 .device_id("PHONE")
         };
         let v1 = alice().to_token();
-        let json = alice().serialize(tower_matrix_auth::Format::V2Json);
+        let json = alice().serialize(tower_matrix_auth::macaroon::MacaroonFormat::V2Json);
         let standard = {
             use base64::Engine as _;
             let binary = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -65,7 +61,7 @@ fn tokens() -> &'static [(&'static str, String)] {
         let encode = |s: &str| s.bytes().map(|b| format!("%{b:02X}")).collect::<String>();
         vec![
             ("$A1", v1.clone()),
-            ("$A2", alice().serialize(tower_matrix_auth::Format::V2)),
+            ("$A2", alice().serialize(tower_matrix_auth::macaroon::MacaroonFormat::V2)),
             ("$AJQ", encode(&json)),
             ("$AJ", json),
             ("$ASQ", encode(&standard)),
@@ -278,7 +274,7 @@ impl TokenResolver for Resolver {
             .iter()
             .any(|o| o.token == token && matches!(o.answer, Some(Err(()))));
         if down {
-            return Box::pin(std::future::ready(Err(RevocationError::new(
+            return Box::pin(std::future::ready(Err(BackendError::new(
                 "database down",
             ))));
         }
@@ -404,7 +400,7 @@ fn layers() -> &'static [MatrixAuthLayer] {
     LAYERS.get_or_init(|| {
         (0..64u8)
             .map(|config| {
-                let mut layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
+                let mut layer = MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)));
                 if config & 16 != 0 {
                     layer = composed(layer, config & 32 != 0);
                 }

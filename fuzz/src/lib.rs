@@ -10,9 +10,7 @@ use std::task::{Context, Poll, Waker};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tower_matrix_auth::fuzzing::{parse_token, ParsedView};
-use tower_matrix_auth::{
-    KeyRing, MacaroonSecret, ManualClock, MatrixUser, Rejection, TokenType, Verifier,
-};
+use tower_matrix_auth::{KeyRing, MacaroonSecret, MatrixUser, Rejection, TokenType, Verifier, hooks::ManualClock};
 
 #[path = "../../tests/oracle/mod.rs"]
 pub mod oracle;

@@ -18,7 +18,7 @@ pub enum AccountStatus {
     #[default]
     Active,
     /// Locked (spec v1.8): `401 M_USER_LOCKED` with `soft_logout: true` everywhere except
-    /// exactly `POST …/logout` and `POST …/logout/all` ([`crate::is_logout_route`]).
+    /// exactly `POST …/logout` and `POST …/logout/all` ([`crate::routes::is_logout_route`]).
     Locked,
     /// Suspended (spec v1.13, MSC3823): a largely read-only account. Reads pass, and so do the
     /// writes the spec wants a suspended user to keep (logging out, deleting devices,
@@ -27,7 +27,7 @@ pub enum AccountStatus {
     /// rules); every other write (joining, knocking, inviting, sending messages or state,
     /// creating or upgrading rooms, changing the profile, uploading media, …) gets
     /// `403 M_USER_SUSPENDED`, and so does any request on a path that is not normal
-    /// ([`crate::is_normal_path`]). An allow-list, so that a form of a write nobody listed is
+    /// ([`crate::routes::is_normal_path`]). An allow-list, so that a form of a write nobody listed is
     /// refused; [`crate::MatrixAuthLayer::allow_suspended_when`] widens it.
     Suspended,
     /// Deactivated: its tokens are unknown (`401 M_UNKNOWN_TOKEN`).
@@ -35,12 +35,12 @@ pub enum AccountStatus {
 }
 
 #[doc = include_str!("../../docs/account_state.md")]
-pub trait AccountState: Send + Sync + 'static {
+pub trait AccountDirectory: Send + Sync + 'static {
     /// The state of `user_id`'s account.
     fn status(&self, user_id: &str) -> AccountStatus;
 }
 
-impl<F> AccountState for F
+impl<F> AccountDirectory for F
 where
     F: Fn(&str) -> AccountStatus + Send + Sync + 'static,
 {
@@ -49,27 +49,27 @@ where
     }
 }
 
-impl<A: AccountState + ?Sized> AccountState for Arc<A> {
+impl<A: AccountDirectory + ?Sized> AccountDirectory for Arc<A> {
     fn status(&self, user_id: &str) -> AccountStatus {
         (**self).status(user_id)
     }
 }
 
-/// A ready in-memory [`AccountState`]: accounts not listed are active. Clones share the map.
+/// A ready in-memory [`AccountDirectory`](crate::hooks::AccountDirectory): accounts not listed are active. Clones share the map.
 ///
 /// ```
-/// use tower_matrix_auth::{AccountState, AccountStates, AccountStatus};
-/// let states = AccountStates::default();
+/// use tower_matrix_auth::hooks::{AccountDirectory, MemoryAccounts, AccountStatus};
+/// let states = MemoryAccounts::default();
 /// states.set("@mallory:example.org", AccountStatus::Locked);
 /// assert_eq!(states.status("@mallory:example.org"), AccountStatus::Locked);
 /// assert_eq!(states.status("@alice:example.org"), AccountStatus::Active);
 /// ```
 #[derive(Clone, Default)]
-pub struct AccountStates {
+pub struct MemoryAccounts {
     map: Arc<RwLock<HashMap<Box<str>, AccountStatus>>>,
 }
 
-impl AccountStates {
+impl MemoryAccounts {
     /// Records an account's state (`Active` forgets the entry).
     pub fn set(&self, user_id: &str, status: AccountStatus) {
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
@@ -81,7 +81,7 @@ impl AccountStates {
     }
 }
 
-impl AccountState for AccountStates {
+impl AccountDirectory for MemoryAccounts {
     fn status(&self, user_id: &str) -> AccountStatus {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         if map.is_empty() {
@@ -91,10 +91,10 @@ impl AccountState for AccountStates {
     }
 }
 
-impl fmt::Debug for AccountStates {
+impl fmt::Debug for MemoryAccounts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-        f.debug_struct("AccountStates")
+        f.debug_struct("MemoryAccounts")
             .field("entries", &map.len())
             .finish()
     }
@@ -183,7 +183,7 @@ const SUSPENDED_WRITES: &[(Method, &str)] = &[
 ];
 
 /// Whether a suspended account may make this request: a read on a normal path, or a write in
-/// [`SUSPENDED_WRITES`]. A path that is not normal ([`is_normal_path`]) is refused whatever the
+/// [`SUSPENDED_WRITES`]. A path that is not normal ([`is_normal_path`](crate::routes::is_normal_path)) is refused whatever the
 /// method: a router that resolves its dot segments could serve it as any route.
 pub(crate) fn suspended_may(parts: &Parts) -> bool {
     let path = parts.uri.path();

@@ -22,7 +22,7 @@ struct Namespace {
 /// One application service registration.
 ///
 /// ```
-/// use tower_matrix_auth::AppService;
+/// use tower_matrix_auth::hooks::AppService;
 /// let bridge = AppService::new("irc", "as_token_from_the_registration", "@irc_bot:example.org")
 ///     .unwrap()
 ///     .user_namespace(r"@irc_.*:example\.org", true)

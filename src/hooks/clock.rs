@@ -14,7 +14,7 @@ pub trait Clock: Send + Sync + 'static {
 /// A closure is a clock:
 ///
 /// ```
-/// use tower_matrix_auth::{Clock, Verifier};
+/// use tower_matrix_auth::{Verifier, hooks::Clock};
 /// # let keys = tower_matrix_auth::KeyRing::new();
 /// let verifier = Verifier::new(keys).clock(|| 1_700_000_000_000);
 /// assert_eq!(verifier.now_ms(), 1_700_000_000_000);
@@ -51,7 +51,7 @@ impl Clock for SystemClock {
 /// A clock that stands still until told to move: for tests. Clones share the same time.
 ///
 /// ```
-/// use tower_matrix_auth::{Clock, ManualClock};
+/// use tower_matrix_auth::hooks::{Clock, ManualClock};
 /// let clock = ManualClock::new(1_700_000_000_000);
 /// let same = clock.clone();
 /// clock.advance_ms(60_000);

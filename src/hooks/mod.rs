@@ -11,11 +11,9 @@ pub(crate) mod clock;
 pub(crate) mod resolver;
 pub(crate) mod revocation;
 
-pub use account::{AccountState, AccountStates, AccountStatus};
+pub use account::{AccountDirectory, AccountStatus, MemoryAccounts};
 #[cfg(feature = "appservice")]
 pub use appservice::{AppService, AppServices, InvalidRegistration};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use resolver::{ResolveFuture, ResolvedToken, StaticTokens, TokenResolver};
-pub use revocation::{
-    NeverRevoked, Revocation, RevocationCheck, RevocationError, RevocationStatus,
-};
+pub use revocation::{BackendError, NeverRevoked, Revocation, RevocationCheck, RevocationStatus};

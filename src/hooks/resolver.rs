@@ -11,10 +11,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::hooks::revocation::RevocationError;
+use crate::hooks::revocation::BackendError;
 
 /// Who an opaque token belongs to.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ResolvedToken {
     /// The user id.
     pub user_id: String,
@@ -36,6 +37,24 @@ impl ResolvedToken {
             expires_at_ms: None,
         }
     }
+
+    /// Issued to `device_id`.
+    pub fn device_id(mut self, device_id: impl Into<String>) -> Self {
+        self.device_id = Some(device_id.into());
+        self
+    }
+
+    /// Whether the user is a guest.
+    pub fn guest(mut self, is_guest: bool) -> Self {
+        self.is_guest = is_guest;
+        self
+    }
+
+    /// Expires at `at_ms` (ms since the epoch).
+    pub fn expires_at_ms(mut self, at_ms: u64) -> Self {
+        self.expires_at_ms = Some(at_ms);
+        self
+    }
 }
 
 impl fmt::Debug for ResolvedToken {
@@ -52,7 +71,7 @@ impl fmt::Debug for ResolvedToken {
 /// The answer of a resolver: `Ok(None)` for an unknown token, `Err` when it could not look
 /// (the layer then fails closed with `503 M_UNKNOWN`).
 pub type ResolveFuture =
-    Pin<Box<dyn Future<Output = Result<Option<ResolvedToken>, RevocationError>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<Option<ResolvedToken>, BackendError>> + Send>>;
 
 #[doc = include_str!("../../docs/opaque_tokens.md")]
 pub trait TokenResolver: Send + Sync + 'static {
@@ -63,7 +82,7 @@ pub trait TokenResolver: Send + Sync + 'static {
 /// A closure is a resolver:
 ///
 /// ```
-/// use tower_matrix_auth::{ResolveFuture, ResolvedToken};
+/// use tower_matrix_auth::hooks::{ResolveFuture, ResolvedToken};
 /// # let keys = tower_matrix_auth::KeyRing::new().with_key("k", tower_matrix_auth::MacaroonSecret::from_passphrase("s"));
 /// let layer = tower_matrix_auth::MatrixAuthLayer::new(keys).resolver(|token: &str| -> ResolveFuture {
 ///     let known = (token == "syt_opaque").then(|| ResolvedToken::user("@alice:example.org"));

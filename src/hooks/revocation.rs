@@ -19,11 +19,11 @@ pub enum RevocationStatus {
 
 /// A revocation store could not answer. The layer then refuses the request (fail closed) with
 /// `503 M_UNKNOWN`.
-pub struct RevocationError {
+pub struct BackendError {
     source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-impl RevocationError {
+impl BackendError {
     /// Wraps the store's own error.
     pub fn new(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self {
@@ -32,29 +32,27 @@ impl RevocationError {
     }
 }
 
-impl fmt::Debug for RevocationError {
+impl fmt::Debug for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("RevocationError")
-            .field(&self.source)
-            .finish()
+        f.debug_tuple("BackendError").field(&self.source).finish()
     }
 }
 
-impl fmt::Display for RevocationError {
+impl fmt::Display for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "revocation check failed: {}", self.source)
     }
 }
 
-impl std::error::Error for RevocationError {
+impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&*self.source)
     }
 }
 
-type Outcome = Result<RevocationStatus, RevocationError>;
+type Outcome = Result<RevocationStatus, BackendError>;
 
-/// The answer of a [`Revocation`] check: ready at once (an in-process store: no allocation) or
+/// The answer of a [`Revocation`](crate::hooks::Revocation) check: ready at once (an in-process store: no allocation) or
 /// a future (a store that has to ask elsewhere).
 pub struct RevocationCheck {
     state: CheckState,
@@ -67,7 +65,7 @@ enum CheckState {
 
 impl RevocationCheck {
     /// An answer known now.
-    pub fn ready(outcome: Result<RevocationStatus, RevocationError>) -> Self {
+    pub fn ready(outcome: Result<RevocationStatus, BackendError>) -> Self {
         Self {
             state: CheckState::Ready(Some(outcome)),
         }
@@ -75,7 +73,7 @@ impl RevocationCheck {
 
     /// An answer still to come.
     pub fn pending(
-        future: impl Future<Output = Result<RevocationStatus, RevocationError>> + Send + 'static,
+        future: impl Future<Output = Result<RevocationStatus, BackendError>> + Send + 'static,
     ) -> Self {
         Self {
             state: CheckState::Pending(Box::pin(future)),
@@ -122,7 +120,7 @@ impl fmt::Debug for RevocationCheck {
 /// ```
 /// use std::collections::HashSet;
 /// use std::sync::Mutex;
-/// use tower_matrix_auth::{MatrixUser, Revocation, RevocationCheck, RevocationStatus, TokenId};
+/// use tower_matrix_auth::{MatrixUser, TokenId, hooks::{Revocation, RevocationCheck, RevocationStatus}};
 ///
 /// #[derive(Default)]
 /// struct Denylist(Mutex<HashSet<TokenId>>);
@@ -142,7 +140,7 @@ pub trait Revocation: Send + Sync + 'static {
 /// A closure is a revocation check:
 ///
 /// ```
-/// use tower_matrix_auth::{MatrixUser, RevocationCheck, RevocationStatus};
+/// use tower_matrix_auth::{MatrixUser, hooks::{RevocationCheck, RevocationStatus}};
 /// # let keys = tower_matrix_auth::KeyRing::new().with_key("k", tower_matrix_auth::MacaroonSecret::from_passphrase("s"));
 /// let layer = tower_matrix_auth::MatrixAuthLayer::new(keys).revocation(|user: &MatrixUser| {
 ///     let revoked = user.user_id() == "@mallory:example.org";

@@ -52,7 +52,7 @@ impl<B> ResponseBody<B> {
     /// ```
     /// use bytes::Bytes;
     /// use http_body_util::Full;
-    /// use tower_matrix_auth::ResponseBody;
+    /// use tower_matrix_auth::layer::ResponseBody;
     ///
     /// fn unwrap(response: http::Response<ResponseBody<Full<Bytes>>>) -> http::Response<Full<Bytes>> {
     ///     response.map(ResponseBody::into_inner_type)

@@ -14,9 +14,9 @@ use http::request::Parts;
 use http::{Request, Response};
 
 use crate::error::{Kind, Missing, Rejection, Unknown};
-use crate::hooks::account::{suspended_may, AccountState, AccountStatus};
+use crate::hooks::account::{suspended_may, AccountDirectory, AccountStatus};
 use crate::hooks::resolver::{ResolveFuture, TokenResolver};
-use crate::hooks::revocation::{Revocation, RevocationCheck, RevocationError, RevocationStatus};
+use crate::hooks::revocation::{BackendError, Revocation, RevocationCheck, RevocationStatus};
 use crate::identity::{Credential, MatrixUser, TokenId, TokenType};
 use crate::layer::extract::{find_token, strip_query_token};
 use crate::layer::{GuestPolicy, QueryToken};
@@ -51,7 +51,7 @@ pub(crate) struct Policy {
     pub(crate) suspended_allowed_when: Vec<Predicate>,
     pub(crate) revocation: Arc<dyn Revocation>,
     pub(crate) resolver: Option<Arc<dyn TokenResolver>>,
-    pub(crate) accounts: Option<Arc<dyn AccountState>>,
+    pub(crate) accounts: Option<Arc<dyn AccountDirectory>>,
     #[cfg(feature = "appservice")]
     pub(crate) appservices: crate::hooks::appservice::AppServices,
     pub(crate) renderer: Option<Renderer>,
@@ -219,7 +219,7 @@ impl Policy {
         }
     }
 
-    /// The account state of `user_id`: active without an [`crate::AccountState`] hook.
+    /// The account state of `user_id`: active without an [`crate::hooks::AccountDirectory`] hook.
     fn account_status(&self, user_id: &str) -> AccountStatus {
         self.accounts
             .as_ref()
@@ -238,7 +238,7 @@ impl Policy {
     /// What the resolver's answer means for this request.
     pub(crate) fn settle_resolved(
         &self,
-        outcome: Result<Option<crate::hooks::resolver::ResolvedToken>, RevocationError>,
+        outcome: Result<Option<crate::hooks::resolver::ResolvedToken>, BackendError>,
         token_id: TokenId,
         parts: &Parts,
     ) -> Result<MatrixUser, Rejection> {
@@ -281,7 +281,7 @@ impl Policy {
     /// that cannot succeed.
     pub(crate) fn settle(
         &self,
-        outcome: Result<RevocationStatus, RevocationError>,
+        outcome: Result<RevocationStatus, BackendError>,
         verified: Verified,
         parts: &Parts,
     ) -> Result<MatrixUser, Rejection> {

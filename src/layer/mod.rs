@@ -28,17 +28,17 @@ use http::Response;
 use tower_layer::Layer;
 
 use crate::error::Rejection;
-use crate::hooks::account::AccountState;
-use crate::hooks::clock::Clock;
+use crate::hooks::account::AccountDirectory;
 use crate::hooks::resolver::TokenResolver;
 use crate::hooks::revocation::{NeverRevoked, Revocation};
-use crate::macaroon::caveat::Caveat;
+use crate::lifecycle::Sessions;
 use crate::macaroon::keys::KeyRing;
 use crate::macaroon::verify::Verifier;
 use decision::{Decision, Policy};
 
 /// Whether the `access_token` query parameter is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum QueryToken {
     /// Read it (spec v1.19: servers MUST support both places). The default.
     #[default]
@@ -71,7 +71,8 @@ impl MatrixAuthLayer {
         Self::with_verifier(Verifier::new(keys))
     }
 
-    /// A layer around a configured [`Verifier`].
+    /// A layer around a configured [`Verifier`]: its clock, leeway, limits, custom caveats and
+    /// token cache are configured there, in one place, and nowhere on the layer.
     pub fn with_verifier(verifier: Verifier) -> Self {
         Self {
             policy: Arc::new(Policy {
@@ -93,6 +94,13 @@ impl MatrixAuthLayer {
                 renderer: None,
             }),
         }
+    }
+
+    /// The layer for the tokens `sessions` issues: its verifier, and its store as the revocation
+    /// hook. The layer and the refresh endpoints then verify alike; configure the verifier before
+    /// building the [`Sessions`].
+    pub fn for_sessions(sessions: &Sessions) -> Self {
+        Self::with_verifier(sessions.verifier().clone()).revocation(sessions.store())
     }
 
     fn update(mut self, change: impl FnOnce(&mut Policy)) -> Self {
@@ -117,9 +125,9 @@ impl MatrixAuthLayer {
     }
 
     /// Lets guests through on the requests `predicate` picks, e.g. whoami:
-    /// `.allow_guests_when(tower_matrix_auth::is_whoami_route)`. Match routes by their segments
+    /// `.allow_guests_when(tower_matrix_auth::routes::is_whoami_route)`. Match routes by their segments
     /// ([`crate::routes`]), not with `ends_with` or `contains`: clients choose many segments.
-    /// Never applies on a path that is not normal ([`crate::is_normal_path`]).
+    /// Never applies on a path that is not normal ([`crate::routes::is_normal_path`]).
     pub fn allow_guests_when<F>(self, predicate: F) -> Self
     where
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
@@ -128,7 +136,7 @@ impl MatrixAuthLayer {
     }
 
     /// Passes requests that `predicate` picks on untouched: no token needed, none checked.
-    /// Never applies on a path that is not normal ([`crate::is_normal_path`]): such a request is
+    /// Never applies on a path that is not normal ([`crate::routes::is_normal_path`]): such a request is
     /// authenticated.
     pub fn skip_when<F>(self, predicate: F) -> Self
     where
@@ -159,7 +167,7 @@ impl MatrixAuthLayer {
     }
 
     /// Makes authentication optional on the requests `predicate` picks (never on a path that is
-    /// not normal, [`crate::is_normal_path`]).
+    /// not normal, [`crate::routes::is_normal_path`]).
     pub fn optional_when<F>(self, predicate: F) -> Self
     where
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
@@ -168,7 +176,7 @@ impl MatrixAuthLayer {
     }
 
     /// Lets expired (but otherwise valid, unrevoked) tokens through on the requests `predicate`
-    /// picks (never on a path that is not normal, [`crate::is_normal_path`]). For the spec's
+    /// picks (never on a path that is not normal, [`crate::routes::is_normal_path`]). For the spec's
     /// `/logout` and `/logout/all`, use [`Self::allow_expired_on_logout`]: a hand-written
     /// `contains("/logout")` would also accept expired tokens on every route where the client
     /// picks a segment, e.g. `PUT …/rooms/{roomId}/send/{eventType}/logout`.
@@ -181,17 +189,17 @@ impl MatrixAuthLayer {
 
     /// Lets expired (but otherwise valid, unrevoked) tokens through on exactly
     /// `POST /_matrix/client/{version}/logout` and `…/logout/all`
-    /// ([`crate::is_logout_route`]), as the spec requires: a client whose token expired can
+    /// ([`crate::routes::is_logout_route`]), as the spec requires: a client whose token expired can
     /// still log out.
     pub fn allow_expired_on_logout(self) -> Self {
         self.allow_expired_when(crate::routes::is_logout_route)
     }
 
     /// Lets a suspended account make the requests `predicate` picks, beyond what the layer
-    /// allows it (reads and a fixed list of writes, see [`crate::AccountStatus::Suspended`]),
+    /// allows it (reads and a fixed list of writes, see [`crate::hooks::AccountStatus::Suspended`]),
     /// e.g. messages to the room where the server's administrators talk with suspended users,
     /// as the spec recommends. Never applies on a path that is not normal
-    /// ([`crate::is_normal_path`]); read the path with [`crate::routes::ClientRoute`].
+    /// ([`crate::routes::is_normal_path`]); read the path with [`crate::routes::ClientRoute`].
     pub fn allow_suspended_when<F>(self, predicate: F) -> Self
     where
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
@@ -211,8 +219,8 @@ impl MatrixAuthLayer {
     }
 
     /// Consults `accounts` for every authenticated user: locked, suspended and deactivated
-    /// accounts are refused or limited (see [`crate::AccountStatus`]).
-    pub fn accounts(self, accounts: impl AccountState) -> Self {
+    /// accounts are refused or limited (see [`crate::hooks::AccountStatus`]).
+    pub fn accounts(self, accounts: impl AccountDirectory) -> Self {
         self.update(|c| c.accounts = Some(Arc::new(accounts)))
     }
 
@@ -228,40 +236,6 @@ impl MatrixAuthLayer {
         F: Fn(&Rejection) -> Response<Bytes> + Send + Sync + 'static,
     {
         self.update(|c| c.renderer = Some(Arc::new(render)))
-    }
-
-    /// Accepts caveats with `key` when `check` says they hold (see [`Verifier::caveat`]).
-    pub fn caveat<F>(self, key: &str, check: F) -> Self
-    where
-        F: Fn(&Caveat<'_>, &Parts) -> bool + Send + Sync + 'static,
-    {
-        self.update(|c| c.verifier = c.verifier.clone().caveat(key, check))
-    }
-
-    /// Replaces the clock for `time` caveats.
-    pub fn clock(self, clock: impl Clock) -> Self {
-        self.update(|c| c.verifier = c.verifier.clone().clock(clock))
-    }
-
-    /// Tolerance for `time` caveats.
-    pub fn leeway_ms(self, leeway_ms: u64) -> Self {
-        self.update(|c| c.verifier = c.verifier.clone().leeway_ms(leeway_ms))
-    }
-
-    /// Longest token accepted (default 4 KiB).
-    pub fn max_token_len(self, max: usize) -> Self {
-        self.update(|c| c.verifier = c.verifier.clone().max_token_len(max))
-    }
-
-    /// Most caveats accepted (default 64).
-    pub fn max_caveats(self, max: usize) -> Self {
-        self.update(|c| c.verifier = c.verifier.clone().max_caveats(max))
-    }
-
-    /// Remembers up to `capacity` recently verified tokens (default
-    /// [`crate::DEFAULT_TOKEN_CACHE`]; 0 turns the cache off). See [`Verifier::token_cache`].
-    pub fn token_cache(self, capacity: usize) -> Self {
-        self.update(|c| c.verifier = c.verifier.clone().token_cache(capacity))
     }
 
     /// The layer's synchronous decision on a request head (extraction, verification, a ready

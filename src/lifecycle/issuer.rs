@@ -24,11 +24,12 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::hooks::clock::{Clock, SystemClock};
 use crate::identity::{MatrixUser, TokenType};
 use crate::macaroon::keys::KeyRing;
-use crate::macaroon::wire::Format;
+use crate::macaroon::wire::MacaroonFormat;
 
 /// One login's identity in the revocation state: 128 random bits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -194,13 +195,20 @@ impl fmt::Display for TokenNonce {
 }
 
 /// Default lifetime of a login token: two minutes, as Synapse.
-pub const DEFAULT_LOGIN_TOKEN_LIFETIME_MS: u64 = 120_000;
+pub const DEFAULT_LOGIN_TOKEN_LIFETIME: Duration = Duration::from_secs(120);
 /// Default lifetime of an access token that comes with a refresh token: five minutes, as
 /// Synapse's `refreshable_access_token_lifetime`.
-pub const DEFAULT_REFRESHABLE_ACCESS_LIFETIME_MS: u64 = 300_000;
+pub const DEFAULT_REFRESHABLE_ACCESS_LIFETIME: Duration = Duration::from_secs(300);
+
+/// A duration in whole milliseconds, the unit of `time` caveats (saturating: a lifetime of
+/// `Duration::MAX` is as good as none, but stays a lifetime).
+pub(crate) fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// The tokens of one login or one refresh.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct IssuedTokens {
     /// The access token.
     pub access_token: String,
@@ -236,8 +244,9 @@ impl fmt::Debug for IssuedTokens {
     }
 }
 
-/// What a new session is for.
+/// What a new session is for: `SessionRequest::new().device_id("PHONE").refresh(true)`.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct SessionRequest {
     /// The device the tokens are issued to.
     pub device_id: Option<String>,
@@ -245,6 +254,31 @@ pub struct SessionRequest {
     pub refresh: bool,
     /// Whether the user is a guest.
     pub guest: bool,
+}
+
+impl SessionRequest {
+    /// A session without a device, a refresh token or guest access.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Issues the tokens to `device_id`.
+    pub fn device_id(mut self, device_id: impl Into<String>) -> Self {
+        self.device_id = Some(device_id.into());
+        self
+    }
+
+    /// Whether to issue a refresh token (and so an expiring access token).
+    pub fn refresh(mut self, refresh: bool) -> Self {
+        self.refresh = refresh;
+        self
+    }
+
+    /// Whether the user is a guest.
+    pub fn guest(mut self, guest: bool) -> Self {
+        self.guest = guest;
+        self
+    }
 }
 
 /// Mints tokens with a key ring's minting key.
@@ -265,7 +299,7 @@ pub struct Issuer {
     refresh_lifetime_ms: Option<u64>,
     login_lifetime_ms: u64,
     session_lifetime_ms: Option<u64>,
-    format: Format,
+    format: MacaroonFormat,
 }
 
 impl Issuer {
@@ -282,11 +316,11 @@ impl Issuer {
             clock: Arc::new(SystemClock),
             location: None,
             access_lifetime_ms: None,
-            refreshable_access_lifetime_ms: DEFAULT_REFRESHABLE_ACCESS_LIFETIME_MS,
+            refreshable_access_lifetime_ms: millis(DEFAULT_REFRESHABLE_ACCESS_LIFETIME),
             refresh_lifetime_ms: None,
-            login_lifetime_ms: DEFAULT_LOGIN_TOKEN_LIFETIME_MS,
+            login_lifetime_ms: millis(DEFAULT_LOGIN_TOKEN_LIFETIME),
             session_lifetime_ms: None,
-            format: Format::V1,
+            format: MacaroonFormat::V1,
         }
     }
 
@@ -309,20 +343,20 @@ impl Issuer {
     }
 
     /// Lifetime of access tokens issued without a refresh token (default: none).
-    pub fn access_lifetime_ms(mut self, lifetime: Option<u64>) -> Self {
-        self.access_lifetime_ms = lifetime;
+    pub fn access_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.access_lifetime_ms = lifetime.map(millis);
         self
     }
 
     /// Lifetime of access tokens issued with a refresh token (default: five minutes).
-    pub fn refreshable_access_lifetime_ms(mut self, lifetime: u64) -> Self {
-        self.refreshable_access_lifetime_ms = lifetime;
+    pub fn refreshable_access_lifetime(mut self, lifetime: Duration) -> Self {
+        self.refreshable_access_lifetime_ms = millis(lifetime);
         self
     }
 
     /// Lifetime of refresh tokens (default: none).
-    pub fn refresh_lifetime_ms(mut self, lifetime: Option<u64>) -> Self {
-        self.refresh_lifetime_ms = lifetime;
+    pub fn refresh_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.refresh_lifetime_ms = lifetime.map(millis);
         self
     }
 
@@ -330,19 +364,19 @@ impl Issuer {
     /// Synapse's `session_lifetime`): every token of the session expires by then, and a refresh
     /// after it fails, so the client logs in again. It also bounds what a store keeps about the
     /// session, whatever the other lifetimes.
-    pub fn session_lifetime_ms(mut self, lifetime: Option<u64>) -> Self {
-        self.session_lifetime_ms = lifetime;
+    pub fn session_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.session_lifetime_ms = lifetime.map(millis);
         self
     }
 
     /// Lifetime of login tokens (default: two minutes).
-    pub fn login_lifetime_ms(mut self, lifetime: u64) -> Self {
-        self.login_lifetime_ms = lifetime;
+    pub fn login_lifetime(mut self, lifetime: Duration) -> Self {
+        self.login_lifetime_ms = millis(lifetime);
         self
     }
 
     /// The serialization of minted tokens (default V1, as Synapse).
-    pub fn format(mut self, format: Format) -> Self {
+    pub fn format(mut self, format: MacaroonFormat) -> Self {
         self.format = format;
         self
     }
@@ -358,7 +392,11 @@ impl Issuer {
     }
 
     /// The longest any token minted here can live, `None` if some never expire.
-    pub fn max_lifetime_ms(&self) -> Option<u64> {
+    pub fn max_lifetime(&self) -> Option<Duration> {
+        self.max_lifetime_ms().map(Duration::from_millis)
+    }
+
+    pub(crate) fn max_lifetime_ms(&self) -> Option<u64> {
         Some(self.longest_session_token_ms()?.max(self.login_lifetime_ms))
     }
 
@@ -677,20 +715,20 @@ mod tests {
 
     #[test]
     fn the_session_nonce_is_the_first_caveat_and_names_the_whole_session() {
-        use crate::{Clock, MacaroonSecret, ManualClock, Verifier};
+        use crate::{
+            hooks::{Clock, ManualClock},
+            MacaroonSecret, Verifier,
+        };
         let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase("s"));
         let clock = ManualClock::new(1_000);
         let issuer = Issuer::new(keys.clone())
             .clock(clock.clone())
-            .access_lifetime_ms(Some(50))
-            .refreshable_access_lifetime_ms(100)
-            .refresh_lifetime_ms(Some(1_000));
+            .access_lifetime(Some(std::time::Duration::from_millis(50)))
+            .refreshable_access_lifetime(std::time::Duration::from_millis(100))
+            .refresh_lifetime(Some(std::time::Duration::from_millis(1_000)));
         let verifier = Verifier::new(keys).clock(clock.clone());
         let parts = http::Request::new(()).into_parts().0;
-        let request = SessionRequest {
-            refresh: true,
-            ..SessionRequest::default()
-        };
+        let request = SessionRequest::new().refresh(true);
         let first = issuer.new_session("@a:b", &request, 7);
         let access = verifier
             .verify(first.access_token.as_bytes(), TokenType::Access, &parts)
@@ -733,7 +771,7 @@ mod tests {
 
     #[test]
     fn a_session_nonce_appended_by_a_holder_names_no_session() {
-        use crate::{attenuate, MacaroonSecret, Verifier};
+        use crate::{macaroon::attenuate, MacaroonSecret, Verifier};
         let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase("s"));
         let verifier = Verifier::new(keys.clone());
         let parts = http::Request::new(()).into_parts().0;

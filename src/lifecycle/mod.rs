@@ -7,6 +7,6 @@ pub(crate) mod sessions;
 
 pub use issuer::{
     IssuedTokens, Issuer, NonceKind, SessionId, SessionRequest, TokenNonce,
-    DEFAULT_LOGIN_TOKEN_LIFETIME_MS, DEFAULT_REFRESHABLE_ACCESS_LIFETIME_MS,
+    DEFAULT_LOGIN_TOKEN_LIFETIME, DEFAULT_REFRESHABLE_ACCESS_LIFETIME,
 };
-pub use sessions::{ExchangeError, RateLimit, RefreshEndpoint, Sessions};
+pub use sessions::{ExchangeError, RefreshEndpoint, RefreshRateLimit, Sessions};

@@ -1,6 +1,6 @@
 //! The life of a token: login, the refresh exchange (both endpoints), logout, log out everywhere,
 //! single-use login tokens. One engine, [`Sessions`], over an [`Issuer`], a [`Verifier`] and a
-//! [`TokenStore`]; the refresh endpoints are tower services a homeserver mounts as they are.
+//! [`TokenStore`](crate::store::TokenStore); the refresh endpoints are tower services a homeserver mounts as they are.
 //!
 //! The lifecycle tables this file implements are written once, in `docs/sessions.md`, and
 //! rendered on [`Sessions`].
@@ -20,7 +20,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower_service::Service;
 
-use crate::hooks::revocation::{RevocationError, RevocationStatus};
+use crate::hooks::revocation::{BackendError, RevocationStatus};
 use crate::identity::{MatrixUser, TokenType};
 use crate::lifecycle::issuer::{IssuedTokens, Issuer, NonceKind, SessionRequest, TokenNonce};
 use crate::macaroon::verify::Verifier;
@@ -31,12 +31,12 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// Decides whether a request may go on, for the refresh endpoints: `Some(retry_after)` refuses
 /// it with `429 M_LIMIT_EXCEEDED`.
-pub trait RateLimit: Send + Sync + 'static {
+pub trait RefreshRateLimit: Send + Sync + 'static {
     /// Checks one request.
     fn check(&self, parts: &Parts) -> Option<Duration>;
 }
 
-impl<F> RateLimit for F
+impl<F> RefreshRateLimit for F
 where
     F: Fn(&Parts) -> Option<Duration> + Send + Sync + 'static,
 {
@@ -45,7 +45,7 @@ where
     }
 }
 
-impl<R: RateLimit + ?Sized> RateLimit for Arc<R> {
+impl<R: RefreshRateLimit + ?Sized> RefreshRateLimit for Arc<R> {
     fn check(&self, parts: &Parts) -> Option<Duration> {
         (**self).check(parts)
     }
@@ -58,7 +58,7 @@ pub enum ExchangeError {
     /// The token is not a valid token of the expected type, or was revoked or already used.
     Invalid,
     /// The store could not answer: fail closed.
-    Unavailable(RevocationError),
+    Unavailable(BackendError),
 }
 
 impl fmt::Display for ExchangeError {
@@ -76,7 +76,7 @@ struct Inner {
     issuer: Issuer,
     verifier: Verifier,
     store: Arc<dyn TokenStore>,
-    rate_limit: Option<Arc<dyn RateLimit>>,
+    rate_limit: Option<Arc<dyn RefreshRateLimit>>,
 }
 
 #[doc = include_str!("../../docs/sessions.md")]
@@ -106,8 +106,8 @@ impl Sessions {
         if issuer.longest_session_token_ms().is_none() {
             tracing::warn!(
                 "the issuer mints tokens that never expire: the revocation store keeps every \
-                 logout and refresh of their sessions for good; set session_lifetime_ms (or \
-                 access_lifetime_ms and refresh_lifetime_ms) to bound it"
+                 logout and refresh of their sessions for good; set Issuer::session_lifetime (or \
+                 access_lifetime and refresh_lifetime) to bound it"
             );
         }
         Self {
@@ -121,7 +121,7 @@ impl Sessions {
     }
 
     /// Rate-limits the refresh endpoints.
-    pub fn rate_limit(self, limit: impl RateLimit) -> Self {
+    pub fn rate_limit(self, limit: impl RefreshRateLimit) -> Self {
         let inner = &self.inner;
         Self {
             inner: Arc::new(Inner {
@@ -190,7 +190,7 @@ impl Sessions {
         let until = inner
             .issuer
             .successor_session_expires_ms(&nonce, now)
-            .map_or(u64::MAX, |at| at.saturating_add(inner.verifier.leeway()));
+            .map_or(u64::MAX, |at| at.saturating_add(inner.verifier.leeway_ms()));
         let generation = inner
             .store
             .refresh(&TokenRef::of(&user), mode, until)
@@ -204,8 +204,8 @@ impl Sessions {
     /// and every other generation of that login. The record is kept until every token of the
     /// session has stopped verifying (its latest `time <` plus the leeway; for good when one has
     /// no `time <`).
-    pub async fn logout(&self, user: &MatrixUser) -> Result<(), RevocationError> {
-        let until = keep_until_ms(user, self.inner.verifier.leeway());
+    pub async fn logout(&self, user: &MatrixUser) -> Result<(), BackendError> {
+        let until = keep_until_ms(user, self.inner.verifier.leeway_ms());
         self.inner
             .store
             .revoke_session(&TokenRef::of(user), until)
@@ -216,7 +216,7 @@ impl Sessions {
     /// revoked, every generation of it, including generations a refresh in flight mints after
     /// this returns (they carry their session's epoch, which the new floor exceeds); and the
     /// whole session of the token that asked. Sessions that begin afterwards are not caught.
-    pub async fn logout_all(&self, user: &MatrixUser) -> Result<(), RevocationError> {
+    pub async fn logout_all(&self, user: &MatrixUser) -> Result<(), BackendError> {
         let now = self.inner.issuer.now_ms();
         self.inner.store.revoke_user(user.user_id(), now).await?;
         self.logout(user).await
@@ -244,7 +244,7 @@ impl Sessions {
             .verifier
             .verify(token, TokenType::Login, parts)
             .map_err(|_| ExchangeError::Invalid)?;
-        let leeway = inner.verifier.leeway();
+        let leeway = inner.verifier.leeway_ms();
         let (once, until) = match TokenNonce::of(&user) {
             Some(nonce) if nonce.kind == NonceKind::Login => {
                 (TokenRef::of(&user), keep_until_ms(&user, leeway))

@@ -19,8 +19,8 @@ use crate::macaroon::wire::RawCaveat;
 /// A first-party caveat in the `key op value` form, as a custom caveat checker sees it.
 ///
 /// What each caveat means, and which ones a token must have, is the caveat table on
-/// [`Verifier`](crate::Verifier#caveats); [`Verifier::caveat`](crate::Verifier::caveat) and
-/// [`MatrixAuthLayer::caveat`](crate::MatrixAuthLayer::caveat) register checkers for other keys.
+/// [`Verifier`](crate::Verifier#caveats); [`Verifier::caveat`](crate::Verifier::caveat) registers
+/// checkers for other keys.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Caveat<'a> {
     key: &'a str,
@@ -34,7 +34,7 @@ impl<'a> Caveat<'a> {
     /// A value may contain spaces, but not start with one (that would be a double space).
     ///
     /// ```
-    /// use tower_matrix_auth::Caveat;
+    /// use tower_matrix_auth::macaroon::Caveat;
     /// let caveat = Caveat::parse(b"time < 1700000000000").unwrap();
     /// assert_eq!((caveat.key(), caveat.op(), caveat.value()), ("time", "<", "1700000000000"));
     /// assert!(Caveat::parse(b"user_id  = @a:b").is_none());
@@ -44,7 +44,7 @@ impl<'a> Caveat<'a> {
         Self::parse_text(std::str::from_utf8(bytes).ok()?)
     }
 
-    /// [`Caveat::parse`] of text already known to be UTF-8.
+    /// [`Caveat::parse`](crate::macaroon::Caveat::parse) of text already known to be UTF-8.
     fn parse_text(text: &'a str) -> Option<Self> {
         // One pass over the key: the first byte outside `[A-Za-z0-9_]` must be its space.
         let key_len = text

@@ -31,8 +31,10 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use crate::macaroon::v2json_dialect::crate_dialect;
-use crate::macaroon::wire::{decode_token, parse_binary, Format, MacaroonFields, OwnedCaveat};
-use crate::{KeyRing, MacaroonSecret, ManualClock, TokenType, Verifier};
+use crate::macaroon::wire::{
+    decode_token, parse_binary, MacaroonFields, MacaroonFormat, OwnedCaveat,
+};
+use crate::{hooks::ManualClock, KeyRing, MacaroonSecret, TokenType, Verifier};
 
 /// No caveat limit in the comparisons: the crate has none.
 const NO_LIMIT: usize = usize::MAX;
@@ -229,15 +231,19 @@ fn fields_view(fields: &MacaroonFields) -> View {
     }
 }
 
-fn crate_format(format: Format) -> CrateFormat {
+fn crate_format(format: MacaroonFormat) -> CrateFormat {
     match format {
-        Format::V1 => CrateFormat::V1,
-        Format::V2 => CrateFormat::V2,
-        Format::V2Json => CrateFormat::V2JSON,
+        MacaroonFormat::V1 => CrateFormat::V1,
+        MacaroonFormat::V2 => CrateFormat::V2,
+        MacaroonFormat::V2Json => CrateFormat::V2JSON,
     }
 }
 
-const FORMATS: [Format; 3] = [Format::V1, Format::V2, Format::V2Json];
+const FORMATS: [MacaroonFormat; 3] = [
+    MacaroonFormat::V1,
+    MacaroonFormat::V2,
+    MacaroonFormat::V2Json,
+];
 
 // ---- 1. The crate writes, we read -----------------------------------------------------------
 
@@ -265,18 +271,18 @@ fn differential_crate_tokens_parse_identically() {
             let token = m.serialize(crate_format(format)).unwrap();
             let mut texts = vec![("as the crate wrote it", token.clone())];
             match format {
-                Format::V2Json => {
+                MacaroonFormat::V2Json => {
                     // pymacaroons leaves out "v": we read it the same (the crate does not).
                     let mut json: serde_json::Value = serde_json::from_str(&token).unwrap();
                     json.as_object_mut().unwrap().remove("v").unwrap();
                     texts.push(("without \"v\"", json.to_string()));
                 }
-                Format::V1 | Format::V2 => {
+                MacaroonFormat::V1 | MacaroonFormat::V2 => {
                     let binary = URL_SAFE.decode(&token).unwrap();
-                    let want = if format == Format::V1 {
-                        Format::V1
+                    let want = if format == MacaroonFormat::V1 {
+                        MacaroonFormat::V1
                     } else {
-                        Format::V2
+                        MacaroonFormat::V2
                     };
                     assert_eq!(parse_binary(&binary, NO_LIMIT).unwrap().format, want);
                     assert_eq!(
@@ -447,7 +453,7 @@ fn mutate(rng: &mut StdRng, input: &[u8], alphabet: &[u8]) -> Vec<u8> {
 
 /// Valid tokens to mutate: first-party macaroons the crate mints, and macaroons with third-party
 /// caveats we build, in every format.
-fn seed_tokens(rng: &mut StdRng) -> Vec<(Format, String)> {
+fn seed_tokens(rng: &mut StdRng) -> Vec<(MacaroonFormat, String)> {
     let mut seeds = Vec::new();
     for _ in 0..30 {
         let key = MacaroonKey::generate(&signature(rng));
@@ -518,11 +524,11 @@ fn differential_whatever_we_accept_the_crate_accepts() {
     for (format, token) in &seeds {
         tally.check("c: unmutated", token.as_bytes(), true);
         let (text_category, binary_category) = match format {
-            Format::V1 => ("c: V1 text mutation", Some("c: V1 binary mutation")),
-            Format::V2 => ("c: V2 text mutation", Some("c: V2 binary mutation")),
-            Format::V2Json => ("c: V2JSON text mutation", None),
+            MacaroonFormat::V1 => ("c: V1 text mutation", Some("c: V1 binary mutation")),
+            MacaroonFormat::V2 => ("c: V2 text mutation", Some("c: V2 binary mutation")),
+            MacaroonFormat::V2Json => ("c: V2JSON text mutation", None),
         };
-        let alphabet = if *format == Format::V2Json {
+        let alphabet = if *format == MacaroonFormat::V2Json {
             JSON_CHARS
         } else {
             B64_CHARS
@@ -571,9 +577,9 @@ fn differential_whatever_we_accept_the_crate_accepts() {
 
 const NOW_MS: u64 = 1_700_000_000_000;
 
-fn flip_signature_byte(format: Format, token: &str, at: usize, mask: u8) -> String {
+fn flip_signature_byte(format: MacaroonFormat, token: &str, at: usize, mask: u8) -> String {
     match format {
-        Format::V2Json => {
+        MacaroonFormat::V2Json => {
             let mut json: serde_json::Value = serde_json::from_str(token).unwrap();
             let s64 = json["s64"].as_str().unwrap();
             let mut signature = URL_SAFE.decode(s64).unwrap();
@@ -581,10 +587,10 @@ fn flip_signature_byte(format: Format, token: &str, at: usize, mask: u8) -> Stri
             json["s64"] = URL_SAFE.encode(signature).into();
             json.to_string()
         }
-        Format::V1 | Format::V2 => {
+        MacaroonFormat::V1 | MacaroonFormat::V2 => {
             let mut binary = URL_SAFE.decode(token).unwrap();
             // V1 ends `signature <32 bytes>\n`; V2 ends with the 32 bytes.
-            let end = binary.len() - usize::from(format == Format::V1);
+            let end = binary.len() - usize::from(format == MacaroonFormat::V1);
             binary[end - 32 + at] ^= mask;
             URL_SAFE.encode(binary)
         }

@@ -56,7 +56,7 @@ impl MacaroonSecret {
     /// keyed with `"macaroons-key-generator"` over the secret. This is what Synapse's
     /// `macaroon_secret_key` went through, so its tokens verify with this key.
     ///
-    /// A secret shorter than [`RECOMMENDED_SECRET_LEN`] bytes is accepted (deployments carry the
+    /// A secret shorter than [`RECOMMENDED_SECRET_LEN`](crate::macaroon::RECOMMENDED_SECRET_LEN) bytes is accepted (deployments carry the
     /// secrets they have) with a warning in the log; see [`MacaroonSecret::try_from_passphrase`]
     /// to handle an empty one without a panic.
     ///

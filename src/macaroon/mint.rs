@@ -5,7 +5,7 @@ use std::fmt;
 
 use crate::identity::TokenType;
 use crate::macaroon::keys::{hmac32, KeyRing};
-use crate::macaroon::wire::{self, Format, MacaroonFields, OwnedCaveat};
+use crate::macaroon::wire::{self, MacaroonFields, MacaroonFormat, OwnedCaveat};
 
 /// Builds one token. Caveats are written in Synapse's order: `gen = 1`, `user_id`, `type`,
 /// `nonce`, then `guest`, `device_id` and `time <` when set.
@@ -30,7 +30,7 @@ pub struct TokenBuilder<'k> {
     caveats: Vec<String>,
     nonce: Option<String>,
     /// Write the nonce as the first caveat (the issuer's session nonces; see
-    /// [`TokenBuilder::session_nonce`]).
+    /// [`TokenBuilder::session_nonce`](crate::macaroon::TokenBuilder::session_nonce)).
     nonce_first: bool,
     guest: bool,
     device_id: Option<String>,
@@ -99,7 +99,7 @@ impl TokenBuilder<'_> {
     }
 
     /// Serializes in `format`: base64url without padding for V1 and V2.
-    pub fn serialize(self, format: Format) -> String {
+    pub fn serialize(self, format: MacaroonFormat) -> String {
         let key = self.keys.minting().expect("checked in KeyRing::mint");
         let mut caveats = self.caveats;
         if let Some(nonce) = self.nonce {
@@ -133,7 +133,7 @@ impl TokenBuilder<'_> {
 
     /// Serializes as Synapse did: V1, base64url without padding.
     pub fn to_token(self) -> String {
-        self.serialize(Format::V1)
+        self.serialize(MacaroonFormat::V1)
     }
 }
 
@@ -150,7 +150,7 @@ impl fmt::Debug for TokenBuilder<'_> {
 /// as base64url without padding). `None` if `token` is not a macaroon.
 ///
 /// ```
-/// use tower_matrix_auth::{attenuate, KeyRing, MacaroonSecret, TokenType};
+/// use tower_matrix_auth::{KeyRing, MacaroonSecret, TokenType, macaroon::attenuate};
 /// let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase("secret"));
 /// let token = keys.mint("@alice:example.org", TokenType::Access).unwrap().to_token();
 /// let narrower = attenuate(&token, "time < 1900000000000").unwrap();
@@ -160,7 +160,7 @@ pub fn attenuate(token: &str, caveat: &str) -> Option<String> {
     let decoded = wire::decode_token(token.as_bytes()).ok()?;
     let parsed = wire::parse_binary(decoded.bytes(), usize::MAX).ok()?;
     let format = if token.starts_with('{') {
-        Format::V2Json
+        MacaroonFormat::V2Json
     } else {
         parsed.format
     };

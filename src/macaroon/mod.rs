@@ -28,4 +28,4 @@ pub use caveat::{is_valid_user_id, Caveat};
 pub use keys::{EmptySecret, KeyRing, MacaroonSecret, RECOMMENDED_SECRET_LEN};
 pub use mint::{attenuate, TokenBuilder};
 pub use verify::{Verifier, DEFAULT_MAX_CAVEATS, DEFAULT_MAX_TOKEN_LEN, DEFAULT_TOKEN_CACHE};
-pub use wire::Format;
+pub use wire::MacaroonFormat;

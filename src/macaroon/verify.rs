@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::request::Parts;
 
@@ -67,20 +68,20 @@ impl Verifier {
         self
     }
 
-    /// Replaces the clock (tests use [`crate::ManualClock`]).
+    /// Replaces the clock (tests use [`crate::hooks::ManualClock`]).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
         self.reconfigured()
     }
 
     /// Tolerance for `time` caveats, for clocks that disagree a little.
-    pub fn leeway_ms(mut self, leeway_ms: u64) -> Self {
-        self.rules.leeway_ms = leeway_ms;
+    pub fn leeway(mut self, leeway: Duration) -> Self {
+        self.rules.leeway_ms = crate::lifecycle::issuer::millis(leeway);
         self.reconfigured()
     }
 
     /// The tolerance for `time` caveats: how long after its `time <` a token still verifies.
-    pub(crate) fn leeway(&self) -> u64 {
+    pub(crate) fn leeway_ms(&self) -> u64 {
         self.rules.leeway_ms
     }
 
@@ -96,7 +97,7 @@ impl Verifier {
         self.reconfigured()
     }
 
-    /// Remembers up to `capacity` recently verified tokens (default [`DEFAULT_TOKEN_CACHE`]; 0
+    /// Remembers up to `capacity` recently verified tokens (default [`DEFAULT_TOKEN_CACHE`](crate::macaroon::DEFAULT_TOKEN_CACHE); 0
     /// turns the cache off), so that a repeat skips decoding and the HMAC chain.
     ///
     /// A hit still refuses, or soft-logs-out, a token whose `time <` caveat has passed, and the
@@ -308,7 +309,7 @@ mod tests {
 
     #[test]
     fn a_hit_reports_expiry_against_the_clock() {
-        use crate::{MacaroonSecret, ManualClock};
+        use crate::{hooks::ManualClock, MacaroonSecret};
         let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase("s"));
         let clock = ManualClock::new(1_000);
         let verifier = Verifier::new(keys.clone()).clock(clock.clone());

@@ -49,7 +49,7 @@ pub(crate) enum FormatError {
 #[doc = include_str!("../../docs/formats.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum Format {
+pub enum MacaroonFormat {
     /// libmacaroons V1: hex-length-prefixed text packets. What Synapse minted.
     V1,
     /// libmacaroons V2: compact binary fields.
@@ -69,7 +69,7 @@ pub(crate) struct RawCaveat<'a> {
 /// is the token's credential.
 #[derive(Clone, Copy)]
 pub(crate) struct Macaroon<'a> {
-    pub(crate) format: Format,
+    pub(crate) format: MacaroonFormat,
     pub(crate) location: Option<&'a [u8]>,
     pub(crate) identifier: &'a [u8],
     pub(crate) signature: &'a [u8; SIGNATURE_LEN],
@@ -106,7 +106,7 @@ impl<'a> Macaroon<'a> {
 /// Iterator over the caveats of a validated macaroon.
 #[derive(Debug, Clone)]
 pub(crate) struct Caveats<'a> {
-    format: Format,
+    format: MacaroonFormat,
     rest: &'a [u8],
 }
 
@@ -115,8 +115,8 @@ impl<'a> Iterator for Caveats<'a> {
 
     fn next(&mut self) -> Option<RawCaveat<'a>> {
         let step = match self.format {
-            Format::V1 => v1_caveat(self.rest),
-            Format::V2 | Format::V2Json => v2_caveat(self.rest),
+            MacaroonFormat::V1 => v1_caveat(self.rest),
+            MacaroonFormat::V2 | MacaroonFormat::V2Json => v2_caveat(self.rest),
         };
         match step {
             Ok(Some((caveat, rest))) => {
@@ -232,7 +232,7 @@ fn parse_binary_with<'a>(
 ) -> Result<Macaroon<'a>, FormatError> {
     match data.first() {
         None => Err(FormatError::Empty),
-        Some(2) => parse_v2(data, max_caveats, Format::V2, sink),
+        Some(2) => parse_v2(data, max_caveats, MacaroonFormat::V2, sink),
         Some(b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => parse_v1(data, max_caveats, sink),
         Some(_) => Err(FormatError::UnknownVersion),
     }
@@ -408,7 +408,7 @@ fn parse_v1<'a>(
                     let signature = value.try_into().map_err(|_| FormatError::BadSignature)?;
                     let section_len = caveat_section.len() - rest.len();
                     return Ok(Macaroon {
-                        format: Format::V1,
+                        format: MacaroonFormat::V1,
                         location,
                         identifier,
                         signature,
@@ -511,7 +511,7 @@ fn v2_caveat(data: &[u8]) -> CaveatStep<'_> {
 fn parse_v2<'a>(
     data: &'a [u8],
     max_caveats: usize,
-    format: Format,
+    format: MacaroonFormat,
     mut sink: impl FnMut(RawCaveat<'a>),
 ) -> Result<Macaroon<'a>, FormatError> {
     let rest = &data[1..];
@@ -756,11 +756,11 @@ impl MacaroonFields {
     }
 
     /// The token text: base64url without padding for the binary formats (Synapse's choice).
-    pub(crate) fn serialize(&self, format: Format) -> String {
+    pub(crate) fn serialize(&self, format: MacaroonFormat) -> String {
         match format {
-            Format::V1 => URL_SAFE.encode(self.to_v1()),
-            Format::V2 => URL_SAFE.encode(self.to_v2()),
-            Format::V2Json => self.to_v2json(),
+            MacaroonFormat::V1 => URL_SAFE.encode(self.to_v1()),
+            MacaroonFormat::V2 => URL_SAFE.encode(self.to_v2()),
+            MacaroonFormat::V2Json => self.to_v2json(),
         }
     }
 }
@@ -811,14 +811,18 @@ mod tests {
 
     #[test]
     fn every_format_round_trips() {
-        for format in [Format::V1, Format::V2, Format::V2Json] {
+        for format in [
+            MacaroonFormat::V1,
+            MacaroonFormat::V2,
+            MacaroonFormat::V2Json,
+        ] {
             let token = sample().serialize(format);
             let decoded = decode_token(token.as_bytes()).unwrap();
             let parsed = parse_binary(decoded.bytes(), 64).unwrap();
-            let expect = if format == Format::V1 {
-                Format::V1
+            let expect = if format == MacaroonFormat::V1 {
+                MacaroonFormat::V1
             } else {
-                Format::V2
+                MacaroonFormat::V2
             };
             assert_eq!(parsed.format, expect);
             assert_eq!(parsed.to_fields(), sample(), "{format:?}");
@@ -913,7 +917,7 @@ mod tests {
                 let signature = value.try_into().map_err(|_| FormatError::BadSignature)?;
                 let section_len = caveat_section.len() - rest.len();
                 return Ok(Macaroon {
-                    format: Format::V1,
+                    format: MacaroonFormat::V1,
                     location,
                     identifier,
                     signature,
@@ -1100,7 +1104,7 @@ mod debug_tests {
             signature,
         };
         let hex: String = signature.iter().map(|b| format!("{b:02x}")).collect();
-        let token = fields.serialize(Format::V1);
+        let token = fields.serialize(MacaroonFormat::V1);
         let decoded = decode_token(token.as_bytes()).unwrap();
         let parsed = parse_binary(decoded.bytes(), 8).unwrap();
         for debug in [format!("{fields:?}"), format!("{parsed:?}")] {

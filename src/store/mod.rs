@@ -3,17 +3,21 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::hooks::revocation::{Revocation, RevocationError};
+use crate::hooks::revocation::{BackendError, Revocation};
 use crate::identity::MatrixUser;
 use crate::lifecycle::issuer::{SessionId, TokenNonce};
 
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+
+pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresOptions, PostgresStore};
 pub(crate) mod view;
 
 /// A boxed future returned by store operations (off the request hot path).
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, RevocationError>> + Send + 'a>>;
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
 
 /// How a refresh treats the refresh token it consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +32,7 @@ pub enum RefreshMode {
 
 /// What the store needs to know about a verified token.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TokenRef {
     /// The token's user: a session's state belongs to one user, and no other user's token can
     /// read or change it.
@@ -132,6 +137,7 @@ pub(crate) fn user_key(user_id: &str) -> u64 {
 
 /// The revocation state of one session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SessionState {
     /// The generation in use; older ones are revoked.
     pub live_generation: u32,

@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio_postgres::Client;
 
 use crate::hooks::clock::{Clock, SystemClock};
-use crate::hooks::revocation::{Revocation, RevocationCheck, RevocationError, RevocationStatus};
+use crate::hooks::revocation::{BackendError, Revocation, RevocationCheck, RevocationStatus};
 use crate::identity::MatrixUser;
 use crate::lifecycle::issuer::SessionId;
 use crate::store::view::{Judgement, View};
@@ -69,8 +69,8 @@ pub struct PostgresStore {
     _supervisor: Arc<liveness::Supervisor>,
 }
 
-fn db_error(e: tokio_postgres::Error) -> RevocationError {
-    RevocationError::new(e)
+fn db_error(e: tokio_postgres::Error) -> BackendError {
+    BackendError::new(e)
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -202,16 +202,13 @@ impl PostgresStore {
     /// Connects, creates the tables if needed, loads the state and starts following changes,
     /// with the default [`PostgresOptions`] (a 10 s freshness deadline). Must be called inside a
     /// tokio runtime; fails if the database is unreachable now (later outages are survived).
-    pub async fn connect(url: &str) -> Result<Self, RevocationError> {
+    pub async fn connect(url: &str) -> Result<Self, BackendError> {
         Self::connect_with(url, PostgresOptions::default()).await
     }
 
     /// [`connect`](Self::connect) with other options. The store's connections carry the URL's
     /// `application_name`, or `tower-matrix-auth`.
-    pub async fn connect_with(
-        url: &str,
-        options: PostgresOptions,
-    ) -> Result<Self, RevocationError> {
+    pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self, BackendError> {
         let shared = Arc::new(Shared {
             view: RwLock::new(View::default()),
             writer: tokio::sync::Mutex::new(None),
@@ -240,8 +237,8 @@ impl PostgresStore {
         self.shared.view.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn unavailable() -> RevocationError {
-        RevocationError::new("the revocation database is unreachable")
+    fn unavailable() -> BackendError {
+        BackendError::new("the revocation database is unreachable")
     }
 
     /// Locks a session's row, applies `change`, writes it back and notifies, in one transaction.
@@ -253,7 +250,7 @@ impl PostgresStore {
         user_id: &str,
         epoch: Option<u64>,
         change: impl FnOnce(&mut SessionState, bool) -> T + Send,
-    ) -> Result<Option<T>, RevocationError> {
+    ) -> Result<Option<T>, BackendError> {
         let mut writer = self.shared.writer.lock().await;
         let client = writer.as_mut().ok_or_else(Self::unavailable)?;
         let key = session_key(session);
@@ -323,7 +320,7 @@ impl PostgresStore {
     /// Judges a token of a generation the view has not heard of yet (a refresh on another
     /// process whose notification is still on its way): from the database row itself, read on
     /// the listening connection, so that it neither waits for nor holds up writes. An absent row
-    /// is remembered (see `absent`): [`check`](Revocation::check) refuses the same token again
+    /// is remembered (see `absent`): [`check`](crate::hooks::Revocation::check) refuses the same token again
     /// without asking.
     async fn judge_from_database(
         self,
@@ -331,7 +328,7 @@ impl PostgresStore {
         user_id: String,
         epoch: u64,
         generation: u32,
-    ) -> Result<RevocationStatus, RevocationError> {
+    ) -> Result<RevocationStatus, BackendError> {
         let client = self
             .shared
             .liveness
@@ -375,7 +372,7 @@ impl PostgresStore {
         user_id: String,
         epoch: u64,
         generation: u32,
-    ) -> Result<RevocationStatus, RevocationError> {
+    ) -> Result<RevocationStatus, BackendError> {
         let outcome = self
             .update_session(
                 session,
@@ -396,7 +393,7 @@ impl PostgresStore {
 
     /// Deletes rows whose tokens have all stopped verifying, and forgets them in this process's
     /// view (which otherwise sweeps as it grows); call it on a timer. Returns the rows deleted.
-    pub async fn purge_expired(&self) -> Result<u64, RevocationError> {
+    pub async fn purge_expired(&self) -> Result<u64, BackendError> {
         let now = self.shared.clock.now_ms();
         let deleted = {
             let writer = self.shared.writer.lock().await;

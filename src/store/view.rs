@@ -172,7 +172,7 @@ impl View {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Issuer, KeyRing, MacaroonSecret, SessionRequest, TokenType, Verifier};
+    use crate::{lifecycle::SessionRequest, Issuer, KeyRing, MacaroonSecret, TokenType, Verifier};
 
     /// A generation the view has not heard of is `Unheard` (a shared store asks its database),
     /// unless the user logged out everywhere since the session began: then it is revoked, and
@@ -183,10 +183,7 @@ mod tests {
         let issuer = Issuer::new(keys.clone());
         let verifier = Verifier::new(keys);
         let parts = http::Request::new(()).into_parts().0;
-        let request = SessionRequest {
-            refresh: true,
-            ..SessionRequest::default()
-        };
+        let request = SessionRequest::new().refresh(true);
         let first = issuer.new_session("@a:b", &request, 0);
         let refresh = verifier
             .verify(
@@ -195,7 +192,7 @@ mod tests {
                 &parts,
             )
             .unwrap();
-        let nonce = crate::TokenNonce::of(&refresh).unwrap();
+        let nonce = crate::lifecycle::TokenNonce::of(&refresh).unwrap();
         // Minted by "another process": this view never heard of generation 1.
         let next = issuer.successor(&refresh, &nonce, 1, issuer.now_ms());
         let user = verifier

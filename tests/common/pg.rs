@@ -69,7 +69,7 @@ pub async fn fresh_database_url(name: &str) -> String {
     tokio::spawn(connection);
     let dbname = format!(
         "{name}_{:x}",
-        tower_matrix_auth::SessionId::random().as_u128() as u32
+        tower_matrix_auth::lifecycle::SessionId::random().as_u128() as u32
     );
     client
         .batch_execute(&format!("CREATE DATABASE {dbname}"))

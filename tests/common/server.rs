@@ -7,7 +7,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::StatusCode;
 use tower_matrix_auth::{
-    Issuer, ManualClock, MatrixAuthLayer, MatrixUser, Sessions, TokenStore, Verifier,
+    hooks::ManualClock, store::TokenStore, Issuer, MatrixAuthLayer, MatrixUser, Sessions, Verifier,
 };
 
 use super::{keys, NOW_MS};
@@ -28,7 +28,7 @@ pub async fn start_with(store: Arc<dyn TokenStore>, clock: ManualClock) -> Serve
     let verifier = Verifier::new(keys()).clock(clock.clone());
     let issuer = Issuer::new(keys())
         .clock(clock.clone())
-        .refreshable_access_lifetime_ms(60_000);
+        .refreshable_access_lifetime(std::time::Duration::from_millis(60_000));
     let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store).rate_limit(
         |parts: &http::request::Parts| {
             parts

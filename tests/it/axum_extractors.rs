@@ -5,7 +5,9 @@ use crate::common::*;
 use axum::routing::get;
 use axum::{Json, Router};
 use http::StatusCode;
-use tower_matrix_auth::{GuestPolicy, ManualClock, MatrixAuthLayer, MatrixUser};
+use tower_matrix_auth::{
+    hooks::ManualClock, layer::GuestPolicy, MatrixAuthLayer, MatrixUser, Verifier,
+};
 
 async fn whoami(user: MatrixUser) -> Json<serde_json::Value> {
     Json(
@@ -52,9 +54,9 @@ async fn fetch(
 
 #[tokio::test]
 async fn extractors_in_a_router() {
-    let auth = MatrixAuthLayer::new(keys())
-        .clock(ManualClock::new(NOW_MS))
-        .guests(GuestPolicy::Allowed);
+    let auth =
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)))
+            .guests(GuestPolicy::Allowed);
     let app = Router::new()
         .route("/whoami", get(whoami))
         .route("/maybe", get(maybe).layer(auth.clone().optional()))

@@ -13,8 +13,9 @@ use crate::common::*;
 use base64::Engine as _;
 use http::StatusCode;
 use tower_matrix_auth::{
-    attenuate, ManualClock, MatrixAuthLayer, MatrixUser, Revocation, RevocationCheck,
-    RevocationStatus, TokenId, TokenType, Verifier,
+    hooks::{ManualClock, Revocation, RevocationCheck, RevocationStatus},
+    macaroon::attenuate,
+    MatrixAuthLayer, MatrixUser, TokenId, TokenType, Verifier,
 };
 
 fn verifier() -> Verifier {
@@ -67,7 +68,8 @@ fn a_hit_returns_the_same_identity() {
 
 #[tokio::test]
 async fn a_hit_through_the_layer_gives_the_inner_service_the_same_user() {
-    let layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
+    let layer =
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)));
     let token = access_token(&[]);
     let first = call(&layer, bearer("/x", &token)).await;
     let second = call(&layer, bearer("/x", &token)).await;
@@ -84,7 +86,8 @@ async fn a_hit_through_the_layer_gives_the_inner_service_the_same_user() {
 /// is still refused in a header, whatever the cache holds: extraction decides before the cache.
 #[tokio::test]
 async fn a_token_with_spaces_verified_from_a_query_is_still_refused_in_a_header() {
-    let layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
+    let layer =
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)));
     let token = mint_with(
         SECRET,
         "key",
@@ -120,7 +123,7 @@ async fn a_token_with_spaces_verified_from_a_query_is_still_refused_in_a_header(
 #[tokio::test]
 async fn an_expired_token_is_still_soft_logged_out_on_a_hit() {
     let clock = ManualClock::new(NOW_MS);
-    let layer = MatrixAuthLayer::new(keys()).clock(clock.clone());
+    let layer = MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(clock.clone()));
     let token = access_token(&[&format!("time < {}", NOW_MS + 1_000)]);
     assert_eq!(
         call(&layer, bearer("/x", &token)).await.status,
@@ -156,7 +159,9 @@ async fn an_expired_token_is_still_soft_logged_out_on_a_hit() {
 #[test]
 fn leeway_applies_on_a_hit() {
     let clock = ManualClock::new(NOW_MS);
-    let verifier = Verifier::new(keys()).clock(clock.clone()).leeway_ms(500);
+    let verifier = Verifier::new(keys())
+        .clock(clock.clone())
+        .leeway(std::time::Duration::from_millis(500));
     let token = access_token(&[&format!("time < {}", NOW_MS + 1_000)]);
     let first = verifier
         .verify(token.as_bytes(), TokenType::Access, &parts())
@@ -195,9 +200,9 @@ impl Revocation for Denylist {
 #[tokio::test]
 async fn a_revoked_token_is_rejected_on_a_hit() {
     let store = Arc::new(Denylist::default());
-    let layer = MatrixAuthLayer::new(keys())
-        .clock(ManualClock::new(NOW_MS))
-        .revocation(store.clone());
+    let layer =
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)))
+            .revocation(store.clone());
     let token = access_token(&[]);
     assert_eq!(
         call(&layer, bearer("/x", &token)).await.status,
@@ -257,7 +262,7 @@ fn the_cache_is_bounded() {
     }
     assert!(verifier.cached_tokens() > 0);
     // Default: 4096.
-    assert_eq!(tower_matrix_auth::DEFAULT_TOKEN_CACHE, 4096);
+    assert_eq!(tower_matrix_auth::macaroon::DEFAULT_TOKEN_CACHE, 4096);
 }
 
 /// Replaces bytes of a V1 token's binary form and writes it back in the same shape.
@@ -364,7 +369,7 @@ fn configuration_changes_start_a_fresh_cache() {
     off.verify(token.as_bytes(), TokenType::Access, &parts())
         .unwrap();
     assert_eq!(off.cached_tokens(), 0);
-    let layer = MatrixAuthLayer::new(keys()).token_cache(0);
+    let layer = MatrixAuthLayer::with_verifier(Verifier::new(keys()).token_cache(0));
     assert_eq!(layer.verifier().cached_tokens(), 0);
 }
 

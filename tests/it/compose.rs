@@ -10,8 +10,11 @@ use axum::routing::any;
 use axum::Router;
 use http::StatusCode;
 use tower_matrix_auth::{
-    AccountStates, AccountStatus, AppService, AppServices, ManualClock, MatrixAuthLayer,
-    MatrixUser, ResolveFuture, ResolvedToken, RevocationError, StaticTokens, TokenResolver,
+    hooks::{
+        AccountStatus, AppService, AppServices, BackendError, ManualClock, MemoryAccounts,
+        ResolveFuture, ResolvedToken, StaticTokens, TokenResolver,
+    },
+    MatrixAuthLayer, MatrixUser, Verifier,
 };
 
 const AS_TOKEN: &str = "as_token_irc_0123456789";
@@ -43,8 +46,7 @@ fn appservices() -> AppServices {
 #[tokio::test]
 async fn application_services() {
     let addr = serve_echo(
-        MatrixAuthLayer::new(keys())
-            .clock(ManualClock::new(NOW_MS))
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)))
             .appservices(appservices()),
     )
     .await;
@@ -178,7 +180,7 @@ impl TokenResolver for CountingResolver {
     fn resolve(&self, token: &str) -> ResolveFuture {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.fail {
-            return Box::pin(async { Err(RevocationError::new("database down")) });
+            return Box::pin(async { Err(BackendError::new("database down")) });
         }
         let lookup = self.inner.resolve(token);
         Box::pin(async move {
@@ -193,17 +195,11 @@ async fn opaque_tokens_beside_macaroons() {
     let tokens = StaticTokens::default()
         .with(
             "syt_YWxpY2U_abcdefghijklmnopqrst_0a1b2c",
-            ResolvedToken {
-                device_id: Some("SYNAPSE".into()),
-                ..ResolvedToken::user("@alice:example.org")
-            },
+            ResolvedToken::user("@alice:example.org").device_id("SYNAPSE"),
         )
         .with(
             "syt_b2xk_expired",
-            ResolvedToken {
-                expires_at_ms: Some(NOW_MS - 1),
-                ..ResolvedToken::user("@bob:example.org")
-            },
+            ResolvedToken::user("@bob:example.org").expires_at_ms(NOW_MS - 1),
         );
     let resolver = Arc::new(CountingResolver {
         inner: tokens,
@@ -211,8 +207,7 @@ async fn opaque_tokens_beside_macaroons() {
         fail: false,
     });
     let addr = serve_echo(
-        MatrixAuthLayer::new(keys())
-            .clock(ManualClock::new(NOW_MS))
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)))
             .resolver(resolver.clone()),
     )
     .await;
@@ -267,7 +262,7 @@ async fn opaque_tokens_beside_macaroons() {
     // The length limit bounds opaque tokens too: one over it is refused before the resolver.
     let long = format!(
         "syt_{}",
-        "x".repeat(tower_matrix_auth::DEFAULT_MAX_TOKEN_LEN)
+        "x".repeat(tower_matrix_auth::macaroon::DEFAULT_MAX_TOKEN_LEN)
     );
     assert_eq!(
         send(addr, "GET", "/x", Some(&long), None).await.1["errcode"],
@@ -295,10 +290,10 @@ async fn opaque_tokens_beside_macaroons() {
 
 #[tokio::test]
 async fn account_state() {
-    let accounts = AccountStates::default();
-    let layer = MatrixAuthLayer::new(keys())
-        .clock(ManualClock::new(NOW_MS))
-        .accounts(accounts.clone());
+    let accounts = MemoryAccounts::default();
+    let layer =
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)))
+            .accounts(accounts.clone());
     let addr = serve_echo(layer).await;
     let token = access_token(&[]);
     let send_message = "/_matrix/client/v3/rooms/!r:example.org/send/m.room.message/txn1";
@@ -371,7 +366,7 @@ async fn account_state() {
 
 #[tokio::test]
 async fn appservice_aware_extractors() {
-    use tower_matrix_auth::AppServiceRequest;
+    use tower_matrix_auth::axum::AppServiceRequest;
     async fn only_appservices(request: AppServiceRequest) -> String {
         format!("{} as {}", request.appservice, request.user.user_id())
     }
@@ -381,9 +376,9 @@ async fn appservice_aware_extractors() {
             None => format!("user {}", user.user_id()),
         }
     }
-    let layer = MatrixAuthLayer::new(keys())
-        .clock(ManualClock::new(NOW_MS))
-        .appservices(appservices());
+    let layer =
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)))
+            .appservices(appservices());
     let app = Router::new()
         .route("/ping", any(only_appservices))
         .route("/anyone", any(anyone))
@@ -424,13 +419,12 @@ async fn appservice_aware_extractors() {
 /// `is_suspended`), and a lock does not apply (as in Synapse). Before, every state was skipped.
 #[tokio::test]
 async fn application_services_meet_the_users_account_state() {
-    let accounts = AccountStates::default();
+    let accounts = MemoryAccounts::default();
     accounts.set("@irc_gone:example.org", AccountStatus::Deactivated);
     accounts.set("@irc_quiet:example.org", AccountStatus::Suspended);
     accounts.set("@irc_locked:example.org", AccountStatus::Locked);
     let addr = serve_echo(
-        MatrixAuthLayer::new(keys())
-            .clock(ManualClock::new(NOW_MS))
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)))
             .appservices(appservices())
             .accounts(accounts),
     )
@@ -504,8 +498,7 @@ async fn application_services_stay_apart() {
         .with(AppService::new("narrow", OTHER_AS_TOKEN, "@narrow_bot:example.org").unwrap())
         .unwrap();
     let addr = serve_echo(
-        MatrixAuthLayer::new(keys())
-            .clock(ManualClock::new(NOW_MS))
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)))
             .appservices(registrations.clone()),
     )
     .await;

@@ -2,7 +2,9 @@
 //! `fuzz/seeds/`, so every fuzz run replays them).
 
 use http::Request;
-use tower_matrix_auth::{Format, KeyRing, MacaroonSecret, ManualClock, TokenType, Verifier};
+use tower_matrix_auth::{
+    hooks::ManualClock, macaroon::MacaroonFormat, KeyRing, MacaroonSecret, TokenType, Verifier,
+};
 
 const NOW_MS: u64 = 1_700_000_000_000;
 
@@ -35,7 +37,7 @@ fn v2json_keys_given_twice_read_as_their_last_copy() {
         .mint("@alice:example.org", TokenType::Access)
         .unwrap()
         .nonce("n0nce")
-        .serialize(Format::V2Json);
+        .serialize(MacaroonFormat::V2Json);
     let json: serde_json::Value = serde_json::from_str(&token).unwrap();
     let good = format!("\"s64\":{}", json["s64"]);
     let bad = "\"s64\":\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\"";
@@ -65,7 +67,10 @@ async fn an_appservice_acts_only_as_matrix_user_ids() {
     use http::{Response, StatusCode};
     use http_body_util::BodyExt;
     use tower::{service_fn, Layer, ServiceExt};
-    use tower_matrix_auth::{AppService, AppServices, MatrixAuthLayer, MatrixUser};
+    use tower_matrix_auth::{
+        hooks::{AppService, AppServices},
+        MatrixAuthLayer, MatrixUser,
+    };
 
     const AS_TOKEN: &str = "irc_as_token_for_the_regression";
     let appservices = AppServices::new()
@@ -137,7 +142,7 @@ async fn an_appservice_acts_only_as_matrix_user_ids() {
 /// before a fuzz run reached it; the seed makes every run replay it.
 #[test]
 fn a_nonce_session_is_32_hex_digits_and_nothing_else() {
-    use tower_matrix_auth::TokenNonce;
+    use tower_matrix_auth::lifecycle::TokenNonce;
 
     let input = include_bytes!("../../fuzz/seeds/lifecycle/regression-nonce-signs");
     let signed: Vec<&str> = std::str::from_utf8(input)
@@ -168,7 +173,9 @@ fn a_nonce_session_is_32_hex_digits_and_nothing_else() {
 mod sweep_after_an_attenuated_copy {
     use super::*;
     use tower_matrix_auth::{
-        attenuate, Issuer, MemoryStore, Revocation, RevocationStatus, Sessions,
+        hooks::{Revocation, RevocationStatus},
+        macaroon::attenuate,
+        Issuer, MemoryStore, Sessions,
     };
 
     fn sessions() -> (ManualClock, Verifier, MemoryStore, Sessions) {

@@ -14,7 +14,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceBuilder;
-use tower_matrix_auth::{ManualClock, MatrixAuthLayer, MatrixUser};
+use tower_matrix_auth::{hooks::ManualClock, MatrixAuthLayer, MatrixUser, Verifier};
 
 async fn whoami(request: Request<Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
     let user = request.extensions().get::<MatrixUser>().expect("layer ran");
@@ -29,7 +29,9 @@ async fn start() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let service = ServiceBuilder::new()
-        .layer(MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS)))
+        .layer(MatrixAuthLayer::with_verifier(
+            Verifier::new(keys()).clock(ManualClock::new(NOW_MS)),
+        ))
         .service_fn(whoami);
     tokio::spawn(async move {
         loop {

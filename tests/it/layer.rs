@@ -7,12 +7,18 @@ use std::time::Duration;
 use crate::common::*;
 use http::StatusCode;
 use tower_matrix_auth::{
-    attenuate, GuestPolicy, KeyRing, MacaroonSecret, ManualClock, MatrixAuthLayer, MatrixUser,
-    QueryToken, Revocation, RevocationCheck, RevocationError, RevocationStatus, TokenId, TokenType,
+    hooks::{BackendError, ManualClock, Revocation, RevocationCheck, RevocationStatus},
+    layer::{GuestPolicy, QueryToken},
+    macaroon::attenuate,
+    KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, TokenId, TokenType, Verifier,
 };
 
+fn verifier() -> Verifier {
+    Verifier::new(keys()).clock(ManualClock::new(NOW_MS))
+}
+
 fn layer() -> MatrixAuthLayer {
-    MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS))
+    MatrixAuthLayer::with_verifier(verifier())
 }
 
 const BASE: [&str; 4] = [
@@ -275,7 +281,8 @@ async fn key_rotation() {
     let ring = KeyRing::new()
         .with_key("key2", MacaroonSecret::from_passphrase("new secret"))
         .with_key("key", MacaroonSecret::from_passphrase("old secret"));
-    let layer = MatrixAuthLayer::new(ring.clone()).clock(ManualClock::new(NOW_MS));
+    let layer =
+        MatrixAuthLayer::with_verifier(Verifier::new(ring.clone()).clock(ManualClock::new(NOW_MS)));
     assert_eq!(
         call(&layer, bearer("/x", &old)).await.status,
         StatusCode::OK
@@ -450,9 +457,12 @@ async fn limits() {
         "M_UNKNOWN_TOKEN"
     );
     assert_eq!(
-        call(&layer().max_caveats(100), bearer("/x", &token))
-            .await
-            .status,
+        call(
+            &MatrixAuthLayer::with_verifier(verifier().max_caveats(100)),
+            bearer("/x", &token)
+        )
+        .await
+        .status,
         StatusCode::OK
     );
     let long = "A".repeat(4097);
@@ -463,7 +473,7 @@ async fn limits() {
     let token = access_token(&[]);
     assert_eq!(
         call(
-            &layer().max_token_len(token.len() - 1),
+            &MatrixAuthLayer::with_verifier(verifier().max_token_len(token.len() - 1)),
             bearer("/x", &token)
         )
         .await
@@ -553,7 +563,8 @@ async fn guests() {
 #[tokio::test]
 async fn clock_and_leeway() {
     let clock = ManualClock::new(NOW_MS);
-    let layer = MatrixAuthLayer::new(keys()).clock(clock.clone());
+    let verifier = Verifier::new(keys()).clock(clock.clone());
+    let layer = MatrixAuthLayer::with_verifier(verifier.clone());
     let token = access_token(&[&format!("time < {}", NOW_MS + 1000)]);
     assert_eq!(
         call(&layer, bearer("/x", &token)).await.status,
@@ -564,7 +575,8 @@ async fn clock_and_leeway() {
         call(&layer, bearer("/x", &token)).await.json["soft_logout"],
         true
     );
-    let lenient = layer.clone().leeway_ms(500);
+    let lenient =
+        MatrixAuthLayer::with_verifier(verifier.leeway(std::time::Duration::from_millis(500)));
     assert_eq!(
         call(&lenient, bearer("/x", &token)).await.status,
         StatusCode::OK
@@ -578,9 +590,9 @@ async fn clock_and_leeway() {
 
 #[tokio::test]
 async fn custom_caveats_see_the_request() {
-    let layer = layer().caveat("method", |caveat, parts| {
+    let layer = MatrixAuthLayer::with_verifier(verifier().caveat("method", |caveat, parts| {
         caveat.op() == "=" && caveat.value() == parts.method.as_str()
-    });
+    }));
     let token = access_token(&["method = GET"]);
     assert_eq!(
         call(&layer, bearer("/x", &token)).await.status,
@@ -601,7 +613,7 @@ async fn custom_caveats_see_the_request() {
 #[test]
 #[should_panic(expected = "standard Matrix caveat")]
 fn standard_caveats_cannot_be_redefined() {
-    let _ = layer().caveat("user_id", |_, _| true);
+    let _ = verifier().caveat("user_id", |_, _| true);
 }
 
 /// A store that answers after a delay (like a database would) and counts its calls.
@@ -619,7 +631,7 @@ impl Revocation for SlowDenylist {
         RevocationCheck::pending(async move {
             tokio::time::sleep(Duration::from_millis(5)).await;
             if fail {
-                return Err(RevocationError::new("database unreachable"));
+                return Err(BackendError::new("database unreachable"));
             }
             Ok(if revoked {
                 RevocationStatus::Revoked

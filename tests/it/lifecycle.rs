@@ -5,18 +5,14 @@
 use crate::common::server::{refresh_body, send, start_memory as start};
 use crate::common::*;
 use http::StatusCode;
-use tower_matrix_auth::SessionRequest;
+use tower_matrix_auth::lifecycle::SessionRequest;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_refresh_keeps_old_tokens_until_the_new_ones_are_used() {
     let s = start().await;
     let login = s.sessions.login(
         ALICE,
-        &SessionRequest {
-            device_id: Some("PHONE".into()),
-            refresh: true,
-            guest: false,
-        },
+        &SessionRequest::new().device_id("PHONE").refresh(true),
     );
     let (a0, r0) = (
         login.access_token.clone(),
@@ -113,14 +109,9 @@ async fn rotating_refresh_keeps_old_tokens_until_the_new_ones_are_used() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokenrefresh_is_single_use_and_exactly_one_of_many_concurrent_calls_wins() {
     let s = start().await;
-    let login = s.sessions.login(
-        ALICE,
-        &SessionRequest {
-            device_id: None,
-            refresh: true,
-            guest: false,
-        },
-    );
+    let login = s
+        .sessions
+        .login(ALICE, &SessionRequest::new().refresh(true));
     let r0 = login.refresh_token.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..32 {
@@ -211,20 +202,11 @@ async fn logout_and_logout_all_accept_expired_tokens_and_revoke_linked_ones() {
     let whoami = crate::common::server::WHOAMI;
     let phone = s.sessions.login(
         ALICE,
-        &SessionRequest {
-            device_id: Some("PHONE".into()),
-            refresh: true,
-            guest: false,
-        },
+        &SessionRequest::new().device_id("PHONE").refresh(true),
     );
-    let laptop = s.sessions.login(
-        ALICE,
-        &SessionRequest {
-            device_id: Some("LAPTOP".into()),
-            refresh: false,
-            guest: false,
-        },
-    );
+    let laptop = s
+        .sessions
+        .login(ALICE, &SessionRequest::new().device_id("LAPTOP"));
     let bob = s
         .sessions
         .login("@bob:example.org", &SessionRequest::default());
@@ -339,14 +321,9 @@ async fn login_tokens_are_single_use() {
 #[tokio::test]
 async fn minted_access_tokens_have_synapse_caveats_plus_device_id() {
     let s = start().await;
-    let login = s.sessions.login(
-        ALICE,
-        &SessionRequest {
-            device_id: Some("D".into()),
-            refresh: false,
-            guest: true,
-        },
-    );
+    let login = s
+        .sessions
+        .login(ALICE, &SessionRequest::new().device_id("D").guest(true));
     let parsed = macaroon::Macaroon::deserialize(&login.access_token).unwrap();
     let caveats: Vec<String> = parsed
         .first_party_caveats()
@@ -432,7 +409,7 @@ impl http_body::Body for BrokenBody {
 
 /// The status and errcode a refresh endpoint answers `body` with.
 async fn refresh_answer<B>(
-    endpoint: &tower_matrix_auth::RefreshEndpoint,
+    endpoint: &tower_matrix_auth::lifecycle::RefreshEndpoint,
     body: B,
 ) -> (StatusCode, String)
 where
@@ -459,15 +436,11 @@ async fn refresh_endpoints_answer_a_broken_body_as_not_json_and_leave_the_token_
     use tower_matrix_auth::{Issuer, MemoryStore, Sessions, Verifier};
 
     let sessions = Sessions::new(
-        Issuer::new(keys()).refreshable_access_lifetime_ms(60_000),
+        Issuer::new(keys()).refreshable_access_lifetime(std::time::Duration::from_millis(60_000)),
         Verifier::new(keys()),
         MemoryStore::new(),
     );
-    let login = SessionRequest {
-        device_id: None,
-        refresh: true,
-        guest: false,
-    };
+    let login = SessionRequest::new().refresh(true);
     for endpoint in [
         sessions.refresh_endpoint(),
         sessions.token_refresh_endpoint(),

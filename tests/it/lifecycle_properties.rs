@@ -24,9 +24,10 @@ use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tower::{service_fn, Layer, ServiceExt};
 use tower_matrix_auth::{
-    Clock, Issuer, ManualClock, MatrixAuthLayer, MatrixUser, MemoryStore, PostgresStore,
-    RefreshMode, SessionId, SessionRequest, Sessions, SystemClock, TokenNonce, TokenStore,
-    TokenType, Verifier,
+    hooks::{Clock, ManualClock, SystemClock},
+    lifecycle::{SessionId, SessionRequest, TokenNonce},
+    store::{RefreshMode, TokenStore},
+    Issuer, MatrixAuthLayer, MatrixUser, MemoryStore, PostgresStore, Sessions, TokenType, Verifier,
 };
 
 use crate::common::keys;
@@ -382,9 +383,9 @@ impl System {
         let verifier = Verifier::new(keys()).clock(clock.clone());
         let issuer = Issuer::new(keys())
             .clock(clock.clone())
-            .refreshable_access_lifetime_ms(ACCESS_MS)
-            .access_lifetime_ms(Some(PLAIN_MS))
-            .refresh_lifetime_ms(Some(REFRESH_MS));
+            .refreshable_access_lifetime(std::time::Duration::from_millis(ACCESS_MS))
+            .access_lifetime(Some(std::time::Duration::from_millis(PLAIN_MS)))
+            .refresh_lifetime(Some(std::time::Duration::from_millis(REFRESH_MS)));
         let sessions = Sessions::with_shared_store(issuer, verifier.clone(), shared);
         let layer = MatrixAuthLayer::with_verifier(verifier)
             .revocation(sessions.store())
@@ -568,11 +569,9 @@ impl Case<'_> {
         let user_id = self.system.user_ids[user].clone();
         let tokens = self.system.sessions.login(
             &user_id,
-            &SessionRequest {
-                device_id: Some(device_id.clone()),
-                refresh,
-                guest: false,
-            },
+            &SessionRequest::new()
+                .device_id(device_id.clone())
+                .refresh(refresh),
         );
         prop_assert_eq!(tokens.generation, 0, "{}", at);
         prop_assert_eq!(tokens.refresh_token.is_some(), refresh, "{}", at);
@@ -838,11 +837,7 @@ async fn concurrent_refreshes(
     let first = &systems[0];
     let login = first.sessions.login(
         &first.user_ids[0],
-        &SessionRequest {
-            device_id: Some("RACE".into()),
-            refresh: true,
-            guest: false,
-        },
+        &SessionRequest::new().device_id("RACE").refresh(true),
     );
     let r0 = login.refresh_token.clone().expect("asked for");
     let mut dead = vec![login.access_token.clone()];
@@ -882,7 +877,7 @@ async fn concurrent_refreshes(
     for (i, task) in tasks.into_iter().enumerate() {
         match task.await.expect("no panic") {
             Ok(tokens) => winners.push((i, tokens)),
-            Err(tower_matrix_auth::ExchangeError::Invalid) => {}
+            Err(tower_matrix_auth::lifecycle::ExchangeError::Invalid) => {}
             Err(e) => return Err(TestCaseError::fail(format!("call {i}: {e}"))),
         }
     }

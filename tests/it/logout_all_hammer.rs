@@ -10,7 +10,10 @@ use std::time::Duration;
 use crate::common::server::{refresh_body, send, start_with, Server, WHOAMI};
 use http::StatusCode;
 use tower_matrix_auth::{
-    Clock, ManualClock, MemoryStore, PostgresStore, SessionRequest, SystemClock, TokenStore,
+    hooks::{Clock, ManualClock, SystemClock},
+    lifecycle::SessionRequest,
+    store::TokenStore,
+    MemoryStore, PostgresStore,
 };
 
 const SESSIONS: usize = 6;
@@ -18,18 +21,14 @@ const SESSIONS: usize = 6;
 fn uid() -> String {
     format!(
         "@hammer-{:x}:example.org",
-        tower_matrix_auth::SessionId::random().as_u128() as u32
+        tower_matrix_auth::lifecycle::SessionId::random().as_u128() as u32
     )
 }
 
 /// Refreshes every session in a loop on alternate servers while `/logout/all` runs once.
 async fn hammer(servers: &[Server]) {
     let user = uid();
-    let with_refresh = SessionRequest {
-        device_id: None,
-        refresh: true,
-        guest: false,
-    };
+    let with_refresh = SessionRequest::new().refresh(true);
     let minted = Arc::new(Mutex::new(Vec::new()));
     let logged_out = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));

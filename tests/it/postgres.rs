@@ -10,14 +10,16 @@ use crate::common::server::{refresh_body, send, start_with, WHOAMI};
 use crate::common::*;
 use http::StatusCode;
 use tower_matrix_auth::{
-    ManualClock, PostgresStore, Revocation, RevocationStatus, SessionRequest, TokenType,
+    hooks::{ManualClock, Revocation, RevocationStatus},
+    lifecycle::SessionRequest,
+    PostgresStore, TokenType,
 };
 
 /// A user id unique to this run: the database outlives test runs on a developer's machine.
 fn uid(name: &str) -> String {
     format!(
         "{name}-{:x}:example.org",
-        tower_matrix_auth::SessionId::random().as_u128() as u32
+        tower_matrix_auth::lifecycle::SessionId::random().as_u128() as u32
     )
 }
 
@@ -44,11 +46,7 @@ async fn two_processes_share_revocations_and_a_restart_loses_nothing() {
 
     let login = server_a.sessions.login(
         &uid("@pg-share"),
-        &SessionRequest {
-            device_id: Some("D1".into()),
-            refresh: true,
-            guest: false,
-        },
+        &SessionRequest::new().device_id("D1").refresh(true),
     );
     let token = login.access_token.clone();
     assert_eq!(
@@ -190,11 +188,7 @@ async fn tokenrefresh_across_two_processes_has_exactly_one_winner() {
     for round in 0..3 {
         let login = a.sessions.login(
             &uid(&format!("@pg-race{round}")),
-            &SessionRequest {
-                device_id: None,
-                refresh: true,
-                guest: false,
-            },
+            &SessionRequest::new().refresh(true),
         );
         let body = refresh_body(login.refresh_token.as_deref().unwrap());
         let mut tasks = Vec::new();
@@ -250,14 +244,9 @@ async fn rotating_refresh_first_use_is_recorded_for_every_process() {
         clock.clone(),
     )
     .await;
-    let login = a.sessions.login(
-        &uid("@pg-rotate"),
-        &SessionRequest {
-            device_id: None,
-            refresh: true,
-            guest: false,
-        },
-    );
+    let login = a
+        .sessions
+        .login(&uid("@pg-rotate"), &SessionRequest::new().refresh(true));
     // A successor used on b right after a's refresh, whether or not b has heard of it yet,
     // must work (b asks the database when its view does not know the generation).
     let mut refresh = login.refresh_token.clone().unwrap();
@@ -278,14 +267,9 @@ async fn rotating_refresh_first_use_is_recorded_for_every_process() {
         );
         refresh = json["refresh_token"].as_str().unwrap().to_owned();
     }
-    let login = a.sessions.login(
-        &uid("@pg-rotate2"),
-        &SessionRequest {
-            device_id: None,
-            refresh: true,
-            guest: false,
-        },
-    );
+    let login = a
+        .sessions
+        .login(&uid("@pg-rotate2"), &SessionRequest::new().refresh(true));
     let (status, json, _) = send(
         a.addr,
         "POST",
@@ -338,7 +322,10 @@ async fn the_view_forgets_state_whose_tokens_have_all_expired() {
     if crate::common::pg::skip() {
         return;
     }
-    use tower_matrix_auth::{Clock, Issuer, Sessions, SystemClock, Verifier};
+    use tower_matrix_auth::{
+        hooks::{Clock, SystemClock},
+        Issuer, Sessions, Verifier,
+    };
     // A database of its own: rows other tests keep for good would put off the first sweep.
     let url = crate::common::pg::fresh_database_url("view_forgets").await;
     let store = PostgresStore::connect(&url).await.unwrap();
@@ -346,9 +333,9 @@ async fn the_view_forgets_state_whose_tokens_have_all_expired() {
     let engine = |clock: &ManualClock| {
         let issuer = Issuer::new(keys())
             .clock(clock.clone())
-            .refreshable_access_lifetime_ms(60_000)
-            .access_lifetime_ms(Some(60_000))
-            .refresh_lifetime_ms(Some(60_000));
+            .refreshable_access_lifetime(std::time::Duration::from_millis(60_000))
+            .access_lifetime(Some(std::time::Duration::from_millis(60_000)))
+            .refresh_lifetime(Some(std::time::Duration::from_millis(60_000)));
         let verifier = Verifier::new(keys()).clock(clock.clone());
         Sessions::new(issuer, verifier, store.clone())
     };

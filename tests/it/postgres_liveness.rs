@@ -17,8 +17,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tower_matrix_auth::{
-    Issuer, ManualClock, MatrixUser, NonceKind, PostgresOptions, PostgresStore, Revocation,
-    RevocationStatus, SessionId, SessionRequest, Sessions, TokenNonce, TokenType, Verifier,
+    hooks::{ManualClock, Revocation, RevocationStatus},
+    lifecycle::{NonceKind, SessionId, SessionRequest, TokenNonce},
+    store::PostgresOptions,
+    Issuer, MatrixUser, PostgresStore, Sessions, TokenType, Verifier,
 };
 
 /// Unique to this run: the database outlives test runs on a developer's machine.

@@ -18,8 +18,10 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use tower::{service_fn, Layer, ServiceExt};
 use tower_matrix_auth::{
-    attenuate, Format, GuestPolicy, KeyRing, MacaroonSecret, ManualClock, MatrixAuthLayer,
-    MatrixUser, QueryToken, Rejection, TokenType, Verifier,
+    hooks::ManualClock,
+    layer::{GuestPolicy, QueryToken},
+    macaroon::{attenuate, MacaroonFormat},
+    KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, Rejection, TokenType, Verifier,
 };
 
 use crate::oracle::{Extraction, Missing};
@@ -109,8 +111,12 @@ fn token_type() -> impl Strategy<Value = TokenType> {
     ]
 }
 
-fn format() -> impl Strategy<Value = Format> {
-    prop_oneof![Just(Format::V1), Just(Format::V2), Just(Format::V2Json)]
+fn format() -> impl Strategy<Value = MacaroonFormat> {
+    prop_oneof![
+        Just(MacaroonFormat::V1),
+        Just(MacaroonFormat::V2),
+        Just(MacaroonFormat::V2Json)
+    ]
 }
 
 #[derive(Debug, Clone)]
@@ -160,7 +166,7 @@ impl Claims {
         self.lifetime_ms.is_some_and(|l| l <= 0)
     }
 
-    fn mint(&self, keys: &KeyRing, format: Format, location: bool) -> String {
+    fn mint(&self, keys: &KeyRing, format: MacaroonFormat, location: bool) -> String {
         let mut builder = keys.mint(&self.user_id, self.token_type).unwrap();
         if let Some(nonce) = &self.nonce {
             builder = builder.nonce(nonce);
@@ -204,7 +210,7 @@ proptest! {
         let verifier = verifier();
         let parts = get_parts();
         let mut token = claims.mint(verifier.keys(), format, location);
-        if format != Format::V2Json {
+        if format != MacaroonFormat::V2Json {
             token = reencode(&token, flavour);
         }
         for expected in [TokenType::Access, TokenType::Refresh, TokenType::Login] {
@@ -228,7 +234,7 @@ proptest! {
             prop_assert_eq!(user.expires_at_ms(), claims.expires_at_ms());
             // With a nonce, the token id does not depend on the format.
             if claims.nonce.is_some() {
-                let other = claims.mint(verifier.keys(), Format::V2Json, false);
+                let other = claims.mint(verifier.keys(), MacaroonFormat::V2Json, false);
                 let again = verifier.verify(other.as_bytes(), expected, &parts).unwrap();
                 prop_assert_eq!(again.token_id(), user.token_id());
             }
@@ -402,7 +408,7 @@ proptest! {
         let token = claims.mint(verifier.keys(), format, false);
         prop_assert!(verifier.verify(token.as_bytes(), TokenType::Access, &parts).is_ok());
         let bytes = match format {
-            Format::V2Json => token.clone().into_bytes(),
+            MacaroonFormat::V2Json => token.clone().into_bytes(),
             _ => URL_SAFE_NO_PAD.decode(&token).unwrap(),
         };
         let mut same_macaroon = 0;
@@ -410,15 +416,15 @@ proptest! {
             let mut changed = bytes.clone();
             changed[bit / 8] ^= 1 << (bit % 8);
             let changed = match format {
-                Format::V2Json => changed,
+                MacaroonFormat::V2Json => changed,
                 _ => URL_SAFE_NO_PAD.encode(&changed).into_bytes(),
             };
             match verifier.verify(&changed, TokenType::Access, &parts) {
                 Err(rejection) => prop_assert!(rejection.is_unknown_token()),
-                Ok(_) if format == Format::V1 && v1_length_case_change(&bytes, bit) => {
+                Ok(_) if format == MacaroonFormat::V1 && v1_length_case_change(&bytes, bit) => {
                     same_macaroon += 1;
                 }
-                Ok(_) if format == Format::V2Json && json_version_key(&bytes, bit) => {
+                Ok(_) if format == MacaroonFormat::V2Json && json_version_key(&bytes, bit) => {
                     same_macaroon += 1;
                 }
                 Ok(user) => prop_assert!(
@@ -428,7 +434,7 @@ proptest! {
             }
         }
         // V2 binary has no redundancy at all.
-        prop_assert!(format != Format::V2 || same_macaroon == 0);
+        prop_assert!(format != MacaroonFormat::V2 || same_macaroon == 0);
     }
 }
 
@@ -584,7 +590,7 @@ proptest! {
             request.headers_mut().append(http::header::AUTHORIZATION, value);
         }
 
-        let mut layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
+        let mut layer = MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)));
         if !query_allowed {
             layer = layer.query_token(QueryToken::Ignored);
         }

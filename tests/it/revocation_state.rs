@@ -14,9 +14,11 @@ use std::time::Duration;
 use crate::common::{keys, mint_raw};
 use tower_matrix_auth::store::{RefreshMode, StoreFuture, TokenRef};
 use tower_matrix_auth::{
-    attenuate, Clock, IssuedTokens, Issuer, ManualClock, MatrixUser, MemoryStore, PostgresStore,
-    Revocation, RevocationCheck, RevocationStatus, SessionRequest, Sessions, SystemClock,
-    TokenStore, TokenType, Verifier,
+    hooks::{Clock, ManualClock, Revocation, RevocationCheck, RevocationStatus, SystemClock},
+    lifecycle::{IssuedTokens, SessionRequest},
+    macaroon::attenuate,
+    store::TokenStore,
+    Issuer, MatrixUser, MemoryStore, PostgresStore, Sessions, TokenType, Verifier,
 };
 
 const LEEWAY_MS: u64 = 60_000;
@@ -56,7 +58,7 @@ impl Harness {
         };
         let verifier = Verifier::new(keys())
             .clock(clock.clone())
-            .leeway_ms(LEEWAY_MS);
+            .leeway(std::time::Duration::from_millis(LEEWAY_MS));
         Self {
             backend,
             clock,
@@ -79,10 +81,10 @@ impl Harness {
     fn short_lived(&self) -> Sessions {
         self.sessions(
             Issuer::new(keys())
-                .access_lifetime_ms(Some(1_000))
-                .refreshable_access_lifetime_ms(1_000)
-                .refresh_lifetime_ms(Some(2_000))
-                .login_lifetime_ms(1_000),
+                .access_lifetime(Some(std::time::Duration::from_millis(1_000)))
+                .refreshable_access_lifetime(std::time::Duration::from_millis(1_000))
+                .refresh_lifetime(Some(std::time::Duration::from_millis(2_000)))
+                .login_lifetime(std::time::Duration::from_millis(1_000)),
         )
     }
 
@@ -122,16 +124,12 @@ impl Harness {
 fn uid(name: &str) -> String {
     format!(
         "@{name}-{:x}:example.org",
-        tower_matrix_auth::SessionId::random().as_u128() as u32
+        tower_matrix_auth::lifecycle::SessionId::random().as_u128() as u32
     )
 }
 
 fn with_refresh() -> SessionRequest {
-    SessionRequest {
-        device_id: Some("D".into()),
-        refresh: true,
-        guest: false,
-    }
+    SessionRequest::new().device_id("D").refresh(true)
 }
 
 async fn each_backend<F, Fut>(test: F)
@@ -183,7 +181,10 @@ async fn a_logged_out_token_without_expiry_stays_logged_out_after_the_sweep() {
 async fn a_token_minted_under_a_longer_lifetime_stays_logged_out() {
     each_backend(|mut h| async move {
         let user = uid("long-lived");
-        let before = h.sessions(Issuer::new(keys()).access_lifetime_ms(Some(30 * 86_400_000)));
+        let before = h.sessions(
+            Issuer::new(keys())
+                .access_lifetime(Some(std::time::Duration::from_millis(30 * 86_400_000))),
+        );
         let long = before.login(&user, &SessionRequest::default());
         // The homeserver restarts with one-second tokens and logs the old one out.
         let after = h.short_lived();
@@ -541,7 +542,9 @@ async fn a_session_lifetime_bounds_the_session_and_its_state() {
         let user = uid("ceiling");
         let parts = http::Request::new(()).into_parts().0;
         let start = h.clock.now_ms();
-        let bounded = h.sessions(Issuer::new(keys()).session_lifetime_ms(Some(10_000)));
+        let bounded = h.sessions(
+            Issuer::new(keys()).session_lifetime(Some(std::time::Duration::from_millis(10_000))),
+        );
         let login = bounded.login(&user, &with_refresh());
         assert_eq!(login.session_expires_ms, Some(start + 10_000));
         assert_eq!(login.refresh_expires_at_ms, Some(start + 10_000));

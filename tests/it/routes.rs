@@ -7,11 +7,13 @@ use crate::common::server::{send, serve_echo};
 use crate::common::*;
 use http::StatusCode;
 use tower_matrix_auth::{
-    is_whoami_route, AccountStates, AccountStatus, ManualClock, MatrixAuthLayer,
+    hooks::{AccountStatus, ManualClock, MemoryAccounts},
+    routes::is_whoami_route,
+    MatrixAuthLayer, Verifier,
 };
 
 fn layer() -> MatrixAuthLayer {
-    MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS))
+    MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)))
 }
 
 /// Routes whose last segment the client picks, set to `logout`: none is a logout.
@@ -57,7 +59,7 @@ const LOGOUTS: [&str; 3] = [
 /// `POST …/logout` and `…/logout/all`.
 #[tokio::test]
 async fn locked_account_passes_on_the_logout_routes_only() {
-    let accounts = AccountStates::default();
+    let accounts = MemoryAccounts::default();
     accounts.set(ALICE, AccountStatus::Locked);
     let addr = serve_echo(layer().accounts(accounts)).await;
     let token = access_token(&[]);
@@ -127,7 +129,7 @@ async fn expired_token_is_accepted_on_the_logout_routes_only() {
 /// plus an allow-list of writes.
 #[tokio::test]
 async fn suspended_account_cannot_write_through_another_form_of_a_write() {
-    let accounts = AccountStates::default();
+    let accounts = MemoryAccounts::default();
     accounts.set(ALICE, AccountStatus::Suspended);
     let addr = serve_echo(layer().accounts(accounts)).await;
     let token = access_token(&[]);
@@ -178,7 +180,7 @@ async fn suspended_account_cannot_write_through_another_form_of_a_write() {
 #[tokio::test]
 async fn homeserver_widens_what_a_suspended_account_may_do() {
     use tower_matrix_auth::routes::ClientRoute;
-    let accounts = AccountStates::default();
+    let accounts = MemoryAccounts::default();
     accounts.set(ALICE, AccountStatus::Suspended);
     let layer = layer().accounts(accounts).allow_suspended_when(|parts| {
         ClientRoute::parse(parts.uri.path()).is_some_and(|route| {

@@ -19,9 +19,12 @@ use ruma_common::api::OutgoingResponseExt;
 use ruma_common::{IdParseError, OwnedUserId};
 use tower::{service_fn, Layer, ServiceExt};
 use tower_matrix_auth::{
-    AccountStates, AccountStatus, AppService, AppServices, ManualClock, MatrixAuthLayer,
-    MatrixUser, Rejection, ResolveFuture, ResolvedToken, Revocation, RevocationCheck,
-    RevocationError, RevocationStatus, StaticTokens, TokenResolver,
+    hooks::{
+        AccountStatus, AppService, AppServices, BackendError, ManualClock, MemoryAccounts,
+        ResolveFuture, ResolvedToken, Revocation, RevocationCheck, RevocationStatus, StaticTokens,
+        TokenResolver,
+    },
+    MatrixAuthLayer, MatrixUser, Rejection, Verifier,
 };
 
 const AS_TOKEN: &str = "as_token_irc_0123456789";
@@ -105,7 +108,7 @@ struct DownResolver;
 
 impl TokenResolver for DownResolver {
     fn resolve(&self, _: &str) -> ResolveFuture {
-        Box::pin(async { Err(RevocationError::new("database down")) })
+        Box::pin(async { Err(BackendError::new("database down")) })
     }
 }
 
@@ -115,13 +118,13 @@ impl Revocation for Store {
     fn check(&self, _: &MatrixUser) -> RevocationCheck {
         RevocationCheck::ready(
             self.0
-                .map_err(|()| RevocationError::new("database unreachable")),
+                .map_err(|()| BackendError::new("database unreachable")),
         )
     }
 }
 
 fn base() -> MatrixAuthLayer {
-    MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS))
+    MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)))
 }
 
 #[tokio::test]
@@ -141,11 +144,11 @@ async fn every_rejection_is_the_same_json_through_ruma() {
             .body(Full::default())
             .unwrap()
     };
-    let locked = AccountStates::default();
+    let locked = MemoryAccounts::default();
     locked.set(ALICE, AccountStatus::Locked);
-    let suspended = AccountStates::default();
+    let suspended = MemoryAccounts::default();
     suspended.set(ALICE, AccountStatus::Suspended);
-    let deactivated = AccountStates::default();
+    let deactivated = MemoryAccounts::default();
     deactivated.set(ALICE, AccountStatus::Deactivated);
     let appservices = base().appservices(
         AppServices::new()

@@ -19,7 +19,8 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tower::{service_fn, Layer, ServiceExt};
 use tower_matrix_auth::{
-    Format, KeyRing, MacaroonSecret, ManualClock, MatrixAuthLayer, TokenType, Verifier,
+    hooks::ManualClock, macaroon::MacaroonFormat, KeyRing, MacaroonSecret, MatrixAuthLayer,
+    TokenType, Verifier,
 };
 
 const NOW_MS: u64 = 1_700_000_000_000;
@@ -86,7 +87,7 @@ fn with_bad_signature_byte(at: usize) -> String {
         .unwrap()
         .nonce("n0nce")
         .expires_at_ms(NOW_MS + 60_000)
-        .serialize(Format::V2);
+        .serialize(MacaroonFormat::V2);
     let mut binary = URL_SAFE_NO_PAD.decode(token).unwrap();
     let start = binary.len() - 32;
     binary[start + at] ^= 0x01;
@@ -119,7 +120,8 @@ fn first_and_last_signature_byte_failures_take_the_same_path() {
 
 #[test]
 fn first_and_last_signature_byte_failures_get_the_same_response() {
-    let layer = MatrixAuthLayer::new(keys()).clock(ManualClock::new(NOW_MS));
+    let layer =
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)));
     let answer = |at: usize| {
         let request = Request::get("/_matrix/client/v3/account/whoami")
             .header(

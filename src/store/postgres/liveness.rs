@@ -11,7 +11,7 @@
 //!
 //! The link ends when either connection's driver ends (an error or an orderly close), when a
 //! heartbeat cannot be sent, or when the view has not been proven current for longer than the
-//! freshness deadline (see [`PostgresOptions::freshness_deadline`]).
+//! freshness deadline (see [`PostgresOptions::freshness_deadline`](crate::store::PostgresOptions::freshness_deadline)).
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
@@ -24,7 +24,7 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
 use super::{apply_notification, listen_and_load, Shared, CHANNEL};
-use crate::hooks::revocation::RevocationError;
+use crate::hooks::revocation::BackendError;
 use crate::lifecycle::issuer::SessionId;
 
 /// Reconnection back-off bounds.
@@ -40,7 +40,7 @@ const APPLICATION_NAME: &str = "tower-matrix-auth";
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_matrix_auth::PostgresOptions;
+/// use tower_matrix_auth::store::PostgresOptions;
 /// let options = PostgresOptions::default()
 ///     .freshness_deadline(Duration::from_secs(5))
 ///     .setup_timeout(Duration::from_secs(60));
@@ -112,8 +112,8 @@ impl PostgresOptions {
     }
 
     /// The listening connection's configuration, and the writing connection's.
-    fn configs(&self, url: &str) -> Result<(Config, Config), RevocationError> {
-        let mut listener: Config = url.parse().map_err(RevocationError::new)?;
+    fn configs(&self, url: &str) -> Result<(Config, Config), BackendError> {
+        let mut listener: Config = url.parse().map_err(BackendError::new)?;
         let deadline = self.freshness_deadline;
         let at_least_a_second = |d: Duration| d.max(Duration::from_secs(1));
         if listener.get_application_name().is_none() {
@@ -160,7 +160,7 @@ pub(super) struct Liveness {
 }
 
 impl Liveness {
-    pub(super) fn new(url: &str, options: PostgresOptions) -> Result<Self, RevocationError> {
+    pub(super) fn new(url: &str, options: PostgresOptions) -> Result<Self, BackendError> {
         let (listener_config, writer_config) = options.configs(url)?;
         Ok(Self {
             options,
@@ -255,7 +255,7 @@ impl Drop for Supervisor {
 }
 
 /// Connects the first link (its error is the caller's), then supervises from a task of its own.
-pub(super) async fn start(shared: &Arc<Shared>) -> Result<Supervisor, RevocationError> {
+pub(super) async fn start(shared: &Arc<Shared>) -> Result<Supervisor, BackendError> {
     let link = Link::connect(shared).await?;
     Ok(Supervisor(tokio::spawn(supervise(shared.clone(), link))))
 }
@@ -356,7 +356,7 @@ impl Ended {
 impl Link {
     /// Opens both connections, loads the whole state, and starts the heartbeat; within the
     /// setup timeout. On any failure the partial link is dropped, aborting what it started.
-    async fn connect(shared: &Arc<Shared>) -> Result<Link, RevocationError> {
+    async fn connect(shared: &Arc<Shared>) -> Result<Link, BackendError> {
         let live = &shared.liveness;
         let setup = async {
             let mut link = Link::default();
@@ -364,23 +364,23 @@ impl Link {
                 .listener_config
                 .connect(NoTls)
                 .await
-                .map_err(RevocationError::new)?;
+                .map_err(BackendError::new)?;
             link.listener = Some(tokio::spawn(drive_listener(shared.clone(), connection)));
             let (writer, connection) = live
                 .writer_config
                 .connect(NoTls)
                 .await
-                .map_err(RevocationError::new)?;
+                .map_err(BackendError::new)?;
             link.writer = Some(tokio::spawn(connection));
             listen_and_load(shared, &listener)
                 .await
-                .map_err(RevocationError::new)?;
+                .map_err(BackendError::new)?;
             // The load may have taken a while: prove the view current now, which also shows
             // that heartbeats get through before the link is called healthy.
             let sent = live
                 .send_heartbeat(&writer)
                 .await
-                .map_err(RevocationError::new)?;
+                .map_err(BackendError::new)?;
             live.echo_of(sent).await;
             shared.absent.clear();
             *shared.writer.lock().await = Some(writer);
@@ -391,7 +391,7 @@ impl Link {
         };
         match tokio::time::timeout(live.options.setup_timeout, setup).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(RevocationError::new(format!(
+            Err(_) => Err(BackendError::new(format!(
                 "connecting to the revocation database took longer than {:?}",
                 live.options.setup_timeout
             ))),
