@@ -46,9 +46,10 @@ command -v wrk >/dev/null || { echo "wrk not found (apt-get install -y wrk)" >&2
 
 if [ "$TARGET" = hyper ]; then
   echo "==> building the load server (release)" >&2
-  server=$(cargo bench --no-run --bench load_server --message-format=json-render-diagnostics 2>/dev/null \
+  server=$(cargo build --release -p tower-matrix-auth-tools --bin load_server \
+    --message-format=json-render-diagnostics 2>/dev/null \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
-  [ -x "$server" ] || { echo "could not build benches/load_server.rs" >&2; exit 1; }
+  [ -x "$server" ] || { echo "could not build tools/src/bin/load_server.rs" >&2; exit 1; }
 else
   echo "==> building the example homeserver (release)" >&2
   cargo build --release --example homeserver >&2

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A bounded soak of the example homeserver under hostile traffic, loopback only (examples/soak.rs
-# says what is sent and what counts as a right answer).
+# A bounded soak of the example homeserver under hostile traffic, loopback only (the driver,
+# tools/src/bin/soak.rs, says what is sent and what counts as a right answer).
 #
 #   scripts/soak.sh short    ~5 s, 32 connections: what ./scripts/test.sh runs
 #   scripts/soak.sh long     ~60 s, 64 connections
@@ -29,9 +29,11 @@ if [ -n "${MATRIX_DATABASE_URL:-}" ]; then store=postgres; fi
 # SOAK_PROFILE=dev reuses the test build (./scripts/test.sh does, to spare CI a release build of
 # every dependency); the figures in TESTING.md are from release builds.
 profile=${SOAK_PROFILE:-release}
-cargo build --profile "$profile" --all-features --quiet --example homeserver --example soak
+cargo build --profile "$profile" --all-features --quiet --example homeserver
+cargo build --profile "$profile" --quiet -p tower-matrix-auth-tools --bin soak
 case "$profile" in dev) dir=debug ;; *) dir=$profile ;; esac
-bin=${CARGO_TARGET_DIR:-target}/$dir/examples
+homeserver=${CARGO_TARGET_DIR:-target}/$dir/examples/homeserver
+soak=${CARGO_TARGET_DIR:-target}/$dir/soak
 
 work=$(mktemp -d)
 server_pid=
@@ -58,7 +60,7 @@ esac
 # Port 0: the kernel picks a free loopback port; the server prints the one it got.
 env "${lifecycle_env[@]}" MATRIX_LISTEN=127.0.0.1:0 MATRIX_MACAROON_SECRET="$secret" \
   MATRIX_SERVER_NAME=localhost MATRIX_PRINT_TOKEN_FOR=@alice:localhost RUST_LOG="$log_filter" \
-  "$bin/homeserver" >"$work/stdout" 2>"$work/server.log" &
+  "$homeserver" >"$work/stdout" 2>"$work/server.log" &
 server_pid=$!
 
 addr=
@@ -77,13 +79,13 @@ echo "soak: homeserver (pid $server_pid) on $addr, $mode mode: ${seconds}s, $con
 
 case "$mode" in
   lifecycle-*)
-    timeout $((seconds + 60)) "$bin/soak" --mode lifecycle --addr "$addr" --secret "$secret" \
+    timeout $((seconds + 60)) "$soak" --mode lifecycle --addr "$addr" --secret "$secret" \
       --password "$password" --lifetime-ms "$lifetime_ms" --store "$store" --seconds "$seconds" \
       --connections "$connections" --server-pid "$server_pid" --server-log "$work/server.log" \
       --probe-p99-ms "$p99_ms" --rss-growth-mib "$rss_mib"
     exit 0
     ;;
 esac
-timeout $((seconds + 60)) "$bin/soak" --addr "$addr" --secret "$secret" --seconds "$seconds" \
+timeout $((seconds + 60)) "$soak" --addr "$addr" --secret "$secret" --seconds "$seconds" \
   --connections "$connections" --server-pid "$server_pid" --server-log "$work/server.log" \
   --probe-p99-ms "$p99_ms" --rss-growth-mib "$rss_mib" --printed-token "$printed"

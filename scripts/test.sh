@@ -6,11 +6,11 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "format"
+step "format (the crate and tools/)"
 cargo fmt --all -- --check
 
-step "clippy (all targets, all features, warnings are errors)"
-cargo clippy --all-targets --all-features -- -D warnings
+step "clippy (the crate and tools/, all targets, all features, warnings are errors)"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 step "docs (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features --quiet
@@ -33,18 +33,19 @@ trap 'scripts/postgres.sh stop "$MATRIX_TEST_PG_DIR"' EXIT
 # A plain `cargo test` skips the PostgreSQL tests (saying so); here they must run.
 export MATRIX_REQUIRE_POSTGRES=1
 
-step "benches compile (not run: figures come from benches/ratios.rs and benches/load.sh)"
+step "benches and tools compile (not run: figures come from benches/ratios.rs and benches/load.sh)"
 cargo build --benches --all-features --quiet
+cargo build -p tower-matrix-auth-tools --quiet
 
 step "supply chain: cargo deny (licences, bans, sources; advisories against a local RustSec copy)"
 if ! cargo deny --version >/dev/null 2>&1; then
   cargo install cargo-deny --locked
 fi
-cargo deny check --hide-inclusion-graph licenses bans sources
+cargo deny --workspace check --hide-inclusion-graph licenses bans sources
 # Advisories: against the snapshot of the RustSec database in ../shared/advisory-db (GitHub, where
 # the database lives, is unreachable here), made a one-commit repository under the directory name
-# cargo-deny derives from deny.toml's db-urls; for the crate and for fuzz/, with deny.toml's
-# accepted advisories (each explained there).
+# cargo-deny derives from deny.toml's db-urls; for the workspace (the crate and tools/) and for
+# fuzz/, with deny.toml's accepted advisories (each explained there).
 snapshot=../shared/advisory-db
 if [ -d "$snapshot/crates" ]; then
   dbs=$(mktemp -d)
@@ -57,7 +58,7 @@ if [ -d "$snapshot/crates" ]; then
   sed "s|^db-path = .*|db-path = \"$dbs\"|" deny.toml >"$dbs/deny.toml"
   cargo fetch --quiet
   (cd fuzz && cargo fetch --quiet)
-  cargo deny --offline --config "$dbs/deny.toml" check --hide-inclusion-graph advisories
+  cargo deny --workspace --offline --config "$dbs/deny.toml" check --hide-inclusion-graph advisories
   cargo deny --offline --manifest-path fuzz/Cargo.toml --config "$dbs/deny.toml" \
     check --hide-inclusion-graph advisories
   rm -rf "$dbs"

@@ -1,7 +1,10 @@
 //! The server `benches/load.sh` puts under load: hyper 1 on one tokio thread (`current_thread`),
 //! answering `200 ok`, either bare or behind `MatrixAuthLayer`, on a loopback port.
 //!
+//! `benches/instructions.sh hyper` counts its instructions. Both build it in release:
+//!
 //! ```text
+//! cargo build --release -p tower-matrix-auth-tools --bin load_server
 //! load_server --mode bare|layered|cached [--addr 127.0.0.1:0] [--max-seconds 120]
 //! ```
 //!
@@ -73,14 +76,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--max-seconds" => {
                 max_seconds = args.next().ok_or("--max-seconds needs a value")?.parse()?
             }
-            // `cargo bench` passes `--bench`; nothing else is expected.
-            _ => {}
+            other => return Err(format!("unexpected argument {other}").into()),
         }
     }
     let Some(mode) = mode else {
-        // Run by `cargo bench` without arguments: nothing to do (`benches/load.sh` drives it).
-        eprintln!("load_server: no --mode given; run benches/load.sh");
-        return Ok(());
+        return Err("no --mode given (bare, layered or cached); benches/load.sh runs each".into());
     };
     if !addr.ip().is_loopback() {
         return Err(

@@ -1,5 +1,7 @@
 //! A bounded soak of the example homeserver under hostile traffic, on loopback only: run it with
-//! `scripts/soak.sh short|long`, which builds both in release, starts the homeserver on a free
+//! `scripts/soak.sh short|long`, which builds both in release (the homeserver with
+//! `cargo build --release --example homeserver`, this driver with
+//! `cargo build --release -p tower-matrix-auth-tools --bin soak`), starts the homeserver on a free
 //! loopback port, runs this driver, and stops the server.
 //!
 //! ```text
