@@ -16,7 +16,10 @@ use std::path::Path;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use tower_matrix_auth::fuzzing::{parse_token, sign};
-use tower_matrix_auth::{KeyRing, MacaroonSecret, TokenType, macaroon::{attenuate, MacaroonFormat}};
+use tower_matrix_auth::{
+    macaroon::{attenuate, MacaroonFormat},
+    KeyRing, MacaroonSecret, TokenType,
+};
 use tower_matrix_auth_fuzz::{keys, FORGER, KEYS, NOW_MS};
 
 fn main() -> std::io::Result<()> {

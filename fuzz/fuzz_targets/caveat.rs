@@ -9,7 +9,10 @@
 
 use libfuzzer_sys::fuzz_target;
 use tower_matrix_auth::fuzzing::sign;
-use tower_matrix_auth::{MacaroonSecret, macaroon::{is_valid_user_id, Caveat, MacaroonFormat}};
+use tower_matrix_auth::{
+    macaroon::{is_valid_user_id, Caveat, MacaroonFormat},
+    MacaroonSecret,
+};
 use tower_matrix_auth_fuzz::oracle::{caveat_parts, user_id_ok};
 use tower_matrix_auth_fuzz::{
     assert_verdict, empty_parts, expected_verdict, verifier, KEYS, MAX_CAVEATS, TOKEN_TYPES,
@@ -54,7 +57,11 @@ fuzz_target!(|data: &[u8]| {
     if caveats.len() > MAX_CAVEATS {
         return;
     }
-    let format = [MacaroonFormat::V1, MacaroonFormat::V2, MacaroonFormat::V2Json][usize::from(control % 3)];
+    let format = [
+        MacaroonFormat::V1,
+        MacaroonFormat::V2,
+        MacaroonFormat::V2Json,
+    ][usize::from(control % 3)];
     let expected = TOKEN_TYPES[usize::from(control / 3 % 3)];
     let (identifier, secret) = KEYS[usize::from(control / 9 % 2)];
     let token = sign(

@@ -155,7 +155,11 @@ fn round_trip(view: &ParsedView) {
         ])
         .max()
         .unwrap_or(0);
-    for format in [MacaroonFormat::V1, MacaroonFormat::V2, MacaroonFormat::V2Json] {
+    for format in [
+        MacaroonFormat::V1,
+        MacaroonFormat::V2,
+        MacaroonFormat::V2Json,
+    ] {
         if format == MacaroonFormat::V1 && longest > 60_000 {
             continue; // a V1 packet holds at most 64 KiB
         }

@@ -29,7 +29,15 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use libfuzzer_sys::fuzz_target;
 use tower::{service_fn, Layer, ServiceExt};
-use tower_matrix_auth::{Credential, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, TokenType, hooks::{AppService, AppServices, ManualClock, ResolveFuture, ResolvedToken, BackendError, StaticTokens, TokenResolver}, layer::{GuestPolicy, QueryToken}, macaroon::attenuate};
+use tower_matrix_auth::{
+    hooks::{
+        AppService, AppServices, BackendError, ManualClock, ResolveFuture, ResolvedToken,
+        StaticTokens, TokenResolver,
+    },
+    layer::{GuestPolicy, QueryToken},
+    macaroon::attenuate,
+    Credential, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, TokenType, Verifier,
+};
 use tower_matrix_auth_fuzz::oracle::{
     extract, is_access_token_pair, percent_decode, user_id_ok, Extraction, Identity, Verdict,
 };
@@ -61,7 +69,10 @@ fn tokens() -> &'static [(&'static str, String)] {
         let encode = |s: &str| s.bytes().map(|b| format!("%{b:02X}")).collect::<String>();
         vec![
             ("$A1", v1.clone()),
-            ("$A2", alice().serialize(tower_matrix_auth::macaroon::MacaroonFormat::V2)),
+            (
+                "$A2",
+                alice().serialize(tower_matrix_auth::macaroon::MacaroonFormat::V2),
+            ),
             ("$AJQ", encode(&json)),
             ("$AJ", json),
             ("$ASQ", encode(&standard)),
@@ -205,12 +216,14 @@ fn resolved(
     guest: bool,
     expires: Option<u64>,
 ) -> ResolvedToken {
-    ResolvedToken {
-        user_id: user_id.to_owned(),
-        device_id: device_id.map(str::to_owned),
-        is_guest: guest,
-        expires_at_ms: expires,
+    let mut resolved = ResolvedToken::user(user_id).guest(guest);
+    if let Some(device_id) = device_id {
+        resolved = resolved.device_id(device_id);
     }
+    if let Some(at) = expires {
+        resolved = resolved.expires_at_ms(at);
+    }
+    resolved
 }
 
 static OPAQUE: std::sync::LazyLock<Vec<Opaque>> = std::sync::LazyLock::new(|| {
@@ -274,9 +287,7 @@ impl TokenResolver for Resolver {
             .iter()
             .any(|o| o.token == token && matches!(o.answer, Some(Err(()))));
         if down {
-            return Box::pin(std::future::ready(Err(BackendError::new(
-                "database down",
-            ))));
+            return Box::pin(std::future::ready(Err(BackendError::new("database down"))));
         }
         self.0.resolve(token)
     }
@@ -400,7 +411,9 @@ fn layers() -> &'static [MatrixAuthLayer] {
     LAYERS.get_or_init(|| {
         (0..64u8)
             .map(|config| {
-                let mut layer = MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)));
+                let mut layer = MatrixAuthLayer::with_verifier(
+                    Verifier::new(keys()).clock(ManualClock::new(NOW_MS)),
+                );
                 if config & 16 != 0 {
                     layer = composed(layer, config & 32 != 0);
                 }

@@ -72,7 +72,15 @@ use sha2::{Digest, Sha256};
 use tower::util::BoxCloneService;
 use tower::{service_fn, Layer, ServiceExt};
 use tower_matrix_auth::fuzzing::{parse_token, sign};
-use tower_matrix_auth::{Credential, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore, Sessions, TokenType, Verifier, hooks::ManualClock, layer::GuestPolicy, lifecycle::{ExchangeError, NonceKind, SessionRequest, TokenNonce}, macaroon::{attenuate, MacaroonFormat}, store::TokenStore};
+use tower_matrix_auth::{
+    hooks::ManualClock,
+    layer::GuestPolicy,
+    lifecycle::{ExchangeError, NonceKind, SessionRequest, TokenNonce},
+    macaroon::{attenuate, MacaroonFormat},
+    store::TokenStore,
+    Credential, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore,
+    Sessions, TokenType, Verifier,
+};
 use tower_matrix_auth_fuzz::oracle::{caveat_parts, Identity, Verdict};
 use tower_matrix_auth_fuzz::{chain_prefix, empty_parts, expected_verdict_at, identity_of, keys};
 use tower_matrix_auth_fuzz::{ready, FORGER, KEYS, NOW_MS};
@@ -596,7 +604,12 @@ struct Config {
 impl Config {
     fn of(byte: u8) -> Self {
         Self {
-            format: [MacaroonFormat::V1, MacaroonFormat::V2, MacaroonFormat::V2Json, MacaroonFormat::V1][usize::from(byte & 3)],
+            format: [
+                MacaroonFormat::V1,
+                MacaroonFormat::V2,
+                MacaroonFormat::V2Json,
+                MacaroonFormat::V1,
+            ][usize::from(byte & 3)],
             refresh_lifetime_ms: (byte & 4 != 0).then_some(REFRESH_LIFETIME_MS),
             access_lifetime_ms: (byte & 8 != 0).then_some(ACCESS_LIFETIME_MS),
             refreshable_lifetime_ms: if byte & 64 != 0 {
@@ -690,7 +703,12 @@ fn flipped(token: &str) -> Option<String> {
 fn forged(token: &str) -> Option<String> {
     let view = parse_token(token.as_bytes())?;
     let caveats: Vec<&[u8]> = view.caveats.iter().map(|(id, _)| id.as_slice()).collect();
-    Some(sign(forger(), &view.identifier, &caveats, MacaroonFormat::V1))
+    Some(sign(
+        forger(),
+        &view.identifier,
+        &caveats,
+        MacaroonFormat::V1,
+    ))
 }
 
 /// Whether a token has a `time >` or `time ==` caveat: refused now, it may hold later.
@@ -723,7 +741,9 @@ impl Run {
             .format(config.format)
             .refresh_lifetime(std::time::Duration::from_millis(config.refresh_lifetime_ms))
             .access_lifetime(std::time::Duration::from_millis(config.access_lifetime_ms))
-            .refreshable_access_lifetime(std::time::Duration::from_millis(config.refreshable_lifetime_ms));
+            .refreshable_access_lifetime(std::time::Duration::from_millis(
+                config.refreshable_lifetime_ms,
+            ));
         if config.location {
             issuer = issuer.location("example.org");
         }
@@ -1526,7 +1546,12 @@ impl Run {
             (true, false) => (KEYS[1].0, MacaroonSecret::from_passphrase(KEYS[1].1)),
             (false, false) => (KEYS[0].0, MacaroonSecret::from_passphrase(KEYS[0].1)),
         };
-        let format = [MacaroonFormat::V1, MacaroonFormat::V2, MacaroonFormat::V2Json, MacaroonFormat::V1][usize::from(k & 3)];
+        let format = [
+            MacaroonFormat::V1,
+            MacaroonFormat::V2,
+            MacaroonFormat::V2Json,
+            MacaroonFormat::V1,
+        ][usize::from(k & 3)];
         let token = sign(&secret, identifier.as_bytes(), &caveats, format);
         self.pool.foreign.push(token);
     }

@@ -10,7 +10,9 @@ use std::task::{Context, Poll, Waker};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tower_matrix_auth::fuzzing::{parse_token, ParsedView};
-use tower_matrix_auth::{KeyRing, MacaroonSecret, MatrixUser, Rejection, TokenType, Verifier, hooks::ManualClock};
+use tower_matrix_auth::{
+    hooks::ManualClock, KeyRing, MacaroonSecret, MatrixUser, Rejection, TokenType, Verifier,
+};
 
 #[path = "../../tests/oracle/mod.rs"]
 pub mod oracle;
