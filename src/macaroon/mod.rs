@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `keys.rs` | root keys, derived the libmacaroons way, and the key ring that rotates them |
 //! | `hmac_sha256.rs` | the chain's HMAC-SHA256 (see `docs/performance.md` for why it is ours) |
-//! | `wire.rs` | the wire formats: V1, V2, V2JSON, inside base64 |
+//! | `wire/` | the wire formats, one file each: `v1.rs`, `v2.rs`, `json.rs` (V2JSON), `serialize.rs` |
 //! | `caveat.rs` | **the caveat rules**: every caveat key, what it means, how it fails |
 //! | `verify.rs` | the [`Verifier`]: limits, decoding, chain, constant-time compare, caveats |
 //! | `cache.rs` | the verified-token cache |
