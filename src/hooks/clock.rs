@@ -92,3 +92,8 @@ impl fmt::Debug for ManualClock {
         f.debug_tuple("ManualClock").field(&self.now_ms()).finish()
     }
 }
+/// A duration in whole milliseconds, the unit of `time` caveats (saturating: a lifetime of
+/// `Duration::MAX` is as good as none, but stays a lifetime).
+pub(crate) fn millis(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

@@ -3,10 +3,12 @@
 //! [`crate::store::TokenStore`].
 
 pub(crate) mod issuer;
+pub(crate) mod nonce;
 pub(crate) mod sessions;
 
 pub use issuer::{
-    IssuedTokens, Issuer, NonceKind, SessionId, SessionRequest, TokenNonce,
-    DEFAULT_LOGIN_TOKEN_LIFETIME, DEFAULT_REFRESHABLE_ACCESS_LIFETIME,
+    IssuedTokens, Issuer, SessionRequest, DEFAULT_LOGIN_TOKEN_LIFETIME,
+    DEFAULT_REFRESHABLE_ACCESS_LIFETIME,
 };
+pub use nonce::{NonceKind, SessionId, TokenNonce};
 pub use sessions::{ExchangeError, RefreshEndpoint, RefreshRateLimit, Sessions};

@@ -22,7 +22,8 @@ use tower_service::Service;
 
 use crate::hooks::revocation::{BackendError, RevocationStatus};
 use crate::identity::{MatrixUser, TokenType};
-use crate::lifecycle::issuer::{IssuedTokens, Issuer, NonceKind, SessionRequest, TokenNonce};
+use crate::lifecycle::issuer::{IssuedTokens, Issuer, SessionRequest};
+use crate::lifecycle::nonce::{NonceKind, TokenNonce};
 use crate::macaroon::verify::Verifier;
 use crate::store::{keep_until_ms, RefreshMode, TokenRef, TokenStore};
 

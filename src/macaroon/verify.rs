@@ -76,7 +76,7 @@ impl Verifier {
 
     /// Tolerance for `time` caveats, for clocks that disagree a little.
     pub fn leeway(mut self, leeway: Duration) -> Self {
-        self.rules.leeway_ms = crate::lifecycle::issuer::millis(leeway);
+        self.rules.leeway_ms = crate::hooks::clock::millis(leeway);
         self.reconfigured()
     }
 

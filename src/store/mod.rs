@@ -5,7 +5,7 @@ use std::pin::Pin;
 
 use crate::hooks::revocation::{BackendError, Revocation};
 use crate::identity::MatrixUser;
-use crate::lifecycle::issuer::{SessionId, TokenNonce};
+use crate::lifecycle::nonce::{SessionId, TokenNonce};
 
 pub mod memory;
 #[cfg(feature = "postgres")]

@@ -23,7 +23,7 @@ use tokio_postgres::Client;
 use crate::hooks::clock::{Clock, SystemClock};
 use crate::hooks::revocation::{BackendError, Revocation, RevocationCheck, RevocationStatus};
 use crate::identity::MatrixUser;
-use crate::lifecycle::issuer::SessionId;
+use crate::lifecycle::nonce::SessionId;
 use crate::store::view::{Judgement, View};
 use crate::store::{RefreshMode, SessionState, StoreFuture, TokenRef, TokenStore, Verdict};
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::identity::MatrixUser;
-use crate::lifecycle::issuer::SessionId;
+use crate::lifecycle::nonce::SessionId;
 use crate::store::{position, user_key, Position, SessionState, Verdict};
 
 /// Session ids are 128 random bits (or a SHA-256 prefix) that no client can choose, so their low

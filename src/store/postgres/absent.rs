@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::lifecycle::issuer::SessionId;
+use crate::lifecycle::nonce::SessionId;
 
 /// Entries kept at most; the set is emptied when it would grow past this.
 const CAPACITY: usize = 4096;

@@ -25,7 +25,7 @@ use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
 use super::{apply_notification, listen_and_load, Shared, CHANNEL};
 use crate::hooks::revocation::BackendError;
-use crate::lifecycle::issuer::SessionId;
+use crate::lifecycle::nonce::SessionId;
 
 /// Reconnection back-off bounds.
 const RETRY_MIN: Duration = Duration::from_millis(50);
