@@ -315,19 +315,18 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     };
     // One verifier, so one leeway, for the layer and the Sessions engine: the store keeps a
     // session's record until its tokens stop verifying, leeway included.
-    let mut verifier =
-        Verifier::new(keys.clone()).leeway(std::time::Duration::from_millis(leeway_ms));
+    let mut verifier = Verifier::new(keys.clone()).leeway(Duration::from_millis(leeway_ms));
     if let Some(capacity) = env_number("MATRIX_TOKEN_CACHE")? {
         verifier = verifier.token_cache(usize::try_from(capacity)?);
     }
     let issuer = Issuer::new(keys)
         .location(server_name.clone())
-        .refreshable_access_lifetime(std::time::Duration::from_millis(lifetime_ms))
-        .refresh_lifetime(refresh_lifetime_ms.map(std::time::Duration::from_millis))
-        .access_lifetime(access_lifetime_ms.map(std::time::Duration::from_millis))
-        .session_lifetime(session_lifetime_ms.map(std::time::Duration::from_millis))
-        .login_lifetime(std::time::Duration::from_millis(login_token_lifetime_ms));
-    let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store);
+        .refreshable_access_lifetime(Duration::from_millis(lifetime_ms))
+        .refresh_lifetime(refresh_lifetime_ms.map(Duration::from_millis))
+        .access_lifetime(access_lifetime_ms.map(Duration::from_millis))
+        .session_lifetime(session_lifetime_ms.map(Duration::from_millis))
+        .login_lifetime(Duration::from_millis(login_token_lifetime_ms));
+    let sessions = Sessions::with_shared_store(issuer, verifier, store);
     let state = AppState {
         sessions: sessions.clone(),
         users: Arc::new(users),
@@ -336,8 +335,8 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         accounts: accounts.clone(),
     };
 
-    let auth = MatrixAuthLayer::with_verifier(verifier)
-        .revocation(sessions.store())
+    // The layer verifies with the sessions' verifier and asks their store: one configuration.
+    let auth = MatrixAuthLayer::for_sessions(&sessions)
         // The spec: logging out must work with an expired token (exactly `POST …/logout` and
         // `…/logout/all`: a `contains("/logout")` would match any route with a client-chosen
         // segment, such as a transaction id).
