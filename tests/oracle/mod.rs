@@ -1,9 +1,13 @@
 //! Independent oracles for the docs' rules tables, written from the tables and not from the
-//! code: token extraction, the caveat grammar, Matrix user ids, and the caveat table.
+//! code: token extraction, the caveat grammar, Matrix user ids, and the caveat table; and, in
+//! [`lifecycle`], the model of the token lifecycle table.
 //!
-//! Shared by `tests/it/properties.rs` (proptest) and the fuzz targets in `fuzz/` (through
-//! `#[path]`), so it depends on nothing but `std`.
+//! Shared by `tests/it/properties.rs` and `tests/it/lifecycle_properties.rs` (proptest) and the
+//! fuzz targets in `fuzz/` (through `#[path]`), so it depends on nothing but `std` (and
+//! [`lifecycle`] on the crate's public types, which both sides have).
 #![allow(dead_code)]
+
+pub mod lifecycle;
 
 /// Why a request has no usable token: every one is `401 M_MISSING_TOKEN`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
