@@ -138,6 +138,7 @@
 //! | `MATRIX_LOGIN_TOKEN_LIFETIME_MS` | lifetime of the login tokens of `/v1/login/get_token` | `120000` |
 //! | `MATRIX_SESSION_LIFETIME_MS` | how long a session lives from its login, refreshes included (every token expires by then, a later refresh is `401 M_UNKNOWN_TOKEN`); bounds the revocation state even when other tokens never expire | no limit |
 //! | `MATRIX_CLOCK_LEEWAY_MS`   | how long past its `time <` a token still verifies (clock skew between servers); the layer and the token lifecycle share it | `0` |
+//! | `MATRIX_QUERY_TOKENS`      | `on`: `?access_token=` is read as spec v1.19 requires; `off`: a spec v1.20 server (MSC4127), where only an application service's `as_token` is still read from the query and every user must send `Authorization: Bearer` | `on` |
 //! | `MATRIX_SWEEP_INTERVAL_MS` | how often expired revocation state is forgotten, on a timer: the memory store is swept, PostgreSQL's expired rows deleted (at least `1`) | `10000` |
 //!
 //! Revocation state (logouts, refreshes) is forgotten only once every token it speaks for has
@@ -205,7 +206,7 @@ use tower_matrix_auth::{
         AccountDirectory, AccountStatus, AppService, AppServices, MemoryAccounts, ResolvedToken,
         StaticTokens,
     },
-    layer::ResponseBody,
+    layer::{QueryToken, ResponseBody},
     lifecycle::SessionRequest,
     macaroon::{is_valid_user_id, RECOMMENDED_SECRET_LEN},
     routes::is_whoami_route,
@@ -335,8 +336,16 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         accounts: accounts.clone(),
     };
 
+    let query_tokens = match env_or("MATRIX_QUERY_TOKENS", "on").as_str() {
+        "on" => QueryToken::Allowed,
+        "off" => QueryToken::AppServicesOnly,
+        other => {
+            return Err(format!("MATRIX_QUERY_TOKENS must be `on` or `off`, not `{other}`").into())
+        }
+    };
     // The layer verifies with the sessions' verifier and asks their store: one configuration.
     let auth = MatrixAuthLayer::for_sessions(&sessions)
+        .query_token(query_tokens)
         // The spec: logging out must work with an expired token (exactly `POST …/logout` and
         // `…/logout/all`: a `contains("/logout")` would match any route with a client-chosen
         // segment, such as a transaction id).

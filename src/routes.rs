@@ -220,6 +220,15 @@ pub fn is_whoami_route(parts: &Parts) -> bool {
         && ClientRoute::parse(parts.uri.path()).is_some_and(|route| route.matches("account/whoami"))
 }
 
+/// Whether this is the federation API's `GET /_matrix/federation/v1/openid/userinfo`, whose
+/// `?access_token=` is an OpenID token another server hands in, not a client's access token.
+/// The layer never claims it: such a request passes untouched (its query included) whatever the
+/// layer's rules, as long as its path is normal ([`is_normal_path`]).
+pub fn is_openid_userinfo_route(parts: &Parts) -> bool {
+    parts.method == Method::GET
+        && parts.uri.path().trim_end_matches('/') == "/_matrix/federation/v1/openid/userinfo"
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

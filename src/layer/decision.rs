@@ -18,10 +18,10 @@ use crate::hooks::account::{suspended_may, AccountDirectory, AccountStatus};
 use crate::hooks::resolver::{ResolveFuture, TokenResolver};
 use crate::hooks::revocation::{BackendError, Revocation, RevocationCheck, RevocationStatus};
 use crate::identity::{Credential, MatrixUser, TokenId, TokenType};
-use crate::layer::extract::{find_token, strip_query_token};
+use crate::layer::extract::{find_token, strip_query_token, QueryTokens};
 use crate::layer::{GuestPolicy, QueryToken};
 use crate::macaroon::verify::{Verified, Verifier};
-use crate::routes::{is_logout_route, is_normal_path};
+use crate::routes::{is_logout_route, is_normal_path, is_openid_userinfo_route};
 
 type Predicate = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
 type Renderer = Arc<dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync>;
@@ -67,7 +67,9 @@ fn granted(rules: &[Predicate], parts: &Parts) -> bool {
 
 impl Policy {
     pub(crate) fn requirement(&self, parts: &Parts) -> Requirement {
-        if granted(&self.skip_when, parts) {
+        if granted(&self.skip_when, parts)
+            || (is_openid_userinfo_route(parts) && is_normal_path(parts.uri.path()))
+        {
             Requirement::Skip
         } else if self.optional || granted(&self.optional_when, parts) {
             Requirement::Optional
@@ -98,7 +100,10 @@ impl Policy {
 
 /// What to do with a request once its token was looked at.
 pub(crate) enum Decision {
-    /// Call the inner service, with an identity or (skipped, optional) without one.
+    /// Not ours (a skip rule, the federation API's OpenID route): call the inner service with
+    /// the request exactly as it came, its query included.
+    Untouched,
+    /// Call the inner service, with an identity or (an optional route) without one.
     Pass(Option<MatrixUser>),
     Reject(Rejection),
     /// The signature and caveats hold; the revocation store has yet to answer.
@@ -119,9 +124,16 @@ impl Policy {
     pub(crate) fn decide(&self, parts: &Parts) -> Decision {
         let requirement = self.requirement(parts);
         if requirement == Requirement::Skip {
-            return Decision::Pass(None);
+            return Decision::Untouched;
         }
-        let token = match find_token(parts, self.query_token == QueryToken::Allowed) {
+        let query_tokens = match self.query_token {
+            QueryToken::Allowed => QueryTokens::All,
+            QueryToken::AppServicesOnly if self.appservices_configured() => {
+                QueryTokens::Only(&|token| self.is_as_token(token))
+            }
+            _ => QueryTokens::None,
+        };
+        let token = match find_token(parts, query_tokens) {
             Ok(Some(token)) => token,
             Ok(None) if requirement == Requirement::Optional => return Decision::Pass(None),
             Ok(None) => return Decision::Reject(Rejection::missing(Missing::NoToken)),
@@ -154,6 +166,22 @@ impl Policy {
             },
             Err(rejection) => Decision::Reject(rejection),
         }
+    }
+
+    fn appservices_configured(&self) -> bool {
+        #[cfg(feature = "appservice")]
+        return !self.appservices.is_empty();
+        #[cfg(not(feature = "appservice"))]
+        return false;
+    }
+
+    /// Whether `token` is the `as_token` of a configured application service.
+    #[cfg_attr(not(feature = "appservice"), allow(unused_variables))]
+    fn is_as_token(&self, token: &[u8]) -> bool {
+        #[cfg(feature = "appservice")]
+        return self.appservices.find(token).is_some();
+        #[cfg(not(feature = "appservice"))]
+        return false;
     }
 
     /// A verified macaroon's decision: the revocation store's answer, now or later.

@@ -18,16 +18,27 @@ use crate::error::Missing;
 /// The query parameter the Matrix spec names.
 const PARAM: &[u8] = b"access_token";
 
+/// Which `?access_token=` values are read.
+#[derive(Clone, Copy)]
+pub(crate) enum QueryTokens<'f> {
+    /// Every one.
+    All,
+    /// Those the predicate accepts (`as_token`s); any other is ignored as if it were absent.
+    Only(&'f dyn Fn(&[u8]) -> bool),
+    /// None: the parameter is not even parsed.
+    None,
+}
+
 /// The token a request carries, if any, every rule of the extraction table applied.
-pub(crate) fn find_token(
-    parts: &Parts,
-    query_tokens: bool,
-) -> Result<Option<Cow<'_, [u8]>>, Missing> {
+pub(crate) fn find_token<'a>(
+    parts: &'a Parts,
+    query_tokens: QueryTokens<'_>,
+) -> Result<Option<Cow<'a, [u8]>>, Missing> {
     let header = header_token(parts)?;
-    let query = if query_tokens {
-        query_token(parts.uri.query())?
-    } else {
-        None
+    let query = match query_tokens {
+        QueryTokens::None => None,
+        QueryTokens::All => query_token(parts.uri.query())?,
+        QueryTokens::Only(accept) => query_token(parts.uri.query())?.filter(|token| accept(token)),
     };
     match (header, query) {
         // A malformed header is reported as such, before the mixing.
@@ -156,7 +167,7 @@ mod tests {
     }
 
     fn found(uri: &str, headers: &[&[u8]]) -> Result<Option<Vec<u8>>, Missing> {
-        match find_token(&parts(uri, headers), true)? {
+        match find_token(&parts(uri, headers), QueryTokens::All)? {
             Some(token) => Ok(Some(token.into_owned())),
             None => Ok(None),
         }
@@ -224,10 +235,10 @@ mod tests {
     #[test]
     fn query_tokens_can_be_switched_off() {
         let p = parts("/x?access_token=abc&access_token=d", &[b"Bearer h"]);
-        let found = find_token(&p, false).unwrap().unwrap();
+        let found = find_token(&p, QueryTokens::None).unwrap().unwrap();
         assert_eq!(found.as_ref(), b"h");
         let p = parts("/x?access_token=abc", &[]);
-        assert!(find_token(&p, false).unwrap().is_none());
+        assert!(find_token(&p, QueryTokens::None).unwrap().is_none());
     }
 
     #[test]

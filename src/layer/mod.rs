@@ -43,7 +43,14 @@ pub enum QueryToken {
     /// Read it (spec v1.19: servers MUST support both places). The default.
     #[default]
     Allowed,
-    /// Ignore it: only `Authorization: Bearer` authenticates (the spec after v1.19, MSC4127).
+    /// Read it for application services only: a query token that is a configured `as_token`
+    /// authenticates, any other is ignored as if it were absent (the header decides). For a
+    /// server on spec v1.20 (MSC4127), which removes `?access_token=` from the client-server API
+    /// while its application-service API still mentions it: bridges written against that text
+    /// keep working, users must use `Authorization: Bearer`. Without the `appservice` feature, or
+    /// without application services, the same as [`QueryToken::Ignored`].
+    AppServicesOnly,
+    /// Ignore it for everyone: only `Authorization: Bearer` authenticates.
     Ignored,
 }
 
@@ -108,7 +115,9 @@ impl MatrixAuthLayer {
         self
     }
 
-    /// Whether the `access_token` query parameter is read (default: allowed).
+    /// Whether the `access_token` query parameter is read (default: allowed). A server on spec
+    /// v1.20 sets `.query_token(QueryToken::AppServicesOnly)`. Whatever the setting, the parameter
+    /// is removed from the URI the inner service sees ([`Self::strip_query_token`]).
     pub fn query_token(self, policy: QueryToken) -> Self {
         self.update(|c| c.query_token = policy)
     }
@@ -247,6 +256,7 @@ impl MatrixAuthLayer {
         parts: &Parts,
     ) -> Option<Result<Option<crate::MatrixUser>, Rejection>> {
         match self.policy.decide(parts) {
+            Decision::Untouched => Some(Ok(None)),
             Decision::Pass(user) => Some(Ok(user)),
             Decision::Reject(rejection) => Some(Err(rejection)),
             Decision::AwaitRevocation { .. } | Decision::AwaitResolver { .. } => None,

@@ -68,6 +68,10 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let (parts, body) = request.into_parts();
         match self.policy.decide(&parts) {
+            Decision::Untouched => ResponseFuture::called(
+                self.inner.call(Request::from_parts(parts, body)),
+                tracing::Span::none(),
+            ),
             Decision::Pass(user) => match self.policy.admit(parts, body, user) {
                 Ok((request, span)) => {
                     let future = {

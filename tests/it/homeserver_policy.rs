@@ -1117,3 +1117,51 @@ fn refused_at_start() {
         assert!(!stdout.contains("listening"), "{env:?}: {stdout}");
     }
 }
+
+/// `MATRIX_QUERY_TOKENS`: `on` (the default) reads a user's `?access_token=`; `off`, a spec v1.20
+/// server, reads only an application service's; anything else is refused at start.
+#[tokio::test]
+async fn query_tokens_on_and_off() {
+    const AS_TOKEN: &str = "as_token_for_the_query_test";
+    let keys = KeyRing::new().with_key("key", MacaroonSecret::from_passphrase(SECRET));
+    let token = keys
+        .mint("@alice:localhost", TokenType::Access)
+        .unwrap()
+        .nonce("query")
+        .to_token();
+    for (setting, user_ok) in [(None, true), (Some("on"), true), (Some("off"), false)] {
+        let mut env = vec![("MATRIX_APPSERVICE_TOKEN", AS_TOKEN)];
+        if let Some(setting) = setting {
+            env.push(("MATRIX_QUERY_TOKENS", setting));
+        }
+        let server = Homeserver::start(&env);
+        let (status, answer) = server
+            .call(
+                &Method::GET,
+                &format!("/_matrix/client/v3/account/whoami?access_token={token}"),
+                None,
+                None,
+            )
+            .await;
+        if user_ok {
+            assert_eq!(status, StatusCode::OK, "{setting:?}: {answer}");
+        } else {
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{setting:?}: {answer}");
+            assert_eq!(answer["errcode"], "M_MISSING_TOKEN");
+        }
+        let (status, answer) = server
+            .call(
+                &Method::GET,
+                &format!("/_matrix/client/v3/account/whoami?access_token={AS_TOKEN}"),
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{setting:?}: {answer}");
+    }
+    let refused = command(&[("MATRIX_QUERY_TOKENS", "maybe")])
+        .output()
+        .expect("the example runs");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("MATRIX_QUERY_TOKENS"));
+}

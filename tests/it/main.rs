@@ -25,5 +25,6 @@ mod properties;
 mod revocation_state;
 mod routes;
 mod ruma_errors;
+mod spec_versions;
 mod timing;
 mod vectors;
