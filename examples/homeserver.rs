@@ -139,6 +139,8 @@
 //! | `MATRIX_SESSION_LIFETIME_MS` | how long a session lives from its login, refreshes included (every token expires by then, a later refresh is `401 M_UNKNOWN_TOKEN`); bounds the revocation state even when other tokens never expire | no limit |
 //! | `MATRIX_CLOCK_LEEWAY_MS`   | how long past its `time <` a token still verifies (clock skew between servers); the layer and the token lifecycle share it | `0` |
 //! | `MATRIX_QUERY_TOKENS`      | `on`: `?access_token=` is read as spec v1.19 requires; `off`: a spec v1.20 server (MSC4127), where only an application service's `as_token` is still read from the query and every user must send `Authorization: Bearer` | `on` |
+//! | `MATRIX_TRUSTED_PROXIES`   | comma-separated networks (`10.0.0.0/8, ::1`) of reverse proxies whose `Forwarded` / `X-Forwarded-For` are believed: the client is the rightmost hop that is not one of them; from any other peer the headers change nothing | none |
+//! | `MATRIX_APPSERVICE_IP_RANGES` | networks the application service's `as_token` is accepted from (Synapse's `ip_range_whitelist`); elsewhere it is `401 M_UNKNOWN_TOKEN` | anywhere |
 //! | `MATRIX_SWEEP_INTERVAL_MS` | how often expired revocation state is forgotten, on a timer: the memory store is swept, PostgreSQL's expired rows deleted (at least `1`) | `10000` |
 //!
 //! Revocation state (logouts, refreshes) is forgotten only once every token it speaks for has
@@ -176,6 +178,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::routing::Route;
 use tower::{Layer, Service};
 
@@ -206,7 +209,7 @@ use tower_matrix_auth::{
         AccountDirectory, AccountStatus, AppService, AppServices, MemoryAccounts, ResolvedToken,
         StaticTokens,
     },
-    layer::{QueryToken, ResponseBody},
+    layer::{QueryToken, ResponseBody, TrustedProxies},
     lifecycle::SessionRequest,
     macaroon::{is_valid_user_id, RECOMMENDED_SECRET_LEN},
     routes::is_whoami_route,
@@ -367,6 +370,7 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         .allow_guests_when(is_whoami_route)
         .allow_guests_when(is_sync_route)
         .allow_guests_when(is_displayname_route);
+    let auth = with_client_addr(auth)?;
     let auth = with_appservice(auth, &server_name, &state.devices)?;
     let auth = with_opaque_tokens(auth)?;
 
@@ -431,9 +435,13 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(%server_name, "listening on http://{address}");
     println!("listening on http://{address}");
 
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    // The peer address reaches the layer as axum's `ConnectInfo` (see `with_client_addr`).
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
     tracing::info!("shut down");
     Ok(())
 }
@@ -713,6 +721,12 @@ fn with_appservice(
     {
         registration = registration.user_namespace(&namespace, true)?;
     }
+    if let Some(ranges) = std::env::var("MATRIX_APPSERVICE_IP_RANGES")
+        .ok()
+        .filter(|r| !r.is_empty())
+    {
+        registration = registration.ip_ranges(&ranges)?;
+    }
     tracing::info!(
         sender = registration.sender(),
         "application service registered"
@@ -726,6 +740,26 @@ fn with_appservice(
             },
         )),
     )
+}
+
+/// The client's address, when something needs it (`MATRIX_TRUSTED_PROXIES`,
+/// `MATRIX_APPSERVICE_IP_RANGES`): the connection's peer, from axum's `ConnectInfo`, or what the
+/// trusted proxies say. Without either, no address is read (it costs a little on every request).
+fn with_client_addr(auth: MatrixAuthLayer) -> Result<MatrixAuthLayer, Box<dyn std::error::Error>> {
+    let proxies = env_or("MATRIX_TRUSTED_PROXIES", "");
+    let ranges = env_or("MATRIX_APPSERVICE_IP_RANGES", "");
+    if proxies.is_empty() && ranges.is_empty() {
+        return Ok(auth);
+    }
+    let proxies: TrustedProxies = proxies
+        .parse()
+        .map_err(|e| format!("MATRIX_TRUSTED_PROXIES: {e}"))?;
+    Ok(auth.trusted_proxies(proxies).peer_addr(|parts| {
+        parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|info| info.0.ip())
+    }))
 }
 
 /// `MATRIX_OPAQUE_TOKENS=token:@user:server,...`: tokens that are not macaroons, as a homeserver

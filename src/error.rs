@@ -62,6 +62,9 @@ pub(crate) enum Unknown {
     Deactivated,
     /// An opaque token the resolver does not know.
     NotResolved,
+    /// An `as_token` from outside its application service's IP ranges.
+    #[cfg_attr(not(feature = "appservice"), allow(dead_code))]
+    AppserviceAddress,
 }
 
 impl Rejection {
@@ -238,6 +241,9 @@ impl Rejection {
             Kind::Unknown(Unknown::Revoked) => "token was revoked",
             Kind::Unknown(Unknown::Deactivated) => "the account was deactivated",
             Kind::Unknown(Unknown::NotResolved) => "opaque token unknown to the resolver",
+            Kind::Unknown(Unknown::AppserviceAddress) => {
+                "application service token from outside its IP ranges"
+            }
             Kind::GuestForbidden => "guest token on a route that forbids guests",
             Kind::Unavailable => "revocation or token state unavailable",
             Kind::Locked => "the account is locked",

@@ -10,6 +10,7 @@ use http::request::Parts;
 use percent_encoding::percent_decode;
 use regex::Regex;
 
+use crate::layer::IpRanges;
 use crate::macaroon::caveat::is_valid_user_id;
 
 /// A user namespace of an application service registration.
@@ -36,6 +37,7 @@ pub struct AppService {
     as_token: Box<[u8]>,
     sender: String,
     users: Vec<Namespace>,
+    ip_ranges: Option<IpRanges>,
 }
 
 /// Why a registration was refused.
@@ -72,6 +74,7 @@ impl AppService {
             as_token: as_token.as_ref().into(),
             sender,
             users: Vec::new(),
+            ip_ranges: None,
         })
     }
 
@@ -86,6 +89,32 @@ impl AppService {
             .map_err(|e| InvalidRegistration(format!("namespace regex: {e}")))?;
         self.users.push(Namespace { regex, exclusive });
         Ok(self)
+    }
+
+    /// Accepts its `as_token` only from these networks (`"10.0.0.0/8, 2001:db8::/32"`), as
+    /// Synapse's `ip_range_whitelist`: from anywhere else, or when the client's address is
+    /// unknown, the token is `401 M_UNKNOWN_TOKEN`. The address is the layer's
+    /// ([`crate::layer::ClientAddr`]): configure its peer address and trusted proxies
+    /// ([`crate::MatrixAuthLayer::peer_addr`], [`crate::MatrixAuthLayer::trusted_proxies`]).
+    pub fn ip_ranges(mut self, ranges: &str) -> Result<Self, InvalidRegistration> {
+        let ranges: IpRanges = ranges
+            .parse()
+            .map_err(|e| InvalidRegistration(format!("ip_ranges: {e}")))?;
+        self.ip_ranges = Some(ranges);
+        Ok(self)
+    }
+
+    /// Whether its `as_token` may be used from `client` (always, without IP ranges).
+    pub(crate) fn allows(&self, client: Option<std::net::IpAddr>) -> bool {
+        match &self.ip_ranges {
+            None => true,
+            Some(ranges) => client.is_some_and(|addr| ranges.contains(addr)),
+        }
+    }
+
+    /// Whether it has an IP allow-list.
+    pub(crate) fn has_ip_ranges(&self) -> bool {
+        self.ip_ranges.is_some()
     }
 
     /// The registration id.

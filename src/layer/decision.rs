@@ -7,6 +7,7 @@
 //! between these steps; they decide nothing.
 
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use crate::hooks::account::{suspended_may, AccountDirectory, AccountStatus};
 use crate::hooks::resolver::{ResolveFuture, TokenResolver};
 use crate::hooks::revocation::{BackendError, Revocation, RevocationCheck, RevocationStatus};
 use crate::identity::{Credential, MatrixUser, TokenId, TokenType};
+use crate::layer::client_addr::{ClientAddr, PeerAddr, TrustedProxies};
 use crate::layer::extract::{find_token, strip_query_token, QueryTokens};
 use crate::layer::{GuestPolicy, QueryToken};
 use crate::macaroon::verify::{Verified, Verifier};
@@ -25,6 +27,7 @@ use crate::routes::{is_logout_route, is_normal_path, is_openid_userinfo_route};
 
 type Predicate = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
 type Renderer = Arc<dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync>;
+pub(crate) type PeerReader = Arc<dyn Fn(&Parts) -> Option<IpAddr> + Send + Sync>;
 
 /// How the layer treats one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +58,8 @@ pub(crate) struct Policy {
     #[cfg(feature = "appservice")]
     pub(crate) appservices: crate::hooks::appservice::AppServices,
     pub(crate) renderer: Option<Renderer>,
+    pub(crate) trusted_proxies: TrustedProxies,
+    pub(crate) peer_addr: Option<PeerReader>,
 }
 
 /// Whether one of `rules` grants its exception to this request. Never on a path that is not
@@ -210,6 +215,9 @@ impl Policy {
         parts: &Parts,
     ) -> Decision {
         use crate::hooks::appservice::Masquerade;
+        if appservice.has_ip_ranges() && !appservice.allows(self.read_client_addr(parts)) {
+            return Decision::Reject(Rejection::unknown(Unknown::AppserviceAddress));
+        }
         let (id, user_id, device_id) = match self.appservices.masquerade(appservice, parts) {
             Masquerade::Forbidden => {
                 return Decision::Reject(Rejection::of(Kind::AppserviceForbidden))
@@ -345,6 +353,32 @@ impl Policy {
 
     /// Readies an admitted request for the inner service: the identity goes into the
     /// extensions, the query token out of the URI (or the request is refused if it cannot be).
+    /// Whether anything configured needs the client's address: reading it costs a few extension
+    /// and header look-ups, which a layer that never uses it does not pay.
+    fn wants_client_addr(&self) -> bool {
+        self.peer_addr.is_some() || !self.trusted_proxies.is_empty()
+    }
+
+    /// The client's address ([`crate::layer::ClientAddr`]): the peer from the configured reader,
+    /// a [`crate::layer::PeerAddr`] or a `SocketAddr` extension, then the trusted proxies' word.
+    pub(crate) fn client_addr(&self, parts: &Parts) -> Option<IpAddr> {
+        if !self.wants_client_addr() {
+            return None;
+        }
+        self.read_client_addr(parts)
+    }
+
+    /// [`Policy::client_addr`], whether or not anything asked for it.
+    fn read_client_addr(&self, parts: &Parts) -> Option<IpAddr> {
+        let peer = match &self.peer_addr {
+            Some(read) => read(parts),
+            None => None,
+        }
+        .or_else(|| parts.extensions.get::<PeerAddr>().map(|peer| peer.0.ip()))
+        .or_else(|| parts.extensions.get::<SocketAddr>().map(SocketAddr::ip))?;
+        Some(self.trusted_proxies.client(peer, parts))
+    }
+
     pub(crate) fn admit<B>(
         &self,
         mut parts: Parts,
@@ -370,6 +404,9 @@ impl Policy {
         };
         if let Some(user) = user {
             parts.extensions.insert(user);
+        }
+        if let Some(addr) = self.client_addr(&parts) {
+            parts.extensions.insert(ClientAddr(addr));
         }
         Ok((Request::from_parts(parts, body), span))
     }

@@ -5,17 +5,20 @@
 //! | `mod.rs` | [`MatrixAuthLayer`], the builder: everything a homeserver configures |
 //! | `decision.rs` | **the decision pipeline**: why a request passes or is refused |
 //! | `extract.rs` | where the token comes from: `Authorization: Bearer`, `?access_token=` |
+//! | `client_addr.rs` | who sent the request: the peer, or what trusted proxies say |
 //! | `service.rs` | [`MatrixAuth`], the service: hands requests to the pipeline and on |
 //! | `future.rs` | [`ResponseFuture`]: waits for a store or resolver, then calls the service |
 //! | `body.rs` | [`ResponseBody`]: the inner body or our error's bytes |
 
 mod body;
+mod client_addr;
 mod decision;
 pub(crate) mod extract;
 mod future;
 mod service;
 
 pub use body::ResponseBody;
+pub use client_addr::{ClientAddr, InvalidIpRanges, IpRanges, PeerAddr, TrustedProxies};
 pub use future::ResponseFuture;
 pub use service::MatrixAuth;
 
@@ -99,6 +102,8 @@ impl MatrixAuthLayer {
                 #[cfg(feature = "appservice")]
                 appservices: crate::hooks::appservice::AppServices::default(),
                 renderer: None,
+                trusted_proxies: TrustedProxies::none(),
+                peer_addr: None,
             }),
         }
     }
@@ -237,6 +242,24 @@ impl MatrixAuthLayer {
     #[cfg(feature = "appservice")]
     pub fn appservices(self, appservices: crate::hooks::appservice::AppServices) -> Self {
         self.update(|c| c.appservices = appservices)
+    }
+
+    /// Believes `Forwarded` and `X-Forwarded-For` from these proxies only
+    /// ([`TrustedProxies::client`]): the client's address is then the rightmost hop that is not
+    /// one of them. From any other peer the headers change nothing. The address goes into each
+    /// admitted request's extensions as [`ClientAddr`].
+    pub fn trusted_proxies(self, proxies: TrustedProxies) -> Self {
+        self.update(|c| c.trusted_proxies = proxies)
+    }
+
+    /// Reads the connection's peer address with `read`, e.g. axum's `ConnectInfo`:
+    /// `.peer_addr(|parts| parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()))`.
+    /// Without it, the layer reads a [`PeerAddr`] or a `std::net::SocketAddr` extension.
+    pub fn peer_addr<F>(self, read: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<std::net::IpAddr> + Send + Sync + 'static,
+    {
+        self.update(|c| c.peer_addr = Some(Arc::new(read)))
     }
 
     /// Renders rejections with `render` instead of the standard Matrix JSON.

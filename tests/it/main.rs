@@ -11,6 +11,7 @@ mod oracle;
 
 mod axum_extractors;
 mod cache;
+mod client_addr;
 mod compose;
 mod fuzz_regressions;
 mod homeserver_policy;

@@ -1,0 +1,151 @@
+//! The client's address over real HTTP: axum's `ConnectInfo` as the peer, `X-Forwarded-For` and
+//! `Forwarded` believed from trusted proxies only, and application services' IP ranges.
+
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
+use axum::{Json, Router};
+use http::StatusCode;
+use tower_matrix_auth::hooks::{AppService, AppServices, ManualClock};
+use tower_matrix_auth::layer::ClientAddr;
+use tower_matrix_auth::{MatrixAuthLayer, MatrixUser, Verifier};
+
+use crate::common::*;
+
+const AS_TOKEN: &str = "as_token_ranged_0123456789";
+
+async fn echo(request: axum::extract::Request) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "client": request.extensions().get::<ClientAddr>().map(|c| c.0.to_string()),
+        "user_id": request.extensions().get::<MatrixUser>().map(|u| u.user_id().to_owned()),
+    }))
+}
+
+/// `layer` (reading axum's `ConnectInfo`) around the echo, on loopback.
+async fn serve(layer: MatrixAuthLayer) -> SocketAddr {
+    let layer = layer.peer_addr(|parts| {
+        parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|info| info.0.ip())
+    });
+    let app = Router::new()
+        .route("/{*path}", axum::routing::any(echo))
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+    addr
+}
+
+/// GET `path` with a bearer token and extra headers, by hand over TCP: status and JSON.
+async fn get(
+    addr: SocketAddr,
+    path: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n{extra}Connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = StatusCode::from_u16(response[9..12].parse().unwrap()).unwrap();
+    let (_, body) = response.split_once("\r\n\r\n").unwrap();
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
+fn layer() -> MatrixAuthLayer {
+    MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)))
+}
+
+#[tokio::test]
+async fn forwarded_headers_count_only_from_trusted_proxies() {
+    let token = access_token(&[]);
+    // Loopback is not trusted: whatever the client writes, it is 127.0.0.1.
+    let untrusted = serve(layer().trusted_proxies("10.0.0.0/8".parse().unwrap())).await;
+    for header in [
+        ("X-Forwarded-For", "198.51.100.7"),
+        ("Forwarded", "for=198.51.100.7"),
+    ] {
+        let (status, json) = get(untrusted, "/x", &token, &[header]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json["client"], "127.0.0.1", "{header:?}");
+    }
+    // Loopback is the trusted proxy: the rightmost hop it did not add is the client.
+    let trusted = serve(layer().trusted_proxies("127.0.0.1, 10.0.0.0/8".parse().unwrap())).await;
+    let (_, json) = get(
+        trusted,
+        "/x",
+        &token,
+        &[("X-Forwarded-For", "6.6.6.6, 198.51.100.7, 10.1.1.1")],
+    )
+    .await;
+    assert_eq!(json["client"], "198.51.100.7");
+    let (_, json) = get(
+        trusted,
+        "/x",
+        &token,
+        &[("Forwarded", "for=\"[2001:db8::7]:1234\"")],
+    )
+    .await;
+    assert_eq!(json["client"], "2001:db8::7");
+    let (_, json) = get(trusted, "/x", &token, &[]).await;
+    assert_eq!(json["client"], "127.0.0.1");
+    // Without any configuration the layer reads no address at all.
+    let addr = crate::common::server::serve_echo(layer()).await;
+    let (status, json, _) =
+        crate::common::server::send(addr, "GET", "/x", Some(&token), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(json.get("client").is_none());
+}
+
+#[tokio::test]
+async fn an_application_service_token_works_only_from_its_ip_ranges() {
+    let appservices = || {
+        AppServices::new()
+            .with(
+                AppService::new("ranged", AS_TOKEN, "@ranged:example.org")
+                    .unwrap()
+                    .ip_ranges("198.51.100.0/24")
+                    .unwrap(),
+            )
+            .unwrap()
+    };
+    let behind_proxy = serve(
+        layer()
+            .appservices(appservices())
+            .trusted_proxies("127.0.0.1".parse().unwrap()),
+    )
+    .await;
+    let from = |hop: &'static str| [("X-Forwarded-For", hop)];
+    let (status, json) = get(behind_proxy, "/x", AS_TOKEN, &from("198.51.100.7")).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["user_id"], "@ranged:example.org");
+    let (status, json) = get(behind_proxy, "/x", AS_TOKEN, &from("203.0.113.1")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(json["errcode"], "M_UNKNOWN_TOKEN");
+    // Direct from loopback, outside the ranges; a spoofed header from an untrusted peer is no help.
+    let direct = serve(layer().appservices(appservices())).await;
+    let (status, _) = get(direct, "/x", AS_TOKEN, &from("198.51.100.7")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Bad ranges are refused at registration.
+    assert!(AppService::new("bad", "t", "@bad:example.org")
+        .unwrap()
+        .ip_ranges("198.51.100.0/40")
+        .is_err());
+}
