@@ -139,6 +139,7 @@
 //! | `MATRIX_SESSION_LIFETIME_MS` | how long a session lives from its login, refreshes included (every token expires by then, a later refresh is `401 M_UNKNOWN_TOKEN`); bounds the revocation state even when other tokens never expire | no limit |
 //! | `MATRIX_CLOCK_LEEWAY_MS`   | how long past its `time <` a token still verifies (clock skew between servers); the layer and the token lifecycle share it | `0` |
 //! | `MATRIX_QUERY_TOKENS`      | `on`: `?access_token=` is read as spec v1.19 requires; `off`: a spec v1.20 server (MSC4127), where only an application service's `as_token` is still read from the query and every user must send `Authorization: Bearer` | `on` |
+//! | `MATRIX_AUTH_FAILURE_LIMIT` | failed token checks (`M_UNKNOWN_TOKEN`) per minute and client address; past it, that address's requests whose token is not in the verified-token cache get `429 M_LIMIT_EXCEEDED` with `Retry-After`. Off by default: behind a reverse proxy, set `MATRIX_TRUSTED_PROXIES` first, or every client shares the proxy's budget. `0` = off | `0` |
 //! | `MATRIX_TRUSTED_PROXIES`   | comma-separated networks (`10.0.0.0/8, ::1`) of reverse proxies whose `Forwarded` / `X-Forwarded-For` are believed: the client is the rightmost hop that is not one of them; from any other peer the headers change nothing | none |
 //! | `MATRIX_APPSERVICE_IP_RANGES` | networks the application service's `as_token` is accepted from (Synapse's `ip_range_whitelist`); elsewhere it is `401 M_UNKNOWN_TOKEN` | anywhere |
 //! | `MATRIX_SWEEP_INTERVAL_MS` | how often expired revocation state is forgotten, on a timer: the memory store is swept, PostgreSQL's expired rows deleted (at least `1`) | `10000` |
@@ -209,7 +210,7 @@ use tower_matrix_auth::{
         AccountDirectory, AccountStatus, AppService, AppServices, MemoryAccounts, ResolvedToken,
         StaticTokens,
     },
-    layer::{QueryToken, ResponseBody, TrustedProxies},
+    layer::{FailureLimit, QueryToken, ResponseBody, TrustedProxies},
     lifecycle::SessionRequest,
     macaroon::{is_valid_user_id, RECOMMENDED_SECRET_LEN},
     routes::is_whoami_route,
@@ -743,14 +744,18 @@ fn with_appservice(
 }
 
 /// The client's address, when something needs it (`MATRIX_TRUSTED_PROXIES`,
-/// `MATRIX_APPSERVICE_IP_RANGES`): the connection's peer, from axum's `ConnectInfo`, or what the
-/// trusted proxies say. Without either, no address is read (it costs a little on every request).
+/// `MATRIX_APPSERVICE_IP_RANGES`, `MATRIX_AUTH_FAILURE_LIMIT`): the connection's peer, from
+/// axum's `ConnectInfo`, or what the trusted proxies say. Without any of them, no address is read
+/// (it costs a little on every request).
 fn with_client_addr(auth: MatrixAuthLayer) -> Result<MatrixAuthLayer, Box<dyn std::error::Error>> {
     let proxies = env_or("MATRIX_TRUSTED_PROXIES", "");
     let ranges = env_or("MATRIX_APPSERVICE_IP_RANGES", "");
-    if proxies.is_empty() && ranges.is_empty() {
-        return Ok(auth);
-    }
+    let failures = env_number("MATRIX_AUTH_FAILURE_LIMIT")?.unwrap_or(0);
+    let auth = match FailureLimit::per_minute(u32::try_from(failures)?) {
+        Some(limit) => auth.failure_limit(limit),
+        None if proxies.is_empty() && ranges.is_empty() => return Ok(auth),
+        None => auth,
+    };
     let proxies: TrustedProxies = proxies
         .parse()
         .map_err(|e| format!("MATRIX_TRUSTED_PROXIES: {e}"))?;

@@ -33,6 +33,9 @@ pub(crate) enum Kind {
     /// An application service named a device the homeserver does not know.
     #[cfg_attr(not(feature = "appservice"), allow(dead_code))]
     UnknownDevice,
+    /// Too many failed token checks from this address: retry after this many milliseconds.
+    #[cfg_attr(not(feature = "limiter"), allow(dead_code))]
+    RateLimited(u64),
 }
 
 /// Token extraction failures: all `401 M_MISSING_TOKEN`.
@@ -80,6 +83,14 @@ impl Rejection {
         }
     }
 
+    #[cfg_attr(not(feature = "limiter"), allow(dead_code))]
+    pub(crate) fn rate_limited(retry_after: std::time::Duration) -> Self {
+        let ms = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            kind: Kind::RateLimited(ms.max(1)),
+        }
+    }
+
     pub(crate) fn guest_forbidden() -> Self {
         Self {
             kind: Kind::GuestForbidden,
@@ -105,6 +116,8 @@ impl Rejection {
     ///   acting as a user it may not act as);
     /// - 400 for `M_UNKNOWN_DEVICE` (an application service's `?device_id=` the user does not
     ///   have);
+    /// - 429 for `M_LIMIT_EXCEEDED`, when too many failed token checks came from the client's
+    ///   address (with `Retry-After` and `retry_after_ms`; feature `limiter`);
     /// - 503 for `M_UNKNOWN`, when the revocation store or the token resolver could not answer
     ///   (the response also carries `Retry-After: 1`).
     pub fn status(&self) -> StatusCode {
@@ -115,6 +128,7 @@ impl Rejection {
             }
             Kind::UnknownDevice => StatusCode::BAD_REQUEST,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -129,6 +143,7 @@ impl Rejection {
             Kind::Suspended => "M_USER_SUSPENDED",
             Kind::AppserviceForbidden => "M_FORBIDDEN",
             Kind::UnknownDevice => "M_UNKNOWN_DEVICE",
+            Kind::RateLimited(_) => "M_LIMIT_EXCEEDED",
         }
     }
 
@@ -155,6 +170,7 @@ impl Rejection {
             Kind::Suspended => "This account is suspended and cannot do this.",
             Kind::AppserviceForbidden => "The application service cannot act as this user.",
             Kind::UnknownDevice => "Unknown device for this user.",
+            Kind::RateLimited(_) => "Too many failed attempts to authenticate; try again later.",
         }
     }
 
@@ -206,6 +222,20 @@ impl Rejection {
         self.kind == Kind::GuestForbidden
     }
 
+    /// Refused before any check: too many failed token checks came from this address
+    /// (`429 M_LIMIT_EXCEEDED`, see [`crate::MatrixAuthLayer::failure_limit`]).
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self.kind, Kind::RateLimited(_))
+    }
+
+    /// For a rate-limited request, when to try again, in milliseconds.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self.kind {
+            Kind::RateLimited(ms) => Some(ms),
+            _ => None,
+        }
+    }
+
     /// The revocation state could not be read, so the request was refused (fail closed).
     pub fn is_unavailable(&self) -> bool {
         self.kind == Kind::Unavailable
@@ -250,6 +280,7 @@ impl Rejection {
             Kind::Suspended => "suspended account, action not allowed",
             Kind::AppserviceForbidden => "application service user_id outside its namespaces",
             Kind::UnknownDevice => "application service device_id unknown",
+            Kind::RateLimited(_) => "too many failed token checks from this address",
         }
     }
 
@@ -266,6 +297,10 @@ impl Rejection {
         if self.soft_logout() {
             body["soft_logout"] = true.into();
         }
+        if let Some(ms) = self.retry_after_ms() {
+            // Deprecated since spec v1.10 in favour of `Retry-After`, still read by clients.
+            body["retry_after_ms"] = ms.into();
+        }
         body
     }
 
@@ -276,6 +311,13 @@ impl Rejection {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Some(ms) = self.retry_after_ms() {
+            let seconds = ms.div_ceil(1000).max(1);
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&seconds.to_string()).expect("digits are a header value"),
+            );
         }
         response
     }

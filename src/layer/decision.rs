@@ -60,6 +60,8 @@ pub(crate) struct Policy {
     pub(crate) renderer: Option<Renderer>,
     pub(crate) trusted_proxies: TrustedProxies,
     pub(crate) peer_addr: Option<PeerReader>,
+    #[cfg(feature = "limiter")]
+    pub(crate) failure_limiter: Option<Arc<crate::layer::limit::FailureLimiter>>,
 }
 
 /// Whether one of `rules` grants its exception to this request. Never on a path that is not
@@ -150,6 +152,10 @@ impl Policy {
                 return self.appservice_decision(appservice, parts);
             }
         }
+        #[cfg(feature = "limiter")]
+        if let Some(wait) = self.limited_for(&token, parts) {
+            return Decision::Reject(Rejection::rate_limited(wait));
+        }
         match self
             .verifier
             .verify_allowing_expired(&token, TokenType::Access, parts)
@@ -187,6 +193,21 @@ impl Policy {
         return self.appservices.find(token).is_some();
         #[cfg(not(feature = "appservice"))]
         return false;
+    }
+
+    /// How long this request's address is still limited, unless its token is known good (the
+    /// verified-token cache holds it): checked only when some address is limited at all.
+    #[cfg(feature = "limiter")]
+    fn limited_for(&self, token: &[u8], parts: &Parts) -> Option<std::time::Duration> {
+        let limiter = self.failure_limiter.as_ref()?;
+        if !limiter.any_limited() {
+            return None;
+        }
+        let wait = limiter.limited_for(self.read_client_addr(parts)?)?;
+        match self.verifier.cached(token, TokenType::Access) {
+            Some(_) => None,
+            None => Some(wait),
+        }
     }
 
     /// A verified macaroon's decision: the revocation store's answer, now or later.
@@ -356,6 +377,10 @@ impl Policy {
     /// Whether anything configured needs the client's address: reading it costs a few extension
     /// and header look-ups, which a layer that never uses it does not pay.
     fn wants_client_addr(&self) -> bool {
+        #[cfg(feature = "limiter")]
+        if self.failure_limiter.is_some() {
+            return true;
+        }
         self.peer_addr.is_some() || !self.trusted_proxies.is_empty()
     }
 
@@ -409,6 +434,22 @@ impl Policy {
             parts.extensions.insert(ClientAddr(addr));
         }
         Ok((Request::from_parts(parts, body), span))
+    }
+
+    /// [`Policy::reject`] for a request whose token was checked: a failed check
+    /// (`M_UNKNOWN_TOKEN`) counts against the client's address when a limiter is configured.
+    pub(crate) fn refuse(&self, parts: &Parts, rejection: &Rejection) -> Response<bytes::Bytes> {
+        #[cfg(feature = "limiter")]
+        if let Some(limiter) = &self.failure_limiter {
+            if rejection.is_unknown_token() {
+                if let Some(addr) = self.read_client_addr(parts) {
+                    limiter.note_failure(addr);
+                }
+            }
+        }
+        #[cfg(not(feature = "limiter"))]
+        let _ = parts;
+        self.reject(rejection)
     }
 
     pub(crate) fn reject(&self, rejection: &Rejection) -> Response<bytes::Bytes> {

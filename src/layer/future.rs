@@ -125,7 +125,14 @@ where
         body,
         policy,
     } = waiting;
-    match verdict.and_then(|user| policy.admit(parts, body, Some(user))) {
+    let admitted = match verdict {
+        Ok(user) => policy.admit(parts, body, Some(user)),
+        Err(rejection) => {
+            let response = Some(policy.refuse(&parts, &rejection));
+            return (State::Rejected { response }, tracing::Span::none());
+        }
+    };
+    match admitted {
         Ok((request, span)) => {
             let future = {
                 let _entered = span.enter();

@@ -6,6 +6,7 @@
 //! | `decision.rs` | **the decision pipeline**: why a request passes or is refused |
 //! | `extract.rs` | where the token comes from: `Authorization: Bearer`, `?access_token=` |
 //! | `client_addr.rs` | who sent the request: the peer, or what trusted proxies say |
+//! | `limit.rs` | the failed-authentication limiter (feature `limiter`) |
 //! | `service.rs` | [`MatrixAuth`], the service: hands requests to the pipeline and on |
 //! | `future.rs` | [`ResponseFuture`]: waits for a store or resolver, then calls the service |
 //! | `body.rs` | [`ResponseBody`]: the inner body or our error's bytes |
@@ -15,11 +16,16 @@ mod client_addr;
 mod decision;
 pub(crate) mod extract;
 mod future;
+#[cfg(feature = "limiter")]
+mod limit;
 mod service;
 
 pub use body::ResponseBody;
 pub use client_addr::{ClientAddr, InvalidIpRanges, IpRanges, PeerAddr, TrustedProxies};
 pub use future::ResponseFuture;
+#[cfg(feature = "limiter")]
+#[cfg_attr(docsrs, doc(cfg(feature = "limiter")))]
+pub use limit::{FailureLimit, DEFAULT_MAX_ADDRESSES};
 pub use service::MatrixAuth;
 
 use std::fmt;
@@ -104,6 +110,8 @@ impl MatrixAuthLayer {
                 renderer: None,
                 trusted_proxies: TrustedProxies::none(),
                 peer_addr: None,
+                #[cfg(feature = "limiter")]
+                failure_limiter: None,
             }),
         }
     }
@@ -260,6 +268,21 @@ impl MatrixAuthLayer {
         F: Fn(&Parts) -> Option<std::net::IpAddr> + Send + Sync + 'static,
     {
         self.update(|c| c.peer_addr = Some(Arc::new(read)))
+    }
+
+    /// Limits failed token checks per client address (feature `limiter`, off by default): past
+    /// `limit`, that address's requests whose token the verified-token cache does not hold get
+    /// `429 M_LIMIT_EXCEEDED` with `Retry-After` before any verification, until its budget
+    /// refills. Application services' `as_token`s are never limited. The address is the
+    /// layer's ([`Self::peer_addr`], [`Self::trusted_proxies`]); a request whose address is
+    /// unknown is never limited. Behind a reverse proxy, configure the trusted proxies first, or
+    /// every client shares the proxy's budget.
+    #[cfg(feature = "limiter")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "limiter")))]
+    pub fn failure_limit(self, limit: FailureLimit) -> Self {
+        self.update(|c| {
+            c.failure_limiter = Some(Arc::new(limit::FailureLimiter::new(limit)));
+        })
     }
 
     /// Renders rejections with `render` instead of the standard Matrix JSON.

@@ -82,7 +82,9 @@ where
                 }
                 Err(rejection) => ResponseFuture::rejected(self.policy.reject(&rejection)),
             },
-            Decision::Reject(rejection) => ResponseFuture::rejected(self.policy.reject(&rejection)),
+            Decision::Reject(rejection) => {
+                ResponseFuture::rejected(self.policy.refuse(&parts, &rejection))
+            }
             Decision::AwaitRevocation { check, verified } => {
                 ResponseFuture::awaiting_revocation(check, verified, self.park(parts, body))
             }

@@ -149,3 +149,96 @@ async fn an_application_service_token_works_only_from_its_ip_ranges() {
         .ip_ranges("198.51.100.0/40")
         .is_err());
 }
+
+/// The failed-authentication limiter over HTTP: a flood of bad tokens from one address gets 429
+/// before any verification, while a valid token the cache holds, an application service and
+/// other addresses keep working; a token never seen before waits with the flood.
+#[tokio::test]
+async fn a_flood_of_bad_tokens_is_limited_per_address() {
+    use tower_matrix_auth::layer::FailureLimit;
+    let appservices = AppServices::new()
+        .with(AppService::new("bridge", AS_TOKEN, "@bridge:example.org").unwrap())
+        .unwrap();
+    let addr = serve(
+        layer()
+            .failure_limit(FailureLimit::per_minute(5).unwrap())
+            .trusted_proxies("127.0.0.1".parse().unwrap())
+            .appservices(appservices),
+    )
+    .await;
+    let good = access_token(&[]);
+    let (status, _) = get(addr, "/x", &good, &[]).await;
+    assert_eq!(status, StatusCode::OK, "verified once, now cached");
+    let forged = mint_with(
+        "not our secret",
+        "key",
+        &["gen = 1", "user_id = @m:x", "type = access"],
+        macaroon::Format::V1,
+    );
+    for attempt in 0..6 {
+        let (status, json) = get(addr, "/x", &forged, &[]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "attempt {attempt}");
+        assert_eq!(json["errcode"], "M_UNKNOWN_TOKEN");
+    }
+    // Over budget: refused before any verification, with when to come back.
+    let (status, json, head) = raw_get(addr, &forged, &[]).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(json["errcode"], "M_LIMIT_EXCEEDED");
+    let retry_ms = json["retry_after_ms"].as_u64().expect("retry_after_ms");
+    assert!(retry_ms > 0 && retry_ms <= 12_000, "{retry_ms}");
+    let retry_after: u64 = head
+        .lines()
+        .find_map(|line| line.strip_prefix("retry-after: "))
+        .expect("Retry-After")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(retry_after, retry_ms.div_ceil(1000));
+    // The cached token and the application service still pass from the same address.
+    assert_eq!(get(addr, "/x", &good, &[]).await.0, StatusCode::OK);
+    assert_eq!(get(addr, "/x", AS_TOKEN, &[]).await.0, StatusCode::OK);
+    // A valid token never seen before is not known good: it waits like the flood.
+    let fresh = access_token(&["nonce = fresh"]);
+    assert_eq!(
+        get(addr, "/x", &fresh, &[]).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another client (behind the trusted proxy) has its own budget.
+    let other = [("X-Forwarded-For", "198.51.100.7")];
+    assert_eq!(
+        get(addr, "/x", &forged, &other).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(get(addr, "/x", &fresh, &other).await.0, StatusCode::OK);
+    // A request without a token costs nothing and is never counted or limited differently.
+    let (status, json, _) = crate::common::server::send(addr, "GET", "/x", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(json["errcode"], "M_MISSING_TOKEN");
+}
+
+/// [`get`] with the response head too.
+async fn raw_get(
+    addr: SocketAddr,
+    token: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, serde_json::Value, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let request = format!(
+        "GET /x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n{extra}Connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = StatusCode::from_u16(response[9..12].parse().unwrap()).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (
+        status,
+        serde_json::from_str(body).unwrap_or_default(),
+        head.to_ascii_lowercase(),
+    )
+}

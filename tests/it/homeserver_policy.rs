@@ -1165,3 +1165,30 @@ async fn query_tokens_on_and_off() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("MATRIX_QUERY_TOKENS"));
 }
+
+/// `MATRIX_AUTH_FAILURE_LIMIT`: past the budget of failed token checks, 429 with `Retry-After`
+/// for that address, while a token the server already verified still works.
+#[tokio::test]
+async fn the_failure_limit_of_the_example() {
+    let server = Homeserver::start(&[
+        ("MATRIX_USERS", "alice:alice pw"),
+        ("MATRIX_AUTH_FAILURE_LIMIT", "2"),
+    ]);
+    let (status, login) = server.login("alice", "alice pw").await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    let good = login["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(whoami(&server, &good).await.0, StatusCode::OK);
+    let forged = KeyRing::new()
+        .with_key("key", MacaroonSecret::from_passphrase("not the server's"))
+        .mint("@alice:localhost", TokenType::Access)
+        .unwrap()
+        .to_token();
+    for _ in 0..3 {
+        assert_eq!(whoami(&server, &forged).await.0, StatusCode::UNAUTHORIZED);
+    }
+    let (status, answer) = whoami(&server, &forged).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    assert_eq!(answer["errcode"], "M_LIMIT_EXCEEDED");
+    assert!(answer["retry_after_ms"].as_u64().is_some());
+    assert_eq!(whoami(&server, &good).await.0, StatusCode::OK);
+}
