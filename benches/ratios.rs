@@ -12,6 +12,7 @@ mod common;
 use std::convert::Infallible;
 use std::future::Future;
 use std::hint::black_box;
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::{Request, Response};
 use tower::{Layer, Service};
+use tower_matrix_auth::layer::{FailureLimit, PeerAddr};
 use tower_matrix_auth::{MatrixAuthLayer, MemoryStore, TokenType, Verifier};
 
 type Run = Box<dyn FnMut()>;
@@ -38,6 +40,11 @@ fn now<F: Future>(future: F) -> F::Output {
 /// A case that sends one request through `layer` (or none) around an "ok" service, the way a
 /// server would: `poll_ready`, `call`, the response future, the response dropped.
 fn through(layer: Option<MatrixAuthLayer>, token: &str) -> Run {
+    through_from(layer, token, None)
+}
+
+/// [`through`], the request carrying its connection's peer address (as a server inserts it).
+fn through_from(layer: Option<MatrixAuthLayer>, token: &str, peer: Option<SocketAddr>) -> Run {
     let ok = tower::service_fn(|_: Request<()>| async {
         Ok::<_, Infallible>(Response::new(bytes::Bytes::from_static(b"ok")))
     });
@@ -48,6 +55,9 @@ fn through(layer: Option<MatrixAuthLayer>, token: &str) -> Run {
         request
             .headers_mut()
             .insert(http::header::AUTHORIZATION, bearer.clone());
+        if let Some(peer) = peer {
+            request.extensions_mut().insert(PeerAddr(peer));
+        }
         request
     };
     match layer {
@@ -85,6 +95,7 @@ fn cases() -> Vec<(&'static str, Run)> {
     let cached_verifier = Verifier::new(keys.clone());
     let crate_ = MacaroonCrate::new();
     let jwt = Jwt::new();
+    let peer: SocketAddr = "192.0.2.7:51234".parse().unwrap();
     // Where the real in-memory store is measured next to the toy one: `MemoryStore`.
     let hash_set = MatrixAuthLayer::new(keys.clone()).revocation(HashSetStore::with_revoked(1000));
     let memory = MatrixAuthLayer::new(keys.clone()).revocation(MemoryStore::new());
@@ -222,6 +233,20 @@ fn cases() -> Vec<(&'static str, Run)> {
         (
             "service_layered_cached",
             through(Some(MatrixAuthLayer::new(keys.clone())), &token),
+        ),
+        ("service_bare_peer", through_from(None, &token, Some(peer))),
+        (
+            // The failed-authentication limiter on (no address limited, the usual case), so
+            // the client's address is read and put into the extensions on every request.
+            "service_layered_cached_limiter",
+            through_from(
+                Some(
+                    MatrixAuthLayer::new(keys.clone())
+                        .failure_limit(FailureLimit::per_minute(60).unwrap()),
+                ),
+                &token,
+                Some(peer),
+            ),
         ),
         (
             "uncached_hashset_revocation",
@@ -372,6 +397,10 @@ fn main() {
         (
             "layer, cache hit: service_layered_cached - service_bare",
             difference("service_layered_cached", "service_bare"),
+        ),
+        (
+            "layer, cache hit, limiter on: …_limiter - service_bare_peer",
+            difference("service_layered_cached_limiter", "service_bare_peer"),
         ),
         (
             "revocation, HashSet store (cache hit)",

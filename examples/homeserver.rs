@@ -140,6 +140,7 @@
 //! | `MATRIX_CLOCK_LEEWAY_MS`   | how long past its `time <` a token still verifies (clock skew between servers); the layer and the token lifecycle share it | `0` |
 //! | `MATRIX_QUERY_TOKENS`      | `on`: `?access_token=` is read as spec v1.19 requires; `off`: a spec v1.20 server (MSC4127), where only an application service's `as_token` is still read from the query and every user must send `Authorization: Bearer` | `on` |
 //! | `MATRIX_AUTH_FAILURE_LIMIT` | failed token checks (`M_UNKNOWN_TOKEN`) per minute and client address; past it, that address's requests whose token is not in the verified-token cache get `429 M_LIMIT_EXCEEDED` with `Retry-After`. Off by default: behind a reverse proxy, set `MATRIX_TRUSTED_PROXIES` first, or every client shares the proxy's budget. `0` = off | `0` |
+//! | `MATRIX_METRICS`           | `1`: the layer's metrics (`matrix_auth_decisions_total`, `matrix_auth_wait_seconds`, `matrix_auth_token_cache_total`) in Prometheus text on `GET /metrics`, unauthenticated, on this listener: let only your monitoring reach it | `0` |
 //! | `MATRIX_TRUSTED_PROXIES`   | comma-separated networks (`10.0.0.0/8, ::1`) of reverse proxies whose `Forwarded` / `X-Forwarded-For` are believed: the client is the rightmost hop that is not one of them; from any other peer the headers change nothing | none |
 //! | `MATRIX_APPSERVICE_IP_RANGES` | networks the application service's `as_token` is accepted from (Synapse's `ip_range_whitelist`); elsewhere it is `401 M_UNKNOWN_TOKEN` | anywhere |
 //! | `MATRIX_SWEEP_INTERVAL_MS` | how often expired revocation state is forgotten, on a timer: the memory store is swept, PostgreSQL's expired rows deleted (at least `1`) | `10000` |
@@ -430,6 +431,8 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
             app(as_user, state, &sessions)
         }
     };
+
+    let app = with_metrics(app)?;
 
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     let address: SocketAddr = listener.local_addr()?;
@@ -741,6 +744,22 @@ fn with_appservice(
             },
         )),
     )
+}
+
+/// `MATRIX_METRICS=1`: the layer's metrics (and any other `metrics` user's) in Prometheus text on
+/// `GET /metrics`, on this listener and without authentication, so expose it to your monitoring
+/// only (a reverse proxy that does not forward `/metrics`, or a private listener).
+fn with_metrics(app: Router) -> Result<Router, Box<dyn std::error::Error>> {
+    match env_or("MATRIX_METRICS", "0").as_str() {
+        "0" => Ok(app),
+        "1" => {
+            let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .map_err(|e| format!("MATRIX_METRICS: {e}"))?;
+            Ok(app.route("/metrics", get(move || std::future::ready(handle.render()))))
+        }
+        other => Err(format!("MATRIX_METRICS must be `0` or `1`, not `{other}`").into()),
+    }
 }
 
 /// The client's address, when something needs it (`MATRIX_TRUSTED_PROXIES`,

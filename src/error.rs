@@ -250,6 +250,23 @@ impl Rejection {
         matches!(self.kind, Kind::Unknown(Unknown::Format(e)) if e != FormatError::TooManyCaveats)
     }
 
+    /// The `outcome` label of the `matrix_auth_decisions_total` metric: a fixed, small set.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn outcome(&self) -> &'static str {
+        match self.kind {
+            Kind::Missing(_) => "missing_token",
+            Kind::Unknown(Unknown::Expired) => "expired",
+            Kind::Unknown(Unknown::Deactivated) => "deactivated",
+            Kind::Unknown(_) => "unknown_token",
+            Kind::GuestForbidden => "guest_forbidden",
+            Kind::Unavailable => "unavailable",
+            Kind::Locked => "locked",
+            Kind::Suspended => "suspended",
+            Kind::AppserviceForbidden | Kind::UnknownDevice => "appservice_forbidden",
+            Kind::RateLimited(_) => "rate_limited",
+        }
+    }
+
     /// What went wrong internally, for logs: never the token, never shown to the client.
     pub fn reason(&self) -> &'static str {
         match self.kind {

@@ -156,10 +156,7 @@ impl Policy {
         if let Some(wait) = self.limited_for(&token, parts) {
             return Decision::Reject(Rejection::rate_limited(wait));
         }
-        match self
-            .verifier
-            .verify_allowing_expired(&token, TokenType::Access, parts)
-        {
+        match self.verify(&token, parts) {
             Ok(verified) => self.after_verification(verified, parts),
             // Macaroons are told apart by their format alone, as the verifier reports it: a
             // macaroon, valid or not, never reaches the resolver; anything else does.
@@ -207,6 +204,23 @@ impl Policy {
         match self.verifier.cached(token, TokenType::Access) {
             Some(_) => None,
             None => Some(wait),
+        }
+    }
+
+    /// The verifier's verdict on an access token: the cache's, or a full verification.
+    fn verify(&self, token: &[u8], parts: &Parts) -> Result<Verified, Rejection> {
+        match self.verifier.cached(token, TokenType::Access) {
+            Some(verified) => {
+                #[cfg(feature = "metrics")]
+                crate::layer::metrics::token_cache(true);
+                Ok(verified)
+            }
+            None => {
+                #[cfg(feature = "metrics")]
+                crate::layer::metrics::token_cache(false);
+                self.verifier
+                    .verify_in_full(token, TokenType::Access, parts)
+            }
         }
     }
 
@@ -427,6 +441,8 @@ impl Policy {
             }
             None => tracing::Span::none(),
         };
+        #[cfg(feature = "metrics")]
+        crate::layer::metrics::admitted(user.as_ref());
         if let Some(user) = user {
             parts.extensions.insert(user);
         }
@@ -453,6 +469,8 @@ impl Policy {
     }
 
     pub(crate) fn reject(&self, rejection: &Rejection) -> Response<bytes::Bytes> {
+        #[cfg(feature = "metrics")]
+        crate::layer::metrics::refused(rejection);
         tracing::debug!(
             errcode = rejection.errcode(),
             reason = rejection.reason(),

@@ -26,6 +26,9 @@ pub(crate) struct Waiting<S, B> {
     pub(crate) parts: Parts,
     pub(crate) body: B,
     pub(crate) policy: Arc<Policy>,
+    /// When the request was parked, for `matrix_auth_wait_seconds`.
+    #[cfg(feature = "metrics")]
+    pub(crate) since: std::time::Instant,
 }
 
 pin_project! {
@@ -124,6 +127,7 @@ where
         parts,
         body,
         policy,
+        ..
     } = waiting;
     let admitted = match verdict {
         Ok(user) => policy.admit(parts, body, Some(user)),
@@ -160,6 +164,11 @@ where
                 StateProj::AwaitingRevocation { check, parked } => {
                     let outcome = ready!(Pin::new(check).poll(cx));
                     let (verified, waiting) = *parked.take().expect("polled after completion");
+                    #[cfg(feature = "metrics")]
+                    crate::layer::metrics::waited(
+                        crate::layer::metrics::Wait::Revocation,
+                        waiting.since.elapsed(),
+                    );
                     let verdict = waiting.policy.settle(outcome, verified, &waiting.parts);
                     let (next, span) = resume(verdict, waiting);
                     *this.span = span;
@@ -168,6 +177,11 @@ where
                 StateProj::AwaitingResolver { resolving, parked } => {
                     let outcome = ready!(resolving.as_mut().poll(cx));
                     let (token_id, waiting) = *parked.take().expect("polled after completion");
+                    #[cfg(feature = "metrics")]
+                    crate::layer::metrics::waited(
+                        crate::layer::metrics::Wait::Resolver,
+                        waiting.since.elapsed(),
+                    );
                     let verdict = waiting
                         .policy
                         .settle_resolved(outcome, token_id, &waiting.parts);

@@ -28,6 +28,8 @@ impl<S: Clone> MatrixAuth<S> {
             parts,
             body,
             policy: self.policy.clone(),
+            #[cfg(feature = "metrics")]
+            since: std::time::Instant::now(),
         }
     }
 }

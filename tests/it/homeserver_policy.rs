@@ -1192,3 +1192,72 @@ async fn the_failure_limit_of_the_example() {
     assert!(answer["retry_after_ms"].as_u64().is_some());
     assert_eq!(whoami(&server, &good).await.0, StatusCode::OK);
 }
+
+/// `MATRIX_METRICS=1`: `GET /metrics` (unauthenticated) counts what was sent, by outcome and
+/// credential, and the cache's hits and misses; no token or user id appears in it.
+#[tokio::test]
+async fn metrics_count_what_was_sent() {
+    let server = Homeserver::start(&[("MATRIX_USERS", "alice:alice pw"), ("MATRIX_METRICS", "1")]);
+    let (_, login) = server.login("alice", "alice pw").await;
+    let good = login["access_token"].as_str().unwrap().to_owned();
+    for _ in 0..3 {
+        assert_eq!(whoami(&server, &good).await.0, StatusCode::OK);
+    }
+    let forged = KeyRing::new()
+        .with_key("key", MacaroonSecret::from_passphrase("not the server's"))
+        .mint("@alice:localhost", TokenType::Access)
+        .unwrap()
+        .to_token();
+    for _ in 0..2 {
+        assert_eq!(whoami(&server, &forged).await.0, StatusCode::UNAUTHORIZED);
+    }
+    let (status, _) = server
+        .call(
+            &Method::GET,
+            "/_matrix/client/v3/account/whoami",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let response = server
+        .client
+        .get(format!("{}/metrics", server.base).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `{series}` in:\n{text}"))
+    };
+    assert_eq!(
+        value(r#"matrix_auth_decisions_total{outcome="ok",credential="macaroon"}"#),
+        3.0
+    );
+    assert_eq!(
+        value(r#"matrix_auth_decisions_total{outcome="unknown_token"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"matrix_auth_decisions_total{outcome="missing_token"}"#),
+        1.0
+    );
+    assert_eq!(value(r#"matrix_auth_token_cache_total{result="hit"}"#), 2.0);
+    assert_eq!(
+        value(r#"matrix_auth_token_cache_total{result="miss"}"#),
+        3.0
+    );
+    assert!(!text.contains(&good) && !text.contains("alice"), "{text}");
+}

@@ -20,6 +20,7 @@ mod layer;
 mod lifecycle;
 mod lifecycle_properties;
 mod logout_all_hammer;
+mod metrics;
 mod postgres;
 mod postgres_liveness;
 mod properties;
