@@ -57,8 +57,19 @@ case "$mode" in
       MATRIX_ACCESS_TOKEN_LIFETIME_MS="$lifetime_ms" MATRIX_REFRESH_TOKEN_LIFETIME_MS=$((2 * lifetime_ms)))
     ;;
 esac
+# The hostile modes run with the failed-authentication limiter on (two failures a minute per
+# address) behind loopback as the trusted proxy, and the driver claims a random address for every
+# request: a flood from millions of addresses, under which the server's memory must stay flat.
+limiter_env=()
+many_addresses=0
+case "$mode" in
+  short|long)
+    limiter_env=(MATRIX_AUTH_FAILURE_LIMIT=2 MATRIX_TRUSTED_PROXIES=127.0.0.1)
+    many_addresses=1
+    ;;
+esac
 # Port 0: the kernel picks a free loopback port; the server prints the one it got.
-env "${lifecycle_env[@]}" MATRIX_LISTEN=127.0.0.1:0 MATRIX_MACAROON_SECRET="$secret" \
+env "${lifecycle_env[@]}" "${limiter_env[@]}" MATRIX_LISTEN=127.0.0.1:0 MATRIX_MACAROON_SECRET="$secret" \
   MATRIX_SERVER_NAME=localhost MATRIX_PRINT_TOKEN_FOR=@alice:localhost RUST_LOG="$log_filter" \
   "$homeserver" >"$work/stdout" 2>"$work/server.log" &
 server_pid=$!
@@ -88,4 +99,5 @@ case "$mode" in
 esac
 timeout $((seconds + 60)) "$soak" --addr "$addr" --secret "$secret" --seconds "$seconds" \
   --connections "$connections" --server-pid "$server_pid" --server-log "$work/server.log" \
-  --probe-p99-ms "$p99_ms" --rss-growth-mib "$rss_mib" --printed-token "$printed"
+  --probe-p99-ms "$p99_ms" --rss-growth-mib "$rss_mib" --printed-token "$printed" \
+  --many-addresses "$many_addresses"

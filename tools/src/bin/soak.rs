@@ -7,6 +7,7 @@
 //! ```text
 //! soak --addr 127.0.0.1:PORT --secret S [--seconds 5] [--connections 32] [--server-pid PID]
 //!      [--server-log FILE] [--probe-p99-ms 500] [--rss-growth-mib 32] [--printed-token T]
+//!      [--many-addresses 1]
 //! ```
 //!
 //! Many connections at once send a mix of valid, expired, forged, attenuated, malformed, missing
@@ -73,6 +74,11 @@ struct Options {
     lifetime_ms: u64,
     /// Lifecycle mode: which store the server uses, for the report.
     store: String,
+    /// Hostile mode: every request claims a random client address in `X-Forwarded-For` (the
+    /// server trusts loopback as its proxy and limits failed token checks per address), so the
+    /// limiter meets a flood from many addresses; a `429 M_LIMIT_EXCEEDED` is then also a right
+    /// answer to a request whose token is not valid.
+    many_addresses: bool,
 }
 
 fn options() -> Result<Options, String> {
@@ -108,6 +114,7 @@ fn options() -> Result<Options, String> {
         password: take("password").unwrap_or_default(),
         lifetime_ms: number("lifetime-ms", 2_000)?,
         store: take("store").unwrap_or_else(|| "memory".into()),
+        many_addresses: take("many-addresses").is_some_and(|v| v == "1"),
     })
 }
 
@@ -468,6 +475,20 @@ impl Tally {
     }
 }
 
+/// [`check`], where a `429 M_LIMIT_EXCEEDED` (with `retry_after_ms`) is also right for a request
+/// that must be refused: its address may have run out of failed checks.
+fn check_limited(expect: &Expect, status: StatusCode, body: &[u8]) -> (String, Result<(), String>) {
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    if matches!(expect, Expect::Error { .. })
+        && status == StatusCode::TOO_MANY_REQUESTS
+        && json["errcode"] == "M_LIMIT_EXCEEDED"
+        && json["retry_after_ms"].is_u64()
+    {
+        return ("429 M_LIMIT_EXCEEDED".into(), Ok(()));
+    }
+    check(expect, status, body)
+}
+
 fn check(expect: &Expect, status: StatusCode, body: &[u8]) -> (String, Result<(), String>) {
     let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let errcode = json["errcode"].as_str().unwrap_or_default();
@@ -532,6 +553,7 @@ async fn worker(
     addr: SocketAddr,
     kinds: Arc<Vec<Kind>>,
     seed: u64,
+    many_addresses: bool,
     stop: Arc<AtomicBool>,
     tally: Arc<Mutex<Tally>>,
 ) {
@@ -568,13 +590,28 @@ async fn worker(
         let s = sender.as_mut().expect("connected");
         let answer = tokio::time::timeout(ANSWER_TIMEOUT, async {
             s.ready().await?;
-            let response = s.send_request(build(kind)).await?;
+            let mut request = build(kind);
+            if many_addresses {
+                // Any IPv4 address from 1.0.0.0 to 223.255.255.255. A draw in 127/8 (one in
+                // 224) sends no header: such requests come from loopback itself, which soon runs
+                // out of failed checks and gets 429s, while the probe's valid token, from the
+                // same address, must keep passing (valid users behind one NAT keep working).
+                let claimed = std::net::Ipv4Addr::from(rng.gen_range(0x0100_0000u32..0xe000_0000));
+                if !claimed.is_loopback() {
+                    request.headers_mut().insert(
+                        "x-forwarded-for",
+                        HeaderValue::from_str(&claimed.to_string()).expect("an address"),
+                    );
+                }
+            }
+            let response = s.send_request(request).await?;
             let (parts, body) = response.into_parts();
             let body = body.collect().await?.to_bytes();
             Ok::<_, hyper::Error>((parts.status, body))
         })
         .await;
         let (class, right) = match answer {
+            Ok(Ok((status, body))) if many_addresses => check_limited(&kind.expect, status, &body),
             Ok(Ok((status, body))) => check(&kind.expect, status, &body),
             Ok(Err(e)) => {
                 sender = None;
@@ -865,6 +902,7 @@ async fn main() {
             options.addr,
             kinds.clone(),
             0x50a6_0000 + i as u64,
+            options.many_addresses,
             stop.clone(),
             tally.clone(),
         )));
