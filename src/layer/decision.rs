@@ -429,15 +429,21 @@ impl Policy {
                 parts.uri = uri;
             }
         }
+        let client = self.client_addr(&parts);
         let span = match &user {
             Some(user) => {
                 user.record_in_current_span();
-                tracing::debug_span!(
+                let span = tracing::debug_span!(
                     "matrix_auth",
                     user_id = user.user_id(),
                     device_id = user.device_id(),
-                    is_guest = user.is_guest()
-                )
+                    is_guest = user.is_guest(),
+                    client = tracing::field::Empty,
+                );
+                if let Some(client) = client {
+                    span.record("client", tracing::field::display(client));
+                }
+                span
             }
             None => tracing::Span::none(),
         };
@@ -446,7 +452,7 @@ impl Policy {
         if let Some(user) = user {
             parts.extensions.insert(user);
         }
-        if let Some(addr) = self.client_addr(&parts) {
+        if let Some(addr) = client {
             parts.extensions.insert(ClientAddr(addr));
         }
         Ok((Request::from_parts(parts, body), span))
@@ -455,27 +461,37 @@ impl Policy {
     /// [`Policy::reject`] for a request whose token was checked: a failed check
     /// (`M_UNKNOWN_TOKEN`) counts against the client's address when a limiter is configured.
     pub(crate) fn refuse(&self, parts: &Parts, rejection: &Rejection) -> Response<bytes::Bytes> {
+        let client = self.client_addr(parts);
         #[cfg(feature = "limiter")]
-        if let Some(limiter) = &self.failure_limiter {
+        if let (Some(limiter), Some(addr)) = (&self.failure_limiter, client) {
             if rejection.is_unknown_token() {
-                if let Some(addr) = self.read_client_addr(parts) {
-                    limiter.note_failure(addr);
-                }
+                limiter.note_failure(addr);
             }
         }
-        #[cfg(not(feature = "limiter"))]
-        let _ = parts;
-        self.reject(rejection)
+        self.respond(rejection, client)
     }
 
+    /// The response to a request refused before its token was looked at.
     pub(crate) fn reject(&self, rejection: &Rejection) -> Response<bytes::Bytes> {
+        self.respond(rejection, None)
+    }
+
+    fn respond(&self, rejection: &Rejection, client: Option<IpAddr>) -> Response<bytes::Bytes> {
         #[cfg(feature = "metrics")]
         crate::layer::metrics::refused(rejection);
-        tracing::debug!(
-            errcode = rejection.errcode(),
-            reason = rejection.reason(),
-            "matrix request rejected"
-        );
+        match client {
+            Some(client) => tracing::debug!(
+                errcode = rejection.errcode(),
+                reason = rejection.reason(),
+                %client,
+                "matrix request rejected"
+            ),
+            None => tracing::debug!(
+                errcode = rejection.errcode(),
+                reason = rejection.reason(),
+                "matrix request rejected"
+            ),
+        }
         self.render(rejection)
     }
 }
