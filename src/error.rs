@@ -250,6 +250,26 @@ impl Rejection {
         matches!(self.kind, Kind::Unknown(Unknown::Format(e)) if e != FormatError::TooManyCaveats)
     }
 
+    /// Whether the token failed in a way anyone can produce at will (forged, garbled, unknown to
+    /// the key ring or the resolver, a caveat that does not hold): what the failed-authentication
+    /// limiter counts. Not an expired, revoked or deactivated token: those were minted by us,
+    /// clients send them in the ordinary course (several requests in flight when a token
+    /// expires), and counting them would limit busy addresses, not attackers.
+    #[cfg_attr(not(feature = "limiter"), allow(dead_code))]
+    pub(crate) fn is_guessable_failure(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Unknown(
+                Unknown::TooLong
+                    | Unknown::Format(_)
+                    | Unknown::NoSuchKey
+                    | Unknown::BadSignature
+                    | Unknown::Caveat(_)
+                    | Unknown::NotResolved
+            )
+        )
+    }
+
     /// The `outcome` label of the `matrix_auth_decisions_total` metric: a fixed, small set.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) fn outcome(&self) -> &'static str {

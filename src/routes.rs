@@ -225,8 +225,7 @@ pub fn is_whoami_route(parts: &Parts) -> bool {
 /// The layer never claims it: such a request passes untouched (its query included) whatever the
 /// layer's rules, as long as its path is normal ([`is_normal_path`]).
 pub fn is_openid_userinfo_route(parts: &Parts) -> bool {
-    parts.method == Method::GET
-        && parts.uri.path().trim_end_matches('/') == "/_matrix/federation/v1/openid/userinfo"
+    parts.method == Method::GET && parts.uri.path() == "/_matrix/federation/v1/openid/userinfo"
 }
 
 #[cfg(test)]

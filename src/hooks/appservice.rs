@@ -100,6 +100,13 @@ impl AppService {
         let ranges: IpRanges = ranges
             .parse()
             .map_err(|e| InvalidRegistration(format!("ip_ranges: {e}")))?;
+        if ranges.is_empty() {
+            // Synapse reads an empty list as no restriction, the opposite of what an empty
+            // allow-list says: refuse it rather than guess.
+            return Err(InvalidRegistration(
+                "ip_ranges: empty (leave it out for no restriction)".into(),
+            ));
+        }
         self.ip_ranges = Some(ranges);
         Ok(self)
     }

@@ -1,5 +1,6 @@
 //! The client's address: the connection's peer, or, only when that peer is a trusted proxy, the
-//! address the proxies reported in `Forwarded` or `X-Forwarded-For`.
+//! address the proxies reported in the one header they write (`X-Forwarded-For` by default, or
+//! `Forwarded`).
 //!
 //! The failed-authentication limiter, application services' IP allow-lists and logs all need it.
 //! A header is believed only from a configured proxy, and only as far as the chain of proxies is
@@ -45,11 +46,26 @@ pub struct IpRanges {
     networks: Arc<[IpNet]>,
 }
 
-/// The proxies whose `Forwarded` and `X-Forwarded-For` headers are believed
-/// (`"10.0.0.0/8, ::1".parse()`, or [`TrustedProxies::new`] from [`IpRanges`]).
+/// The proxies whose forwarding header is believed (`"10.0.0.0/8, ::1".parse()`, or
+/// [`TrustedProxies::new`] from [`IpRanges`]), and which header that is.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct TrustedProxies {
     ranges: IpRanges,
+    header: ForwardedHeader,
+}
+
+/// The header the trusted proxies write the client's address into. Only that one is read, never
+/// the other: a proxy appends to the header it manages and passes the other on as the client
+/// wrote it (nginx's `$proxy_add_x_forwarded_for`, HAProxy's `option forwardfor`, Traefik and
+/// most load balancers write `X-Forwarded-For` only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2`. The default.
+    #[default]
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239).
+    Forwarded,
 }
 
 /// A list of networks that does not parse: the offending entry.
@@ -81,7 +97,7 @@ impl FromStr for IpRanges {
                 entry
                     .parse::<IpNet>()
                     .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
-                    .map(|net| net.trunc())
+                    .map(|net| canonical_net(net.trunc()))
                     .map_err(|_| InvalidIpRanges(entry.to_owned()))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -115,9 +131,19 @@ impl FromStr for TrustedProxies {
 }
 
 impl TrustedProxies {
-    /// These proxies.
+    /// These proxies, writing `X-Forwarded-For`.
     pub fn new(ranges: IpRanges) -> Self {
-        Self { ranges }
+        Self {
+            ranges,
+            header: ForwardedHeader::XForwardedFor,
+        }
+    }
+
+    /// The header these proxies write (default `X-Forwarded-For`); the other is ignored.
+    #[must_use]
+    pub fn header(mut self, header: ForwardedHeader) -> Self {
+        self.header = header;
+        self
     }
 
     /// No trusted proxy: the peer address is the client's, headers are never read.
@@ -136,60 +162,63 @@ impl TrustedProxies {
     }
 
     /// The client behind `peer`: `peer` itself unless it is a trusted proxy; then the rightmost
-    /// hop of `Forwarded` (if the request has one) or `X-Forwarded-For` that is not a trusted
-    /// proxy. A hop that is not an address (`unknown`, an obfuscated name) ends the walk: the
-    /// client is then the last address a trusted proxy vouched for, never a word from the
-    /// client. When every hop is trusted, the leftmost is the client.
-    pub fn client(&self, peer: IpAddr, parts: &Parts) -> IpAddr {
+    /// hop of the configured header that is not a trusted proxy (every trusted proxy appends the
+    /// address it saw, so the hops right of the first untrusted one are the proxies' own words).
+    /// When every hop is trusted, the leftmost is the client; with no header at all, the peer.
+    ///
+    /// `None` when the walk meets a hop it cannot read (not an address, not UTF-8, `unknown`,
+    /// an obfuscated name) before an untrusted one: who is behind it is unknown, and it is never
+    /// taken to be the proxy itself (an allow-list must not pass such a request).
+    pub fn client(&self, peer: IpAddr, parts: &Parts) -> Option<IpAddr> {
         let peer = canonical(peer);
         if !self.contains(peer) {
-            return peer;
+            return Some(peer);
         }
-        let mut hops = Vec::new();
-        if parts.headers.contains_key(FORWARDED) {
-            for value in parts.headers.get_all(FORWARDED) {
-                let Ok(value) = value.to_str() else {
-                    return peer;
-                };
-                hops.extend(value.split(',').map(forwarded_for));
-            }
-        } else {
-            for value in parts.headers.get_all(&X_FORWARDED_FOR) {
-                let Ok(value) = value.to_str() else {
-                    return peer;
-                };
-                hops.extend(value.split(',').map(|hop| parse_hop(hop.trim())));
-            }
-        }
+        let name = match self.header {
+            ForwardedHeader::XForwardedFor => &X_FORWARDED_FOR,
+            ForwardedHeader::Forwarded => &FORWARDED,
+        };
         let mut client = peer;
-        for hop in hops.into_iter().rev() {
-            match hop {
-                Some(addr) => {
-                    client = addr;
-                    if !self.contains(addr) {
-                        break;
-                    }
+        // Lines from the last, hops within a line from the right, without allocating.
+        for line in parts.headers.get_all(name).iter().rev() {
+            for hop in line.as_bytes().rsplit(|&b| b == b',') {
+                let hop = match self.header {
+                    ForwardedHeader::XForwardedFor => parse_hop(hop),
+                    ForwardedHeader::Forwarded => forwarded_for(hop),
+                };
+                client = hop?;
+                if !self.contains(client) {
+                    return Some(client);
                 }
-                None => break,
             }
         }
-        client
+        Some(client)
     }
 }
 
 /// The `for=` of one `Forwarded` element (RFC 7239), if it names an address.
-fn forwarded_for(element: &str) -> Option<IpAddr> {
-    element.split(';').find_map(|pair| {
-        let (key, value) = pair.trim().split_once('=')?;
-        key.trim()
-            .eq_ignore_ascii_case("for")
-            .then(|| parse_hop(value.trim().trim_matches('"')))?
-    })
+fn forwarded_for(element: &[u8]) -> Option<IpAddr> {
+    element.split(|&b| b == b';').find_map(|pair| {
+        let pair = pair.trim_ascii();
+        let at = pair.iter().position(|&b| b == b'=')?;
+        let (key, value) = (&pair[..at], &pair[at + 1..]);
+        if !key.trim_ascii().eq_ignore_ascii_case(b"for") {
+            return None;
+        }
+        let value = value.trim_ascii();
+        let value = value
+            .strip_prefix(b"\"")
+            .and_then(|v| v.strip_suffix(b"\""))
+            .unwrap_or(value);
+        // A `for=` that is no address ends the walk as an unreadable hop does.
+        Some(parse_hop(value))
+    })?
 }
 
 /// An address as proxies write it: `192.0.2.1`, `192.0.2.1:4711`, `2001:db8::1`,
-/// `[2001:db8::1]`, `[2001:db8::1]:4711`.
-fn parse_hop(hop: &str) -> Option<IpAddr> {
+/// `[2001:db8::1]`, `[2001:db8::1]:4711`; surrounding spaces ignored.
+fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
+    let hop = std::str::from_utf8(hop.trim_ascii()).ok()?;
     if let Ok(addr) = hop.parse::<IpAddr>() {
         return Some(canonical(addr));
     }
@@ -198,6 +227,20 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     }
     let inner = hop.strip_prefix('[')?.strip_suffix(']')?;
     inner.parse::<IpAddr>().ok().map(canonical)
+}
+
+/// A network of IPv4-mapped IPv6 addresses (`::ffff:10.0.0.0/104`) as the IPv4 network it
+/// stands for, since addresses are compared in their IPv4 form.
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => {
+                ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(IpNet::V6(v6), IpNet::V4)
+            }
+            None => IpNet::V6(v6),
+        },
+        net => net,
+    }
 }
 
 /// An IPv4-mapped IPv6 address as the IPv4 address it stands for.
@@ -224,10 +267,10 @@ impl fmt::Debug for TrustedProxies {
 mod tests {
     use super::*;
 
-    fn parts(headers: &[(&str, &str)]) -> Parts {
+    fn parts(headers: &[(&str, &[u8])]) -> Parts {
         let mut request = http::Request::get("/x");
         for (name, value) in headers {
-            request = request.header(*name, *value);
+            request = request.header(*name, http::HeaderValue::from_bytes(value).unwrap());
         }
         request.body(()).unwrap().into_parts().0
     }
@@ -240,16 +283,16 @@ mod tests {
     fn an_untrusted_peer_is_the_client_whatever_it_claims() {
         let proxies: TrustedProxies = "10.0.0.0/8".parse().unwrap();
         let spoofed = parts(&[
-            ("x-forwarded-for", "203.0.113.9"),
-            ("forwarded", "for=203.0.113.9"),
+            ("x-forwarded-for", b"203.0.113.9"),
+            ("forwarded", b"for=203.0.113.9"),
         ]);
         assert_eq!(
             proxies.client(ip("198.51.100.7"), &spoofed),
-            ip("198.51.100.7")
+            Some(ip("198.51.100.7"))
         );
         assert_eq!(
             TrustedProxies::none().client(ip("10.0.0.1"), &spoofed),
-            ip("10.0.0.1")
+            Some(ip("10.0.0.1"))
         );
     }
 
@@ -257,48 +300,78 @@ mod tests {
     fn the_rightmost_untrusted_hop_of_x_forwarded_for() {
         let proxies: TrustedProxies = "10.0.0.0/8, 192.168.0.1".parse().unwrap();
         let peer = ip("10.0.0.2");
-        let client = |value: &str| proxies.client(peer, &parts(&[("x-forwarded-for", value)]));
-        assert_eq!(client("198.51.100.7"), ip("198.51.100.7"));
-        // The client wrote the leftmost entry; the proxies appended theirs.
+        let client = |value: &[u8]| proxies.client(peer, &parts(&[("x-forwarded-for", value)]));
+        assert_eq!(client(b"198.51.100.7"), Some(ip("198.51.100.7")));
+        // The client wrote the leftmost entries; the proxies appended theirs.
         assert_eq!(
-            client("6.6.6.6, 198.51.100.7, 192.168.0.1"),
-            ip("198.51.100.7")
+            client(b"6.6.6.6, 198.51.100.7, 192.168.0.1"),
+            Some(ip("198.51.100.7"))
         );
-        assert_eq!(client("6.6.6.6,198.51.100.7:4711"), ip("198.51.100.7"));
+        assert_eq!(
+            client(b"6.6.6.6,198.51.100.7:4711"),
+            Some(ip("198.51.100.7"))
+        );
+        assert_eq!(client(b"[2001:db8::7]:4711"), Some(ip("2001:db8::7")));
         // Every hop trusted: the leftmost.
-        assert_eq!(client("10.9.9.9, 192.168.0.1"), ip("10.9.9.9"));
-        // A hop that is no address ends the walk at the last vouched-for address.
-        assert_eq!(client("198.51.100.7, garbage, 10.1.1.1"), ip("10.1.1.1"));
-        assert_eq!(client("garbage"), peer);
-        assert_eq!(client(""), peer);
+        assert_eq!(client(b"10.9.9.9, 192.168.0.1"), Some(ip("10.9.9.9")));
+        // Garbage the client wrote left of its own address changes nothing.
+        assert_eq!(
+            client(b"garbage, \xff, 198.51.100.7"),
+            Some(ip("198.51.100.7"))
+        );
+        // An unreadable hop before any untrusted one: nobody knows who is behind it, and it is
+        // never the proxy.
+        assert_eq!(client(b"198.51.100.7, garbage, 10.1.1.1"), None);
+        assert_eq!(client(b"garbage"), None);
+        assert_eq!(client(b"\xff"), None);
+        assert_eq!(client(b""), None);
+        assert_eq!(client(b"198.51.100.7,"), None);
         // No header: the peer.
-        assert_eq!(proxies.client(peer, &parts(&[])), peer);
-        // Several header lines are one list, in order.
+        assert_eq!(proxies.client(peer, &parts(&[])), Some(peer));
+        // Several header lines are one list, in order; a client's bad line does not hide the
+        // proxy's clean one after it.
         let two = parts(&[
-            ("x-forwarded-for", "6.6.6.6"),
-            ("x-forwarded-for", "198.51.100.7"),
+            ("x-forwarded-for", b"\xff\xfe"),
+            ("x-forwarded-for", b"198.51.100.7"),
         ]);
-        assert_eq!(proxies.client(peer, &two), ip("198.51.100.7"));
+        assert_eq!(proxies.client(peer, &two), Some(ip("198.51.100.7")));
     }
 
     #[test]
-    fn forwarded_wins_over_x_forwarded_for() {
-        let proxies: TrustedProxies = "10.0.0.0/8".parse().unwrap();
+    fn only_the_configured_header_is_read() {
         let peer = ip("10.0.0.2");
         let both = parts(&[
             (
                 "forwarded",
-                "for=\"[2001:db8::7]:4711\";proto=https, for=10.0.0.3",
+                b"for=\"[2001:db8::7]:4711\";proto=https, for=10.0.0.3",
             ),
-            ("x-forwarded-for", "198.51.100.7"),
+            ("x-forwarded-for", b"198.51.100.7"),
         ]);
-        assert_eq!(proxies.client(peer, &both), ip("2001:db8::7"));
-        let obfuscated = parts(&[("forwarded", "for=_hidden, for=198.51.100.7")]);
-        assert_eq!(proxies.client(peer, &obfuscated), ip("198.51.100.7"));
-        let unknown = parts(&[("forwarded", "for=unknown")]);
-        assert_eq!(proxies.client(peer, &unknown), peer);
-        let by_only = parts(&[("forwarded", "by=10.0.0.9;proto=http")]);
-        assert_eq!(proxies.client(peer, &by_only), peer);
+        let xff: TrustedProxies = "10.0.0.0/8".parse().unwrap();
+        assert_eq!(xff.client(peer, &both), Some(ip("198.51.100.7")));
+        let only_forwarded = parts(&[("forwarded", b"for=203.0.113.1")]);
+        assert_eq!(
+            xff.client(peer, &only_forwarded),
+            Some(peer),
+            "a client's Forwarded is not read"
+        );
+        let fwd = xff.clone().header(ForwardedHeader::Forwarded);
+        assert_eq!(fwd.client(peer, &both), Some(ip("2001:db8::7")));
+        let hidden = parts(&[("forwarded", b"for=_hidden, for=198.51.100.7")]);
+        assert_eq!(fwd.client(peer, &hidden), Some(ip("198.51.100.7")));
+        assert_eq!(
+            fwd.client(peer, &parts(&[("forwarded", b"for=unknown")])),
+            None
+        );
+        assert_eq!(
+            fwd.client(peer, &parts(&[("forwarded", b"by=10.0.0.9;proto=http")])),
+            None
+        );
+        assert_eq!(
+            fwd.client(peer, &parts(&[("x-forwarded-for", b"198.51.100.7")])),
+            Some(peer),
+            "an X-Forwarded-For is not read"
+        );
     }
 
     #[test]
@@ -306,8 +379,14 @@ mod tests {
         let proxies: TrustedProxies = "127.0.0.1".parse().unwrap();
         let peer = ip("::ffff:127.0.0.1");
         assert!(proxies.contains(peer));
-        let request = parts(&[("x-forwarded-for", "::ffff:198.51.100.7")]);
-        assert_eq!(proxies.client(peer, &request), ip("198.51.100.7"));
+        let request = parts(&[("x-forwarded-for", b"::ffff:198.51.100.7")]);
+        assert_eq!(proxies.client(peer, &request), Some(ip("198.51.100.7")));
+        // Networks written in the mapped form are IPv4 networks too.
+        let ranges: IpRanges = "::ffff:10.0.0.0/104, ::ffff:127.0.0.1".parse().unwrap();
+        assert!(ranges.contains(ip("10.2.3.4")));
+        assert!(ranges.contains(ip("::ffff:10.2.3.4")));
+        assert!(ranges.contains(ip("127.0.0.1")));
+        assert!(!ranges.contains(ip("11.0.0.1")));
     }
 
     #[test]
@@ -324,7 +403,7 @@ mod tests {
             "10.0.0.0/8/8",
         ] {
             assert_eq!(
-                bad.parse::<TrustedProxies>(),
+                bad.parse::<IpRanges>(),
                 Err(InvalidIpRanges(bad.to_owned())),
                 "{bad}"
             );

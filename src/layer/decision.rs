@@ -415,7 +415,7 @@ impl Policy {
         }
         .or_else(|| parts.extensions.get::<PeerAddr>().map(|peer| peer.0.ip()))
         .or_else(|| parts.extensions.get::<SocketAddr>().map(SocketAddr::ip))?;
-        Some(self.trusted_proxies.client(peer, parts))
+        self.trusted_proxies.client(peer, parts)
     }
 
     pub(crate) fn admit<B>(
@@ -464,11 +464,21 @@ impl Policy {
         let client = self.client_addr(parts);
         #[cfg(feature = "limiter")]
         if let (Some(limiter), Some(addr)) = (&self.failure_limiter, client) {
-            if rejection.is_unknown_token() {
+            if rejection.is_guessable_failure() {
                 limiter.note_failure(addr);
             }
         }
         self.respond(rejection, client)
+    }
+
+    fn limiter_debug(&self) -> Option<&dyn fmt::Debug> {
+        #[cfg(feature = "limiter")]
+        return self
+            .failure_limiter
+            .as_deref()
+            .map(|limiter| limiter as &dyn fmt::Debug);
+        #[cfg(not(feature = "limiter"))]
+        return None;
     }
 
     /// The response to a request refused before its token was looked at.
@@ -508,6 +518,9 @@ impl fmt::Debug for Policy {
             .field("optional", &self.optional)
             .field("optional_rules", &self.optional_when.len())
             .field("custom_renderer", &self.renderer.is_some())
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("peer_addr_reader", &self.peer_addr.is_some())
+            .field("limiter", &self.limiter_debug())
             .finish_non_exhaustive()
     }
 }

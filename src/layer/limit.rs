@@ -1,19 +1,7 @@
 //! The failed-authentication limiter (feature `limiter`): per client address, a budget of token
 //! checks that failed; past it, that address's requests whose token is not already known good
 //! get `429 M_LIMIT_EXCEEDED` before any verification.
-//!
-//! Every bad token costs a full verification (or a resolver or token-server call), and no
-//! homeserver limits them today (Synapse, MAS and palpo limit `/login` only). What counts is
-//! `M_UNKNOWN_TOKEN`: a token that was checked and failed (forged, unknown, revoked, expired).
-//! `M_MISSING_TOKEN` does not count: a request without a usable token costs nothing to refuse,
-//! and clients send them legitimately (before login, on optional routes). A token the
-//! verified-token cache holds, or an application service's `as_token`, passes even from a
-//! limited address, so valid users behind the same NAT keep working.
-//!
-//! The buckets are `governor`'s (keyed by address; an IPv6 address by its /64, which one host
-//! usually has whole). Memory is bounded: the buckets of addresses that stopped failing are
-//! dropped as they refill, and past `max_addresses` tracked addresses the limiter forgets them all
-//! (failing open for a moment rather than growing without bound).
+//! See [`FailureLimit`] for what counts and what is exempt.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -31,6 +19,30 @@ pub const DEFAULT_MAX_ADDRESSES: usize = 100_000;
 
 /// How many failed token checks an address may make: `per_minute` at once, then one every
 /// `60 s / per_minute` (a token bucket).
+///
+/// Every bad token costs a full verification (or a resolver or token-server call), and no
+/// homeserver limits them today (Synapse, MAS and palpo limit `/login` only). What counts is a
+/// token anyone could send at will that was checked and failed: forged, garbled, too long,
+/// unknown to the key ring or to the resolver, or with a caveat that does not hold.
+/// `M_MISSING_TOKEN` does not count: a request without a usable token costs nothing to refuse,
+/// and clients send them legitimately (before login, on optional routes). Nor do expired, revoked
+/// or deactivated tokens: they were minted here, clients send them in the ordinary course, and
+/// counting them would limit busy addresses rather than attackers.
+///
+/// A token the verified-token cache holds, or an application service's `as_token`, passes even
+/// from a limited address, so valid users behind the same NAT keep working once their token has
+/// been seen. Not exempt: a valid macaroon the cache has not seen (a new login, a refreshed token,
+/// one evicted from a full cache, any after a restart) and every opaque token (a resolver's
+/// answers are not cached here); from a limited address they wait for the limit like the flood.
+///
+/// The buckets are `governor`'s, keyed by address; an IPv6 address by its /56, the smallest
+/// block providers hand a customer (one host usually has a /64 to itself, and a /48 is 256 /56s,
+/// so an attacker with one needs 256 times the budget, not 65,536 times). Memory is bounded: the
+/// buckets of addresses that stopped failing are dropped as they refill, limits that ran out are
+/// swept, and past `max_addresses` limited addresses one of them (effectively at random) gives
+/// way to each new one.
+/// Only if more than `max_addresses` addresses fail within one refill period does the limiter
+/// forget every bucket (failing open for a moment rather than growing without bound).
 ///
 /// ```
 /// use tower_matrix_auth::layer::FailureLimit;
@@ -71,15 +83,17 @@ pub(crate) struct FailureLimiter {
     limited: Mutex<HashMap<IpAddr, Instant>>,
     /// How many entries `limited` has, so that the common case (none) takes no lock.
     limited_count: AtomicUsize,
+    /// When expired limits are next swept.
+    sweep_at: Mutex<Instant>,
     failures: AtomicUsize,
     max_addresses: usize,
 }
 
-/// An address as the limiter keys it: an IPv6 address by its /64.
+/// An address as the limiter keys it: an IPv6 address by its /56.
 fn key(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            let prefix = u128::from(v6) & !((1u128 << 72) - 1);
             IpAddr::V6(Ipv6Addr::from(prefix))
         }
         v4 => v4,
@@ -95,6 +109,7 @@ impl FailureLimiter {
             clock: DefaultClock::default(),
             limited: Mutex::new(HashMap::new()),
             limited_count: AtomicUsize::new(0),
+            sweep_at: Mutex::new(Instant::now()),
             failures: AtomicUsize::new(0),
             max_addresses: limit.max_addresses,
         }
@@ -109,10 +124,16 @@ impl FailureLimiter {
         self.limited_count.load(Ordering::Relaxed) > 0
     }
 
-    /// How long `addr` is still limited, if it is.
+    /// How long `addr` is still limited, if it is. Limits that ran out are swept here, at most
+    /// once a second, so that once an attack is over the fast path ([`Self::any_limited`])
+    /// comes back.
     pub(crate) fn limited_for(&self, addr: IpAddr) -> Option<Duration> {
         let now = Instant::now();
         let mut limited = self.limited();
+        if now >= self.next_sweep(now) {
+            limited.retain(|_, until| *until > now);
+            self.limited_count.store(limited.len(), Ordering::Relaxed);
+        }
         let until = *limited.get(&key(addr))?;
         if until > now {
             return Some(until - now);
@@ -120,6 +141,16 @@ impl FailureLimiter {
         limited.remove(&key(addr));
         self.limited_count.store(limited.len(), Ordering::Relaxed);
         None
+    }
+
+    /// When the next sweep of expired limits is due; moves it a second on when it is now.
+    fn next_sweep(&self, now: Instant) -> Instant {
+        let mut next = self.sweep_at.lock().unwrap_or_else(|e| e.into_inner());
+        let due = *next;
+        if now >= due {
+            *next = now + Duration::from_secs(1);
+        }
+        due
     }
 
     /// Counts a failed token check from `addr`; past the budget the address is limited until
@@ -134,7 +165,11 @@ impl FailureLimiter {
                 let now = Instant::now();
                 limited.retain(|_, until| *until > now);
                 if limited.len() >= self.max_addresses {
-                    limited.clear();
+                    // Full of live limits: one gives way (the map's first, effectively random),
+                    // rather than every limited address going free at once.
+                    if let Some(evicted) = limited.keys().next().copied() {
+                        limited.remove(&evicted);
+                    }
                 }
             }
             limited.insert(addr, Instant::now() + wait);
@@ -208,16 +243,55 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_counts_by_its_64() {
+    fn ipv6_counts_by_its_56() {
         let limiter = limiter(1, 100);
         limiter.note_failure("2001:db8::1".parse().unwrap());
-        limiter.note_failure("2001:db8::2".parse().unwrap());
+        limiter.note_failure("2001:db8:0:ff::2".parse().unwrap());
         assert!(limiter
             .limited_for("2001:db8::ffff".parse().unwrap())
             .is_some());
         assert!(limiter
-            .limited_for("2001:db8:0:1::1".parse().unwrap())
+            .limited_for("2001:db8:0:100::1".parse().unwrap())
             .is_none());
+    }
+
+    #[test]
+    fn expired_limits_are_swept_and_the_fast_path_returns() {
+        let limiter = limiter(60, 100);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..61 {
+            limiter.note_failure(a);
+        }
+        assert!(limiter.any_limited());
+        // A limit of about a second, then more than a second for the sweep to be due.
+        std::thread::sleep(Duration::from_millis(2_100));
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(limiter.limited_for(b).is_none());
+        assert!(!limiter.any_limited(), "{:?}", limiter.tracked());
+    }
+
+    #[test]
+    fn a_full_map_of_limits_lets_one_go_not_all() {
+        let limiter = limiter(1, 10);
+        let addrs: Vec<IpAddr> = (0..11u32)
+            .map(|i| IpAddr::from((0xc000_0200 + i).to_be_bytes()))
+            .collect();
+        // Three failures each: the eleventh address's bucket outgrows the bound of buckets, which
+        // are all forgotten, so it needs one more failure than the others to be limited.
+        for addr in &addrs {
+            for _ in 0..3 {
+                limiter.note_failure(*addr);
+            }
+        }
+        let still = addrs
+            .iter()
+            .filter(|a| limiter.limited_for(**a).is_some())
+            .count();
+        assert_eq!(still, 10, "one gave way to the eleventh");
+        assert!(
+            limiter.limited_for(addrs[10]).is_some(),
+            "the newest is limited"
+        );
     }
 
     #[test]

@@ -10,21 +10,55 @@ use std::time::Duration;
 use crate::error::Rejection;
 use crate::identity::{Credential, MatrixUser};
 
+// Every label is written out as a literal: the `metrics` macros then build a static key, where a
+// label value computed at run time would cost an allocation on every request.
+
 /// One admitted request.
 pub(crate) fn admitted(user: Option<&MatrixUser>) {
-    let credential = match user.map(MatrixUser::credential) {
-        None => "none",
-        Some(Credential::Macaroon) => "macaroon",
-        Some(Credential::Opaque) => "opaque",
-        Some(Credential::AppService) => "appservice",
-    };
-    metrics::counter!("matrix_auth_decisions_total", "outcome" => "ok", "credential" => credential)
-        .increment(1);
+    macro_rules! ok {
+        ($credential:literal) => {
+            metrics::counter!(
+                "matrix_auth_decisions_total",
+                "outcome" => "ok",
+                "credential" => $credential
+            )
+            .increment(1)
+        };
+    }
+    match user.map(MatrixUser::credential) {
+        None => ok!("none"),
+        Some(Credential::Macaroon) => ok!("macaroon"),
+        Some(Credential::Opaque) => ok!("opaque"),
+        Some(Credential::AppService) => ok!("appservice"),
+    }
 }
 
 /// One refused request.
 pub(crate) fn refused(rejection: &Rejection) {
-    metrics::counter!("matrix_auth_decisions_total", "outcome" => rejection.outcome()).increment(1);
+    macro_rules! refused {
+        ($($outcome:literal),*) => {
+            match rejection.outcome() {
+                $($outcome => metrics::counter!(
+                    "matrix_auth_decisions_total",
+                    "outcome" => $outcome
+                )
+                .increment(1),)*
+                other => debug_assert!(false, "outcome `{other}` has no counter"),
+            }
+        };
+    }
+    refused!(
+        "missing_token",
+        "unknown_token",
+        "expired",
+        "locked",
+        "suspended",
+        "deactivated",
+        "guest_forbidden",
+        "appservice_forbidden",
+        "unavailable",
+        "rate_limited"
+    );
 }
 
 /// What the layer waited for, and how long.
@@ -36,15 +70,22 @@ pub(crate) enum Wait {
 
 /// Time spent waiting on a store or a resolver.
 pub(crate) fn waited(on: Wait, waited: Duration) {
-    let on = match on {
-        Wait::Revocation => "revocation",
-        Wait::Resolver => "resolver",
-    };
-    metrics::histogram!("matrix_auth_wait_seconds", "on" => on).record(waited.as_secs_f64());
+    let seconds = waited.as_secs_f64();
+    match on {
+        Wait::Revocation => {
+            metrics::histogram!("matrix_auth_wait_seconds", "on" => "revocation").record(seconds)
+        }
+        Wait::Resolver => {
+            metrics::histogram!("matrix_auth_wait_seconds", "on" => "resolver").record(seconds)
+        }
+    }
 }
 
 /// A look-up in the verified-token cache.
 pub(crate) fn token_cache(hit: bool) {
-    let result = if hit { "hit" } else { "miss" };
-    metrics::counter!("matrix_auth_token_cache_total", "result" => result).increment(1);
+    if hit {
+        metrics::counter!("matrix_auth_token_cache_total", "result" => "hit").increment(1);
+    } else {
+        metrics::counter!("matrix_auth_token_cache_total", "result" => "miss").increment(1);
+    }
 }

@@ -21,7 +21,7 @@
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `matrix_auth_decisions_total` | counter | `outcome`: `ok`, `missing_token`, `unknown_token`, `expired`, `locked`, `suspended`, `deactivated`, `guest_forbidden`, `appservice_forbidden`, `unavailable`, `rate_limited`; for `ok`, `credential`: `macaroon`, `opaque`, `appservice`, `oauth2`, or `none` (an optional route without a token) |
+//! | `matrix_auth_decisions_total` | counter | `outcome`: `ok`, `missing_token`, `unknown_token`, `expired`, `locked`, `suspended`, `deactivated`, `guest_forbidden`, `appservice_forbidden`, `unavailable`, `rate_limited`; for `ok`, `credential`: `macaroon`, `opaque`, `appservice`, or `none` (an optional route without a token) |
 //! | `matrix_auth_wait_seconds` | histogram | `on`: `revocation` (a store that answered later), `resolver` (opaque tokens, introspection) |
 //! | `matrix_auth_token_cache_total` | counter | `result`: `hit`, `miss` (the verified-token cache, on the layer's path) |
 //!
@@ -40,7 +40,9 @@ pub(crate) mod metrics;
 mod service;
 
 pub use body::ResponseBody;
-pub use client_addr::{ClientAddr, InvalidIpRanges, IpRanges, PeerAddr, TrustedProxies};
+pub use client_addr::{
+    ClientAddr, ForwardedHeader, InvalidIpRanges, IpRanges, PeerAddr, TrustedProxies,
+};
 pub use future::ResponseFuture;
 #[cfg(feature = "limiter")]
 #[cfg_attr(docsrs, doc(cfg(feature = "limiter")))]
@@ -271,10 +273,13 @@ impl MatrixAuthLayer {
         self.update(|c| c.appservices = appservices)
     }
 
-    /// Believes `Forwarded` and `X-Forwarded-For` from these proxies only
-    /// ([`TrustedProxies::client`]): the client's address is then the rightmost hop that is not
-    /// one of them. From any other peer the headers change nothing. The address goes into each
-    /// admitted request's extensions as [`ClientAddr`].
+    /// Believes the forwarding header (`X-Forwarded-For`, or `Forwarded` with
+    /// [`TrustedProxies::header`]) from these proxies only ([`TrustedProxies::client`]): the
+    /// client's address is then the rightmost hop that is not one of them. From any other peer
+    /// the header changes nothing, and the other header is never read. The address goes into
+    /// each admitted request's extensions as [`ClientAddr`]; when a hop the proxies report cannot
+    /// be read, the address is unknown (no [`ClientAddr`], never limited, refused by an
+    /// application service's IP ranges).
     pub fn trusted_proxies(self, proxies: TrustedProxies) -> Self {
         self.update(|c| c.trusted_proxies = proxies)
     }

@@ -7,7 +7,7 @@ use axum::extract::ConnectInfo;
 use axum::{Json, Router};
 use http::StatusCode;
 use tower_matrix_auth::hooks::{AppService, AppServices, ManualClock};
-use tower_matrix_auth::layer::ClientAddr;
+use tower_matrix_auth::layer::{ClientAddr, ForwardedHeader, TrustedProxies};
 use tower_matrix_auth::{MatrixAuthLayer, MatrixUser, Verifier};
 
 use crate::common::*;
@@ -96,13 +96,20 @@ async fn forwarded_headers_count_only_from_trusted_proxies() {
     )
     .await;
     assert_eq!(json["client"], "198.51.100.7");
-    let (_, json) = get(
-        trusted,
-        "/x",
-        &token,
-        &[("Forwarded", "for=\"[2001:db8::7]:1234\"")],
+    // `Forwarded` only from proxies configured to write it.
+    let forwarded = &[("Forwarded", "for=\"[2001:db8::7]:1234\"")];
+    let (_, json) = get(trusted, "/x", &token, forwarded).await;
+    assert_eq!(json["client"], "127.0.0.1");
+    let rfc7239 = serve(
+        layer().trusted_proxies(
+            "127.0.0.1"
+                .parse::<TrustedProxies>()
+                .unwrap()
+                .header(ForwardedHeader::Forwarded),
+        ),
     )
     .await;
+    let (_, json) = get(rfc7239, "/x", &token, forwarded).await;
     assert_eq!(json["client"], "2001:db8::7");
     let (_, json) = get(trusted, "/x", &token, &[]).await;
     assert_eq!(json["client"], "127.0.0.1");
@@ -241,4 +248,73 @@ async fn raw_get(
         serde_json::from_str(body).unwrap_or_default(),
         head.to_ascii_lowercase(),
     )
+}
+
+/// The client cannot choose its address behind a proxy that appends to `X-Forwarded-For`: a
+/// `Forwarded` it writes is never read, and bytes it writes that are no address (or not UTF-8)
+/// make the address unknown rather than the proxy's, so an allow-list refuses.
+#[tokio::test]
+async fn a_client_cannot_choose_its_address_behind_a_proxy() {
+    let token = access_token(&[]);
+    let addr = serve(layer().trusted_proxies("127.0.0.1".parse().unwrap())).await;
+    // What nginx sends for a client at 203.0.113.1 that wrote its own `Forwarded`.
+    let (_, json) = get(
+        addr,
+        "/x",
+        &token,
+        &[
+            ("Forwarded", "for=198.51.100.7"),
+            ("X-Forwarded-For", "203.0.113.1"),
+        ],
+    )
+    .await;
+    assert_eq!(json["client"], "203.0.113.1");
+    let (_, json) = get(addr, "/x", &token, &[("X-Forwarded-For", "unknown")]).await;
+    assert_eq!(
+        json["client"],
+        serde_json::Value::Null,
+        "unknown, not the proxy"
+    );
+
+    let ranged = AppServices::new()
+        .with(
+            AppService::new("ranged", AS_TOKEN, "@ranged:example.org")
+                .unwrap()
+                .ip_ranges("127.0.0.1")
+                .unwrap(),
+        )
+        .unwrap();
+    let addr = serve(
+        layer()
+            .appservices(ranged)
+            .trusted_proxies("127.0.0.1".parse().unwrap()),
+    )
+    .await;
+    // Directly from the allowed host: passes.
+    assert_eq!(get(addr, "/x", AS_TOKEN, &[]).await.0, StatusCode::OK);
+    // Through the proxy from elsewhere, with junk written before the proxy's hop: refused.
+    for junk in ["garbage, 203.0.113.1", "203.0.113.1"] {
+        let (status, _) = get(addr, "/x", AS_TOKEN, &[("X-Forwarded-For", junk)]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{junk}");
+    }
+    // A hop the proxy reports that nobody can read: the address is unknown, refused.
+    let (status, _) = get(addr, "/x", AS_TOKEN, &[("X-Forwarded-For", "_hidden")]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+/// Expired tokens are ours: clients send them in the ordinary course (several requests in flight
+/// when a token expires), so they never count against the address, and the refreshed token that
+/// follows is not limited.
+#[tokio::test]
+async fn expired_tokens_are_not_failures_for_the_limiter() {
+    use tower_matrix_auth::layer::FailureLimit;
+    let addr = serve(layer().failure_limit(FailureLimit::per_minute(2).unwrap())).await;
+    let expired = access_token(&[&format!("time < {}", NOW_MS - 1)]);
+    for _ in 0..6 {
+        let (status, json) = get(addr, "/x", &expired, &[]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(json["soft_logout"], true);
+    }
+    let refreshed = access_token(&["nonce = refreshed"]);
+    assert_eq!(get(addr, "/x", &refreshed, &[]).await.0, StatusCode::OK);
 }

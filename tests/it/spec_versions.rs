@@ -123,6 +123,8 @@ async fn the_federation_openid_token_is_never_claimed() {
     let addr = serve_echo(layer()).await;
     for path in [
         "/_matrix/federation/v1/openid/userinfo/x?access_token=openid_abc123",
+        "/_matrix/federation/v1/openid/userinfo/?access_token=openid_abc123",
+        "/_matrix/federation/v1/openid/%75serinfo?access_token=openid_abc123",
         "/_matrix/federation/v1/../v1/openid/userinfo?access_token=openid_abc123",
         "/_matrix/client/v3/openid/userinfo?access_token=openid_abc123",
     ] {
