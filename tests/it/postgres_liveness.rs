@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tower_matrix_auth::{
     hooks::{ManualClock, Revocation, RevocationStatus},
     lifecycle::{NonceKind, SessionId, SessionRequest, TokenNonce},
-    store::PostgresOptions,
+    store::{PostgresOptions, RefreshMode, TokenRef},
     Issuer, MatrixUser, PostgresStore, Sessions, TokenType, Verifier,
 };
 
@@ -76,6 +76,11 @@ async fn admin(dbname: &str) -> tokio_postgres::Client {
     .unwrap();
     tokio::spawn(connection);
     client
+}
+
+/// A second plain connection, for a transaction that holds locks while `admin` looks on.
+async fn admin_connection(dbname: &str) -> tokio_postgres::Client {
+    admin(dbname).await
 }
 
 async fn connections(admin: &tokio_postgres::Client, application_name: &str) -> Vec<i32> {
@@ -213,6 +218,11 @@ async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
     for user in [&kept, &early, &late, &own] {
         assert_eq!(a.check(user).await.unwrap(), RevocationStatus::Active);
     }
+    // A write before the partition, so that A's pool holds a connection through the proxy that
+    // the partition cuts (a connection opened later would get through: the database is
+    // reachable, and a write that reaches it is as good as any).
+    let warm = login(&on_a, "@partition-warm");
+    on_a.logout(&warm).await.unwrap();
 
     proxy.blackhole();
     let cut = Instant::now();
@@ -220,7 +230,8 @@ async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
     // its commit A must not call the token active either.
     on_b.logout(&early).await.unwrap();
     let early_committed = Instant::now();
-    // A write on A neither hangs nor keeps the writer: it fails once A gives the link up.
+    // A write on A's cut connection neither hangs nor keeps the connection: it fails once A
+    // gives the link up.
     let write = tokio::spawn({
         let own = own.clone();
         async move { (on_a.logout(&own).await, cut.elapsed()) }
@@ -384,7 +395,7 @@ async fn setups_that_keep_failing_never_multiply_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_writer_is_noticed_and_replaced() {
+async fn dead_writing_connections_are_noticed_and_replaced() {
     if crate::common::pg::skip() {
         return;
     }
@@ -395,31 +406,37 @@ async fn a_dead_writer_is_noticed_and_replaced() {
         .await
         .unwrap();
     let b = PostgresStore::connect(&database_url()).await.unwrap();
-    let user = login(&engine(&b), "@writer-dies");
-    // The writer connects after the listener.
-    let pids = connections(&admin, &application_name).await;
-    assert_eq!(pids.len(), 2);
-    admin
-        .execute("SELECT pg_terminate_backend($1)", &[&pids[1]])
-        .await
-        .unwrap();
-    let start = Instant::now();
     let on_a = engine(&a);
+    // Writes open the pool's connections, after the listener.
+    let warm = login(&on_a, "@writer-warm");
+    on_a.logout(&warm).await.unwrap();
+    let user = login(&engine(&b), "@writer-dies");
+    let pids = connections(&admin, &application_name).await;
+    assert!(pids.len() >= 2, "{pids:?}");
+    for pid in &pids[1..] {
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[pid])
+            .await
+            .unwrap();
+    }
+    let start = Instant::now();
     loop {
         if on_a.logout(&user).await.is_ok() {
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "writes on A still fail {:?} after its writer died",
+            "writes on A still fail {:?} after its writers died",
             start.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!(
-        "writer replaced: a write succeeded {:?} after it died",
+        "writers replaced: a write succeeded {:?} after they died",
         start.elapsed()
     );
+    // The listener was not touched: A never stopped answering.
+    assert!(a.is_healthy());
     wait_until(Duration::from_secs(5), || {
         matches!(
             poll_once(b.check(&user)),
@@ -427,7 +444,109 @@ async fn a_dead_writer_is_noticed_and_replaced() {
         )
     })
     .await;
-    assert!(connections(&admin, &application_name).await.len() <= 2);
+    let most = 1 + PostgresOptions::default().get_max_connections();
+    assert!(connections(&admin, &application_name).await.len() <= most);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writing_connection_dying_mid_write_fails_that_write_only() {
+    if crate::common::pg::skip() {
+        return;
+    }
+    let (addr, dbname) = database();
+    let admin = admin(&dbname).await;
+    let locker = admin_connection(&dbname).await;
+    let application_name = unique("dies_mid_write");
+    let a = PostgresStore::connect(&conninfo(addr, &dbname, &application_name))
+        .await
+        .unwrap();
+    let on_a = engine(&a);
+    let user = login(&on_a, "@mid-write");
+    on_a.logout(&user).await.unwrap();
+    // Another session holds the row: A's next write on it waits on the row lock...
+    let key = format!("{:032x}", TokenRef::of(&user).session.as_u128());
+    locker
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM matrix_auth_sessions WHERE session_id = '{key}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let write = tokio::spawn({
+        let on_a = engine(&a);
+        let user = user.clone();
+        async move {
+            let start = Instant::now();
+            (on_a.logout(&user).await, start.elapsed())
+        }
+    });
+    let waiting = loop {
+        let rows = admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[&application_name],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = rows.first() {
+            break row.get::<_, i32>(0);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // ...and its connection dies under it.
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&waiting])
+        .await
+        .unwrap();
+    let (outcome, took) = write.await.unwrap();
+    assert!(outcome.is_err(), "a write whose connection died succeeded");
+    assert!(took < Duration::from_secs(5), "it took {took:?} to fail");
+    assert!(a.is_healthy(), "the listener is not the writer");
+    locker.batch_execute("COMMIT").await.unwrap();
+    // The next write takes another connection and goes through; the row stayed consistent.
+    engine(&a).logout(&user).await.unwrap();
+    let version: i64 = admin
+        .query_one(
+            "SELECT version FROM matrix_auth_sessions WHERE session_id = $1",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 2, "two logouts committed, the killed one did not");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_pooled_refreshes_of_one_token_across_two_processes_have_one_winner() {
+    if crate::common::pg::skip() {
+        return;
+    }
+    let a = PostgresStore::connect(&database_url()).await.unwrap();
+    let b = PostgresStore::connect(&database_url()).await.unwrap();
+    for round in 0..5 {
+        let tokens = engine(&a).login(
+            &uid(&format!("@one-winner-{round}")),
+            &SessionRequest::new().refresh(true),
+        );
+        let refresh = tokens.refresh_token.unwrap();
+        // Sixteen tasks, eight a process, each process's writes on its own pool's connections.
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let on = engine(if i % 2 == 0 { &a } else { &b });
+                let refresh = refresh.clone();
+                tokio::spawn(async move {
+                    let parts = http::Request::new(()).into_parts().0;
+                    on.refresh(refresh.as_bytes(), RefreshMode::SingleUse, &parts)
+                        .await
+                        .is_ok()
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for task in tasks {
+            winners += usize::from(task.await.unwrap());
+        }
+        assert_eq!(winners, 1, "round {round}: {winners} winners");
+    }
 }
 
 /// A token naming a generation no row has heard of: a session nonce (first caveat, as the

@@ -114,8 +114,10 @@ fn engine(store: PostgresStore) -> Sessions {
 /// One process of a row: `clients` tasks refreshing their own sessions from `start_ms` for
 /// `seconds`; writes every refresh's latency (µs, one a line) to `out`.
 async fn worker(args: Args) {
-    let options = PostgresOptions::default();
-    let _ = args.pool;
+    let mut options = PostgresOptions::default();
+    if let Some(pool) = args.pool {
+        options = options.max_connections(pool);
+    }
     let store = PostgresStore::connect_with(&args.url, options)
         .await
         .expect("connecting the store");
