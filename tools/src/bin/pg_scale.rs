@@ -8,9 +8,10 @@
 //! pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE
 //! ```
 //!
-//! `run` prints one table: for each process count, pgbench's rate (the ceiling, with as many
-//! listening connections as the store has processes) and the store's, as req/s, p50/p99 and the
-//! store's fraction of the ceiling. Every process of a row runs `clients / procs` tasks; each
+//! `run` prints one table: for each process count, pgbench's rates (the ceilings, with as many
+//! listening connections as the store has processes: one refresh's work as a transaction of
+//! separate statements, and as the one statement the store sends) and the store's, as req/s,
+//! p50/p99 and the store's fraction of each ceiling. Every process of a row runs `clients / procs` tasks; each
 //! task logs in once and then refreshes its session (`POST /_matrix/client/v3/refresh`'s path,
 //! `RefreshMode::Rotating`, each refresh with the previous one's refresh token, so each is one
 //! write that promotes the previous generation and mints the next).
@@ -217,21 +218,33 @@ fn psql(url: &str, sql: &str) {
     assert!(status.success(), "psql failed: {sql}");
 }
 
+/// The two ceilings: what one refresh must do as a transaction of separate statements (lock,
+/// update, notify: five round trips), and as the single statement the store sends.
+#[derive(Clone, Copy)]
+enum Script {
+    Transaction,
+    Statement,
+}
+
 /// pgbench with the statements one refresh needs, `listeners` connections listening.
-fn pgbench(args: &Args, listeners: usize, dir: &Path) -> Figures {
+fn pgbench(args: &Args, script_kind: Script, listeners: usize, dir: &Path) -> Figures {
     let script = dir.join("refresh.sql");
-    std::fs::write(
-        &script,
-        format!(
-            "\\set id random(1, {BENCH_ROWS})\n\
-             BEGIN;\n\
+    let body = match script_kind {
+        Script::Transaction => {
+            "BEGIN;\n\
              SELECT version FROM pg_scale_bench WHERE id = :id FOR UPDATE;\n\
              UPDATE pg_scale_bench SET version = version + 1 WHERE id = :id;\n\
              SELECT pg_notify('pg_scale', 's ' || :id);\n\
              END;\n"
-        ),
-    )
-    .expect("writing the pgbench script");
+        }
+        Script::Statement => {
+            "WITH w AS (UPDATE pg_scale_bench SET version = version + 1 \
+             WHERE id = :id RETURNING version) \
+             SELECT pg_notify('pg_scale', 's ' || :id || ' ' || version) FROM w;\n"
+        }
+    };
+    std::fs::write(&script, format!("\\set id random(1, {BENCH_ROWS})\n{body}"))
+        .expect("writing the pgbench script");
     // Listening connections, as the store's processes have: NOTIFY's delivery is part of the cost.
     let mut listening = Vec::new();
     let bin = pgbench_path(args.pgbench.clone()).with_file_name("psql");
@@ -370,25 +383,28 @@ fn run(args: Args) {
         args.clients, args.seconds
     );
     println!(
-        "| processes | pgbench req/s | pgbench p50 / p99 ms | store req/s | store p50 / p99 ms | store errors | fraction of pgbench |"
+        "| processes | pgbench tx req/s (p50 / p99 ms) | pgbench 1-statement req/s (p50 / p99 ms) | store req/s (p50 / p99 ms) | store errors | store / tx | store / 1-statement |"
     );
     println!("|---|---|---|---|---|---|---|");
     for &procs in &args.procs {
-        let ceiling = pgbench(&args, procs, &dir);
+        let tx = pgbench(&args, Script::Transaction, procs, &dir);
+        let one = pgbench(&args, Script::Statement, procs, &dir);
         let ours = store(&args, procs, &dir);
+        let cell = |f: &Figures| format!("{:.0} ({:.2} / {:.2})", f.rate, f.p50_ms, f.p99_ms);
         println!(
-            "| {procs} | {:.0} | {:.2} / {:.2} | {:.0} | {:.2} / {:.2} | {} | {:.2} |",
-            ceiling.rate,
-            ceiling.p50_ms,
-            ceiling.p99_ms,
-            ours.rate,
-            ours.p50_ms,
-            ours.p99_ms,
+            "| {procs} | {} | {} | {} | {} | {:.2} | {:.2} |",
+            cell(&tx),
+            cell(&one),
+            cell(&ours),
             ours.errors,
-            ours.rate / ceiling.rate
+            ours.rate / tx.rate,
+            ours.rate / one.rate
         );
-        if ceiling.errors > 0 {
-            println!("  (pgbench log lines not understood: {})", ceiling.errors);
+        if tx.errors + one.errors > 0 {
+            println!(
+                "  (pgbench log lines not understood: {})",
+                tx.errors + one.errors
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
