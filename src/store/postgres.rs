@@ -33,26 +33,9 @@ use crate::store::{RefreshMode, SessionState, StoreFuture, TokenRef, TokenStore,
 
 const CHANNEL: &str = "matrix_auth_revocations";
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS matrix_auth_sessions (
-    session_id TEXT PRIMARY KEY,
-    live_generation BIGINT NOT NULL,
-    pending_generation BIGINT,
-    next_generation BIGINT NOT NULL,
-    revoked BOOLEAN NOT NULL,
-    until_ms BIGINT NOT NULL,
-    version BIGINT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS matrix_auth_sessions_until ON matrix_auth_sessions (until_ms);
-ALTER TABLE matrix_auth_sessions ADD COLUMN IF NOT EXISTS user_id TEXT NOT NULL DEFAULT '';
-CREATE TABLE IF NOT EXISTS matrix_auth_users (
-    user_id TEXT PRIMARY KEY,
-    -- The user's floor: sessions whose epoch is below it are revoked.
-    revoked_before_ms BIGINT NOT NULL
-);";
-
 mod absent;
 mod liveness;
+mod schema;
 
 pub use liveness::PostgresOptions;
 
@@ -256,13 +239,12 @@ fn apply_notification(view: &mut View, payload: &str) {
     }
 }
 
-/// The data half of every (re)connection, on the listening connection: creates the tables if
-/// needed, listens, and loads the whole state into the view (the `liveness` module does the rest).
+/// The data half of every (re)connection, on the listening connection: migrates the schema if
+/// needed (see `schema`), listens, and loads the whole state into the view (the `liveness` module does the rest).
 async fn listen_and_load(shared: &Shared, listener: &Client) -> Result<(), tokio_postgres::Error> {
+    schema::migrate(listener).await?;
     listener
-        .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock(7318720451); {SCHEMA} COMMIT; LISTEN {CHANNEL};"
-        ))
+        .batch_execute(&format!("LISTEN {CHANNEL};"))
         .await?;
     // LISTEN is active before the load, so nothing committed after the load is missed.
     let now = to_i64(shared.clock.now_ms());

@@ -223,6 +223,9 @@ async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
     // reachable, and a write that reaches it is as good as any).
     let warm = login(&on_a, "@partition-warm");
     on_a.logout(&warm).await.unwrap();
+    // And one on B, so that B's logouts below do not wait for a connection to be opened.
+    let warm = login(&on_b, "@partition-warm-b");
+    on_b.logout(&warm).await.unwrap();
 
     proxy.blackhole();
     let cut = Instant::now();
@@ -256,15 +259,27 @@ async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
 
-    // A logout on B once A knows it is cut off: from now on A never calls the token active.
+    // A logout on B once A knows it is cut off. A may already be reconnecting: if its new view
+    // was proven current before this commit, the guarantee lets it miss the logout for up to
+    // `deadline` after the commit (as for any logout), never longer.
     on_b.logout(&late).await.unwrap();
-    let mut refused = 0;
+    let late_committed = Instant::now();
+    let (mut refused, mut missed) = (0, 0);
     let recovered = loop {
         let mut revoked = 0;
-        for user in [&early, &late] {
+        for (name, user, committed) in [
+            ("early", &early, early_committed),
+            ("late", &late, late_committed),
+        ] {
+            let asked = Instant::now();
             match answer(&a, user, Duration::from_secs(1)).await {
                 Some(Ok(RevocationStatus::Active)) => {
-                    panic!("a token logged out on B was answered active on A")
+                    assert!(
+                        asked.duration_since(committed) < deadline,
+                        "a token logged out on B ({name}) was answered active on A {:?} after the logout committed (deadline {deadline:?})",
+                        asked.duration_since(committed)
+                    );
+                    missed += 1;
                 }
                 Some(Ok(RevocationStatus::Revoked)) => revoked += 1,
                 Some(Err(_)) | None => refused += 1,
@@ -312,7 +327,7 @@ async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
     })
     .await;
     eprintln!(
-        "partition (deadline {deadline:?}): unhealthy after {noticed:?}, a write failed after {returned:?}, recovered after {recovered:?}"
+        "partition (deadline {deadline:?}): unhealthy after {noticed:?}, a write failed after {returned:?}, recovered after {recovered:?}; the late logout missed {missed} times within its deadline"
     );
 }
 
