@@ -6,7 +6,12 @@
 //! ```text
 //! pg_scale run --url URL [--clients 16] [--seconds 10] [--procs 1,2,4] [--pgbench PATH]
 //! pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE
+//! pg_scale size --url URL --clients ROWS [--skip-view 1]
 //! ```
+//!
+//! `size` (ROWS given as `--clients`) measures the store at size: the view's start-up load and
+//! bytes per session with ROWS logged-out sessions, then `purge_expired` on ROWS expired rows
+//! beside the single `DELETE` it replaced.
 //!
 //! `run` prints one table: for each process count, pgbench's rates (the ceilings, with as many
 //! listening connections as the store has processes: one refresh's work as a transaction of
@@ -29,7 +34,7 @@ const BENCH_ROWS: u32 = 10_000;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: pg_scale run --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--pgbench PATH]\n       pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE"
+        "usage: pg_scale run --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--pgbench PATH] [--pool N]\n       pg_scale size --url URL --clients ROWS [--skip-view 1]\n       pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE"
     );
     std::process::exit(2)
 }
@@ -43,6 +48,7 @@ struct Args {
     start_ms: u64,
     out: Option<PathBuf>,
     pool: Option<usize>,
+    skip_view: bool,
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Args {
@@ -55,6 +61,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Args {
         start_ms: 0,
         out: None,
         pool: None,
+        skip_view: false,
     };
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
@@ -72,6 +79,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Args {
             "--start-ms" => a.start_ms = value.parse().unwrap_or_else(|_| usage()),
             "--out" => a.out = Some(value.into()),
             "--pool" => a.pool = Some(value.parse().unwrap_or_else(|_| usage())),
+            "--skip-view" => a.skip_view = value == "1",
             _ => usage(),
         }
     }
@@ -91,6 +99,15 @@ fn main() {
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
         Some("run") => run(parse(args)),
+        Some("size") => {
+            let args = parse(args);
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+                .block_on(size(args));
+        }
         Some("worker") => {
             let args = parse(args);
             tokio::runtime::Builder::new_multi_thread()
@@ -408,4 +425,102 @@ fn run(args: Args) {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The view and `purge_expired` at `args.clients` rows.
+async fn size(args: Args) {
+    let rows = args.clients;
+    let setup = |sql: String| {
+        let url = args.url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || psql(&url, &sql))
+                .await
+                .expect("psql");
+        }
+    };
+    // Creates the tables.
+    drop(PostgresStore::connect(&args.url).await.expect("a store"));
+    setup("TRUNCATE matrix_auth_sessions".into()).await;
+    if !args.skip_view {
+        view_at_size(&args, rows, setup).await;
+    }
+    purge_at_size(&args, rows, setup).await;
+}
+
+async fn view_at_size<F: std::future::Future<Output = ()>>(
+    args: &Args,
+    rows: usize,
+    setup: impl Fn(String) -> F,
+) {
+    let t = Instant::now();
+    setup(format!(
+        "INSERT INTO matrix_auth_sessions SELECT md5(i::text), 0, NULL, 1, TRUE, 9223372036854775807, 1, \
+         '@user' || (i % 100000) || ':example.org' FROM generate_series(1, {rows}) i"
+    ))
+    .await;
+    let generated = t.elapsed();
+    let before = rss_bytes();
+    let t = Instant::now();
+    let store = PostgresStore::connect_with(
+        &args.url,
+        PostgresOptions::default().setup_timeout(Duration::from_secs(600)),
+    )
+    .await
+    .expect("a store");
+    let load = t.elapsed();
+    let after = rss_bytes();
+    println!(
+        "| {rows} logged-out sessions | generated in {:.1} s | view loaded in {:.2} s | {:.0} bytes a session (RSS) |",
+        generated.as_secs_f64(),
+        load.as_secs_f64(),
+        after.saturating_sub(before) as f64 / rows as f64
+    );
+    drop(store);
+}
+
+async fn purge_at_size<F: std::future::Future<Output = ()>>(
+    args: &Args,
+    rows: usize,
+    setup: impl Fn(String) -> F,
+) {
+    // Purge: the same number of expired rows.
+    setup(format!(
+        "TRUNCATE matrix_auth_sessions; INSERT INTO matrix_auth_sessions SELECT md5(i::text), 0, NULL, 1, TRUE, 1000, 1, \
+         '@user' || (i % 100000) || ':example.org' FROM generate_series(1, {rows}) i"
+    ))
+    .await;
+    setup("VACUUM ANALYZE matrix_auth_sessions".into()).await;
+    let store = PostgresStore::connect(&args.url).await.expect("a store");
+    let t = Instant::now();
+    let deleted = store.purge_expired().await.expect("a purge");
+    let batched = t.elapsed();
+    drop(store);
+    setup(format!(
+        "INSERT INTO matrix_auth_sessions SELECT md5(i::text), 0, NULL, 1, TRUE, 1000, 1, \
+         '@user' || (i % 100000) || ':example.org' FROM generate_series(1, {rows}) i"
+    ))
+    .await;
+    setup("VACUUM ANALYZE matrix_auth_sessions".into()).await;
+    let t = Instant::now();
+    setup("DELETE FROM matrix_auth_sessions WHERE until_ms <= 2000".into()).await;
+    let single = t.elapsed();
+    println!(
+        "| purge {deleted} expired rows | batched: {:.2} s in {} statements ({:.1} ms each) | one DELETE: {:.2} s holding every row lock |",
+        batched.as_secs_f64(),
+        deleted.div_ceil(5000),
+        batched.as_secs_f64() * 1000.0 / deleted.div_ceil(5000).max(1) as f64,
+        single.as_secs_f64()
+    );
 }
