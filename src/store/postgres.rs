@@ -3,17 +3,19 @@
 //!
 //! Checking a token costs no round trip: every process keeps the whole (small) revocation state
 //! in memory, loaded at start and kept current with `LISTEN`/`NOTIFY`. Writes (logout, refresh,
-//! login-token use, the first use of a refreshed token) are transactions that lock the session's
-//! row, apply [`SessionState`]'s rules, and notify every process in commit order.
+//! login-token use, the first use of a refreshed token) are single statements on a pool of
+//! connections: a compare-and-set of the session's row on its version that applies
+//! [`SessionState`]'s rules and notifies every process, in commit order, in the same statement.
 //!
-//! The view must also be proven current: a heartbeat sent through the writing connection every
-//! third of the freshness deadline has to come back on the listening one (notifications arrive
-//! in commit order, so its return proves that every change committed before it was sent has been
-//! applied). When a connection drops, or the view goes unproven for longer than the deadline
-//! (10 s by default, see [`PostgresOptions`]), as it does behind a partition that drops packets
-//! without a reset, the view may miss updates, so the store fails closed: every check answers an
-//! error (the layer turns it into `503 M_UNKNOWN`) until it has reconnected and reloaded the whole
-//! state, which one task per store keeps trying on its own (`liveness`).
+//! The view must also be proven current: a heartbeat sent through the listening connection every
+//! third of the freshness deadline has to come back there (notifications arrive in commit order,
+//! so its return proves that every change committed before it was sent has been applied). When
+//! the listening connection drops, or the view goes unproven for longer than the deadline (10 s by
+//! default, see [`PostgresOptions`]), as it does behind a partition that drops packets without a
+//! reset, the view may miss updates, so the store fails closed: every check answers an error (the
+//! layer turns it into `503 M_UNKNOWN`) until it has reconnected and reloaded the whole state,
+//! which one task per store keeps trying on its own (`liveness`). The schema is versioned and
+//! migrated on every connection (`schema`).
 
 use std::fmt;
 use std::future::{poll_fn, Future};

@@ -1,16 +1,18 @@
 //! The connection half of [`PostgresStore`](super::PostgresStore): connecting, watching, and
-//! reconnecting, with one task that owns every generation of connections.
+//! reconnecting, with one task that owns every generation of the listening connection.
 //!
-//! A *link* is one generation: the listening connection (its driver task applies notifications
-//! to the view; its client also serves `judge_from_database`'s reads) and the writing connection
-//! (writes, heartbeats). A single supervisor task per store watches the current link and, when
-//! it ends, tears it down and builds the next one, retrying with growing pauses. Nothing else
-//! reconnects: a link that fails half-way through its setup is dropped, which aborts whatever
-//! tasks it had started, and the supervisor tries again. So there is one reconnect loop per store
-//! and at most two connections, whatever the database does.
+//! A *link* is one generation of the listening connection (its driver task applies notifications
+//! to the view; its client also serves `judge_from_database`'s reads and sends the heartbeats) and
+//! the heartbeat task. A single supervisor task per store watches the current link and, when it
+//! ends, tears it down, wakes the writes under way (they give up, see `PostgresStore::bounded`),
+//! empties the pool of its idle writing connections, and builds the next link, retrying with
+//! growing pauses. Nothing else reconnects: a link that fails half-way through its setup is
+//! dropped, which aborts whatever tasks it had started, and the supervisor tries again. So there
+//! is one reconnect loop per store, one listening connection, and at most `max_connections`
+//! writing ones (the pool's, opened as writes need them), whatever the database does.
 //!
-//! The link ends when either connection's driver ends (an error or an orderly close), when a
-//! heartbeat cannot be sent, or when the view has not been proven current for longer than the
+//! The link ends when the listening connection's driver ends (an error or an orderly close), when
+//! a heartbeat cannot be sent, or when the view has not been proven current for longer than the
 //! freshness deadline (see [`PostgresOptions::freshness_deadline`](crate::store::PostgresOptions::freshness_deadline)).
 
 use std::future::{poll_fn, Future};
