@@ -7,7 +7,12 @@
 //! pg_scale run --url URL [--clients 16] [--seconds 10] [--procs 1,2,4] [--pgbench PATH]
 //! pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE
 //! pg_scale size --url URL --clients ROWS [--skip-view 1]
+//! pg_scale fanout --url URL [--clients 16] [--seconds 10] [--procs 4]
 //! ```
+//!
+//! `fanout` measures NOTIFY fan-out under write load: while `--procs` worker processes refresh
+//! (as in `run`), four more stores log sessions out on one and time how long until the three
+//! others refuse them.
 //!
 //! `size` (ROWS given as `--clients`) measures the store at size: the view's start-up load and
 //! bytes per session with ROWS logged-out sessions, then `purge_expired` on ROWS expired rows
@@ -22,6 +27,7 @@
 //! write that promotes the previous generation and mints the next).
 
 use std::fmt::Write as _;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -107,6 +113,15 @@ fn main() {
                 .build()
                 .expect("a tokio runtime")
                 .block_on(size(args));
+        }
+        Some("fanout") => {
+            let args = parse(args);
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+                .block_on(fanout(args));
         }
         Some("worker") => {
             let args = parse(args);
@@ -523,4 +538,76 @@ async fn purge_at_size<F: std::future::Future<Output = ()>>(
         batched.as_secs_f64() * 1000.0 / deleted.div_ceil(5000).max(1) as f64,
         single.as_secs_f64()
     );
+}
+
+/// The time from a logout acknowledged on one store to its refusal on three others, under the
+/// refresh load of `args.procs[0]` worker processes.
+async fn fanout(args: Args) {
+    use tower_matrix_auth::hooks::{Revocation, RevocationStatus};
+    use tower_matrix_auth::TokenType;
+    let procs = args.procs.first().copied().unwrap_or(4);
+    let dir = std::env::temp_dir().join(format!("pg_scale_fanout.{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a work directory");
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(PostgresStore::connect(&args.url).await.expect("a store"));
+    }
+    let origin = engine(stores[0].clone());
+    let parts = http::Request::new(()).into_parts().0;
+    let load = {
+        let args = Args {
+            url: args.url.clone(),
+            clients: args.clients,
+            seconds: args.seconds,
+            procs: vec![procs],
+            pgbench: None,
+            start_ms: 0,
+            out: None,
+            pool: args.pool,
+            skip_view: true,
+        };
+        let dir = dir.clone();
+        std::thread::spawn(move || store(&args, procs, &dir))
+    };
+    // The workers start 3 s + 0.5 s a process from now; probe in the middle of their run.
+    tokio::time::sleep(Duration::from_millis(3000 + 500 * procs as u64 + 1000)).await;
+    let mut latencies = Vec::new();
+    let probe_until = Instant::now() + Duration::from_secs(args.seconds.saturating_sub(2).max(1));
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    while Instant::now() < probe_until {
+        let tokens = origin.login(
+            "@fanout:example.org",
+            &tower_matrix_auth::lifecycle::SessionRequest::new(),
+        );
+        let user = origin
+            .verifier()
+            .verify(tokens.access_token.as_bytes(), TokenType::Access, &parts)
+            .expect("a valid token");
+        origin.logout(&user).await.expect("a logout");
+        let committed = Instant::now();
+        let mut pending: Vec<usize> = vec![1, 2, 3];
+        while !pending.is_empty() && committed.elapsed() < Duration::from_secs(5) {
+            pending.retain(|&k| {
+                let mut check = stores[k].check(&user);
+                match std::pin::Pin::new(&mut check).poll(&mut cx) {
+                    std::task::Poll::Ready(Ok(RevocationStatus::Revoked)) => {
+                        latencies.push(committed.elapsed().as_micros() as u64);
+                        false
+                    }
+                    _ => true,
+                }
+            });
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let probes = latencies.len();
+    let ours = load.join().expect("the load");
+    let fan = figures(latencies, 1, 0);
+    println!(
+        "| {procs} load processes, {:.0} refreshes/s | {} refusals seen | fan-out p50 {:.2} ms, p99 {:.2} ms |",
+        ours.rate, probes, fan.p50_ms, fan.p99_ms
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
