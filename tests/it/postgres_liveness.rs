@@ -241,6 +241,13 @@ async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
     });
     let noticed = loop {
         if !a.is_healthy() {
+            // Cut off: A answers nothing from its view, not even for a token nobody logged out
+            // (unless it reconnected in between, which takes at least the first retry pause).
+            let answer = poll_once(a.check(&kept));
+            assert!(
+                matches!(answer, Some(Err(_))) || a.is_healthy(),
+                "A answered {answer:?} from its view while it knew it was cut off"
+            );
             break cut.elapsed();
         }
         if early_committed.elapsed() > deadline {
@@ -294,7 +301,12 @@ async fn a_silent_partition_fails_closed_within_the_deadline_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    assert!(refused > 0, "A answered from its view while cut off");
+    // (Whether A still refused once B's next logout had committed depends on how long that took
+    // beside A's reconnection: on a loaded machine A may be back already.)
+    eprintln!(
+        "refused {refused} times after the late logout committed, {:?} after the cut",
+        late_committed.duration_since(cut)
+    );
     assert!(a.is_healthy());
     assert_eq!(a.check(&kept).await.unwrap(), RevocationStatus::Active);
 
