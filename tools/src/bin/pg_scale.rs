@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! pg_scale run --url URL [--clients 16] [--seconds 10] [--procs 1,2,4] [--pgbench PATH]
+//!              [--ops refresh,tokenrefresh,logout,logout-all] [--pool N]
 //! pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE
 //! pg_scale size --url URL --clients ROWS [--skip-view 1]
 //! pg_scale fanout --url URL [--clients 16] [--seconds 10] [--procs 4]
@@ -24,7 +25,10 @@
 //! p50/p99 and the store's fraction of each ceiling. Every process of a row runs `clients / procs` tasks; each
 //! task logs in once and then refreshes its session (`POST /_matrix/client/v3/refresh`'s path,
 //! `RefreshMode::Rotating`, each refresh with the previous one's refresh token, so each is one
-//! write that promotes the previous generation and mints the next).
+//! write that promotes the previous generation and mints the next). `--ops` adds other
+//! operations: `tokenrefresh` (`/r0/tokenrefresh`'s single-use refresh), `logout` (a login, which
+//! stores nothing, then its logout: one write) and `logout-all` (a login, then `/logout/all`:
+//! the user's floor and the session, two writes).
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -55,6 +59,7 @@ struct Args {
     out: Option<PathBuf>,
     pool: Option<usize>,
     skip_view: bool,
+    ops: Vec<String>,
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Args {
@@ -68,6 +73,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Args {
         out: None,
         pool: None,
         skip_view: false,
+        ops: vec!["refresh".into()],
     };
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
@@ -86,6 +92,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Args {
             "--out" => a.out = Some(value.into()),
             "--pool" => a.pool = Some(value.parse().unwrap_or_else(|_| usage())),
             "--skip-view" => a.skip_view = value == "1",
+            "--ops" => a.ops = value.split(',').map(str::to_owned).collect(),
             _ => usage(),
         }
     }
@@ -162,8 +169,14 @@ async fn worker(args: Args) {
     let begin = Instant::now() + wait;
     let end = begin + Duration::from_secs(args.seconds);
     let mut tasks = Vec::new();
+    let op = args
+        .ops
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "refresh".into());
     for i in 0..args.clients {
         let sessions = sessions.clone();
+        let op = op.clone();
         tasks.push(tokio::spawn(async move {
             let request = tower_matrix_auth::lifecycle::SessionRequest::new().refresh(true);
             let user = format!("@scale{}-{i}:example.org", std::process::id());
@@ -175,15 +188,44 @@ async fn worker(args: Args) {
             let mut errors = 0u64;
             while Instant::now() < end {
                 let t = Instant::now();
-                match sessions
-                    .refresh(refresh.as_bytes(), RefreshMode::Rotating, &parts)
-                    .await
-                {
-                    Ok(next) => {
-                        latencies.push(t.elapsed().as_micros() as u64);
-                        refresh = next.refresh_token.expect("a refresh token");
+                let ok = match op.as_str() {
+                    "refresh" | "tokenrefresh" => {
+                        let mode = if op == "refresh" {
+                            RefreshMode::Rotating
+                        } else {
+                            RefreshMode::SingleUse
+                        };
+                        match sessions.refresh(refresh.as_bytes(), mode, &parts).await {
+                            Ok(next) => {
+                                refresh = next.refresh_token.expect("a refresh token");
+                                true
+                            }
+                            Err(_) => false,
+                        }
                     }
-                    Err(_) => errors += 1,
+                    // A login (nothing stored), then its logout: one write.
+                    "logout" | "logout-all" => {
+                        let tokens = sessions.login(&user, &request);
+                        let who = sessions
+                            .verifier()
+                            .verify(
+                                tokens.access_token.as_bytes(),
+                                tower_matrix_auth::TokenType::Access,
+                                &parts,
+                            )
+                            .expect("a valid token");
+                        if op == "logout" {
+                            sessions.logout(&who).await.is_ok()
+                        } else {
+                            sessions.logout_all(&who).await.is_ok()
+                        }
+                    }
+                    other => panic!("unknown op {other}"),
+                };
+                if ok {
+                    latencies.push(t.elapsed().as_micros() as u64);
+                } else {
+                    errors += 1;
                 }
             }
             (latencies, errors)
@@ -356,6 +398,11 @@ fn pgbench(args: &Args, script_kind: Script, listeners: usize, dir: &Path) -> Fi
 
 /// The store with `procs` processes of `clients / procs` tasks each.
 fn store(args: &Args, procs: usize, dir: &Path) -> Figures {
+    store_op(args, "refresh", procs, dir)
+}
+
+/// The store running `op` with `procs` processes of `clients / procs` tasks each.
+fn store_op(args: &Args, op: &str, procs: usize, dir: &Path) -> Figures {
     let exe = std::env::current_exe().expect("this binary");
     let start_ms = now_ms() + 3000 + 500 * procs as u64;
     let per = args.clients.div_ceil(procs);
@@ -373,6 +420,8 @@ fn store(args: &Args, procs: usize, dir: &Path) -> Figures {
                 &args.seconds.to_string(),
                 "--start-ms",
                 &start_ms.to_string(),
+                "--ops",
+                op,
                 "--out",
             ]);
             command.arg(&out);
@@ -415,23 +464,25 @@ fn run(args: Args) {
         args.clients, args.seconds
     );
     println!(
-        "| processes | pgbench tx req/s (p50 / p99 ms) | pgbench 1-statement req/s (p50 / p99 ms) | store req/s (p50 / p99 ms) | store errors | store / tx | store / 1-statement |"
+        "| processes | operation | pgbench tx req/s (p50 / p99 ms) | pgbench 1-statement req/s (p50 / p99 ms) | store req/s (p50 / p99 ms) | store errors | store / tx | store / 1-statement |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for &procs in &args.procs {
         let tx = pgbench(&args, Script::Transaction, procs, &dir);
         let one = pgbench(&args, Script::Statement, procs, &dir);
-        let ours = store(&args, procs, &dir);
         let cell = |f: &Figures| format!("{:.0} ({:.2} / {:.2})", f.rate, f.p50_ms, f.p99_ms);
-        println!(
-            "| {procs} | {} | {} | {} | {} | {:.2} | {:.2} |",
-            cell(&tx),
-            cell(&one),
-            cell(&ours),
-            ours.errors,
-            ours.rate / tx.rate,
-            ours.rate / one.rate
-        );
+        for op in &args.ops {
+            let ours = store_op(&args, op, procs, &dir);
+            println!(
+                "| {procs} | {op} | {} | {} | {} | {} | {:.2} | {:.2} |",
+                cell(&tx),
+                cell(&one),
+                cell(&ours),
+                ours.errors,
+                ours.rate / tx.rate,
+                ours.rate / one.rate
+            );
+        }
         if tx.errors + one.errors > 0 {
             println!(
                 "  (pgbench log lines not understood: {})",
@@ -565,6 +616,7 @@ async fn fanout(args: Args) {
             out: None,
             pool: args.pool,
             skip_view: true,
+            ops: vec!["refresh".into()],
         };
         let dir = dir.clone();
         std::thread::spawn(move || store(&args, procs, &dir))
