@@ -223,7 +223,8 @@ impl Liveness {
             + self.options.freshness_deadline
     }
 
-    /// The client to read from without taking the writer (`None` while disconnected).
+    /// The listening client, for reads that must not wait for writes and for heartbeats (`None`
+    /// while disconnected).
     pub(super) fn reader(&self) -> Option<Arc<Client>> {
         self.lock_reader().clone()
     }
@@ -386,7 +387,8 @@ impl Ended {
 
 impl Link {
     /// Opens the listening connection, loads the whole state, and starts the heartbeat; within
-    /// the setup timeout (the writing connections are the pool's, opened as writes need them). On any failure the partial link is dropped, aborting what it started.
+    /// the setup timeout (the writing connections are the pool's, opened as writes need them).
+    /// On any failure the partial link is dropped, aborting what it started.
     async fn connect(shared: &Arc<Shared>) -> Result<Link, BackendError> {
         let live = &shared.liveness;
         let setup = async {
