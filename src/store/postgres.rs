@@ -3,22 +3,28 @@
 //!
 //! Checking a token costs no round trip: every process keeps the whole (small) revocation state
 //! in memory, loaded at start and kept current with `LISTEN`/`NOTIFY`. Writes (logout, refresh,
-//! login-token use, the first use of a refreshed token) are transactions that lock the session's
-//! row, apply [`SessionState`]'s rules, and notify every process in commit order.
+//! login-token use, the first use of a refreshed token) are single statements on a pool of
+//! connections: a compare-and-set of the session's row on its version that applies
+//! [`SessionState`]'s rules and notifies every process, in commit order, in the same statement.
 //!
-//! The view must also be proven current: a heartbeat sent through the writing connection every
-//! third of the freshness deadline has to come back on the listening one (notifications arrive
-//! in commit order, so its return proves that every change committed before it was sent has been
-//! applied). When a connection drops, or the view goes unproven for longer than the deadline
-//! (10 s by default, see [`PostgresOptions`]), as it does behind a partition that drops packets
-//! without a reset, the view may miss updates, so the store fails closed: every check answers an
-//! error (the layer turns it into `503 M_UNKNOWN`) until it has reconnected and reloaded the whole
-//! state, which one task per store keeps trying on its own (`liveness`).
+//! The view must also be proven current: a heartbeat sent through the listening connection every
+//! third of the freshness deadline has to come back there (notifications arrive in commit order,
+//! so its return proves that every change committed before it was sent has been applied). When
+//! the listening connection drops, or the view goes unproven for longer than the deadline (10 s by
+//! default, see [`PostgresOptions`]), as it does behind a partition that drops packets without a
+//! reset, the view may miss updates, so the store fails closed: every check answers an error (the
+//! layer turns it into `503 M_UNKNOWN`) until it has reconnected and reloaded the whole state,
+//! which one task per store keeps trying on its own (`liveness`). The schema is versioned and
+//! migrated on every connection (`schema`).
 
 use std::fmt;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::task::Poll;
 
-use tokio_postgres::Client;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::{Client, NoTls};
 
 use crate::hooks::clock::{Clock, SystemClock};
 use crate::hooks::revocation::{BackendError, Revocation, RevocationCheck, RevocationStatus};
@@ -29,32 +35,16 @@ use crate::store::{RefreshMode, SessionState, StoreFuture, TokenRef, TokenStore,
 
 const CHANNEL: &str = "matrix_auth_revocations";
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS matrix_auth_sessions (
-    session_id TEXT PRIMARY KEY,
-    live_generation BIGINT NOT NULL,
-    pending_generation BIGINT,
-    next_generation BIGINT NOT NULL,
-    revoked BOOLEAN NOT NULL,
-    until_ms BIGINT NOT NULL,
-    version BIGINT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS matrix_auth_sessions_until ON matrix_auth_sessions (until_ms);
-ALTER TABLE matrix_auth_sessions ADD COLUMN IF NOT EXISTS user_id TEXT NOT NULL DEFAULT '';
-CREATE TABLE IF NOT EXISTS matrix_auth_users (
-    user_id TEXT PRIMARY KEY,
-    -- The user's floor: sessions whose epoch is below it are revoked.
-    revoked_before_ms BIGINT NOT NULL
-);";
-
 mod absent;
 mod liveness;
+mod schema;
 
 pub use liveness::PostgresOptions;
 
 struct Shared {
     view: RwLock<View>,
-    writer: tokio::sync::Mutex<Option<Client>>,
+    /// The writing connections: every write is one autocommit statement on any of them.
+    pool: Pool,
     clock: Arc<dyn Clock>,
     /// Connections, heartbeats, health: the `liveness` module's.
     liveness: liveness::Liveness,
@@ -71,6 +61,93 @@ pub struct PostgresStore {
 
 fn db_error(e: tokio_postgres::Error) -> BackendError {
     BackendError::new(e)
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> BackendError {
+    BackendError::new(e)
+}
+
+/// How often one write may lose the race for its row (another process or task committed a
+/// change in between) before it gives up; each loss means someone else's write went through.
+const MAX_ATTEMPTS: usize = 64;
+
+/// Rows `purge_expired` deletes per statement, so that no statement holds many row locks or
+/// runs for long.
+const PURGE_BATCH: i64 = 5000;
+
+/// A session's row (if any) and its user's floor, in one round trip: the one read a write makes
+/// when this process's view could not tell it the current state.
+const READ_SESSION: &str = "SELECT s.user_id, s.live_generation, s.pending_generation, \
+    s.next_generation, s.revoked, s.until_ms, s.version, u.revoked_before_ms \
+    FROM (SELECT $1::TEXT AS id, $2::TEXT AS uid) k \
+    LEFT JOIN matrix_auth_sessions s ON s.session_id = k.id \
+    LEFT JOIN matrix_auth_users u ON u.user_id = k.uid";
+
+/// Writes a session's new state if its row is still at the version the change was computed
+/// from, belongs to the user, and the user's floor has not passed the session's epoch; notifies
+/// in the same statement (so in the same transaction). One row back if and only if it wrote.
+/// $1 session, $2 user, $3–$8 the new state, $9 the version it replaces, $10 the epoch (or
+/// `i64::MAX`: no floor check), $11 the notification.
+const UPDATE_SESSION: &str = "WITH w AS (UPDATE matrix_auth_sessions SET \
+    live_generation = $3::BIGINT, pending_generation = $4::BIGINT, next_generation = $5::BIGINT, \
+    revoked = $6::BOOLEAN, until_ms = $7::BIGINT, version = $8::BIGINT \
+    WHERE session_id = $1::TEXT AND user_id = $2::TEXT AND version = $9::BIGINT \
+    AND NOT EXISTS (SELECT 1 FROM matrix_auth_users \
+        WHERE user_id = $2::TEXT AND revoked_before_ms > $10::BIGINT) \
+    RETURNING 1) \
+    SELECT pg_notify('matrix_auth_revocations', $11::TEXT) FROM w";
+
+/// The same for a session that has no row yet: writes it unless one appeared meanwhile.
+/// $1–$8 as above, $9 the epoch, $10 the notification.
+const INSERT_SESSION: &str = "WITH w AS (INSERT INTO matrix_auth_sessions \
+    (session_id, user_id, live_generation, pending_generation, next_generation, revoked, until_ms, version) \
+    SELECT $1::TEXT, $2::TEXT, $3::BIGINT, $4::BIGINT, $5::BIGINT, $6::BOOLEAN, $7::BIGINT, $8::BIGINT \
+    WHERE NOT EXISTS (SELECT 1 FROM matrix_auth_users \
+        WHERE user_id = $2::TEXT AND revoked_before_ms > $9::BIGINT) \
+    ON CONFLICT (session_id) DO NOTHING RETURNING 1) \
+    SELECT pg_notify('matrix_auth_revocations', $10::TEXT) FROM w";
+
+/// Raises a user's floor above every epoch handed out so far and notifies, in one statement.
+const REVOKE_USER: &str = "WITH f AS (INSERT INTO matrix_auth_users VALUES ($1::TEXT, $2::BIGINT) \
+    ON CONFLICT (user_id) DO UPDATE SET revoked_before_ms = \
+        GREATEST(matrix_auth_users.revoked_before_ms + 1, EXCLUDED.revoked_before_ms) \
+    RETURNING revoked_before_ms) \
+    SELECT revoked_before_ms, \
+        pg_notify('matrix_auth_revocations', 'u ' || revoked_before_ms || ' ' || $1::TEXT) FROM f";
+
+/// One batch of `purge_expired`: rows a writer holds are skipped (the next run gets them).
+const PURGE: &str = "WITH doomed AS (SELECT session_id FROM matrix_auth_sessions \
+    WHERE until_ms <= $1::BIGINT LIMIT $2::BIGINT FOR UPDATE SKIP LOCKED) \
+    DELETE FROM matrix_auth_sessions s USING doomed WHERE s.session_id = doomed.session_id";
+
+/// A write given up (see `PostgresStore::bounded`): its connection may be dead, so it does not
+/// go back to the pool.
+struct Aborted(&'static str);
+
+/// The outcome of a write on `client`. A connection whose write failed or was given up is
+/// dropped, not returned to the pool: it may be dead (a terminated backend is not always seen as
+/// closed by the time the next write asks the pool), or its statement may still be on its way
+/// (the server ends it). Failures are rare; a fresh connection is cheap beside a second failure.
+fn settle<T>(
+    client: deadpool_postgres::Client,
+    outcome: Result<Result<T, BackendError>, Aborted>,
+) -> Result<T, BackendError> {
+    let failure = match outcome {
+        Ok(Ok(done)) => return Ok(done),
+        Ok(Err(error)) => error,
+        Err(Aborted(why)) => BackendError::new(why),
+    };
+    drop(deadpool_postgres::Object::take(client));
+    Err(failure)
+}
+
+/// What a write starts from: a session's state (`None`: no row) and whether its user logged
+/// out everywhere after the session's epoch.
+struct Basis {
+    state: Option<SessionState>,
+    user_revoked: bool,
+    /// Read from the database just now, not guessed from the view.
+    confirmed: bool,
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -164,13 +241,12 @@ fn apply_notification(view: &mut View, payload: &str) {
     }
 }
 
-/// The data half of every (re)connection, on the listening connection: creates the tables if
-/// needed, listens, and loads the whole state into the view (the `liveness` module does the rest).
+/// The data half of every (re)connection, on the listening connection: migrates the schema if
+/// needed (see `schema`), listens, and loads the whole state into the view (the `liveness` module does the rest).
 async fn listen_and_load(shared: &Shared, listener: &Client) -> Result<(), tokio_postgres::Error> {
+    schema::migrate(listener).await?;
     listener
-        .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock(7318720451); {SCHEMA} COMMIT; LISTEN {CHANNEL};"
-        ))
+        .batch_execute(&format!("LISTEN {CHANNEL};"))
         .await?;
     // LISTEN is active before the load, so nothing committed after the load is missed.
     let now = to_i64(shared.clock.now_ms());
@@ -209,11 +285,27 @@ impl PostgresStore {
     /// [`connect`](Self::connect) with other options. The store's connections carry the URL's
     /// `application_name`, or `tower-matrix-auth`.
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self, BackendError> {
+        let liveness = liveness::Liveness::new(url, options.clone())?;
+        let manager = Manager::from_config(
+            liveness.writer_config().clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.get_max_connections())
+            .runtime(Runtime::Tokio1)
+            // A write waits for a free connection no longer than a write may run.
+            .wait_timeout(Some(options.get_freshness_deadline() / 3))
+            .create_timeout(Some(options.get_freshness_deadline()))
+            .build()
+            .map_err(BackendError::new)?;
         let shared = Arc::new(Shared {
             view: RwLock::new(View::default()),
-            writer: tokio::sync::Mutex::new(None),
+            pool,
             clock: Arc::new(SystemClock),
-            liveness: liveness::Liveness::new(url, options)?,
+            liveness,
             absent: absent::AbsentRows::default(),
         });
         let supervisor = liveness::start(&shared).await?;
@@ -241,80 +333,202 @@ impl PostgresStore {
         BackendError::new("the revocation database is unreachable")
     }
 
-    /// Locks a session's row, applies `change`, writes it back and notifies, in one transaction.
-    /// `change` also learns whether `user_id` logged out everywhere after `epoch` (when given).
-    /// `Ok(None)` if the session belongs to another user: nothing is changed.
+    /// A writing connection from the pool, waiting for a free one no longer than a third of the
+    /// freshness deadline (see [`PostgresOptions::max_connections`]).
+    async fn connection(&self) -> Result<deadpool_postgres::Client, BackendError> {
+        match self.bounded(self.shared.pool.get()).await {
+            Ok(client) => client.map_err(pool_error),
+            Err(Aborted(why)) => Err(BackendError::new(why)),
+        }
+    }
+
+    /// Runs `work` (a write) unless the store loses its link to the database or the freshness
+    /// deadline passes first: a write sent into a partition fails when the store notices the
+    /// partition, as checks do, rather than when TCP gives up.
+    async fn bounded<T>(&self, work: impl Future<Output = T>) -> Result<T, Aborted> {
+        let live = &self.shared.liveness;
+        let mut lost = pin!(live.lost.notified());
+        lost.as_mut().enable();
+        let mut expired = pin!(tokio::time::sleep(live.deadline()));
+        let mut work = pin!(work);
+        poll_fn(|cx| {
+            if let Poll::Ready(done) = work.as_mut().poll(cx) {
+                return Poll::Ready(Ok(done));
+            }
+            if lost.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Aborted(
+                    "the revocation database link was lost during a write",
+                )));
+            }
+            if expired.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Aborted(
+                    "a write to the revocation database took longer than the freshness deadline",
+                )));
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Applies `change` to a session's state and writes the result, with the notification, in
+    /// one statement that succeeds only if the row is still at the version the change was
+    /// computed from (compare-and-set): of concurrent writes to one session the row lock orders
+    /// them and each loser reads the row again and recomputes, so every change applies to the
+    /// state its predecessor committed, and one refresh token has one winner. Writes to different
+    /// sessions run in parallel on the pool's connections.
+    ///
+    /// The first attempt starts from this process's view (no round trip: usually the whole write
+    /// is one statement); a change that would write nothing is never decided from the view but
+    /// confirmed from the database (the view may not have heard of a refresh on another process
+    /// yet). `change` also learns whether `user_id` logged out everywhere after `epoch` (when
+    /// given); the statement checks the floor again, so a "log out everywhere" committed before
+    /// it wins, and one committed after revokes the successor anyway (it carries the session's
+    /// epoch). `Ok(None)` if the session belongs to another user: nothing is changed.
     async fn update_session<T: Send>(
         &self,
         session: SessionId,
         user_id: &str,
         epoch: Option<u64>,
-        change: impl FnOnce(&mut SessionState, bool) -> T + Send,
+        change: impl Fn(&mut SessionState, bool) -> T + Send,
     ) -> Result<Option<T>, BackendError> {
-        let mut writer = self.shared.writer.lock().await;
-        let client = writer.as_mut().ok_or_else(Self::unavailable)?;
+        let client = self.connection().await?;
+        let outcome = self
+            .bounded(self.update_on(&client, session, user_id, epoch, change))
+            .await;
+        settle(client, outcome)
+    }
+
+    /// [`update_session`](Self::update_session) on one connection.
+    async fn update_on<T: Send>(
+        &self,
+        client: &deadpool_postgres::Client,
+        session: SessionId,
+        user_id: &str,
+        epoch: Option<u64>,
+        change: impl Fn(&mut SessionState, bool) -> T + Send,
+    ) -> Result<Option<T>, BackendError> {
         let key = session_key(session);
-        let tx = client.transaction().await.map_err(db_error)?;
-        tx.execute(
-            "INSERT INTO matrix_auth_sessions (session_id, live_generation, pending_generation, next_generation, revoked, until_ms, version, user_id) VALUES ($1, 0, NULL, 1, FALSE, 0, 0, $2) ON CONFLICT DO NOTHING",
-            &[&key, &user_id],
-        )
-        .await
-        .map_err(db_error)?;
-        let row = tx
-            .query_one(
-                "SELECT * FROM matrix_auth_sessions WHERE session_id = $1 FOR UPDATE",
-                &[&key],
-            )
-            .await
-            .map_err(db_error)?;
-        if row.get::<_, &str>("user_id") != user_id {
-            return Ok(None);
-        }
-        // Read in the same transaction as the session's row lock: a "log out everywhere"
-        // committed before it is seen, and one committed after revokes the successor anyway
-        // (it carries the session's epoch).
-        let user_revoked = match epoch {
-            Some(epoch) => tx
-                .query_opt(
-                    "SELECT revoked_before_ms FROM matrix_auth_users WHERE user_id = $1",
-                    &[&user_id],
-                )
-                .await
-                .map_err(db_error)?
-                .is_some_and(|row| to_u64(row.get(0)) > epoch),
-            None => false,
+        let floor_check = epoch.map_or(i64::MAX, to_i64);
+        let mut basis = {
+            let view = self.read();
+            match view.state(session, user_id) {
+                Ok(state) => Some(Basis {
+                    state: state.copied(),
+                    user_revoked: epoch.is_some_and(|e| view.user_revoked(user_id, e)),
+                    confirmed: false,
+                }),
+                // Another user's, as far as the view knows: ask the database.
+                Err(()) => None,
+            }
         };
-        let mut state = state_from_row(&row);
-        let before = state;
-        let outcome = change(&mut state, user_revoked);
-        if state != before {
-            tx.execute(
-                "UPDATE matrix_auth_sessions SET live_generation = $2, pending_generation = $3, next_generation = $4, revoked = $5, until_ms = $6, version = $7 WHERE session_id = $1",
-                &[
-                    &key,
-                    &i64::from(state.live_generation),
-                    &state.pending_generation.map(i64::from),
-                    &i64::from(state.next_generation),
-                    &state.revoked,
-                    &to_i64(state.until_ms),
-                    &to_i64(state.version),
-                ],
-            )
-            .await
-            .map_err(db_error)?;
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&CHANNEL, &session_payload(session, user_id, &state)],
-            )
-            .await
-            .map_err(db_error)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let Basis {
+                state: current,
+                user_revoked,
+                confirmed,
+            } = match basis.take() {
+                Some(guess) => guess,
+                None => {
+                    let read = client
+                        .prepare_cached(READ_SESSION)
+                        .await
+                        .map_err(db_error)?;
+                    let row = client
+                        .query_one(&read, &[&key, &user_id])
+                        .await
+                        .map_err(db_error)?;
+                    let state = match row.get::<_, Option<&str>>("user_id") {
+                        Some(owner) if owner != user_id => return Ok(None),
+                        Some(_) => Some(state_from_row(&row)),
+                        None => None,
+                    };
+                    let floor = row.get::<_, Option<i64>>("revoked_before_ms").map(to_u64);
+                    Basis {
+                        state,
+                        user_revoked: epoch.is_some_and(|e| floor.is_some_and(|f| f > e)),
+                        confirmed: true,
+                    }
+                }
+            };
+            let before = current.unwrap_or_default();
+            let mut state = before;
+            let outcome = change(&mut state, user_revoked);
+            if state == before {
+                if confirmed {
+                    return Ok(Some(outcome));
+                }
+                continue;
+            }
+            let payload = session_payload(session, user_id, &state);
+            let (live, pending, next, until, version) = (
+                i64::from(state.live_generation),
+                state.pending_generation.map(i64::from),
+                i64::from(state.next_generation),
+                to_i64(state.until_ms),
+                to_i64(state.version),
+            );
+            let written = match current {
+                Some(before) => {
+                    let update = client
+                        .prepare_cached(UPDATE_SESSION)
+                        .await
+                        .map_err(db_error)?;
+                    client
+                        .query_opt(
+                            &update,
+                            &[
+                                &key,
+                                &user_id,
+                                &live,
+                                &pending,
+                                &next,
+                                &state.revoked,
+                                &until,
+                                &version,
+                                &to_i64(before.version),
+                                &floor_check,
+                                &payload,
+                            ],
+                        )
+                        .await
+                }
+                None => {
+                    let insert = client
+                        .prepare_cached(INSERT_SESSION)
+                        .await
+                        .map_err(db_error)?;
+                    client
+                        .query_opt(
+                            &insert,
+                            &[
+                                &key,
+                                &user_id,
+                                &live,
+                                &pending,
+                                &next,
+                                &state.revoked,
+                                &until,
+                                &version,
+                                &floor_check,
+                                &payload,
+                            ],
+                        )
+                        .await
+                }
+            }
+            .map_err(db_error)?
+            .is_some();
+            if written {
+                // Our own notification will say the same; merging now makes our writes visible
+                // at once.
+                self.write_view().merge(session, user_id, state);
+                return Ok(Some(outcome));
+            }
+            // Lost the race for the row (or the floor rose): read it and try again.
         }
-        tx.commit().await.map_err(db_error)?;
-        drop(writer);
-        // Our own notification will say the same; merging now makes our writes visible at once.
-        self.write_view().merge(session, user_id, state);
-        Ok(Some(outcome))
+        Err(BackendError::new(
+            "a session's row kept changing under this write; giving up",
+        ))
     }
 
     /// Judges a token of a generation the view has not heard of yet (a refresh on another
@@ -393,19 +607,30 @@ impl PostgresStore {
 
     /// Deletes rows whose tokens have all stopped verifying, and forgets them in this process's
     /// view (which otherwise sweeps as it grows); call it on a timer. Returns the rows deleted.
+    ///
+    /// Deletes in batches of a few thousand rows, each its own short statement (rows a write
+    /// holds at that moment are skipped and left for the next run), so that it never holds many
+    /// locks or runs long on a large table.
     pub async fn purge_expired(&self) -> Result<u64, BackendError> {
         let now = self.shared.clock.now_ms();
-        let deleted = {
-            let writer = self.shared.writer.lock().await;
-            let client = writer.as_ref().ok_or_else(Self::unavailable)?;
-            client
-                .execute(
-                    "DELETE FROM matrix_auth_sessions WHERE until_ms <= $1",
-                    &[&to_i64(now)],
-                )
-                .await
-                .map_err(db_error)?
-        };
+        let mut deleted = 0;
+        loop {
+            let client = self.connection().await?;
+            let outcome = self
+                .bounded(async {
+                    let purge = client.prepare_cached(PURGE).await.map_err(db_error)?;
+                    client
+                        .execute(&purge, &[&to_i64(now), &PURGE_BATCH])
+                        .await
+                        .map_err(db_error)
+                })
+                .await;
+            let batch = settle(client, outcome)?;
+            deleted += batch;
+            if batch < PURGE_BATCH as u64 {
+                break;
+            }
+        }
         self.write_view().sweep(now);
         Ok(deleted)
     }
@@ -489,26 +714,19 @@ impl TokenStore for PostgresStore {
     fn revoke_user(&self, user_id: &str, at_least: u64) -> StoreFuture<'_, u64> {
         let user_id = user_id.to_owned();
         Box::pin(async move {
-            let mut writer = self.shared.writer.lock().await;
-            let client = writer.as_mut().ok_or_else(Self::unavailable)?;
-            let tx = client.transaction().await.map_err(db_error)?;
-            // Above every epoch handed out so far, by any process: they all read this floor.
-            let floor = tx
-                .query_one(
-                    "INSERT INTO matrix_auth_users VALUES ($1, $2) ON CONFLICT (user_id) DO UPDATE SET revoked_before_ms = GREATEST(matrix_auth_users.revoked_before_ms + 1, EXCLUDED.revoked_before_ms) RETURNING revoked_before_ms",
-                    &[&user_id, &to_i64(at_least)],
-                )
-                .await
-                .map_err(db_error)?;
-            let floor = to_u64(floor.get(0));
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&CHANNEL, &format!("u {floor} {user_id}")],
-            )
-            .await
-            .map_err(db_error)?;
-            tx.commit().await.map_err(db_error)?;
-            drop(writer);
+            let client = self.connection().await?;
+            let outcome = self
+                .bounded(async {
+                    let revoke = client.prepare_cached(REVOKE_USER).await.map_err(db_error)?;
+                    // Above every epoch handed out so far, by any process: they all read this
+                    // floor.
+                    client
+                        .query_one(&revoke, &[&user_id, &to_i64(at_least)])
+                        .await
+                        .map_err(db_error)
+                })
+                .await;
+            let floor = to_u64(settle(client, outcome)?.get(0));
             self.write_view().merge_user(&user_id, floor);
             Ok(floor)
         })

@@ -374,3 +374,106 @@ async fn the_view_forgets_state_whose_tokens_have_all_expired() {
         "an unexpired logout survives the sweeps"
     );
 }
+
+/// A plain connection to `url`, for the test's own statements.
+async fn plain(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_adopt_an_unversioned_database_and_run_once_from_many_processes() {
+    if crate::common::pg::skip() {
+        return;
+    }
+    let url = crate::common::pg::fresh_database_url("migrations").await;
+    let admin = plain(&url).await;
+    // The schema as releases before versioning left it, with a logout in it.
+    admin
+        .batch_execute(
+            "CREATE TABLE matrix_auth_sessions (session_id TEXT PRIMARY KEY, \
+             live_generation BIGINT NOT NULL, pending_generation BIGINT, \
+             next_generation BIGINT NOT NULL, revoked BOOLEAN NOT NULL, until_ms BIGINT NOT NULL, \
+             version BIGINT NOT NULL, user_id TEXT NOT NULL DEFAULT ''); \
+             CREATE INDEX matrix_auth_sessions_until ON matrix_auth_sessions (until_ms); \
+             CREATE TABLE matrix_auth_users (user_id TEXT PRIMARY KEY, revoked_before_ms BIGINT NOT NULL); \
+             INSERT INTO matrix_auth_sessions VALUES ('00000000000000000000000000000001', 0, NULL, 1, TRUE, 9223372036854775807, 1, '@old:example.org');",
+        )
+        .await
+        .unwrap();
+    // Eight processes starting at once: each migrates under the advisory lock, one after the
+    // other; the first does the work, the others find it done.
+    let stores = futures_join_all(
+        (0..8)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { PostgresStore::connect(&url).await })
+            })
+            .collect(),
+    )
+    .await;
+    assert!(stores.iter().all(|s| s.is_ok()), "every process set up");
+    let versions: Vec<i32> = admin
+        .query("SELECT version FROM matrix_auth_schema", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(versions, vec![1], "one row, at the current version");
+    let kept: i64 = admin
+        .query_one("SELECT count(*) FROM matrix_auth_sessions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1, "the existing rows are kept");
+    // And again, on a versioned database: nothing to do.
+    PostgresStore::connect(&url).await.unwrap();
+    let versions: i64 = admin
+        .query_one("SELECT count(*) FROM matrix_auth_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 1);
+}
+
+async fn futures_join_all<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_expired_deletes_in_batches_and_keeps_the_rest() {
+    if crate::common::pg::skip() {
+        return;
+    }
+    let url = crate::common::pg::fresh_database_url("purge_batches").await;
+    let store = PostgresStore::connect(&url).await.unwrap();
+    let admin = plain(&url).await;
+    // 12,345 expired rows (more than two batches) and 10 that are not.
+    admin
+        .batch_execute(
+            "INSERT INTO matrix_auth_sessions \
+             SELECT lpad(to_hex(i), 32, '0'), 0, NULL, 1, TRUE, 1000, 1, '@purged:example.org' \
+             FROM generate_series(1, 12345) i; \
+             INSERT INTO matrix_auth_sessions \
+             SELECT lpad(to_hex(i), 32, 'f'), 0, NULL, 1, TRUE, 9223372036854775807, 1, '@kept:example.org' \
+             FROM generate_series(1, 10) i;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.purge_expired().await.unwrap(), 12345);
+    let left: i64 = admin
+        .query_one("SELECT count(*) FROM matrix_auth_sessions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 10);
+    assert_eq!(store.purge_expired().await.unwrap(), 0);
+}

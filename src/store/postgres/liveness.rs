@@ -1,16 +1,18 @@
 //! The connection half of [`PostgresStore`](super::PostgresStore): connecting, watching, and
-//! reconnecting, with one task that owns every generation of connections.
+//! reconnecting, with one task that owns every generation of the listening connection.
 //!
-//! A *link* is one generation: the listening connection (its driver task applies notifications
-//! to the view; its client also serves `judge_from_database`'s reads) and the writing connection
-//! (writes, heartbeats). A single supervisor task per store watches the current link and, when
-//! it ends, tears it down and builds the next one, retrying with growing pauses. Nothing else
-//! reconnects: a link that fails half-way through its setup is dropped, which aborts whatever
-//! tasks it had started, and the supervisor tries again. So there is one reconnect loop per store
-//! and at most two connections, whatever the database does.
+//! A *link* is one generation of the listening connection (its driver task applies notifications
+//! to the view; its client also serves `judge_from_database`'s reads and sends the heartbeats) and
+//! the heartbeat task. A single supervisor task per store watches the current link and, when it
+//! ends, tears it down, wakes the writes under way (they give up, see `PostgresStore::bounded`),
+//! empties the pool of its idle writing connections, and builds the next link, retrying with
+//! growing pauses. Nothing else reconnects: a link that fails half-way through its setup is
+//! dropped, which aborts whatever tasks it had started, and the supervisor tries again. So there
+//! is one reconnect loop per store, one listening connection, and at most `max_connections`
+//! writing ones (the pool's, opened as writes need them), whatever the database does.
 //!
-//! The link ends when either connection's driver ends (an error or an orderly close), when a
-//! heartbeat cannot be sent, or when the view has not been proven current for longer than the
+//! The link ends when the listening connection's driver ends (an error or an orderly close), when
+//! a heartbeat cannot be sent, or when the view has not been proven current for longer than the
 //! freshness deadline (see [`PostgresOptions::freshness_deadline`](crate::store::PostgresOptions::freshness_deadline)).
 
 use std::future::{poll_fn, Future};
@@ -51,6 +53,7 @@ const APPLICATION_NAME: &str = "tower-matrix-auth";
 pub struct PostgresOptions {
     freshness_deadline: Duration,
     setup_timeout: Duration,
+    max_connections: usize,
 }
 
 impl Default for PostgresOptions {
@@ -58,6 +61,7 @@ impl Default for PostgresOptions {
         Self {
             freshness_deadline: Duration::from_secs(10),
             setup_timeout: Duration::from_secs(30),
+            max_connections: 8,
         }
     }
 }
@@ -69,7 +73,7 @@ impl PostgresOptions {
     /// reloading the whole state.
     ///
     /// The proof is a heartbeat: every third of the deadline the store sends
-    /// `NOTIFY` through its writing connection and waits for it on its listening connection.
+    /// `NOTIFY` through its listening connection and waits for it to come back there.
     /// PostgreSQL delivers notifications in commit order, so receiving a heartbeat sent at `T`
     /// proves that every change committed before `T`, on any process, has been applied to the
     /// view. The store is healthy while its last proof is younger than the deadline: a logout
@@ -79,14 +83,13 @@ impl PostgresOptions {
     ///
     /// The deadline also sets the connections' limits, so that a dead link is noticed by the
     /// kernel and the server as well:
-    /// - both connections: TCP keepalives after a third of the deadline idle, probing every sixth
+    /// - every connection: TCP keepalives after a third of the deadline idle, probing every sixth
     ///   three times (at least 1 s each), `tcp_user_timeout` of the deadline, and a
     ///   `connect_timeout` of the deadline;
-    /// - the writing connection: `statement_timeout` of a third of the deadline (so a write
-    ///   waiting on a lock gives the writer back in time for the next heartbeat; this includes
-    ///   `purge_expired`'s `DELETE`) and `idle_in_transaction_session_timeout` of the deadline (so
-    ///   the server ends a transaction of this process's that a partition left holding row locks,
-    ///   and other processes' writes do not wait for it for longer).
+    /// - the writing connections: `statement_timeout` of a third of the deadline (so a write
+    ///   waiting on a row lock gives up and its connection back; this includes each of
+    ///   `purge_expired`'s batches) and `idle_in_transaction_session_timeout` of the deadline
+    ///   (writes are single statements, so this only bounds a transaction a partition interrupted).
     ///
     /// These override the same settings given in the URL.
     pub fn freshness_deadline(mut self, deadline: Duration) -> Self {
@@ -105,6 +108,21 @@ impl PostgresOptions {
     pub fn setup_timeout(mut self, timeout: Duration) -> Self {
         self.setup_timeout = timeout;
         self
+    }
+
+    /// The most writing connections the store opens (default 8; at least 1), besides its one
+    /// listening connection. Writes are single statements that run in parallel on these, one
+    /// per connection; a write waits for a free connection for at most a third of the freshness
+    /// deadline, then fails (the layer answers `503`). Connections are opened as writes need
+    /// them and kept.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections.max(1);
+        self
+    }
+
+    /// The writing connections' limit in force.
+    pub fn get_max_connections(&self) -> usize {
+        self.max_connections
     }
 
     fn heartbeat_interval(&self) -> Duration {
@@ -155,8 +173,10 @@ pub(super) struct Liveness {
     proven_us: AtomicU64,
     /// Woken whenever one of this store's heartbeats comes back.
     echoed: tokio::sync::Notify,
-    /// The current link's listening client, for reads that must not wait for the writer.
+    /// The current link's listening client, for reads that must not wait for writes.
     reader: Mutex<Option<Arc<Client>>>,
+    /// Woken when a link ends: writes under way give up (see `PostgresStore::bounded`).
+    pub(super) lost: tokio::sync::Notify,
 }
 
 impl Liveness {
@@ -172,6 +192,7 @@ impl Liveness {
             proven_us: AtomicU64::new(0),
             echoed: tokio::sync::Notify::new(),
             reader: Mutex::new(None),
+            lost: tokio::sync::Notify::new(),
         })
     }
 
@@ -190,6 +211,11 @@ impl Liveness {
             && self.now_us().saturating_sub(proven) <= self.deadline_us()
     }
 
+    /// The freshness deadline in force.
+    pub(super) fn deadline(&self) -> Duration {
+        self.options.freshness_deadline
+    }
+
     /// When the last proof stops being enough.
     fn expiry(&self) -> Instant {
         self.epoch
@@ -197,21 +223,30 @@ impl Liveness {
             + self.options.freshness_deadline
     }
 
-    /// The client to read from without taking the writer (`None` while disconnected).
+    /// The listening client, for reads that must not wait for writes and for heartbeats (`None`
+    /// while disconnected).
     pub(super) fn reader(&self) -> Option<Arc<Client>> {
         self.lock_reader().clone()
+    }
+
+    /// The configuration of the writing connections (the pool's).
+    pub(super) fn writer_config(&self) -> &Config {
+        &self.writer_config
     }
 
     fn lock_reader(&self) -> MutexGuard<'_, Option<Arc<Client>>> {
         self.reader.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends a heartbeat through `writer` (whoever calls this holds the writer) and returns its
-    /// send time: once it comes back, the view holds every change committed before that instant.
-    /// The payload is `h <store nonce> <send time>`: hex and digits, nothing to quote.
-    async fn send_heartbeat(&self, writer: &Client) -> Result<u64, tokio_postgres::Error> {
+    /// Sends a heartbeat through `client` and returns its send time: once it comes back, the view
+    /// holds every change committed before that instant. Any connection to the database would
+    /// do (notifications reach the listener in commit order, whoever sent them, and the
+    /// heartbeat commits after it is sent); the store sends them through its listening
+    /// connection, which no write ever waits for. The payload is `h <store nonce> <send time>`:
+    /// hex and digits, nothing to quote.
+    async fn send_heartbeat(&self, client: &Client) -> Result<u64, tokio_postgres::Error> {
         let sent_us = self.now_us();
-        writer
+        client
             .batch_execute(&format!(
                 "NOTIFY {CHANNEL}, 'h {:016x} {sent_us}'",
                 self.nonce
@@ -266,13 +301,16 @@ async fn supervise(shared: Arc<Shared>, mut link: Link) {
     loop {
         let ended = link.ended(live).await;
         live.connected.store(false, Ordering::SeqCst);
+        live.lost.notify_waiters();
         ended.log(live.options.freshness_deadline);
-        // Aborting the drivers drops both connections: queries pending on them fail at once,
-        // so a write stuck on a dead link gives the writer mutex back.
+        // Aborting the driver drops the listening connection: reads pending on it fail at once.
         drop(link);
         *live.lock_reader() = None;
         shared.absent.clear();
-        *shared.writer.lock().await = None;
+        // The writing connections idle in the pool may be as dead as the listener: drop them, so
+        // that writes after the reconnection open fresh ones. (Writes under way end with their
+        // statement, or with the connection's TCP limits.)
+        shared.pool.retain(|_, _| false);
         link = reconnect(&shared).await;
         tracing::info!("revocation database connection restored");
     }
@@ -297,16 +335,12 @@ type Driver = JoinHandle<Result<(), tokio_postgres::Error>>;
 #[derive(Default)]
 struct Link {
     listener: Option<Driver>,
-    writer: Option<Driver>,
     heartbeat: Option<Driver>,
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
-        for task in [&self.listener, &self.writer, &self.heartbeat]
-            .into_iter()
-            .flatten()
-        {
+        for task in [&self.listener, &self.heartbeat].into_iter().flatten() {
             task.abort();
         }
     }
@@ -315,7 +349,6 @@ impl Drop for Link {
 /// Why a link ended.
 enum Ended {
     Listener(Result<Result<(), tokio_postgres::Error>, JoinError>),
-    Writer(Result<Result<(), tokio_postgres::Error>, JoinError>),
     Heartbeat(Result<Result<(), tokio_postgres::Error>, JoinError>),
     Stale,
 }
@@ -331,7 +364,6 @@ impl Ended {
                 return;
             }
             Ended::Listener(outcome) => ("listening", outcome),
-            Ended::Writer(outcome) => ("writing", outcome),
             Ended::Heartbeat(outcome) => ("heartbeat", outcome),
         };
         match outcome {
@@ -354,8 +386,9 @@ impl Ended {
 }
 
 impl Link {
-    /// Opens both connections, loads the whole state, and starts the heartbeat; within the
-    /// setup timeout. On any failure the partial link is dropped, aborting what it started.
+    /// Opens the listening connection, loads the whole state, and starts the heartbeat; within
+    /// the setup timeout (the writing connections are the pool's, opened as writes need them).
+    /// On any failure the partial link is dropped, aborting what it started.
     async fn connect(shared: &Arc<Shared>) -> Result<Link, BackendError> {
         let live = &shared.liveness;
         let setup = async {
@@ -366,24 +399,17 @@ impl Link {
                 .await
                 .map_err(BackendError::new)?;
             link.listener = Some(tokio::spawn(drive_listener(shared.clone(), connection)));
-            let (writer, connection) = live
-                .writer_config
-                .connect(NoTls)
-                .await
-                .map_err(BackendError::new)?;
-            link.writer = Some(tokio::spawn(connection));
             listen_and_load(shared, &listener)
                 .await
                 .map_err(BackendError::new)?;
             // The load may have taken a while: prove the view current now, which also shows
             // that heartbeats get through before the link is called healthy.
             let sent = live
-                .send_heartbeat(&writer)
+                .send_heartbeat(&listener)
                 .await
                 .map_err(BackendError::new)?;
             live.echo_of(sent).await;
             shared.absent.clear();
-            *shared.writer.lock().await = Some(writer);
             *live.lock_reader() = Some(Arc::new(listener));
             live.connected.store(true, Ordering::SeqCst);
             link.heartbeat = Some(tokio::spawn(heartbeat(shared.clone())));
@@ -405,7 +431,6 @@ impl Link {
             let ended = poll_fn(|cx| {
                 let tasks = [
                     (&mut self.listener, Ended::Listener as fn(_) -> Ended),
-                    (&mut self.writer, Ended::Writer),
                     (&mut self.heartbeat, Ended::Heartbeat),
                 ];
                 for (task, why) in tasks {
@@ -470,16 +495,16 @@ async fn drive_listener(
     .await
 }
 
-/// Sends a heartbeat through the writer every third of the deadline; ends at the first failure.
+/// Sends a heartbeat through the listening connection every third of the deadline; ends at the
+/// first failure.
 async fn heartbeat(shared: Arc<Shared>) -> Result<(), tokio_postgres::Error> {
     let live = &shared.liveness;
     loop {
         tokio::time::sleep(live.options.heartbeat_interval()).await;
-        let writer = shared.writer.lock().await;
-        let Some(client) = writer.as_ref() else {
+        let Some(client) = live.reader() else {
             return Ok(());
         };
-        live.send_heartbeat(client).await?;
+        live.send_heartbeat(&client).await?;
     }
 }
 

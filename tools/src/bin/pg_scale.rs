@@ -1,0 +1,665 @@
+//! The PostgreSQL scale benchmark (issue 17): PostgreSQL's own ceiling for what one refresh must
+//! do, measured with `pgbench`, beside the store's refresh path driven through `Sessions` from
+//! 1, 2 and 4 processes, each with its own `PostgresStore`. `benches/pg_scale.sh` runs it against
+//! a throwaway server:
+//!
+//! ```text
+//! pg_scale run --url URL [--clients 16] [--seconds 10] [--procs 1,2,4] [--pgbench PATH]
+//!              [--ops refresh,tokenrefresh,logout,logout-all] [--pool N]
+//! pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE
+//! pg_scale size --url URL --clients ROWS [--skip-view 1]
+//! pg_scale fanout --url URL [--clients 16] [--seconds 10] [--procs 4]
+//! ```
+//!
+//! `fanout` measures NOTIFY fan-out under write load: while `--procs` worker processes refresh
+//! (as in `run`), four more stores log sessions out on one and time how long until the three
+//! others refuse them.
+//!
+//! `size` (ROWS given as `--clients`) measures the store at size: the view's start-up load and
+//! bytes per session with ROWS logged-out sessions, then `purge_expired` on ROWS expired rows
+//! beside the single `DELETE` it replaced.
+//!
+//! `run` prints one table: for each process count, pgbench's rates (the ceilings, with as many
+//! listening connections as the store has processes: one refresh's work as a transaction of
+//! separate statements, and as the one statement the store sends) and the store's, as req/s,
+//! p50/p99 and the store's fraction of each ceiling. Every process of a row runs `clients / procs` tasks; each
+//! task logs in once and then refreshes its session (`POST /_matrix/client/v3/refresh`'s path,
+//! `RefreshMode::Rotating`, each refresh with the previous one's refresh token, so each is one
+//! write that promotes the previous generation and mints the next). `--ops` adds other
+//! operations: `tokenrefresh` (`/r0/tokenrefresh`'s single-use refresh), `logout` (a login, which
+//! stores nothing, then its logout: one write) and `logout-all` (a login, then `/logout/all`:
+//! the user's floor and the session, two writes).
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tower_matrix_auth::store::{PostgresOptions, RefreshMode};
+use tower_matrix_auth::{Issuer, KeyRing, MacaroonSecret, PostgresStore, Sessions, Verifier};
+
+const SECRET: &str = "pg_scale macaroon secret";
+const BENCH_ROWS: u32 = 10_000;
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: pg_scale run --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--pgbench PATH] [--pool N]\n       pg_scale size --url URL --clients ROWS [--skip-view 1]\n       pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE"
+    );
+    std::process::exit(2)
+}
+
+struct Args {
+    url: String,
+    clients: usize,
+    seconds: u64,
+    procs: Vec<usize>,
+    pgbench: Option<PathBuf>,
+    start_ms: u64,
+    out: Option<PathBuf>,
+    pool: Option<usize>,
+    skip_view: bool,
+    ops: Vec<String>,
+}
+
+fn parse(mut args: impl Iterator<Item = String>) -> Args {
+    let mut a = Args {
+        url: String::new(),
+        clients: 16,
+        seconds: 10,
+        procs: vec![1, 2, 4],
+        pgbench: None,
+        start_ms: 0,
+        out: None,
+        pool: None,
+        skip_view: false,
+        ops: vec!["refresh".into()],
+    };
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--url" => a.url = value,
+            "--clients" => a.clients = value.parse().unwrap_or_else(|_| usage()),
+            "--seconds" => a.seconds = value.parse().unwrap_or_else(|_| usage()),
+            "--procs" => {
+                a.procs = value
+                    .split(',')
+                    .map(|p| p.parse().unwrap_or_else(|_| usage()))
+                    .collect()
+            }
+            "--pgbench" => a.pgbench = Some(value.into()),
+            "--start-ms" => a.start_ms = value.parse().unwrap_or_else(|_| usage()),
+            "--out" => a.out = Some(value.into()),
+            "--pool" => a.pool = Some(value.parse().unwrap_or_else(|_| usage())),
+            "--skip-view" => a.skip_view = value == "1",
+            "--ops" => a.ops = value.split(',').map(str::to_owned).collect(),
+            _ => usage(),
+        }
+    }
+    if a.url.is_empty() {
+        usage();
+    }
+    a
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        Some("run") => run(parse(args)),
+        Some("size") => {
+            let args = parse(args);
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+                .block_on(size(args));
+        }
+        Some("fanout") => {
+            let args = parse(args);
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+                .block_on(fanout(args));
+        }
+        Some("worker") => {
+            let args = parse(args);
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+                .block_on(worker(args));
+        }
+        _ => usage(),
+    }
+}
+
+fn engine(store: PostgresStore) -> Sessions {
+    let keys = || KeyRing::new().with_key("key", MacaroonSecret::from_passphrase(SECRET));
+    let issuer = Issuer::new(keys())
+        .refreshable_access_lifetime(Duration::from_secs(300))
+        .refresh_lifetime(Some(Duration::from_secs(3600)));
+    Sessions::new(issuer, Verifier::new(keys()), store)
+}
+
+/// One process of a row: `clients` tasks refreshing their own sessions from `start_ms` for
+/// `seconds`; writes every refresh's latency (µs, one a line) to `out`.
+async fn worker(args: Args) {
+    let mut options = PostgresOptions::default();
+    if let Some(pool) = args.pool {
+        options = options.max_connections(pool);
+    }
+    let store = PostgresStore::connect_with(&args.url, options)
+        .await
+        .expect("connecting the store");
+    let sessions = std::sync::Arc::new(engine(store));
+    let start = UNIX_EPOCH + Duration::from_millis(args.start_ms);
+    let wait = start
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    let begin = Instant::now() + wait;
+    let end = begin + Duration::from_secs(args.seconds);
+    let mut tasks = Vec::new();
+    let op = args
+        .ops
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "refresh".into());
+    for i in 0..args.clients {
+        let sessions = sessions.clone();
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let request = tower_matrix_auth::lifecycle::SessionRequest::new().refresh(true);
+            let user = format!("@scale{}-{i}:example.org", std::process::id());
+            let tokens = sessions.login(&user, &request);
+            let mut refresh = tokens.refresh_token.expect("a refresh token");
+            let parts = http::Request::new(()).into_parts().0;
+            tokio::time::sleep_until(begin.into()).await;
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < end {
+                let t = Instant::now();
+                let ok = match op.as_str() {
+                    "refresh" | "tokenrefresh" => {
+                        let mode = if op == "refresh" {
+                            RefreshMode::Rotating
+                        } else {
+                            RefreshMode::SingleUse
+                        };
+                        match sessions.refresh(refresh.as_bytes(), mode, &parts).await {
+                            Ok(next) => {
+                                refresh = next.refresh_token.expect("a refresh token");
+                                true
+                            }
+                            Err(_) => false,
+                        }
+                    }
+                    // A login (nothing stored), then its logout: one write.
+                    "logout" | "logout-all" => {
+                        let tokens = sessions.login(&user, &request);
+                        let who = sessions
+                            .verifier()
+                            .verify(
+                                tokens.access_token.as_bytes(),
+                                tower_matrix_auth::TokenType::Access,
+                                &parts,
+                            )
+                            .expect("a valid token");
+                        if op == "logout" {
+                            sessions.logout(&who).await.is_ok()
+                        } else {
+                            sessions.logout_all(&who).await.is_ok()
+                        }
+                    }
+                    other => panic!("unknown op {other}"),
+                };
+                if ok {
+                    latencies.push(t.elapsed().as_micros() as u64);
+                } else {
+                    errors += 1;
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut out = String::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (latencies, e) = task.await.expect("a worker task");
+        errors += e;
+        for l in latencies {
+            let _ = writeln!(out, "{l}");
+        }
+    }
+    let _ = writeln!(out, "errors {errors}");
+    std::fs::write(args.out.expect("--out"), out).expect("writing the latencies");
+}
+
+fn pgbench_path(given: Option<PathBuf>) -> PathBuf {
+    if let Some(p) = given {
+        return p;
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("bin/pgbench"))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| "pgbench".into())
+}
+
+struct Figures {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn figures(mut latencies_us: Vec<u64>, seconds: u64, errors: u64) -> Figures {
+    latencies_us.sort_unstable();
+    let pct = |p: f64| {
+        if latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((latencies_us.len() as f64 * p).ceil() as usize).clamp(1, latencies_us.len());
+        latencies_us[i - 1] as f64 / 1000.0
+    };
+    Figures {
+        rate: latencies_us.len() as f64 / seconds as f64,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        errors,
+    }
+}
+
+fn psql(url: &str, sql: &str) {
+    let bin = pgbench_path(None).with_file_name("psql");
+    let status = Command::new(bin)
+        .args(["-q", "-v", "ON_ERROR_STOP=1", url, "-c", sql])
+        .status()
+        .expect("running psql");
+    assert!(status.success(), "psql failed: {sql}");
+}
+
+/// The two ceilings: what one refresh must do as a transaction of separate statements (lock,
+/// update, notify: five round trips), and as the single statement the store sends.
+#[derive(Clone, Copy)]
+enum Script {
+    Transaction,
+    Statement,
+}
+
+/// pgbench with the statements one refresh needs, `listeners` connections listening.
+fn pgbench(args: &Args, script_kind: Script, listeners: usize, dir: &Path) -> Figures {
+    let script = dir.join("refresh.sql");
+    let body = match script_kind {
+        Script::Transaction => {
+            "BEGIN;\n\
+             SELECT version FROM pg_scale_bench WHERE id = :id FOR UPDATE;\n\
+             UPDATE pg_scale_bench SET version = version + 1 WHERE id = :id;\n\
+             SELECT pg_notify('pg_scale', 's ' || :id);\n\
+             END;\n"
+        }
+        Script::Statement => {
+            "WITH w AS (UPDATE pg_scale_bench SET version = version + 1 \
+             WHERE id = :id RETURNING version) \
+             SELECT pg_notify('pg_scale', 's ' || :id || ' ' || version) FROM w;\n"
+        }
+    };
+    std::fs::write(&script, format!("\\set id random(1, {BENCH_ROWS})\n{body}"))
+        .expect("writing the pgbench script");
+    // Listening connections, as the store's processes have: NOTIFY's delivery is part of the cost.
+    let mut listening = Vec::new();
+    let bin = pgbench_path(args.pgbench.clone()).with_file_name("psql");
+    for _ in 0..listeners {
+        let mut child = Command::new(&bin)
+            .args(["-q", &args.url])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("a listening psql");
+        use std::io::Write;
+        // psql reads notifications only between commands: one every few ms drains the queue.
+        let mut stdin = child.stdin.take().expect("psql's stdin");
+        let _ = writeln!(stdin, "LISTEN pg_scale;");
+        let seconds = args.seconds + 2;
+        std::thread::spawn(move || {
+            for _ in 0..seconds * 100 {
+                if writeln!(stdin, "SELECT 1;").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        listening.push(child);
+    }
+    let prefix = dir.join(format!("pgbench_{listeners}"));
+    let output = Command::new(pgbench_path(args.pgbench.clone()))
+        .args(["-n", "-M", "prepared", "-l", "--log-prefix"])
+        .arg(&prefix)
+        .args([
+            "-c",
+            &args.clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &args.seconds.to_string(),
+            "-f",
+        ])
+        .arg(&script)
+        .arg(&args.url)
+        .current_dir(dir)
+        .output()
+        .expect("running pgbench");
+    for mut child in listening {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        output.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    for entry in std::fs::read_dir(dir)
+        .expect("the work directory")
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&format!("pgbench_{listeners}.")) {
+            continue;
+        }
+        for line in std::fs::read_to_string(entry.path())
+            .unwrap_or_default()
+            .lines()
+        {
+            // client_id transaction_no time script_no time_epoch time_us
+            match line.split(' ').nth(2).map(str::parse::<u64>) {
+                Some(Ok(us)) => latencies.push(us),
+                _ => failed += 1,
+            }
+        }
+        let _ = std::fs::remove_file(entry.path());
+    }
+    figures(latencies, args.seconds, failed)
+}
+
+/// The store with `procs` processes of `clients / procs` tasks each.
+fn store(args: &Args, procs: usize, dir: &Path) -> Figures {
+    store_op(args, "refresh", procs, dir)
+}
+
+/// The store running `op` with `procs` processes of `clients / procs` tasks each.
+fn store_op(args: &Args, op: &str, procs: usize, dir: &Path) -> Figures {
+    let exe = std::env::current_exe().expect("this binary");
+    let start_ms = now_ms() + 3000 + 500 * procs as u64;
+    let per = args.clients.div_ceil(procs);
+    let children: Vec<_> = (0..procs)
+        .map(|i| {
+            let out = dir.join(format!("store_{procs}_{i}"));
+            let mut command = Command::new(&exe);
+            command.args([
+                "worker",
+                "--url",
+                &args.url,
+                "--clients",
+                &per.to_string(),
+                "--seconds",
+                &args.seconds.to_string(),
+                "--start-ms",
+                &start_ms.to_string(),
+                "--ops",
+                op,
+                "--out",
+            ]);
+            command.arg(&out);
+            if let Some(pool) = args.pool {
+                command.args(["--pool", &pool.to_string()]);
+            }
+            (command.spawn().expect("a worker process"), out)
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for (mut child, out) in children {
+        assert!(child.wait().expect("a worker").success(), "a worker failed");
+        for line in std::fs::read_to_string(&out)
+            .expect("a worker's output")
+            .lines()
+        {
+            match line.strip_prefix("errors ") {
+                Some(e) => errors += e.parse::<u64>().unwrap_or(0),
+                None => latencies.push(line.parse().unwrap_or(0)),
+            }
+        }
+    }
+    figures(latencies, args.seconds, errors)
+}
+
+fn run(args: Args) {
+    let dir = std::env::temp_dir().join(format!("pg_scale.{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a work directory");
+    psql(
+        &args.url,
+        &format!(
+            "DROP TABLE IF EXISTS pg_scale_bench; \
+             CREATE TABLE pg_scale_bench (id INT PRIMARY KEY, version BIGINT NOT NULL); \
+             INSERT INTO pg_scale_bench SELECT i, 0 FROM generate_series(1, {BENCH_ROWS}) i;"
+        ),
+    );
+    println!(
+        "clients {} (split over the processes), {} s a run, refresh = one row locked and updated + one NOTIFY",
+        args.clients, args.seconds
+    );
+    println!(
+        "| processes | operation | pgbench tx req/s (p50 / p99 ms) | pgbench 1-statement req/s (p50 / p99 ms) | store req/s (p50 / p99 ms) | store errors | store / tx | store / 1-statement |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for &procs in &args.procs {
+        let tx = pgbench(&args, Script::Transaction, procs, &dir);
+        let one = pgbench(&args, Script::Statement, procs, &dir);
+        let cell = |f: &Figures| format!("{:.0} ({:.2} / {:.2})", f.rate, f.p50_ms, f.p99_ms);
+        for op in &args.ops {
+            let ours = store_op(&args, op, procs, &dir);
+            println!(
+                "| {procs} | {op} | {} | {} | {} | {} | {:.2} | {:.2} |",
+                cell(&tx),
+                cell(&one),
+                cell(&ours),
+                ours.errors,
+                ours.rate / tx.rate,
+                ours.rate / one.rate
+            );
+        }
+        if tx.errors + one.errors > 0 {
+            println!(
+                "  (pgbench log lines not understood: {})",
+                tx.errors + one.errors
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The view and `purge_expired` at `args.clients` rows.
+async fn size(args: Args) {
+    let rows = args.clients;
+    let setup = |sql: String| {
+        let url = args.url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || psql(&url, &sql))
+                .await
+                .expect("psql");
+        }
+    };
+    // Creates the tables.
+    drop(PostgresStore::connect(&args.url).await.expect("a store"));
+    setup("TRUNCATE matrix_auth_sessions".into()).await;
+    if !args.skip_view {
+        view_at_size(&args, rows, setup).await;
+    }
+    purge_at_size(&args, rows, setup).await;
+}
+
+async fn view_at_size<F: std::future::Future<Output = ()>>(
+    args: &Args,
+    rows: usize,
+    setup: impl Fn(String) -> F,
+) {
+    let t = Instant::now();
+    setup(format!(
+        "INSERT INTO matrix_auth_sessions SELECT md5(i::text), 0, NULL, 1, TRUE, 9223372036854775807, 1, \
+         '@user' || (i % 100000) || ':example.org' FROM generate_series(1, {rows}) i"
+    ))
+    .await;
+    let generated = t.elapsed();
+    let before = rss_bytes();
+    let t = Instant::now();
+    let store = PostgresStore::connect_with(
+        &args.url,
+        PostgresOptions::default().setup_timeout(Duration::from_secs(600)),
+    )
+    .await
+    .expect("a store");
+    let load = t.elapsed();
+    let after = rss_bytes();
+    println!(
+        "| {rows} logged-out sessions | generated in {:.1} s | view loaded in {:.2} s | {:.0} bytes a session (RSS) |",
+        generated.as_secs_f64(),
+        load.as_secs_f64(),
+        after.saturating_sub(before) as f64 / rows as f64
+    );
+    drop(store);
+}
+
+async fn purge_at_size<F: std::future::Future<Output = ()>>(
+    args: &Args,
+    rows: usize,
+    setup: impl Fn(String) -> F,
+) {
+    // Purge: the same number of expired rows.
+    setup(format!(
+        "TRUNCATE matrix_auth_sessions; INSERT INTO matrix_auth_sessions SELECT md5(i::text), 0, NULL, 1, TRUE, 1000, 1, \
+         '@user' || (i % 100000) || ':example.org' FROM generate_series(1, {rows}) i"
+    ))
+    .await;
+    setup("VACUUM ANALYZE matrix_auth_sessions".into()).await;
+    let store = PostgresStore::connect(&args.url).await.expect("a store");
+    let t = Instant::now();
+    let deleted = store.purge_expired().await.expect("a purge");
+    let batched = t.elapsed();
+    drop(store);
+    setup(format!(
+        "INSERT INTO matrix_auth_sessions SELECT md5(i::text), 0, NULL, 1, TRUE, 1000, 1, \
+         '@user' || (i % 100000) || ':example.org' FROM generate_series(1, {rows}) i"
+    ))
+    .await;
+    setup("VACUUM ANALYZE matrix_auth_sessions".into()).await;
+    let t = Instant::now();
+    setup("DELETE FROM matrix_auth_sessions WHERE until_ms <= 2000".into()).await;
+    let single = t.elapsed();
+    println!(
+        "| purge {deleted} expired rows | batched: {:.2} s in {} statements ({:.1} ms each) | one DELETE: {:.2} s holding every row lock |",
+        batched.as_secs_f64(),
+        deleted.div_ceil(5000),
+        batched.as_secs_f64() * 1000.0 / deleted.div_ceil(5000).max(1) as f64,
+        single.as_secs_f64()
+    );
+}
+
+/// The time from a logout acknowledged on one store to its refusal on three others, under the
+/// refresh load of `args.procs[0]` worker processes.
+async fn fanout(args: Args) {
+    use tower_matrix_auth::hooks::{Revocation, RevocationStatus};
+    use tower_matrix_auth::TokenType;
+    let procs = args.procs.first().copied().unwrap_or(4);
+    let dir = std::env::temp_dir().join(format!("pg_scale_fanout.{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a work directory");
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(PostgresStore::connect(&args.url).await.expect("a store"));
+    }
+    let origin = engine(stores[0].clone());
+    let parts = http::Request::new(()).into_parts().0;
+    let load = {
+        let args = Args {
+            url: args.url.clone(),
+            clients: args.clients,
+            seconds: args.seconds,
+            procs: vec![procs],
+            pgbench: None,
+            start_ms: 0,
+            out: None,
+            pool: args.pool,
+            skip_view: true,
+            ops: vec!["refresh".into()],
+        };
+        let dir = dir.clone();
+        std::thread::spawn(move || store(&args, procs, &dir))
+    };
+    // The workers start 3 s + 0.5 s a process from now; probe in the middle of their run.
+    tokio::time::sleep(Duration::from_millis(3000 + 500 * procs as u64 + 1000)).await;
+    let mut latencies = Vec::new();
+    let probe_until = Instant::now() + Duration::from_secs(args.seconds.saturating_sub(2).max(1));
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    while Instant::now() < probe_until {
+        let tokens = origin.login(
+            "@fanout:example.org",
+            &tower_matrix_auth::lifecycle::SessionRequest::new(),
+        );
+        let user = origin
+            .verifier()
+            .verify(tokens.access_token.as_bytes(), TokenType::Access, &parts)
+            .expect("a valid token");
+        origin.logout(&user).await.expect("a logout");
+        let committed = Instant::now();
+        let mut pending: Vec<usize> = vec![1, 2, 3];
+        while !pending.is_empty() && committed.elapsed() < Duration::from_secs(5) {
+            pending.retain(|&k| {
+                let mut check = stores[k].check(&user);
+                match std::pin::Pin::new(&mut check).poll(&mut cx) {
+                    std::task::Poll::Ready(Ok(RevocationStatus::Revoked)) => {
+                        latencies.push(committed.elapsed().as_micros() as u64);
+                        false
+                    }
+                    _ => true,
+                }
+            });
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let probes = latencies.len();
+    let ours = load.join().expect("the load");
+    let fan = figures(latencies, 1, 0);
+    println!(
+        "| {procs} load processes, {:.0} refreshes/s | {} refusals seen | fan-out p50 {:.2} ms, p99 {:.2} ms |",
+        ours.rate, probes, fan.p50_ms, fan.p99_ms
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
