@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::hooks::revocation::BackendError;
+use crate::identity::Scopes;
 
 /// Who an opaque token belongs to.
 #[derive(Clone, PartialEq, Eq)]
@@ -23,8 +24,20 @@ pub struct ResolvedToken {
     pub device_id: Option<String>,
     /// Whether the user is a guest.
     pub is_guest: bool,
-    /// When the token expires (ms since the epoch); past it the layer answers a soft logout.
+    /// When the token expires (ms since the epoch); past it the layer answers `M_UNKNOWN_TOKEN`,
+    /// with a soft logout if [`Self::soft_logout_on_expiry`] says so.
     pub expires_at_ms: Option<u64>,
+    /// Whether an expired token gets `"soft_logout": true` (the default, right for a homeserver's
+    /// own tokens, which a refresh renews). An OAuth 2.0 server's answer cannot tell expiry from
+    /// revocation, so [`Self::oauth2`] turns it off.
+    pub soft_logout_on_expiry: bool,
+    /// The token's OAuth 2.0 scopes, if it has a scope set (see [`crate::MatrixUser::scopes`]);
+    /// `None` for a token that is not limited by scopes (the default).
+    pub scopes: Option<Scopes>,
+    /// Whether an OAuth 2.0 server issued the token: the identity's credential is then
+    /// [`Credential::OAuth2`](crate::Credential::OAuth2) rather than
+    /// [`Credential::Opaque`](crate::Credential::Opaque).
+    pub oauth2: bool,
 }
 
 impl ResolvedToken {
@@ -35,6 +48,9 @@ impl ResolvedToken {
             device_id: None,
             is_guest: false,
             expires_at_ms: None,
+            soft_logout_on_expiry: true,
+            scopes: None,
+            oauth2: false,
         }
     }
 
@@ -55,6 +71,30 @@ impl ResolvedToken {
         self.expires_at_ms = Some(at_ms);
         self
     }
+
+    /// Whether an expired token gets `"soft_logout": true` (default: yes).
+    #[must_use]
+    pub fn soft_logout_on_expiry(mut self, soft_logout: bool) -> Self {
+        self.soft_logout_on_expiry = soft_logout;
+        self
+    }
+
+    /// The token's scope set: [`crate::MatrixUser::scopes`] returns it, and the layer's
+    /// [`require_scope_when`](crate::MatrixAuthLayer::require_scope_when) rules apply to it.
+    #[must_use]
+    pub fn scopes(mut self, scopes: Scopes) -> Self {
+        self.scopes = Some(scopes);
+        self
+    }
+
+    /// Issued by an OAuth 2.0 server: [`Credential::OAuth2`](crate::Credential::OAuth2), and no
+    /// soft logout on expiry (such a server answers an expired and a revoked token alike).
+    #[must_use]
+    pub fn oauth2(mut self) -> Self {
+        self.oauth2 = true;
+        self.soft_logout_on_expiry = false;
+        self
+    }
 }
 
 impl fmt::Debug for ResolvedToken {
@@ -64,6 +104,9 @@ impl fmt::Debug for ResolvedToken {
             .field("device_id", &self.device_id)
             .field("is_guest", &self.is_guest)
             .field("expires_at_ms", &self.expires_at_ms)
+            .field("soft_logout_on_expiry", &self.soft_logout_on_expiry)
+            .field("scopes", &self.scopes)
+            .field("oauth2", &self.oauth2)
             .finish()
     }
 }

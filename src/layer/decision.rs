@@ -49,6 +49,8 @@ pub(crate) struct Policy {
     pub(crate) optional_when: Vec<Predicate>,
     pub(crate) expired_allowed_when: Vec<Predicate>,
     pub(crate) suspended_allowed_when: Vec<Predicate>,
+    /// Scopes a request must have when its token has a scope set: `(rule, scope)`.
+    pub(crate) scopes_required_when: Vec<(Predicate, Arc<str>)>,
     pub(crate) revocation: Arc<dyn Revocation>,
     pub(crate) resolver: Option<Arc<dyn TokenResolver>>,
     pub(crate) accounts: Option<Arc<dyn AccountDirectory>>,
@@ -203,6 +205,7 @@ impl Policy {
             None,
             TokenId::from_secret("appservice", id.as_bytes()),
             Some(id),
+            None,
         );
         match self.account_status(&user_id) {
             AccountStatus::Deactivated => {
@@ -256,20 +259,27 @@ impl Policy {
                 let expired = resolved
                     .expires_at_ms
                     .is_some_and(|at| self.verifier.now_ms() >= at);
+                let credential = if resolved.oauth2 {
+                    Credential::OAuth2
+                } else {
+                    Credential::Opaque
+                };
                 let user = MatrixUser::vouched(
-                    Credential::Opaque,
+                    credential,
                     &resolved.user_id,
                     resolved.device_id.as_deref(),
                     resolved.is_guest,
                     resolved.expires_at_ms,
                     token_id,
                     None,
+                    resolved.scopes,
                 );
                 // Revocation of opaque tokens is the resolver's business: a revoked one is unknown.
-                self.settle(
+                self.settle_expiring(
                     Ok(RevocationStatus::Active),
                     Verified { user, expired },
                     parts,
+                    resolved.soft_logout_on_expiry,
                 )
             }
         }
@@ -284,6 +294,21 @@ impl Policy {
         outcome: Result<RevocationStatus, BackendError>,
         verified: Verified,
         parts: &Parts,
+    ) -> Result<MatrixUser, Rejection> {
+        self.settle_expiring(outcome, verified, parts, true)
+    }
+
+    /// [`Self::settle`], saying whether an expired token gets a soft logout: a macaroon always
+    /// does; a resolved token as its resolver said ([`ResolvedToken::soft_logout_on_expiry`]).
+    /// Last, the scope rules, for a token with a scope set.
+    ///
+    /// [`ResolvedToken::soft_logout_on_expiry`]: crate::hooks::ResolvedToken::soft_logout_on_expiry
+    fn settle_expiring(
+        &self,
+        outcome: Result<RevocationStatus, BackendError>,
+        verified: Verified,
+        parts: &Parts,
+        soft_logout_on_expiry: bool,
     ) -> Result<MatrixUser, Rejection> {
         match outcome {
             Err(error) => {
@@ -303,7 +328,11 @@ impl Policy {
             _ => {}
         }
         if expired && !self.expired_allowed(parts) {
-            return Err(Rejection::unknown(Unknown::Expired));
+            return Err(Rejection::unknown(if soft_logout_on_expiry {
+                Unknown::Expired
+            } else {
+                Unknown::ExpiredNoSoftLogout
+            }));
         }
         if user.is_guest() && !self.guests_allowed(parts) {
             return Err(Rejection::guest_forbidden());
@@ -312,7 +341,22 @@ impl Policy {
             self.suspension(parts)?;
             user.mark_suspended();
         }
+        if let Some(scopes) = user.scopes() {
+            self.scopes_required(scopes, parts)?;
+        }
         Ok(user)
+    }
+
+    /// Whether a token with this scope set may make this request: every rule that picks the
+    /// request names a scope the set must hold. (Unlike the exceptions, a rule here only ever
+    /// narrows, so it applies on any path, normal or not.)
+    fn scopes_required(&self, scopes: &crate::Scopes, parts: &Parts) -> Result<(), Rejection> {
+        for (rule, scope) in &self.scopes_required_when {
+            if !scopes.contains(scope) && rule(parts) {
+                return Err(Rejection::of(Kind::InsufficientScope));
+            }
+        }
+        Ok(())
     }
 
     /// Readies an admitted request for the inner service: the identity goes into the
@@ -367,6 +411,7 @@ impl fmt::Debug for Policy {
             .field("skip_rules", &self.skip_when.len())
             .field("optional", &self.optional)
             .field("optional_rules", &self.optional_when.len())
+            .field("scope_rules", &self.scopes_required_when.len())
             .field("custom_renderer", &self.renderer.is_some())
             .finish_non_exhaustive()
     }
