@@ -19,6 +19,7 @@ mod layer;
 mod lifecycle;
 mod lifecycle_properties;
 mod logout_all_hammer;
+mod oauth2;
 mod postgres;
 mod postgres_liveness;
 mod properties;
