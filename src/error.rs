@@ -114,9 +114,7 @@ impl Rejection {
             Kind::GuestForbidden
             | Kind::Suspended
             | Kind::AppserviceForbidden
-            | Kind::InsufficientScope => {
-                StatusCode::FORBIDDEN
-            }
+            | Kind::InsufficientScope => StatusCode::FORBIDDEN,
             Kind::UnknownDevice => StatusCode::BAD_REQUEST,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }

@@ -298,7 +298,6 @@ impl MatrixUser {
         expires_at_ms: Option<u64>,
         token_id: TokenId,
         appservice: Option<Arc<str>>,
-        scopes: Option<Scopes>,
     ) -> Self {
         let user_id_end = user_id.len();
         Self {
@@ -314,9 +313,15 @@ impl MatrixUser {
             token_id,
             credential,
             appservice,
-            scopes,
+            scopes: None,
             suspended: false,
         }
+    }
+
+    /// With the token's OAuth 2.0 scope set.
+    pub(crate) fn with_scopes(mut self, scopes: Option<Scopes>) -> Self {
+        self.scopes = scopes;
+        self
     }
 
     pub(crate) fn mark_suspended(&mut self) {

@@ -205,7 +205,6 @@ impl Policy {
             None,
             TokenId::from_secret("appservice", id.as_bytes()),
             Some(id),
-            None,
         );
         match self.account_status(&user_id) {
             AccountStatus::Deactivated => {
@@ -272,8 +271,8 @@ impl Policy {
                     resolved.expires_at_ms,
                     token_id,
                     None,
-                    resolved.scopes,
-                );
+                )
+                .with_scopes(resolved.scopes);
                 // Revocation of opaque tokens is the resolver's business: a revoked one is unknown.
                 self.settle_expiring(
                     Ok(RevocationStatus::Active),

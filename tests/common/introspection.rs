@@ -205,8 +205,14 @@ impl IntrospectionServer {
 
 /// An active answer shaped as MAS gives it for an OAuth 2.0 access token: both scope
 /// spellings, `username`, `sub`, seconds for `exp`/`expires_in`/`iat`/`nbf`, `jti`.
-pub fn mas_active(username: &str, device: Option<&str>, exp_s: u64, now_s: u64) -> serde_json::Value {
-    let mut scope = String::from("urn:matrix:client:api:* urn:matrix:org.matrix.msc2967.client:api:*");
+pub fn mas_active(
+    username: &str,
+    device: Option<&str>,
+    exp_s: u64,
+    now_s: u64,
+) -> serde_json::Value {
+    let mut scope =
+        String::from("urn:matrix:client:api:* urn:matrix:org.matrix.msc2967.client:api:*");
     if let Some(device) = device {
         scope.push_str(&format!(
             " urn:matrix:client:device:{device} urn:matrix:org.matrix.msc2967.client:device:{device}"

@@ -86,7 +86,12 @@ fn assert_unknown_token_hard(out: &Outcome) {
 }
 
 fn assert_unavailable(out: &Outcome) {
-    assert_eq!(out.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", out.json);
+    assert_eq!(
+        out.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        out.json
+    );
     assert_eq!(out.errcode(), "M_UNKNOWN");
     assert_eq!(out.headers["retry-after"], "1");
     assert_eq!(out.json.get("soft_logout"), None);
@@ -96,8 +101,10 @@ fn assert_unavailable(out: &Outcome) {
 async fn active_token_with_mas_shared_secret() {
     let s = setup().await;
     let token = "mat_ALICEalice0123456789abcdefghij_1a2b3c";
-    s.server
-        .answer_for(token, mas_active("alice", Some("PHONE"), NOW_S + 300, NOW_S));
+    s.server.answer_for(
+        token,
+        mas_active("alice", Some("PHONE"), NOW_S + 300, NOW_S),
+    );
     let out = send(&s.layer, bearer(WHOAMI, token)).await;
     assert_eq!(out.status, StatusCode::OK, "{:?}", out.json);
     assert_eq!(out.user_id(), Some("@alice:example.org"));
@@ -114,7 +121,10 @@ async fn active_token_with_mas_shared_secret() {
     let request = &seen[0];
     assert_eq!(request.method, "POST");
     assert_eq!(request.path, "/oauth2/introspect");
-    assert_eq!(request.authorization.as_deref(), Some("Bearer mas shared secret"));
+    assert_eq!(
+        request.authorization.as_deref(),
+        Some("Bearer mas shared secret")
+    );
     assert_eq!(request.device_id_header.as_deref(), Some("1"));
     assert_eq!(
         request.content_type.as_deref(),
@@ -127,10 +137,12 @@ async fn active_token_with_mas_shared_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_secret_basic_and_form_encoding() {
-    let s = setup_with(|i| i.client_auth(ClientAuth::client_secret_basic("home server", "s:cret"))).await;
+    let s = setup_with(|i| i.client_auth(ClientAuth::client_secret_basic("home server", "s:cret")))
+        .await;
     // A token with characters that form encoding must escape.
     let token = "tok+en/with=odd&chars%";
-    s.server.answer_for(token, mas_active("bob", None, NOW_S + 300, NOW_S));
+    s.server
+        .answer_for(token, mas_active("bob", None, NOW_S + 300, NOW_S));
     let out = send(&s.layer, bearer(WHOAMI, token)).await;
     assert_eq!(out.status, StatusCode::OK, "{:?}", out.json);
     assert_eq!(out.user_id(), Some("@bob:example.org"));
@@ -138,7 +150,10 @@ async fn client_secret_basic_and_form_encoding() {
     let seen = s.server.seen();
     use base64::Engine;
     let expected = base64::engine::general_purpose::STANDARD.encode("home%20server:s%3Acret");
-    assert_eq!(seen[0].authorization.as_deref(), Some(&*format!("Basic {expected}")));
+    assert_eq!(
+        seen[0].authorization.as_deref(),
+        Some(&*format!("Basic {expected}"))
+    );
     assert_eq!(seen[0].form["token"], token);
 }
 
@@ -175,8 +190,10 @@ async fn refusals_are_unknown_token_without_soft_logout_and_not_cached() {
     );
     assert_unknown_token_hard(&send(&s.layer, bearer(WHOAMI, "mat_twodevices")).await);
     // Inactive, with a username (whatever else it says).
-    s.server
-        .answer_for("mat_inactive", json!({"active": false, "username": "alice"}));
+    s.server.answer_for(
+        "mat_inactive",
+        json!({"active": false, "username": "alice"}),
+    );
     assert_unknown_token_hard(&send(&s.layer, bearer(WHOAMI, "mat_inactive")).await);
     assert_eq!(s.introspection.cached_answers(), 0);
 }
@@ -204,7 +221,10 @@ async fn unstable_scopes_and_device_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_from_sub() {
     let s = setup_with(|i| {
-        i.user_from_sub(|sub| sub.strip_prefix("user-").map(|l| format!("@{l}:example.org")))
+        i.user_from_sub(|sub| {
+            sub.strip_prefix("user-")
+                .map(|l| format!("@{l}:example.org"))
+        })
     })
     .await;
     s.server.answer_for(
@@ -225,7 +245,13 @@ async fn endpoint_failures_fail_closed_then_recover() {
     let s = setup().await;
     s.server
         .answer_for("mat_ok", mas_active("alice", Some("D"), NOW_S + 300, NOW_S));
-    for mode in [Mode::Stall, Mode::Close, Mode::Status500, Mode::NotJson, Mode::NoActive] {
+    for mode in [
+        Mode::Stall,
+        Mode::Close,
+        Mode::Status500,
+        Mode::NotJson,
+        Mode::NoActive,
+    ] {
         s.server.set_mode(mode);
         let started = std::time::Instant::now();
         let out = send(&s.layer, bearer(WHOAMI, "mat_ok")).await;
@@ -250,7 +276,9 @@ async fn endpoint_failures_fail_closed_then_recover() {
     let port = closed.local_addr().unwrap().port();
     drop(closed);
     let nowhere = Introspection::new(
-        format!("http://127.0.0.1:{port}/introspect").parse().unwrap(),
+        format!("http://127.0.0.1:{port}/introspect")
+            .parse()
+            .unwrap(),
         "example.org",
     );
     let layer = MatrixAuthLayer::new(keys()).resolver(nowhere);
@@ -302,7 +330,10 @@ async fn cache_lives_min_of_ttl_and_exp() {
     s.server
         .answer_for("short", mas_active("bob", None, NOW_S + 10, NOW_S));
     for token in ["long", "short", "long", "short"] {
-        assert_eq!(send(&s.layer, bearer(WHOAMI, token)).await.status, StatusCode::OK);
+        assert_eq!(
+            send(&s.layer, bearer(WHOAMI, token)).await.status,
+            StatusCode::OK
+        );
     }
     assert_eq!(s.server.count(), 2);
     assert_eq!(s.introspection.cached_answers(), 2);
@@ -310,24 +341,38 @@ async fn cache_lives_min_of_ttl_and_exp() {
     // says it is gone), `long` is not.
     s.clock.advance_ms(11_000);
     s.server.answer_for("short", json!({"active": false}));
-    assert_eq!(send(&s.layer, bearer(WHOAMI, "long")).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&s.layer, bearer(WHOAMI, "long")).await.status,
+        StatusCode::OK
+    );
     assert_eq!(s.server.count(), 2);
     assert_unknown_token_hard(&send(&s.layer, bearer(WHOAMI, "short")).await);
     assert_eq!(s.server.count(), 3);
     // Past the TTL: `long` is asked again.
     s.clock.advance_ms(50_000);
-    assert_eq!(send(&s.layer, bearer(WHOAMI, "long")).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&s.layer, bearer(WHOAMI, "long")).await.status,
+        StatusCode::OK
+    );
     assert_eq!(s.server.count(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidation_by_token_device_and_user() {
     let s = setup().await;
-    s.server.answer_for("a1", mas_active("alice", Some("PHONE"), NOW_S + 600, NOW_S));
-    s.server.answer_for("a2", mas_active("alice", Some("LAPTOP"), NOW_S + 600, NOW_S));
-    s.server.answer_for("b1", mas_active("bob", Some("PHONE"), NOW_S + 600, NOW_S));
+    s.server
+        .answer_for("a1", mas_active("alice", Some("PHONE"), NOW_S + 600, NOW_S));
+    s.server.answer_for(
+        "a2",
+        mas_active("alice", Some("LAPTOP"), NOW_S + 600, NOW_S),
+    );
+    s.server
+        .answer_for("b1", mas_active("bob", Some("PHONE"), NOW_S + 600, NOW_S));
     for token in ["a1", "a2", "b1"] {
-        assert_eq!(send(&s.layer, bearer(WHOAMI, token)).await.status, StatusCode::OK);
+        assert_eq!(
+            send(&s.layer, bearer(WHOAMI, token)).await.status,
+            StatusCode::OK
+        );
     }
     assert_eq!(s.introspection.cached_answers(), 3);
     // A logout of one token through MAS: the homeserver drops that entry, the next request
@@ -338,13 +383,24 @@ async fn invalidation_by_token_device_and_user() {
     assert_unknown_token_hard(&send(&s.layer, bearer(WHOAMI, "a1")).await);
     assert_eq!(s.server.count(), 4);
     // A device deleted: only that user's device.
-    assert_eq!(s.introspection.invalidate_device("@alice:example.org", "PHONE"), 0);
-    assert_eq!(s.introspection.invalidate_device("@bob:example.org", "PHONE"), 1);
+    assert_eq!(
+        s.introspection
+            .invalidate_device("@alice:example.org", "PHONE"),
+        0
+    );
+    assert_eq!(
+        s.introspection
+            .invalidate_device("@bob:example.org", "PHONE"),
+        1
+    );
     assert_eq!(s.introspection.cached_answers(), 1);
     // The user logged out everywhere.
     assert_eq!(s.introspection.invalidate_user("@alice:example.org"), 1);
     assert_eq!(s.introspection.cached_answers(), 0);
-    assert_eq!(send(&s.layer, bearer(WHOAMI, "a2")).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&s.layer, bearer(WHOAMI, "a2")).await.status,
+        StatusCode::OK
+    );
     assert_eq!(s.server.count(), 5);
     s.introspection.clear_cache();
     assert_eq!(s.introspection.cached_answers(), 0);
@@ -354,7 +410,8 @@ async fn invalidation_by_token_device_and_user() {
 async fn an_invalidation_during_a_look_up_wins() {
     let s = setup().await;
     s.server.set_delay(Duration::from_millis(200));
-    s.server.answer_for("racing", mas_active("alice", Some("D"), NOW_S + 600, NOW_S));
+    s.server
+        .answer_for("racing", mas_active("alice", Some("D"), NOW_S + 600, NOW_S));
     let layer = s.layer.clone();
     let pending = tokio::spawn(async move { send(&layer, bearer(WHOAMI, "racing")).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -372,8 +429,16 @@ async fn macaroons_and_the_order_stay() {
     assert_eq!(out.status, StatusCode::OK);
     assert_eq!(out.json["credential"], "Macaroon");
     assert_eq!(out.json["scopes"], serde_json::Value::Null);
-    let forged = mint_with("wrong", "key", &["user_id = @alice:example.org", "type = access"], macaroon::Format::V1);
-    assert_eq!(send(&s.layer, bearer(WHOAMI, &forged)).await.errcode(), "M_UNKNOWN_TOKEN");
+    let forged = mint_with(
+        "wrong",
+        "key",
+        &["user_id = @alice:example.org", "type = access"],
+        macaroon::Format::V1,
+    );
+    assert_eq!(
+        send(&s.layer, bearer(WHOAMI, &forged)).await.errcode(),
+        "M_UNKNOWN_TOKEN"
+    );
     // An expired macaroon keeps its soft logout.
     let expired = access_token(&[&format!("time < {}", NOW_MS - 1)]);
     let out = send(&s.layer, bearer(WHOAMI, &expired)).await;
@@ -402,15 +467,22 @@ async fn scopes_required_per_route() {
     assert_eq!(out.status, StatusCode::FORBIDDEN);
     assert_eq!(out.errcode(), "M_FORBIDDEN");
     // Elsewhere the scope is not needed; and tokens without a scope set are not limited by it.
-    assert_eq!(send(&layer, bearer(WHOAMI, "user")).await.status, StatusCode::OK);
-    assert_eq!(send(&layer, bearer(route, &access_token(&[]))).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&layer, bearer(WHOAMI, "user")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&layer, bearer(route, &access_token(&[]))).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_is_never_in_debug_or_errors() {
     let s = setup().await;
     let token = "mat_SECRETTOKENsecret0123456789_abcdef";
-    s.server.answer_for(token, mas_active("alice", Some("D"), NOW_S + 300, NOW_S));
+    s.server
+        .answer_for(token, mas_active("alice", Some("D"), NOW_S + 300, NOW_S));
     let resolved = s.introspection.resolve(token).await.unwrap().unwrap();
     let debug = format!("{:?} {:?} {:?}", s.introspection, resolved, s.layer);
     assert!(!debug.contains("SECRETTOKEN"), "{debug}");
@@ -420,7 +492,10 @@ async fn the_token_is_never_in_debug_or_errors() {
     s.server.set_mode(Mode::Status500);
     let error = s.introspection.resolve(token).await.unwrap_err();
     let text = format!("{error} {error:?}");
-    assert!(text.contains("500") && !text.contains("SECRETTOKEN"), "{text}");
+    assert!(
+        text.contains("500") && !text.contains("SECRETTOKEN"),
+        "{text}"
+    );
     let out = send(&s.layer, bearer(WHOAMI, token)).await;
     assert!(!out.json.to_string().contains("SECRETTOKEN"));
 }
@@ -435,7 +510,8 @@ async fn a_tower_service_as_transport() {
         async move {
             let body = request.into_body().collect().await.unwrap().to_bytes();
             recorder.lock().unwrap().push(body);
-            let answer = json!({"active": true, "username": "erin", "scope": "urn:matrix:client:api:*"});
+            let answer =
+                json!({"active": true, "username": "erin", "scope": "urn:matrix:client:api:*"});
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer.to_string()))))
         }
     });

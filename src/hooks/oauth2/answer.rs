@@ -24,7 +24,8 @@ pub(crate) const UNSTABLE_API_SCOPE: &str = "urn:matrix:org.matrix.msc2967.clien
 /// The prefix of a device scope: `urn:matrix:client:device:<device id>`.
 pub(crate) const DEVICE_SCOPE_PREFIX: &str = "urn:matrix:client:device:";
 /// The same, in MSC2967's spelling.
-pub(crate) const UNSTABLE_DEVICE_SCOPE_PREFIX: &str = "urn:matrix:org.matrix.msc2967.client:device:";
+pub(crate) const UNSTABLE_DEVICE_SCOPE_PREFIX: &str =
+    "urn:matrix:org.matrix.msc2967.client:device:";
 
 /// Maps the `sub` claim to a Matrix user id, when `username` is not what names the user.
 pub(crate) type SubMapper = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -261,13 +262,20 @@ mod tests {
         assert_eq!(resolved.device_id.as_deref(), Some("OLD"));
         // No API scope, or none at all.
         assert_eq!(
-            refused(json!({"active": true, "username": "alice", "scope": "openid urn:matrix:client:device:X"})),
+            refused(
+                json!({"active": true, "username": "alice", "scope": "openid urn:matrix:client:device:X"})
+            ),
             Refusal::NoApiScope
         );
-        assert_eq!(refused(json!({"active": true, "username": "alice"})), Refusal::NoApiScope);
+        assert_eq!(
+            refused(json!({"active": true, "username": "alice"})),
+            Refusal::NoApiScope
+        );
         // A prefix is not the scope; scopes are compared whole.
         assert_eq!(
-            refused(json!({"active": true, "username": "alice", "scope": "urn:matrix:client:api:*x"})),
+            refused(
+                json!({"active": true, "username": "alice", "scope": "urn:matrix:client:api:*x"})
+            ),
             Refusal::NoApiScope
         );
         // Two devices, in one spelling or across both, or against the field.
@@ -281,8 +289,10 @@ mod tests {
             );
         }
         assert_eq!(
-            refused(json!({"active": true, "username": "alice", "device_id": "A",
-                "scope": "urn:matrix:client:api:* urn:matrix:client:device:B"})),
+            refused(
+                json!({"active": true, "username": "alice", "device_id": "A",
+                "scope": "urn:matrix:client:api:* urn:matrix:client:device:B"})
+            ),
             Refusal::TwoDevices
         );
         // No device at all: an identity without one.
@@ -290,14 +300,19 @@ mod tests {
         assert_eq!(resolved.device_id, None);
         // A refresh token is not an access token.
         assert_eq!(
-            refused(json!({"active": true, "username": "alice", "scope": API_SCOPE, "token_type": "refresh_token"})),
+            refused(
+                json!({"active": true, "username": "alice", "scope": API_SCOPE, "token_type": "refresh_token"})
+            ),
             Refusal::NotAnAccessToken
         );
     }
 
     #[test]
     fn users() {
-        assert_eq!(refused(json!({"active": true, "scope": API_SCOPE})), Refusal::NoUser);
+        assert_eq!(
+            refused(json!({"active": true, "scope": API_SCOPE})),
+            Refusal::NoUser
+        );
         assert_eq!(
             refused(json!({"active": true, "scope": API_SCOPE, "username": ""})),
             Refusal::NoUser
@@ -346,7 +361,8 @@ mod tests {
             );
         }
         // Huge `exp` saturates instead of overflowing.
-        let resolved = active(json!({"active": true, "scope": API_SCOPE, "username": "a", "exp": u64::MAX}));
+        let resolved =
+            active(json!({"active": true, "scope": API_SCOPE, "username": "a", "exp": u64::MAX}));
         assert_eq!(resolved.expires_at_ms, Some(u64::MAX));
     }
 }

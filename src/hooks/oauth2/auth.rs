@@ -110,10 +110,14 @@ mod tests {
         assert!(mas.header().unwrap().is_sensitive());
         // RFC 6749 §2.3.1: both parts form-urlencoded, then `id:secret` in base64.
         let basic = ClientAuth::client_secret_basic("my client", "p:ss/word");
-        let expected = base64::engine::general_purpose::STANDARD.encode("my%20client:p%3Ass%2Fword");
+        let expected =
+            base64::engine::general_purpose::STANDARD.encode("my%20client:p%3Ass%2Fword");
         assert_eq!(basic.header().unwrap(), &format!("Basic {expected}"));
         assert!(ClientAuth::none().header().is_none());
         let debug = format!("{mas:?} {basic:?}");
-        assert!(!debug.contains("s3cret") && !debug.contains("word"), "{debug}");
+        assert!(
+            !debug.contains("s3cret") && !debug.contains("word"),
+            "{debug}"
+        );
     }
 }

@@ -215,6 +215,10 @@ mod tests {
         drop(one);
         assert_eq!(cache.flights_len(), 1, "someone still waits");
         drop(two);
-        assert_eq!(cache.flights_len(), 0, "a cancelled flight nobody waits on goes");
+        assert_eq!(
+            cache.flights_len(),
+            0,
+            "a cancelled flight nobody waits on goes"
+        );
     }
 }

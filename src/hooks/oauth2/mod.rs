@@ -109,7 +109,11 @@ impl Introspection {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        Self::with_transport(endpoint, server_name, Arc::new(ServiceTransport { service }))
+        Self::with_transport(
+            endpoint,
+            server_name,
+            Arc::new(ServiceTransport { service }),
+        )
     }
 
     fn with_transport(
@@ -200,9 +204,9 @@ impl Introspection {
     /// Forgets every cached answer for this device of this user (a device deleted, or
     /// logged out through the token server). Returns how many.
     pub fn invalidate_device(&self, user_id: &str, device_id: &str) -> usize {
-        self.state.cache.invalidate(|_, r| {
-            r.user_id == user_id && r.device_id.as_deref() == Some(device_id)
-        })
+        self.state
+            .cache
+            .invalidate(|_, r| r.user_id == user_id && r.device_id.as_deref() == Some(device_id))
     }
 
     /// Forgets every cached answer for this user (log out everywhere, a deactivation, a lock).
