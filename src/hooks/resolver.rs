@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::hooks::revocation::BackendError;
-use crate::identity::Scopes;
+use crate::identity::{Credential, MatrixUser, Scopes, TokenId};
 
 /// Who an opaque token belongs to.
 #[derive(Clone, PartialEq, Eq)]
@@ -38,6 +38,10 @@ pub struct ResolvedToken {
     /// [`Credential::OAuth2`](crate::Credential::OAuth2) rather than
     /// [`Credential::Opaque`](crate::Credential::Opaque).
     pub oauth2: bool,
+    /// The identity, built once by a cache that shares this answer between requests (so a hit
+    /// costs no hashing of the token for its id, no copy of its strings); the layer uses it only
+    /// while it still matches the fields above.
+    pub(crate) identity: Option<MatrixUser>,
 }
 
 impl ResolvedToken {
@@ -51,7 +55,47 @@ impl ResolvedToken {
             soft_logout_on_expiry: true,
             scopes: None,
             oauth2: false,
+            identity: None,
         }
+    }
+
+    /// With its identity built for `token` (see [`Self::identity`]), if its user id is valid.
+    #[cfg_attr(not(feature = "oauth2"), allow(dead_code))]
+    pub(crate) fn prepared_for(mut self, token: &str) -> Self {
+        self.identity = crate::macaroon::caveat::is_valid_user_id(&self.user_id)
+            .then(|| self.build_identity(opaque_token_id(token.as_bytes())));
+        self
+    }
+
+    /// The identity the layer gives this answer: the built one while it matches, else `None`.
+    pub(crate) fn built_identity(&self) -> Option<&MatrixUser> {
+        self.identity.as_ref().filter(|user| {
+            user.user_id() == self.user_id
+                && user.device_id() == self.device_id.as_deref()
+                && user.is_guest() == self.is_guest
+                && user.expires_at_ms() == self.expires_at_ms
+                && user.scopes() == self.scopes.as_ref()
+                && (user.credential() == Credential::OAuth2) == self.oauth2
+        })
+    }
+
+    /// The identity for this answer (its user id already checked).
+    pub(crate) fn build_identity(&self, token_id: TokenId) -> MatrixUser {
+        let credential = if self.oauth2 {
+            Credential::OAuth2
+        } else {
+            Credential::Opaque
+        };
+        MatrixUser::vouched(
+            credential,
+            &self.user_id,
+            self.device_id.as_deref(),
+            self.is_guest,
+            self.expires_at_ms,
+            token_id,
+            None,
+        )
+        .with_scopes(self.scopes.clone())
     }
 
     /// Issued to `device_id`.
@@ -111,6 +155,11 @@ impl fmt::Debug for ResolvedToken {
     }
 }
 
+/// The [`TokenId`] of an opaque token: a hash of it, never the token.
+pub(crate) fn opaque_token_id(token: &[u8]) -> TokenId {
+    TokenId::from_secret("opaque", token)
+}
+
 /// The answer of a resolver: `Ok(None)` for an unknown token, `Err` when it could not look
 /// (the layer then fails closed with `503 M_UNKNOWN`).
 pub type ResolveFuture =
@@ -120,6 +169,16 @@ pub type ResolveFuture =
 pub trait TokenResolver: Send + Sync + 'static {
     /// Resolves one token, as sent by the client.
     fn resolve(&self, token: &str) -> ResolveFuture;
+
+    /// The answer for `token` if it is at hand without waiting (a cache hit): the layer then
+    /// decides at once, without parking the request. `None`, the default, sends the token to
+    /// [`Self::resolve`]. An `Arc`, so that a cache hands out its entry without copying it.
+    /// Only a positive answer belongs here: a resolver that does not know
+    /// the token returns `None` and lets `resolve` say so.
+    fn resolve_now(&self, token: &str) -> Option<Arc<ResolvedToken>> {
+        let _ = token;
+        None
+    }
 }
 
 /// A closure is a resolver:
@@ -145,6 +204,10 @@ where
 impl<R: TokenResolver + ?Sized> TokenResolver for Arc<R> {
     fn resolve(&self, token: &str) -> ResolveFuture {
         (**self).resolve(token)
+    }
+
+    fn resolve_now(&self, token: &str) -> Option<Arc<ResolvedToken>> {
+        (**self).resolve_now(token)
     }
 }
 

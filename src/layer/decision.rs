@@ -15,7 +15,7 @@ use http::{Request, Response};
 
 use crate::error::{Kind, Missing, Rejection, Unknown};
 use crate::hooks::account::{suspended_may, AccountDirectory, AccountStatus};
-use crate::hooks::resolver::{ResolveFuture, TokenResolver};
+use crate::hooks::resolver::{opaque_token_id, ResolveFuture, TokenResolver};
 use crate::hooks::revocation::{BackendError, Revocation, RevocationCheck, RevocationStatus};
 use crate::identity::{Credential, MatrixUser, TokenId, TokenType};
 use crate::layer::extract::{find_token, strip_query_token};
@@ -135,6 +135,13 @@ impl Policy {
                 return self.appservice_decision(appservice, parts);
             }
         }
+        // A token that cannot be a macaroon (its first byte says so) goes to the resolver
+        // without a verification attempt.
+        if let Some(resolver) = &self.resolver {
+            if self.verifier.cannot_be_macaroon(&token) {
+                return self.resolver_decision(resolver.as_ref(), &token, parts);
+            }
+        }
         match self
             .verifier
             .verify_allowing_expired(&token, TokenType::Access, parts)
@@ -143,18 +150,33 @@ impl Policy {
             // Macaroons are told apart by their format alone, as the verifier reports it: a
             // macaroon, valid or not, never reaches the resolver; anything else does.
             Err(rejection) if rejection.is_not_a_macaroon() => match &self.resolver {
-                Some(resolver) => {
-                    let Ok(text) = std::str::from_utf8(&token) else {
-                        return Decision::Reject(Rejection::unknown(Unknown::NotResolved));
-                    };
-                    Decision::AwaitResolver {
-                        resolving: resolver.resolve(text),
-                        token_id: TokenId::from_secret("opaque", &token),
-                    }
-                }
+                Some(resolver) => self.resolver_decision(resolver.as_ref(), &token, parts),
                 None => Decision::Reject(rejection),
             },
             Err(rejection) => Decision::Reject(rejection),
+        }
+    }
+
+    /// A token that is not a macaroon: the resolver's cached answer now, or its look-up.
+    fn resolver_decision(
+        &self,
+        resolver: &dyn TokenResolver,
+        token: &[u8],
+        parts: &Parts,
+    ) -> Decision {
+        let Ok(text) = std::str::from_utf8(token) else {
+            return Decision::Reject(Rejection::unknown(Unknown::NotResolved));
+        };
+        // A cache hit is decided now: no parked request, no future.
+        if let Some(resolved) = resolver.resolve_now(text) {
+            return match self.settle_resolved_token(&resolved, || opaque_token_id(token), parts) {
+                Ok(user) => Decision::Pass(Some(user)),
+                Err(rejection) => Decision::Reject(rejection),
+            };
+        }
+        Decision::AwaitResolver {
+            resolving: resolver.resolve(text),
+            token_id: opaque_token_id(token),
         }
     }
 
@@ -250,38 +272,36 @@ impl Policy {
                 Err(Rejection::unavailable())
             }
             Ok(None) => Err(Rejection::unknown(Unknown::NotResolved)),
-            Ok(Some(resolved)) if !crate::macaroon::caveat::is_valid_user_id(&resolved.user_id) => {
-                tracing::warn!("token resolver answered a user id that is not a Matrix user id");
-                Err(Rejection::unknown(Unknown::NotResolved))
-            }
-            Ok(Some(resolved)) => {
-                let expired = resolved
-                    .expires_at_ms
-                    .is_some_and(|at| self.verifier.now_ms() >= at);
-                let credential = if resolved.oauth2 {
-                    Credential::OAuth2
-                } else {
-                    Credential::Opaque
-                };
-                let user = MatrixUser::vouched(
-                    credential,
-                    &resolved.user_id,
-                    resolved.device_id.as_deref(),
-                    resolved.is_guest,
-                    resolved.expires_at_ms,
-                    token_id,
-                    None,
-                )
-                .with_scopes(resolved.scopes);
-                // Revocation of opaque tokens is the resolver's business: a revoked one is unknown.
-                self.settle_expiring(
-                    Ok(RevocationStatus::Active),
-                    Verified { user, expired },
-                    parts,
-                    resolved.soft_logout_on_expiry,
-                )
-            }
+            Ok(Some(resolved)) => self.settle_resolved_token(&resolved, || token_id, parts),
         }
+    }
+
+    /// The verdict on a token the resolver knows: its identity (built before, or now), then
+    /// [`Self::settle`]'s rules, with the soft logout on expiry as the resolver said.
+    fn settle_resolved_token(
+        &self,
+        resolved: &crate::hooks::resolver::ResolvedToken,
+        token_id: impl FnOnce() -> TokenId,
+        parts: &Parts,
+    ) -> Result<MatrixUser, Rejection> {
+        let user = match resolved.built_identity() {
+            Some(user) => user.clone(),
+            None if !crate::macaroon::caveat::is_valid_user_id(&resolved.user_id) => {
+                tracing::warn!("token resolver answered a user id that is not a Matrix user id");
+                return Err(Rejection::unknown(Unknown::NotResolved));
+            }
+            None => resolved.build_identity(token_id()),
+        };
+        let expired = resolved
+            .expires_at_ms
+            .is_some_and(|at| self.verifier.now_ms() >= at);
+        // Revocation of opaque tokens is the resolver's business: a revoked one is unknown.
+        self.settle_expiring(
+            Ok(RevocationStatus::Active),
+            Verified { user, expired },
+            parts,
+            resolved.soft_logout_on_expiry,
+        )
     }
 
     /// The verdict once the revocation state is known, in this order: revoked, then the

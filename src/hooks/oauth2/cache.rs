@@ -11,7 +11,9 @@
 //!   that started before it stores nothing, so a logout cannot be undone by an answer that was
 //!   already on its way (palpo's native token cache does the same).
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use sha2::{Digest, Sha256};
@@ -32,21 +34,76 @@ pub(crate) type Outcome = Result<Option<ResolvedToken>, Arc<str>>;
 /// One look-up in flight, that concurrent requests for the same token wait on.
 pub(crate) type Flight = Arc<OnceCell<Outcome>>;
 
+/// Hashes a key (a SHA-256 digest, already uniform) with one multiplication instead of a
+/// SipHash: its first 8 bytes, xored with a random seed, times a random odd multiplier, the
+/// product's middle bits where the table looks. Nobody can aim tokens at a bucket: the digest
+/// is not theirs to choose, and bits that decide a bucket depend on 40-odd digest bits under
+/// seeds they never see.
+#[derive(Clone, Copy)]
+struct DigestHashing {
+    seed: u64,
+    multiplier: u64,
+}
+
+impl Default for DigestHashing {
+    fn default() -> Self {
+        let random = RandomState::new();
+        Self {
+            seed: random.hash_one(0u8),
+            multiplier: random.hash_one(1u8) | 1,
+        }
+    }
+}
+
+impl BuildHasher for DigestHashing {
+    type Hasher = DigestHasher;
+    fn build_hasher(&self) -> DigestHasher {
+        DigestHasher {
+            hashing: *self,
+            hash: 0,
+        }
+    }
+}
+
+struct DigestHasher {
+    hashing: DigestHashing,
+    hash: u64,
+}
+
+impl Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // The digest's bytes (a length prefix, if any, comes through `write_usize`).
+        let mut first = [0u8; 8];
+        let n = bytes.len().min(8);
+        first[..n].copy_from_slice(&bytes[..n]);
+        let x = u64::from_le_bytes(first) ^ self.hashing.seed;
+        self.hash = x.wrapping_mul(self.hashing.multiplier).rotate_left(32);
+    }
+
+    fn write_usize(&mut self, _: usize) {}
+
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
+type KeyMap<V> = HashMap<Key, V, DigestHashing>;
+
 struct Entry {
-    resolved: ResolvedToken,
+    resolved: Arc<ResolvedToken>,
     /// Used until this time (ms since the epoch), then forgotten.
     until_ms: u64,
 }
 
 #[derive(Default)]
 struct Entries {
-    map: HashMap<Key, Entry>,
+    map: KeyMap<Entry>,
     generation: u64,
 }
 
 pub(crate) struct Cache {
     entries: Mutex<Entries>,
-    flights: Mutex<HashMap<Key, Flight>>,
+    flights: Mutex<KeyMap<Flight>>,
     capacity: usize,
 }
 
@@ -66,12 +123,17 @@ impl Cache {
 
     /// The cached answer for `key`, if one is still fresh at `now_ms`.
     pub(crate) fn get(&self, key: &Key, now_ms: u64) -> Option<ResolvedToken> {
+        self.get_shared(key, now_ms).map(|shared| (*shared).clone())
+    }
+
+    /// [`Self::get`], the entry itself: one reference count, no copy.
+    pub(crate) fn get_shared(&self, key: &Key, now_ms: u64) -> Option<Arc<ResolvedToken>> {
         if self.capacity == 0 {
             return None;
         }
         let mut entries = lock(&self.entries);
         match entries.map.get(key) {
-            Some(entry) if now_ms < entry.until_ms => Some(entry.resolved.clone()),
+            Some(entry) if now_ms < entry.until_ms => Some(Arc::clone(&entry.resolved)),
             Some(_) => {
                 entries.map.remove(key);
                 None
@@ -110,7 +172,13 @@ impl Cache {
                 }
             }
         }
-        entries.map.insert(key, Entry { resolved, until_ms });
+        entries.map.insert(
+            key,
+            Entry {
+                resolved: Arc::new(resolved),
+                until_ms,
+            },
+        );
     }
 
     /// Forgets entries `drop` picks (and bumps the generation, even if none was cached:
@@ -147,7 +215,7 @@ impl Cache {
 /// map once it has an outcome or nobody else waits on it, so that the map never keeps flights
 /// nobody will finish.
 pub(crate) struct FlightGuard<'a> {
-    flights: &'a Mutex<HashMap<Key, Flight>>,
+    flights: &'a Mutex<KeyMap<Flight>>,
     key: Key,
     pub(crate) flight: Flight,
 }

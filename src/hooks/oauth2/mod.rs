@@ -279,6 +279,7 @@ impl Introspection {
                 Ok(None)
             }
             Answer::Active(resolved) => {
+                let resolved = resolved.prepared_for(token);
                 let now = self.config.clock.now_ms();
                 let ttl_ms = u64::try_from(self.config.ttl.as_millis()).unwrap_or(u64::MAX);
                 let until = now
@@ -312,6 +313,13 @@ impl TokenResolver for Introspection {
             return Box::pin(std::future::ready(Ok(Some(hit))));
         }
         Box::pin(self.clone().look_up(key, token.to_owned()))
+    }
+
+    /// A cache hit: one SHA-256 of the token, one lock, one map look-up.
+    fn resolve_now(&self, token: &str) -> Option<Arc<ResolvedToken>> {
+        self.state
+            .cache
+            .get_shared(&cache::key(token), self.config.clock.now_ms())
     }
 }
 
