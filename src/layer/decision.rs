@@ -17,7 +17,7 @@ use crate::error::{Kind, Missing, Rejection, Unknown};
 use crate::hooks::account::{suspended_may, AccountDirectory, AccountStatus};
 use crate::hooks::resolver::{opaque_token_id, ResolveFuture, TokenResolver};
 use crate::hooks::revocation::{BackendError, Revocation, RevocationCheck, RevocationStatus};
-use crate::identity::{Credential, MatrixUser, TokenId, TokenType};
+use crate::identity::{MatrixUser, TokenId, TokenType};
 use crate::layer::extract::{find_token, strip_query_token};
 use crate::layer::{GuestPolicy, QueryToken};
 use crate::macaroon::verify::{Verified, Verifier};
@@ -220,7 +220,7 @@ impl Policy {
             } => (id, user_id, device_id),
         };
         let mut user = MatrixUser::vouched(
-            Credential::AppService,
+            crate::identity::Credential::AppService,
             &user_id,
             device_id.as_deref(),
             false,
