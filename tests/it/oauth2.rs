@@ -529,3 +529,48 @@ async fn a_tower_service_as_transport() {
         b"token=mat_in_process&token_type_hint=access_token"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_handler_drops_the_answer_of_its_token() {
+    let s = setup().await;
+    s.server
+        .answer_for("p1", mas_active("alice", Some("PHONE"), NOW_S + 600, NOW_S));
+    s.server.answer_for(
+        "p2",
+        mas_active("alice", Some("LAPTOP"), NOW_S + 600, NOW_S),
+    );
+    // The handler has the identity, not the token.
+    let introspection = s.introspection.clone();
+    let logout = service_fn(move |request: Request<Full<Bytes>>| {
+        let introspection = introspection.clone();
+        async move {
+            let user = request.extensions().get::<MatrixUser>().unwrap();
+            let dropped = introspection.invalidate(user);
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(dropped.to_string()))))
+        }
+    });
+    let mut service = s.layer.layer(logout);
+    for token in ["p1", "p2"] {
+        assert_eq!(
+            send(&s.layer, bearer(WHOAMI, token)).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(s.introspection.cached_answers(), 2);
+    let response = service
+        .ready()
+        .await
+        .unwrap()
+        .call(bearer("/_matrix/client/v3/logout", "p1"))
+        .await
+        .unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"true");
+    assert_eq!(s.introspection.cached_answers(), 1, "only p1's answer went");
+    // The other token is still served from the cache.
+    assert_eq!(
+        send(&s.layer, bearer(WHOAMI, "p2")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(s.server.count(), 2);
+}

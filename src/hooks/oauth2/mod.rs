@@ -201,6 +201,17 @@ impl Introspection {
         self.state.cache.invalidate(|k, _| *k == key) > 0
     }
 
+    /// Forgets the cached answer for the token `user` authenticated with (a logout handler has
+    /// the [`MatrixUser`](crate::MatrixUser), not the token). Returns whether one was cached.
+    pub fn invalidate(&self, user: &crate::MatrixUser) -> bool {
+        let token_id = user.token_id();
+        self.state.cache.invalidate(|_, r| {
+            r.identity
+                .as_ref()
+                .is_some_and(|u| u.token_id() == token_id)
+        }) > 0
+    }
+
     /// Forgets every cached answer for this device of this user (a device deleted, or
     /// logged out through the token server). Returns how many.
     pub fn invalidate_device(&self, user_id: &str, device_id: &str) -> usize {

@@ -348,7 +348,14 @@ fn the_first_byte_sniff_is_exact_enough() {
     assert!(may_be_macaroon(b"{\"v\":2}"));
     // A Synapse-shaped V1 token and the opaque formats.
     assert!(may_be_macaroon(b"MDAxY2xvY2F0aW9uIGV4YW1wbGUub3JnCg"));
-    for opaque in ["mat_abc", "syt_YWxpY2U_abc_123", "mct_x", "opaque-token", "", "Bearer"] {
+    for opaque in [
+        "mat_abc",
+        "syt_YWxpY2U_abc_123",
+        "mct_x",
+        "opaque-token",
+        "",
+        "Bearer",
+    ] {
         assert!(!may_be_macaroon(opaque.as_bytes()), "{opaque}");
     }
     // Whatever follows a refused first character, the token does not parse.
