@@ -149,6 +149,23 @@ impl IntrospectionServer {
     }
 
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        // Discovery (`MATRIX_OAUTH2_ISSUER`): not an introspection, not counted.
+        if request.method() == http::Method::GET
+            && request.uri().path() == "/.well-known/openid-configuration"
+        {
+            let issuer = format!("http://{}/", self.addr);
+            let metadata = serde_json::json!({
+                "issuer": issuer,
+                "authorization_endpoint": format!("{issuer}authorize"),
+                "token_endpoint": format!("{issuer}oauth2/token"),
+                "revocation_endpoint": format!("{issuer}oauth2/revoke"),
+                "introspection_endpoint": format!("{issuer}oauth2/introspect"),
+                "response_types_supported": ["code"],
+                "grant_types_supported": ["authorization_code", "refresh_token"],
+                "code_challenge_methods_supported": ["S256"],
+            });
+            return Response::new(Full::new(Bytes::from(metadata.to_string())));
+        }
         self.count.fetch_add(1, Ordering::SeqCst);
         let header = |name: &str| {
             request
