@@ -574,3 +574,77 @@ async fn a_logout_handler_drops_the_answer_of_its_token() {
     );
     assert_eq!(s.server.count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_answers_fail_closed_without_panicking() {
+    let s = setup().await;
+    // Over the 64 KiB an answer may take.
+    s.server.answer_for(
+        "huge",
+        json!({"active": true, "username": "alice", "scope": "urn:matrix:client:api:*",
+               "padding": "x".repeat(70 * 1024)}),
+    );
+    assert_unavailable(&send(&s.layer, bearer(WHOAMI, "huge")).await);
+    // Nested past serde_json's recursion limit.
+    let mut deep = json!(true);
+    for _ in 0..300 {
+        deep = json!([deep]);
+    }
+    s.server.answer_for(
+        "deep",
+        json!({"active": true, "username": "alice", "nested": deep}),
+    );
+    let out = send(&s.layer, bearer(WHOAMI, "deep")).await;
+    assert_unavailable(&out);
+    // Thousands of scopes (within the size limit): parsed in linear time, kept whole.
+    let many: Vec<String> = (0..5000).map(|i| format!("s{i}")).collect();
+    s.server.answer_for(
+        "many",
+        json!({"active": true, "username": "alice",
+               "scope": format!("{} urn:matrix:client:api:* {}", many.join(" "), many.join(" "))}),
+    );
+    let out = send(&s.layer, bearer(WHOAMI, "many")).await;
+    assert_eq!(out.status, StatusCode::OK);
+    assert_eq!(out.json["scopes"].as_array().unwrap().len(), 5001);
+    // A user id the mapping cannot make, a negative `exp`, an `active` that is a string.
+    s.server.answer_for(
+        "baduser",
+        json!({"active": true, "username": "al ice", "scope": "urn:matrix:client:api:*"}),
+    );
+    assert_unknown_token_hard(&send(&s.layer, bearer(WHOAMI, "baduser")).await);
+    s.server.answer_for(
+        "badexp",
+        json!({"active": true, "username": "alice", "scope": "urn:matrix:client:api:*", "exp": -5}),
+    );
+    assert_unavailable(&send(&s.layer, bearer(WHOAMI, "badexp")).await);
+    s.server.answer_for("strtrue", json!({"active": "true"}));
+    assert_unavailable(&send(&s.layer, bearer(WHOAMI, "strtrue")).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_resolver_can_ask_for_no_soft_logout() {
+    use tower_matrix_auth::hooks::{ResolveFuture, ResolvedToken};
+    let layer =
+        MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(ManualClock::new(NOW_MS)))
+            .resolver(|token: &str| -> ResolveFuture {
+                let expired = ResolvedToken::user("@alice:example.org").expires_at_ms(NOW_MS - 1);
+                let answer = match token {
+                    "db_expired" => Some(expired),
+                    "db_expired_hard" => Some(expired.soft_logout_on_expiry(false)),
+                    "oauth_expired" => Some(expired.oauth2()),
+                    _ => None,
+                };
+                Box::pin(std::future::ready(Ok(answer)))
+            });
+    // A database token keeps its soft logout (unchanged behaviour).
+    let out = send(&layer, bearer(WHOAMI, "db_expired")).await;
+    assert_eq!(
+        (out.errcode(), &out.json["soft_logout"]),
+        ("M_UNKNOWN_TOKEN", &json!(true))
+    );
+    for token in ["db_expired_hard", "oauth_expired"] {
+        let out = send(&layer, bearer(WHOAMI, token)).await;
+        assert_unknown_token_hard(&out);
+        assert_eq!(out.json["error"], "Access token has expired.");
+    }
+}
