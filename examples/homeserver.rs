@@ -236,8 +236,8 @@ use tower_matrix_auth::{
     macaroon::{is_valid_user_id, RECOMMENDED_SECRET_LEN},
     routes::is_whoami_route,
     store::TokenStore,
-    Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore, PostgresStore,
-    Sessions, TokenType, Verifier,
+    Credential, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore,
+    PostgresStore, Sessions, TokenType, Verifier,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -1149,9 +1149,13 @@ async fn login(State(state): State<AppState>, request: Request<axum::body::Body>
 
 /// `POST /_matrix/client/v3/logout`: this token's login, refresh token included.
 async fn logout(State(state): State<AppState>, user: MatrixUser) -> Response {
-    if let Some(introspection) = &state.introspection {
-        // The token server's answer for this token goes; the token server revokes the token.
-        introspection.invalidate(&user);
+    if user.credential() == Credential::OAuth2 {
+        // The token server's answer for this token goes; revoking the token is the token
+        // server's business (this server keeps no state about it).
+        if let Some(introspection) = &state.introspection {
+            introspection.invalidate(&user);
+        }
+        return Json(json!({})).into_response();
     }
     match state.sessions.logout(&user).await {
         Ok(()) => Json(json!({})).into_response(),

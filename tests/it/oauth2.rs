@@ -487,6 +487,14 @@ async fn the_token_is_never_in_debug_or_errors() {
     let debug = format!("{:?} {:?} {:?}", s.introspection, resolved, s.layer);
     assert!(!debug.contains("SECRETTOKEN"), "{debug}");
     assert!(!debug.contains(SECRET), "{debug}");
+    // Credentials in the endpoint's URL stay out too.
+    let with_userinfo = Introspection::new(
+        "http://homeserver:PASSWORD@127.0.0.1:8080/oauth2/introspect".parse().unwrap(),
+        "example.org",
+    );
+    let debug = format!("{with_userinfo:?}");
+    assert!(debug.contains("http://127.0.0.1:8080/oauth2/introspect"), "{debug}");
+    assert!(!debug.contains("PASSWORD"), "{debug}");
     // A failure's error says why, never which token.
     s.introspection.clear_cache();
     s.server.set_mode(Mode::Status500);

@@ -136,8 +136,9 @@ pub(crate) fn read(body: &[u8], mapping: &Mapping) -> Answer {
     }
     let user_id = match &mapping.from_sub {
         Some(map) => sub.and_then(|sub| map(sub)),
+        // A localpart, nothing more: no `:` that would move the user to another server.
         None => username
-            .filter(|u| !u.is_empty())
+            .filter(|u| !u.is_empty() && !u.contains(':'))
             .map(|localpart| format!("@{localpart}:{}", mapping.server_name)),
     };
     let Some(user_id) = user_id.filter(|u| crate::macaroon::caveat::is_valid_user_id(u)) else {
@@ -317,11 +318,14 @@ mod tests {
             refused(json!({"active": true, "scope": API_SCOPE, "username": ""})),
             Refusal::NoUser
         );
-        // A localpart that makes no user id.
-        assert_eq!(
-            refused(json!({"active": true, "scope": API_SCOPE, "username": "a b"})),
-            Refusal::NoUser
-        );
+        // A localpart that makes no user id, or would name another server.
+        for username in ["a b", "alice:evil.example", "@alice:example.org"] {
+            assert_eq!(
+                refused(json!({"active": true, "scope": API_SCOPE, "username": username})),
+                Refusal::NoUser,
+                "{username}"
+            );
+        }
         let by_sub = Mapping {
             server_name: "example.org".into(),
             from_sub: Some(Arc::new(|sub: &str| {

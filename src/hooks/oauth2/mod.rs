@@ -348,8 +348,17 @@ impl std::error::Error for IntrospectionError {}
 
 impl fmt::Debug for Introspection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The endpoint without any `user:password@` it may carry.
+        let endpoint = &self.config.endpoint;
+        let host = endpoint.host().unwrap_or("");
+        let endpoint = format!(
+            "{}://{host}{}{}",
+            endpoint.scheme_str().unwrap_or("http"),
+            endpoint.port().map(|p| format!(":{p}")).unwrap_or_default(),
+            endpoint.path()
+        );
         f.debug_struct("Introspection")
-            .field("endpoint", &self.config.endpoint)
+            .field("endpoint", &endpoint)
             .field("client_auth", &self.config.auth)
             .field("server_name", &self.config.mapping.server_name)
             .field("user_from_sub", &self.config.mapping.from_sub.is_some())
