@@ -489,11 +489,16 @@ async fn the_token_is_never_in_debug_or_errors() {
     assert!(!debug.contains(SECRET), "{debug}");
     // Credentials in the endpoint's URL stay out too.
     let with_userinfo = Introspection::new(
-        "http://homeserver:PASSWORD@127.0.0.1:8080/oauth2/introspect".parse().unwrap(),
+        "http://homeserver:PASSWORD@127.0.0.1:8080/oauth2/introspect"
+            .parse()
+            .unwrap(),
         "example.org",
     );
     let debug = format!("{with_userinfo:?}");
-    assert!(debug.contains("http://127.0.0.1:8080/oauth2/introspect"), "{debug}");
+    assert!(
+        debug.contains("http://127.0.0.1:8080/oauth2/introspect"),
+        "{debug}"
+    );
     assert!(!debug.contains("PASSWORD"), "{debug}");
     // A failure's error says why, never which token.
     s.introspection.clear_cache();
@@ -655,4 +660,84 @@ async fn any_resolver_can_ask_for_no_soft_logout() {
         assert_unknown_token_hard(&out);
         assert_eq!(out.json["error"], "Access token has expired.");
     }
+}
+
+/// HTTPS (feature `oauth2-rustls`): an endpoint on loopback with a self-signed certificate.
+/// `Introspection::new` checks certificates against the system's roots, so it refuses this
+/// one (fail closed: 503); a client that trusts it, handed in with `with_service`, gets the
+/// answer over TLS.
+#[cfg(feature = "oauth2-rustls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_endpoint() {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let cert = CertificateDer::from(&include_bytes!("tls/cert.der")[..]);
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(&include_bytes!("tls/key.der")[..]));
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = handshakes.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let service = hyper::service::service_fn(
+                    |_: Request<hyper::body::Incoming>| async {
+                        let answer = json!({"active": true, "username": "tls", "scope": "urn:matrix:client:api:*"});
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                            answer.to_string(),
+                        ))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let endpoint: http::Uri = format!("https://localhost:{port}/oauth2/introspect")
+        .parse()
+        .unwrap();
+
+    // The system's roots do not hold a self-signed certificate: refused, closed.
+    let system = Introspection::new(endpoint.clone(), "example.org");
+    let layer = MatrixAuthLayer::new(keys()).resolver(system);
+    assert_unavailable(&send(&layer, bearer(WHOAMI, "mat_over_tls")).await);
+    assert_eq!(handshakes.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // The homeserver's own client, trusting this certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, Full<Bytes>>(connector);
+    let trusting = Introspection::with_service(endpoint, "example.org", client);
+    let layer = MatrixAuthLayer::new(keys()).resolver(trusting);
+    let out = send(&layer, bearer(WHOAMI, "mat_over_tls")).await;
+    assert_eq!(out.status, StatusCode::OK, "{:?}", out.json);
+    assert_eq!(out.user_id(), Some("@tls:example.org"));
+    assert_eq!(handshakes.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

@@ -87,14 +87,16 @@ pub struct Introspection {
 }
 
 impl Introspection {
-    /// A resolver asking `endpoint` (e.g. MAS's `http://mas:8080/oauth2/introspect`) over plain
-    /// HTTP with hyper 1, for users of `server_name` (a `username` of `alice` is
-    /// `@alice:<server_name>`). No client authentication until [`Self::client_auth`].
+    /// A resolver asking `endpoint` (e.g. MAS's `http://mas:8080/oauth2/introspect`) with
+    /// hyper 1, for users of `server_name` (a `username` of `alice` is `@alice:<server_name>`).
+    /// No client authentication until [`Self::client_auth`].
     ///
-    /// Look-ups need a tokio runtime (with its time driver), as hyper's client does. For
-    /// HTTPS, a proxy or mTLS, hand in a client with [`Self::with_service`].
+    /// Plain HTTP; with the feature `oauth2-rustls`, HTTPS too (rustls with ring, the system's
+    /// root certificates). Look-ups need a tokio runtime (with its time driver), as hyper's
+    /// client does. For a proxy, mTLS or other roots, hand in a client with
+    /// [`Self::with_service`].
     pub fn new(endpoint: Uri, server_name: impl Into<String>) -> Self {
-        Self::with_transport(endpoint, server_name, Arc::new(transport::hyper_http()))
+        Self::with_transport(endpoint, server_name, Arc::new(transport::hyper_client()))
     }
 
     /// A resolver sending its requests through `service`: any tower service taking

@@ -54,6 +54,48 @@ where
 }
 
 /// hyper 1's pooled client over plain HTTP (hyper-util's legacy client), on tokio.
+#[cfg(not(feature = "oauth2-rustls"))]
+pub(crate) fn hyper_client() -> impl Transport {
+    hyper_http()
+}
+
+/// hyper 1's pooled client over HTTPS (rustls, the system's root certificates) and plain
+/// HTTP, on tokio. Without any usable root certificate, HTTPS endpoints fail (the
+/// requests then get `503`), and the start says so in a warning.
+#[cfg(feature = "oauth2-rustls")]
+pub(crate) fn hyper_client() -> impl Transport {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
+    // The process-wide provider if the homeserver installed one (aws-lc-rs, with post-quantum
+    // key exchange), else ring, which rustls deprecates for lacking it but still supports.
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| {
+            #[allow(deprecated)]
+            std::sync::Arc::new(rustls::crypto::ring::default_provider())
+        });
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = match builder.with_provider_and_native_roots(provider.clone()) {
+        Ok(builder) => builder,
+        Err(error) => {
+            tracing::warn!(%error, "no system root certificates: HTTPS introspection will fail");
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+        }
+    };
+    let connector = builder.https_or_http().enable_http1().build();
+    let client = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .build::<_, Full<Bytes>>(connector);
+    ServiceTransport { service: client }
+}
+
+/// hyper 1's pooled client over plain HTTP (hyper-util's legacy client), on tokio.
+#[cfg_attr(feature = "oauth2-rustls", allow(dead_code))]
 pub(crate) fn hyper_http() -> impl Transport {
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::{TokioExecutor, TokioTimer};
