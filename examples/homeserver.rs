@@ -175,12 +175,12 @@
 //!
 //! | variable                        | meaning                                                | default  |
 //! |---------------------------------|--------------------------------------------------------|----------|
-//! | `MATRIX_OAUTH2_INTROSPECTION_URL` | the token server's RFC 7662 introspection endpoint (plain `http://`, e.g. MAS's `http://127.0.0.1:8080/oauth2/introspect`); set, it turns delegation on | unset (off) |
+//! | `MATRIX_OAUTH2_INTROSPECTION_URL` | the token server's RFC 7662 introspection endpoint, `http://` or `https://` (the system's root certificates), e.g. MAS's `http://127.0.0.1:8080/oauth2/introspect`; set, it turns delegation on | unset (off) |
 //! | `MATRIX_OAUTH2_SHARED_SECRET`   | MAS style: sent as `Authorization: Bearer <secret>` (MAS's `matrix.secret`) | unset |
 //! | `MATRIX_OAUTH2_CLIENT_ID`       | with `MATRIX_OAUTH2_CLIENT_SECRET`: a confidential client, `client_secret_basic` (either alone is an error, and so is both styles at once) | unset |
 //! | `MATRIX_OAUTH2_CLIENT_SECRET`   | the client's secret                                    | unset |
 //! | `MATRIX_OAUTH2_CACHE_TTL_MS`    | how long an active answer is reused (never past the token's `exp`); `0` asks every time | `120000` |
-//! | `MATRIX_OAUTH2_ISSUER`          | the token server's issuer URL (plain `http://`): `GET /_matrix/client/v1/auth_metadata` then answers its metadata, read from `<issuer>/.well-known/openid-configuration` (cached 5 minutes; `503 M_UNKNOWN` while it cannot be read) | unset (`404 M_UNRECOGNIZED` there) |
+//! | `MATRIX_OAUTH2_ISSUER`          | the token server's issuer URL (`http://` or `https://`): `GET /_matrix/client/v1/auth_metadata` then answers its metadata, read from `<issuer>/.well-known/openid-configuration` (cached 5 minutes; `503 M_UNKNOWN` while it cannot be read) | unset (`404 M_UNRECOGNIZED` there) |
 //!
 //! With delegation on, a token that is not a macaroon (and not in `MATRIX_OPAQUE_TOKENS`, which
 //! are looked up first) is sent to the introspection endpoint; macaroons are still verified
@@ -792,10 +792,9 @@ fn oauth2_introspection(
     let endpoint: axum::http::Uri = url
         .parse()
         .map_err(|_| format!("MATRIX_OAUTH2_INTROSPECTION_URL: `{url}` is not a URL"))?;
-    if endpoint.scheme_str() != Some("http") || endpoint.host().is_none() {
+    if !matches!(endpoint.scheme_str(), Some("http" | "https")) || endpoint.host().is_none() {
         return Err(format!(
-            "MATRIX_OAUTH2_INTROSPECTION_URL: `{url}` is not an http:// URL (this example speaks \
-             plain HTTP; a homeserver hands its own HTTPS client to Introspection::with_service)"
+            "MATRIX_OAUTH2_INTROSPECTION_URL: `{url}` is not an http:// or https:// URL"
         )
         .into());
     }
@@ -894,11 +893,13 @@ impl AuthMetadata {
             issuer.trim_end_matches('/')
         );
         match url.parse::<axum::http::Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
             _ => {
-                return Err(
-                    format!("MATRIX_OAUTH2_ISSUER: `{issuer}` is not an http:// URL").into(),
+                return Err(format!(
+                    "MATRIX_OAUTH2_ISSUER: `{issuer}` is not an http:// or https:// URL"
                 )
+                .into())
             }
         }
         Ok(Some(Self {
@@ -914,9 +915,24 @@ impl AuthMetadata {
             }
         }
         use http_body_util::BodyExt;
+        // HTTP or HTTPS (rustls, the system's roots), as the introspection client.
+        // Without system roots, plain HTTP still works (and HTTPS fails, closed).
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(rustls_provider())
+            .unwrap_or_else(|_| {
+                let tls = rustls::ClientConfig::builder_with_provider(rustls_provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default protocol versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth();
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls)
+            })
+            .https_or_http()
+            .enable_http1()
+            .build();
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Full<Bytes>>();
+                .build::<_, http_body_util::Full<Bytes>>(connector);
         let request = Request::get(&self.url)
             .header(ACCEPT, "application/json")
             .body(http_body_util::Full::default())
@@ -942,6 +958,12 @@ impl AuthMetadata {
         *self.cached.lock().unwrap() = Some((std::time::Instant::now(), metadata.clone()));
         Ok(metadata)
     }
+}
+
+/// ring, as the crate's `oauth2-rustls` client uses it.
+fn rustls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    #[allow(deprecated)] // no post-quantum key exchange; fine for an example
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// `GET /_matrix/client/v1/auth_metadata` (spec v1.15): the OAuth 2.0 server's metadata, with
