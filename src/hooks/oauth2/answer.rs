@@ -209,6 +209,15 @@ mod tests {
         assert_eq!(scopes.len(), 5);
     }
 
+    #[test]
+    fn equality_ignores_what_a_cache_prepared() {
+        let plain = ResolvedToken::user("@alice:example.org").oauth2();
+        let prepared = plain.clone().prepared_for("mat_token");
+        assert!(prepared.identity.is_some());
+        assert_eq!(plain, prepared);
+        assert_ne!(plain, plain.clone().device_id("D"));
+    }
+
     /// MAS's answer for a compatibility (legacy `/login`) token with the device-id header: the
     /// device both as a field and as scopes, no `exp` when the session does not expire.
     #[test]
