@@ -174,6 +174,30 @@
 //!
 //! An application service may act as a user of its namespace with `?user_id=`, and as one of
 //! that user's devices with `?device_id=` (a device is known here once it logged in).
+//!
+//! OAuth 2.0 delegated authentication (spec v1.15; the Matrix Authentication Service, or any
+//! RFC 7662 token server), beside everything above:
+//!
+//! | variable                        | meaning                                                | default  |
+//! |---------------------------------|--------------------------------------------------------|----------|
+//! | `MATRIX_OAUTH2_INTROSPECTION_URL` | the token server's RFC 7662 introspection endpoint, `http://` or `https://` (the system's root certificates), e.g. MAS's `http://127.0.0.1:8080/oauth2/introspect`; set, it turns delegation on | unset (off) |
+//! | `MATRIX_OAUTH2_SHARED_SECRET`   | MAS style: sent as `Authorization: Bearer <secret>` (MAS's `matrix.secret`) | unset |
+//! | `MATRIX_OAUTH2_CLIENT_ID`       | with `MATRIX_OAUTH2_CLIENT_SECRET`: a confidential client, `client_secret_basic` (either alone is an error, and so is both styles at once) | unset |
+//! | `MATRIX_OAUTH2_CLIENT_SECRET`   | the client's secret                                    | unset |
+//! | `MATRIX_OAUTH2_CACHE_TTL_MS`    | how long an active answer is reused (never past the token's `exp`); `0` asks every time | `120000` |
+//! | `MATRIX_OAUTH2_ISSUER`          | the token server's issuer URL (`http://` or `https://`): `GET /_matrix/client/v1/auth_metadata` then answers its metadata, read from `<issuer>/.well-known/openid-configuration` (cached 5 minutes; `503 M_UNKNOWN` while it cannot be read) | unset (`404 M_UNRECOGNIZED` there) |
+//!
+//! With delegation on, a token that is not a macaroon (and not in `MATRIX_OPAQUE_TOKENS`, which
+//! are looked up first) is sent to the introspection endpoint; macaroons are still verified
+//! here and never sent, and application services still use their `as_token`. An introspected
+//! token needs the scope `urn:matrix:client:api:*` (or MSC2967's unstable spelling); its user
+//! is `@<username>:<MATRIX_SERVER_NAME>`, its device the `device_id` field or the
+//! `urn:matrix:client:device:<id>` scope. An inactive, expired or scope-less token gets
+//! `401 M_UNKNOWN_TOKEN` without a soft logout; an endpoint that fails, times out (5 s) or
+//! answers anything but an introspection answer gets `503 M_UNKNOWN` with `Retry-After`.
+//! `POST …/logout` with such a token forgets its cached answer (and `…/logout/all` every
+//! answer of the user), so that a token the server revoked is refused at once; revoking the
+//! token is the token server's business (RFC 7009, or MAS's own logout).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -205,6 +229,8 @@ use std::collections::HashSet;
 use std::sync::{Mutex, RwLock};
 use subtle::ConstantTimeEq;
 
+use tower_matrix_auth::hooks::oauth2::{ClientAuth, Introspection};
+use tower_matrix_auth::hooks::{ResolveFuture, TokenResolver};
 use tower_matrix_auth::routes::ClientRoute;
 use tower_matrix_auth::{
     hooks::{
@@ -216,8 +242,8 @@ use tower_matrix_auth::{
     macaroon::{is_valid_user_id, RECOMMENDED_SECRET_LEN},
     routes::is_whoami_route,
     store::TokenStore,
-    Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore, PostgresStore,
-    Sessions, TokenType, Verifier,
+    Credential, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore,
+    PostgresStore, Sessions, TokenType, Verifier,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -339,6 +365,8 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         server_name: server_name.clone(),
         devices: Arc::default(),
         accounts: accounts.clone(),
+        introspection: oauth2_introspection(&server_name)?,
+        auth_metadata: AuthMetadata::from_env()?,
     };
 
     let query_tokens = match env_or("MATRIX_QUERY_TOKENS", "on").as_str() {
@@ -374,7 +402,7 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         .allow_guests_when(is_displayname_route);
     let auth = with_client_addr(auth)?;
     let auth = with_appservice(auth, &server_name, &state.devices)?;
-    let auth = with_opaque_tokens(auth)?;
+    let auth = with_resolvers(auth, opaque_tokens()?, state.introspection.clone());
 
     let app = match std::env::var("MATRIX_INSECURE_NO_AUTH_AS")
         .ok()
@@ -521,6 +549,8 @@ where
         // (`route_layer` also wraps these routes' 405 fallback, so a wrong method gets the 401
         // first when it comes without a valid token.)
         .route_layer(auth)
+        // Discovery of the OAuth 2.0 server (spec v1.15): before any token, so unauthenticated.
+        .route("/_matrix/client/v1/auth_metadata", get(auth_metadata))
         // Login and the refresh exchanges authenticate with what their body carries.
         .route("/_matrix/client/v3/login", get(login_flows).post(login))
         .route("/_matrix/client/r0/login", get(login_flows).post(login))
@@ -557,6 +587,10 @@ where
 
 #[derive(Clone)]
 struct AppState {
+    /// `MATRIX_OAUTH2_INTROSPECTION_URL`: OAuth 2.0 delegation, if on.
+    introspection: Option<Introspection>,
+    /// `MATRIX_OAUTH2_ISSUER`: the token server's metadata for `/auth_metadata`.
+    auth_metadata: Option<AuthMetadata>,
     sessions: Sessions,
     /// Localpart → password.
     users: Arc<HashMap<String, String>>,
@@ -788,9 +822,8 @@ fn with_client_addr(auth: MatrixAuthLayer) -> Result<MatrixAuthLayer, Box<dyn st
 
 /// `MATRIX_OPAQUE_TOKENS=token:@user:server,...`: tokens that are not macaroons, as a homeserver
 /// migrating from database tokens would have.
-fn with_opaque_tokens(
-    auth: MatrixAuthLayer,
-) -> Result<MatrixAuthLayer, Box<dyn std::error::Error>> {
+/// `MATRIX_OPAQUE_TOKENS`: fixed opaque tokens, if any.
+fn opaque_tokens() -> Result<Option<StaticTokens>, Box<dyn std::error::Error>> {
     let spec = std::env::var("MATRIX_OPAQUE_TOKENS").unwrap_or_default();
     let mut tokens = StaticTokens::default();
     let mut count = 0;
@@ -807,10 +840,217 @@ fn with_opaque_tokens(
         count += 1;
     }
     if count == 0 {
-        return Ok(auth);
+        return Ok(None);
     }
     tracing::info!(count, "opaque tokens registered");
-    Ok(auth.resolver(tokens))
+    Ok(Some(tokens))
+}
+
+/// `MATRIX_OAUTH2_*`: the introspection resolver, if delegation is on.
+fn oauth2_introspection(
+    server_name: &str,
+) -> Result<Option<Introspection>, Box<dyn std::error::Error>> {
+    let Some(url) = std::env::var("MATRIX_OAUTH2_INTROSPECTION_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+    else {
+        return Ok(None);
+    };
+    let endpoint: axum::http::Uri = url
+        .parse()
+        .map_err(|_| format!("MATRIX_OAUTH2_INTROSPECTION_URL: `{url}` is not a URL"))?;
+    if !matches!(endpoint.scheme_str(), Some("http" | "https")) || endpoint.host().is_none() {
+        return Err(format!(
+            "MATRIX_OAUTH2_INTROSPECTION_URL: `{url}` is not an http:// or https:// URL"
+        )
+        .into());
+    }
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let secret = var("MATRIX_OAUTH2_SHARED_SECRET");
+    let client = (
+        var("MATRIX_OAUTH2_CLIENT_ID"),
+        var("MATRIX_OAUTH2_CLIENT_SECRET"),
+    );
+    let auth = match (secret, client) {
+        (Some(_), (Some(_), _) | (_, Some(_))) => {
+            return Err(
+                "set MATRIX_OAUTH2_SHARED_SECRET or MATRIX_OAUTH2_CLIENT_ID and \
+                        MATRIX_OAUTH2_CLIENT_SECRET, not both"
+                    .into(),
+            )
+        }
+        (Some(secret), _) => {
+            if secret.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+                return Err("MATRIX_OAUTH2_SHARED_SECRET must be visible ASCII".into());
+            }
+            ClientAuth::shared_secret(secret)
+        }
+        (None, (Some(id), Some(secret))) => ClientAuth::client_secret_basic(id, secret),
+        (None, (Some(_), None) | (None, Some(_))) => {
+            return Err(
+                "MATRIX_OAUTH2_CLIENT_ID and MATRIX_OAUTH2_CLIENT_SECRET go together".into(),
+            )
+        }
+        (None, (None, None)) => {
+            tracing::warn!("OAuth 2.0 delegation without client authentication");
+            ClientAuth::none()
+        }
+    };
+    let ttl_ms = env_number("MATRIX_OAUTH2_CACHE_TTL_MS")?.unwrap_or(120_000);
+    let introspection = Introspection::new(endpoint, server_name)
+        .client_auth(auth)
+        .cache_ttl(Duration::from_millis(ttl_ms));
+    tracing::info!(?introspection, "OAuth 2.0 delegation on");
+    Ok(Some(introspection))
+}
+
+/// The layer's resolver: the fixed opaque tokens first, then the token server.
+fn with_resolvers(
+    auth: MatrixAuthLayer,
+    opaque: Option<StaticTokens>,
+    oauth2: Option<Introspection>,
+) -> MatrixAuthLayer {
+    match (opaque, oauth2) {
+        (None, None) => auth,
+        (Some(opaque), None) => auth.resolver(opaque),
+        (None, Some(oauth2)) => auth.resolver(oauth2),
+        (Some(opaque), Some(oauth2)) => auth.resolver(OpaqueThenOAuth2 { opaque, oauth2 }),
+    }
+}
+
+/// `MATRIX_OPAQUE_TOKENS`, then introspection for the tokens they do not hold.
+struct OpaqueThenOAuth2 {
+    opaque: StaticTokens,
+    oauth2: Introspection,
+}
+
+impl TokenResolver for OpaqueThenOAuth2 {
+    fn resolve(&self, token: &str) -> ResolveFuture {
+        let opaque = self.opaque.resolve(token);
+        let oauth2 = self.oauth2.clone();
+        let token = token.to_owned();
+        Box::pin(async move {
+            match opaque.await? {
+                Some(resolved) => Ok(Some(resolved)),
+                None => oauth2.resolve(&token).await,
+            }
+        })
+    }
+}
+
+/// `GET /_matrix/client/v1/auth_metadata`'s source: the issuer's OpenID Provider metadata.
+#[derive(Clone)]
+struct AuthMetadata {
+    url: String,
+    cached: Arc<Mutex<Option<(std::time::Instant, Value)>>>,
+}
+
+impl AuthMetadata {
+    const FRESH: Duration = Duration::from_secs(300);
+
+    fn from_env() -> Result<Option<Self>, Box<dyn std::error::Error>> {
+        let Some(issuer) = std::env::var("MATRIX_OAUTH2_ISSUER")
+            .ok()
+            .filter(|i| !i.is_empty())
+        else {
+            return Ok(None);
+        };
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            issuer.trim_end_matches('/')
+        );
+        match url.parse::<axum::http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
+            _ => {
+                return Err(format!(
+                    "MATRIX_OAUTH2_ISSUER: `{issuer}` is not an http:// or https:// URL"
+                )
+                .into())
+            }
+        }
+        Ok(Some(Self {
+            url,
+            cached: Arc::default(),
+        }))
+    }
+
+    async fn get(&self) -> Result<Value, String> {
+        if let Some((at, metadata)) = &*self.cached.lock().unwrap() {
+            if at.elapsed() < Self::FRESH {
+                return Ok(metadata.clone());
+            }
+        }
+        use http_body_util::BodyExt;
+        // HTTP or HTTPS (rustls, the system's roots), as the introspection client.
+        // Without system roots, plain HTTP still works (and HTTPS fails, closed).
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(rustls_provider())
+            .unwrap_or_else(|_| {
+                let tls = rustls::ClientConfig::builder_with_provider(rustls_provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default protocol versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth();
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls)
+            })
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build::<_, http_body_util::Full<Bytes>>(connector);
+        let request = Request::get(&self.url)
+            .header(ACCEPT, "application/json")
+            .body(http_body_util::Full::default())
+            .map_err(|e| e.to_string())?;
+        let fetch = async {
+            let response = client.request(request).await.map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("the issuer answered {}", response.status()));
+            }
+            let body = http_body_util::Limited::new(response.into_body(), 256 * 1024)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(metadata @ Value::Object(_)) => Ok(metadata),
+                _ => Err("the issuer's metadata is not a JSON object".to_owned()),
+            }
+        };
+        let metadata = tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .map_err(|_| "the issuer did not answer in time".to_owned())??;
+        *self.cached.lock().unwrap() = Some((std::time::Instant::now(), metadata.clone()));
+        Ok(metadata)
+    }
+}
+
+/// ring, as the crate's `oauth2-rustls` client uses it.
+fn rustls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    #[allow(deprecated)] // no post-quantum key exchange; fine for an example
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// `GET /_matrix/client/v1/auth_metadata` (spec v1.15): the OAuth 2.0 server's metadata, with
+/// `MATRIX_OAUTH2_ISSUER`; otherwise `404 M_UNRECOGNIZED`, as for a server without the OAuth
+/// 2.0 API.
+async fn auth_metadata(State(state): State<AppState>) -> Response {
+    let Some(metadata) = &state.auth_metadata else {
+        return unrecognized().await;
+    };
+    match metadata.get().await {
+        Ok(metadata) => Json(metadata).into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "the issuer's metadata cannot be read");
+            matrix_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "M_UNKNOWN",
+                "The authorization server's metadata cannot be read; try again later.",
+            )
+        }
+    }
 }
 
 /// `MATRIX_MACAROON_SECRET`: unset, a random secret for this run; set but empty, an error (every
@@ -998,6 +1238,14 @@ async fn login(State(state): State<AppState>, request: Request<axum::body::Body>
 
 /// `POST /_matrix/client/v3/logout`: this token's login, refresh token included.
 async fn logout(State(state): State<AppState>, user: MatrixUser) -> Response {
+    if user.credential() == Credential::OAuth2 {
+        // The token server's answer for this token goes; revoking the token is the token
+        // server's business (this server keeps no state about it).
+        if let Some(introspection) = &state.introspection {
+            introspection.invalidate(&user);
+        }
+        return Json(json!({})).into_response();
+    }
     match state.sessions.logout(&user).await {
         Ok(()) => Json(json!({})).into_response(),
         Err(error) => store_unavailable(&error),
@@ -1006,6 +1254,9 @@ async fn logout(State(state): State<AppState>, user: MatrixUser) -> Response {
 
 /// `POST /_matrix/client/v3/logout/all`: every token of the user minted before now.
 async fn logout_all(State(state): State<AppState>, user: MatrixUser) -> Response {
+    if let Some(introspection) = &state.introspection {
+        introspection.invalidate_user(user.user_id());
+    }
     match state.sessions.logout_all(&user).await {
         Ok(()) => Json(json!({})).into_response(),
         Err(error) => store_unavailable(&error),

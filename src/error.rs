@@ -36,6 +36,8 @@ pub(crate) enum Kind {
     /// Too many failed token checks from this address: retry after this many milliseconds.
     #[cfg_attr(not(feature = "limiter"), allow(dead_code))]
     RateLimited(u64),
+    /// The token's scope set lacks a scope the route requires.
+    InsufficientScope,
 }
 
 /// Token extraction failures: all `401 M_MISSING_TOKEN`.
@@ -60,6 +62,8 @@ pub(crate) enum Unknown {
     BadSignature,
     Caveat(CaveatFailure),
     Expired,
+    /// Expired, but the token's issuer asks for no soft logout (an OAuth 2.0 server's token).
+    ExpiredNoSoftLogout,
     Revoked,
     /// The account behind the token was deactivated.
     Deactivated,
@@ -113,7 +117,7 @@ impl Rejection {
     ///   expired, of a deactivated account, or an opaque token nobody knows) and `M_USER_LOCKED`;
     /// - 403 for `M_GUEST_ACCESS_FORBIDDEN` (a guest where guests may not go), `M_USER_SUSPENDED`
     ///   (a write a suspended account may not make) and `M_FORBIDDEN` (an application service
-    ///   acting as a user it may not act as);
+    ///   acting as a user it may not act as, or a token without a scope the route requires);
     /// - 400 for `M_UNKNOWN_DEVICE` (an application service's `?device_id=` the user does not
     ///   have);
     /// - 429 for `M_LIMIT_EXCEEDED`, when too many failed token checks came from the client's
@@ -123,9 +127,10 @@ impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self.kind {
             Kind::Missing(_) | Kind::Unknown(_) | Kind::Locked => StatusCode::UNAUTHORIZED,
-            Kind::GuestForbidden | Kind::Suspended | Kind::AppserviceForbidden => {
-                StatusCode::FORBIDDEN
-            }
+            Kind::GuestForbidden
+            | Kind::Suspended
+            | Kind::AppserviceForbidden
+            | Kind::InsufficientScope => StatusCode::FORBIDDEN,
             Kind::UnknownDevice => StatusCode::BAD_REQUEST,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Kind::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -141,7 +146,7 @@ impl Rejection {
             Kind::Unavailable => "M_UNKNOWN",
             Kind::Locked => "M_USER_LOCKED",
             Kind::Suspended => "M_USER_SUSPENDED",
-            Kind::AppserviceForbidden => "M_FORBIDDEN",
+            Kind::AppserviceForbidden | Kind::InsufficientScope => "M_FORBIDDEN",
             Kind::UnknownDevice => "M_UNKNOWN_DEVICE",
             Kind::RateLimited(_) => "M_LIMIT_EXCEEDED",
         }
@@ -162,7 +167,9 @@ impl Rejection {
             Kind::Missing(Missing::Unstrippable) => {
                 "The access_token query parameter could not be removed from the request."
             }
-            Kind::Unknown(Unknown::Expired) => "Access token has expired.",
+            Kind::Unknown(Unknown::Expired | Unknown::ExpiredNoSoftLogout) => {
+                "Access token has expired."
+            }
             Kind::Unknown(_) => "Unrecognised access token.",
             Kind::GuestForbidden => "Guest access is not allowed here.",
             Kind::Unavailable => "Cannot check the access token right now; try again later.",
@@ -171,6 +178,7 @@ impl Rejection {
             Kind::AppserviceForbidden => "The application service cannot act as this user.",
             Kind::UnknownDevice => "Unknown device for this user.",
             Kind::RateLimited(_) => "Too many failed attempts to authenticate; try again later.",
+            Kind::InsufficientScope => "The access token was not granted the scope this needs.",
         }
     }
 
@@ -179,7 +187,7 @@ impl Rejection {
     /// holds (or an opaque token's resolved expiry has passed), or the account is locked
     /// (`M_USER_LOCKED`, which the spec pairs with a soft logout).
     pub fn soft_logout(&self) -> bool {
-        self.is_expired() || self.is_locked()
+        self.kind == Kind::Unknown(Unknown::Expired) || self.is_locked()
     }
 
     /// The account is locked (`401 M_USER_LOCKED`).
@@ -207,9 +215,19 @@ impl Rejection {
         matches!(self.kind, Kind::Unknown(_))
     }
 
-    /// The token is genuine but has expired.
+    /// The token is genuine but has expired (with a soft logout or, for a token whose issuer
+    /// asks for none such as an OAuth 2.0 server's, without).
     pub fn is_expired(&self) -> bool {
-        self.kind == Kind::Unknown(Unknown::Expired)
+        matches!(
+            self.kind,
+            Kind::Unknown(Unknown::Expired | Unknown::ExpiredNoSoftLogout)
+        )
+    }
+
+    /// The token's scope set lacks a scope the route requires (`403 M_FORBIDDEN`, see
+    /// [`crate::MatrixAuthLayer::require_scope_when`]).
+    pub fn is_insufficient_scope(&self) -> bool {
+        self.kind == Kind::InsufficientScope
     }
 
     /// The token is genuine but the revocation check says it was revoked.
@@ -284,6 +302,7 @@ impl Rejection {
             Kind::Suspended => "suspended",
             Kind::AppserviceForbidden | Kind::UnknownDevice => "appservice_forbidden",
             Kind::RateLimited(_) => "rate_limited",
+            Kind::InsufficientScope => "insufficient_scope",
         }
     }
 
@@ -305,6 +324,9 @@ impl Rejection {
             Kind::Unknown(Unknown::BadSignature) => "signature does not verify",
             Kind::Unknown(Unknown::Caveat(failure)) => failure.describe(),
             Kind::Unknown(Unknown::Expired) => "a `time <` caveat no longer holds",
+            Kind::Unknown(Unknown::ExpiredNoSoftLogout) => {
+                "the resolved token expired (its issuer asks for no soft logout)"
+            }
             Kind::Unknown(Unknown::Revoked) => "token was revoked",
             Kind::Unknown(Unknown::Deactivated) => "the account was deactivated",
             Kind::Unknown(Unknown::NotResolved) => "opaque token unknown to the resolver",
@@ -318,6 +340,7 @@ impl Rejection {
             Kind::AppserviceForbidden => "application service user_id outside its namespaces",
             Kind::UnknownDevice => "application service device_id unknown",
             Kind::RateLimited(_) => "too many failed token checks from this address",
+            Kind::InsufficientScope => "the token lacks a scope the route requires",
         }
     }
 

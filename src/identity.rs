@@ -135,7 +135,84 @@ pub struct MatrixUser {
     credential: Credential,
     /// The application service's registration id, for [`Credential::AppService`].
     appservice: Option<Arc<str>>,
+    /// The OAuth 2.0 scope set, for tokens that carry one.
+    scopes: Option<Scopes>,
     suspended: bool,
+}
+
+/// An OAuth 2.0 scope set (RFC 6749 §3.3: space-separated scope tokens), as the token server
+/// granted it: order kept, duplicates dropped. Cloning is one reference count.
+///
+/// ```
+/// use tower_matrix_auth::Scopes;
+/// let scopes = Scopes::parse("urn:matrix:client:api:* urn:matrix:client:device:PHONE");
+/// assert!(scopes.contains("urn:matrix:client:api:*"));
+/// assert!(!scopes.contains("urn:synapse:admin:*"));
+/// assert_eq!(scopes.iter().count(), 2);
+/// ```
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Scopes(Arc<[Box<str>]>);
+
+impl Scopes {
+    /// Parses a `scope` value: tokens separated by spaces (runs of spaces and empty tokens
+    /// ignored).
+    pub fn parse(scope: &str) -> Self {
+        Self::from_iter(scope.split(' '))
+    }
+
+    /// Whether `scope` is in the set, compared exactly (no wildcard matching: a `*` in a Matrix
+    /// scope is part of its name).
+    pub fn contains(&self, scope: &str) -> bool {
+        self.0.iter().any(|s| &**s == scope)
+    }
+
+    /// The scope tokens, in the order the server gave them.
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        self.0.iter().map(|s| &**s)
+    }
+
+    /// How many distinct scope tokens.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> FromIterator<&'a str> for Scopes {
+    fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
+        // A set beside the list: a hostile answer with thousands of scopes stays linear.
+        let mut seen = std::collections::HashSet::new();
+        let mut scopes: Vec<Box<str>> = Vec::new();
+        for scope in iter {
+            if !scope.is_empty() && seen.insert(scope) {
+                scopes.push(scope.into());
+            }
+        }
+        Self(scopes.into())
+    }
+}
+
+impl fmt::Debug for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl fmt::Display for Scopes {
+    /// Space-separated, as in an OAuth 2.0 `scope` parameter.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, scope) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            f.write_str(scope)?;
+        }
+        Ok(())
+    }
 }
 
 /// What the caller authenticated with.
@@ -148,6 +225,10 @@ pub enum Credential {
     Opaque,
     /// An application service's `as_token` (acting as its sender or a user of its namespaces).
     AppService,
+    /// An access token issued by an OAuth 2.0 server (the Matrix Authentication Service), that
+    /// the resolver introspected (feature `oauth2`, or any resolver answering
+    /// [`ResolvedToken::oauth2`](crate::hooks::ResolvedToken::oauth2)).
+    OAuth2,
 }
 
 /// The parts of a verified token that make up a [`MatrixUser`].
@@ -203,6 +284,7 @@ impl MatrixUser {
             token_id,
             credential: Credential::Macaroon,
             appservice: None,
+            scopes: None,
             suspended: false,
         }
     }
@@ -231,8 +313,15 @@ impl MatrixUser {
             token_id,
             credential,
             appservice,
+            scopes: None,
             suspended: false,
         }
+    }
+
+    /// With the token's OAuth 2.0 scope set.
+    pub(crate) fn with_scopes(mut self, scopes: Option<Scopes>) -> Self {
+        self.scopes = scopes;
+        self
     }
 
     pub(crate) fn mark_suspended(&mut self) {
@@ -252,6 +341,19 @@ impl MatrixUser {
     /// Whether an application service makes the request (acting as [`Self::user_id`]).
     pub fn is_appservice(&self) -> bool {
         self.credential == Credential::AppService
+    }
+
+    /// The OAuth 2.0 scopes the token was granted, for a token that has a scope set
+    /// ([`Credential::OAuth2`]); `None` for the others (macaroons, opaque database tokens,
+    /// `as_token`s), which scopes do not limit.
+    pub fn scopes(&self) -> Option<&Scopes> {
+        self.scopes.as_ref()
+    }
+
+    /// Whether the token's scope set holds `scope`, e.g. Synapse's admin scope
+    /// `urn:synapse:admin:*`; always false for a token without a scope set (see [`Self::scopes`]).
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.as_ref().is_some_and(|s| s.contains(scope))
     }
 
     /// Whether the account is suspended (spec v1.13): the layer already refused what suspended
@@ -356,6 +458,7 @@ impl fmt::Debug for MatrixUser {
             .field("token_id", &self.token_id())
             .field("credential", &self.credential)
             .field("appservice", &self.appservice())
+            .field("scopes", &self.scopes)
             .field("suspended", &self.suspended)
             .finish()
     }

@@ -23,7 +23,7 @@ mod ruma;
 pub mod store;
 
 pub use crate::error::Rejection;
-pub use crate::identity::{Credential, MatrixUser, TokenId, TokenType};
+pub use crate::identity::{Credential, MatrixUser, Scopes, TokenId, TokenType};
 pub use crate::layer::{MatrixAuth, MatrixAuthLayer};
 pub use crate::lifecycle::{Issuer, Sessions};
 pub use crate::macaroon::{KeyRing, MacaroonSecret, Verifier};

@@ -167,3 +167,67 @@ fn an_identity_records_itself_in_the_current_span() {
     assert!(logs.contains(" undeclared{path=\"/x\"}: "), "{logs}");
     assert_eq!(logs.matches("user_id").count(), 1, "{logs}");
 }
+
+/// OAuth 2.0 introspection (feature `oauth2`): whatever the token server answers, or fails to,
+/// the logs name the reason and never the token (nor the client's shared secret).
+#[cfg(feature = "oauth2")]
+#[tokio::test(flavor = "current_thread")]
+async fn introspection_logs_never_the_token() {
+    use common::introspection::{mas_active, IntrospectionServer, Mode};
+    use tower_matrix_auth::hooks::oauth2::{ClientAuth, Introspection};
+
+    let (captured, _guard) = capture(tracing::Level::TRACE);
+    let server = IntrospectionServer::start().await;
+    let clock = ManualClock::new(NOW_MS);
+    let introspection = Introspection::new(server.uri(), "example.org")
+        .client_auth(ClientAuth::shared_secret("SHAREDsecretVALUE"))
+        .timeout(std::time::Duration::from_millis(300))
+        .clock(clock.clone());
+    let layer = MatrixAuthLayer::with_verifier(Verifier::new(keys()).clock(clock))
+        .resolver(introspection.clone());
+    let now_s = NOW_MS / 1000;
+    let active = "mat_ACTIVEtokenSECRETpart0123456_abcdef";
+    let inactive = "mat_INACTIVEtokenSECRETpart01234_abcdef";
+    server.answer_for(
+        active,
+        mas_active("alice", Some("PHONE"), now_s + 300, now_s),
+    );
+    server.answer_for(
+        "mat_NOSCOPEtokenSECRETpart012345_abcdef",
+        serde_json::json!({"active": true, "username": "alice", "scope": "openid"}),
+    );
+    let whoami = "/_matrix/client/v3/account/whoami";
+    let out = call(&layer, bearer(whoami, active)).await;
+    assert_eq!(out.status, StatusCode::OK);
+    let out = call(&layer, bearer(whoami, active)).await; // a cache hit
+    assert_eq!(out.status, StatusCode::OK);
+    let out = call(&layer, plain(&format!("{whoami}?access_token={inactive}"))).await;
+    assert_eq!(out.errcode(), "M_UNKNOWN_TOKEN");
+    let out = call(
+        &layer,
+        bearer(whoami, "mat_NOSCOPEtokenSECRETpart012345_abcdef"),
+    )
+    .await;
+    assert_eq!(out.errcode(), "M_UNKNOWN_TOKEN");
+    for mode in [Mode::Status500, Mode::NotJson, Mode::Stall] {
+        server.set_mode(mode);
+        let out = call(
+            &layer,
+            bearer(whoami, "mat_FAILINGtokenSECRETpart01234_abcdef"),
+        )
+        .await;
+        assert_eq!(out.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    tracing::debug!(?introspection, "state at the end");
+
+    let logs = captured.text();
+    assert!(logs.contains("matrix request rejected"), "{logs}");
+    assert!(logs.contains("introspection refused the token"), "{logs}");
+    assert!(logs.contains("token resolver failed"), "{logs}");
+    assert!(logs.contains("did not answer in time"), "{logs}");
+    assert!(!logs.contains("SECRETpart"), "a token was logged:\n{logs}");
+    assert!(
+        !logs.contains("SHAREDsecret"),
+        "the shared secret was logged:\n{logs}"
+    );
+}

@@ -8,6 +8,9 @@ pub(crate) mod account;
 #[cfg(feature = "appservice")]
 pub(crate) mod appservice;
 pub(crate) mod clock;
+#[cfg(feature = "oauth2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
+pub mod oauth2;
 pub(crate) mod resolver;
 pub(crate) mod revocation;
 
@@ -15,5 +18,8 @@ pub use account::{AccountDirectory, AccountStatus, MemoryAccounts};
 #[cfg(feature = "appservice")]
 pub use appservice::{AppService, AppServices, InvalidRegistration};
 pub use clock::{Clock, ManualClock, SystemClock};
+#[cfg(feature = "oauth2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
+pub use oauth2::{ClientAuth, Introspection};
 pub use resolver::{ResolveFuture, ResolvedToken, StaticTokens, TokenResolver};
 pub use revocation::{BackendError, NeverRevoked, Revocation, RevocationCheck, RevocationStatus};

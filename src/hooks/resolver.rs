@@ -12,9 +12,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::hooks::revocation::BackendError;
+use crate::identity::{Credential, MatrixUser, Scopes, TokenId};
 
 /// Who an opaque token belongs to.
-#[derive(Clone, PartialEq, Eq)]
+///
+/// Two answers are equal when their public fields are (whatever a cache prepared inside).
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct ResolvedToken {
     /// The user id.
@@ -23,8 +26,24 @@ pub struct ResolvedToken {
     pub device_id: Option<String>,
     /// Whether the user is a guest.
     pub is_guest: bool,
-    /// When the token expires (ms since the epoch); past it the layer answers a soft logout.
+    /// When the token expires (ms since the epoch); past it the layer answers `M_UNKNOWN_TOKEN`,
+    /// with a soft logout if [`Self::soft_logout_on_expiry`] says so.
     pub expires_at_ms: Option<u64>,
+    /// Whether an expired token gets `"soft_logout": true` (the default, right for a homeserver's
+    /// own tokens, which a refresh renews). An OAuth 2.0 server's answer cannot tell expiry from
+    /// revocation, so [`Self::oauth2`] turns it off.
+    pub soft_logout_on_expiry: bool,
+    /// The token's OAuth 2.0 scopes, if it has a scope set (see [`crate::MatrixUser::scopes`]);
+    /// `None` for a token that is not limited by scopes (the default).
+    pub scopes: Option<Scopes>,
+    /// Whether an OAuth 2.0 server issued the token: the identity's credential is then
+    /// [`Credential::OAuth2`](crate::Credential::OAuth2) rather than
+    /// [`Credential::Opaque`](crate::Credential::Opaque).
+    pub oauth2: bool,
+    /// The identity, built once by a cache that shares this answer between requests (so a hit
+    /// costs no hashing of the token for its id, no copy of its strings); the layer uses it only
+    /// while it still matches the fields above.
+    pub(crate) identity: Option<MatrixUser>,
 }
 
 impl ResolvedToken {
@@ -35,7 +54,50 @@ impl ResolvedToken {
             device_id: None,
             is_guest: false,
             expires_at_ms: None,
+            soft_logout_on_expiry: true,
+            scopes: None,
+            oauth2: false,
+            identity: None,
         }
+    }
+
+    /// With its identity built for `token` (see [`Self::identity`]), if its user id is valid.
+    #[cfg_attr(not(feature = "oauth2"), allow(dead_code))]
+    pub(crate) fn prepared_for(mut self, token: &str) -> Self {
+        self.identity = crate::macaroon::caveat::is_valid_user_id(&self.user_id)
+            .then(|| self.build_identity(opaque_token_id(token.as_bytes())));
+        self
+    }
+
+    /// The identity the layer gives this answer: the built one while it matches, else `None`.
+    pub(crate) fn built_identity(&self) -> Option<&MatrixUser> {
+        self.identity.as_ref().filter(|user| {
+            user.user_id() == self.user_id
+                && user.device_id() == self.device_id.as_deref()
+                && user.is_guest() == self.is_guest
+                && user.expires_at_ms() == self.expires_at_ms
+                && user.scopes() == self.scopes.as_ref()
+                && (user.credential() == Credential::OAuth2) == self.oauth2
+        })
+    }
+
+    /// The identity for this answer (its user id already checked).
+    pub(crate) fn build_identity(&self, token_id: TokenId) -> MatrixUser {
+        let credential = if self.oauth2 {
+            Credential::OAuth2
+        } else {
+            Credential::Opaque
+        };
+        MatrixUser::vouched(
+            credential,
+            &self.user_id,
+            self.device_id.as_deref(),
+            self.is_guest,
+            self.expires_at_ms,
+            token_id,
+            None,
+        )
+        .with_scopes(self.scopes.clone())
     }
 
     /// Issued to `device_id`.
@@ -55,7 +117,45 @@ impl ResolvedToken {
         self.expires_at_ms = Some(at_ms);
         self
     }
+
+    /// Whether an expired token gets `"soft_logout": true` (default: yes).
+    #[must_use]
+    pub fn soft_logout_on_expiry(mut self, soft_logout: bool) -> Self {
+        self.soft_logout_on_expiry = soft_logout;
+        self
+    }
+
+    /// The token's scope set: [`crate::MatrixUser::scopes`] returns it, and the layer's
+    /// [`require_scope_when`](crate::MatrixAuthLayer::require_scope_when) rules apply to it.
+    #[must_use]
+    pub fn scopes(mut self, scopes: Scopes) -> Self {
+        self.scopes = Some(scopes);
+        self
+    }
+
+    /// Issued by an OAuth 2.0 server: [`Credential::OAuth2`](crate::Credential::OAuth2), and no
+    /// soft logout on expiry (such a server answers an expired and a revoked token alike).
+    #[must_use]
+    pub fn oauth2(mut self) -> Self {
+        self.oauth2 = true;
+        self.soft_logout_on_expiry = false;
+        self
+    }
 }
+
+impl PartialEq for ResolvedToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.user_id == other.user_id
+            && self.device_id == other.device_id
+            && self.is_guest == other.is_guest
+            && self.expires_at_ms == other.expires_at_ms
+            && self.soft_logout_on_expiry == other.soft_logout_on_expiry
+            && self.scopes == other.scopes
+            && self.oauth2 == other.oauth2
+    }
+}
+
+impl Eq for ResolvedToken {}
 
 impl fmt::Debug for ResolvedToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -64,8 +164,16 @@ impl fmt::Debug for ResolvedToken {
             .field("device_id", &self.device_id)
             .field("is_guest", &self.is_guest)
             .field("expires_at_ms", &self.expires_at_ms)
+            .field("soft_logout_on_expiry", &self.soft_logout_on_expiry)
+            .field("scopes", &self.scopes)
+            .field("oauth2", &self.oauth2)
             .finish()
     }
+}
+
+/// The [`TokenId`] of an opaque token: a hash of it, never the token.
+pub(crate) fn opaque_token_id(token: &[u8]) -> TokenId {
+    TokenId::from_secret("opaque", token)
 }
 
 /// The answer of a resolver: `Ok(None)` for an unknown token, `Err` when it could not look
@@ -77,6 +185,16 @@ pub type ResolveFuture =
 pub trait TokenResolver: Send + Sync + 'static {
     /// Resolves one token, as sent by the client.
     fn resolve(&self, token: &str) -> ResolveFuture;
+
+    /// The answer for `token` if it is at hand without waiting (a cache hit): the layer then
+    /// decides at once, without parking the request. `None`, the default, sends the token to
+    /// [`Self::resolve`]. An `Arc`, so that a cache hands out its entry without copying it.
+    /// Only a positive answer belongs here: a resolver that does not know
+    /// the token returns `None` and lets `resolve` say so.
+    fn resolve_now(&self, token: &str) -> Option<Arc<ResolvedToken>> {
+        let _ = token;
+        None
+    }
 }
 
 /// A closure is a resolver:
@@ -102,6 +220,10 @@ where
 impl<R: TokenResolver + ?Sized> TokenResolver for Arc<R> {
     fn resolve(&self, token: &str) -> ResolveFuture {
         (**self).resolve(token)
+    }
+
+    fn resolve_now(&self, token: &str) -> Option<Arc<ResolvedToken>> {
+        (**self).resolve_now(token)
     }
 }
 

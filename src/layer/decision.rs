@@ -16,9 +16,9 @@ use http::{Request, Response};
 
 use crate::error::{Kind, Missing, Rejection, Unknown};
 use crate::hooks::account::{suspended_may, AccountDirectory, AccountStatus};
-use crate::hooks::resolver::{ResolveFuture, TokenResolver};
+use crate::hooks::resolver::{opaque_token_id, ResolveFuture, TokenResolver};
 use crate::hooks::revocation::{BackendError, Revocation, RevocationCheck, RevocationStatus};
-use crate::identity::{Credential, MatrixUser, TokenId, TokenType};
+use crate::identity::{MatrixUser, TokenId, TokenType};
 use crate::layer::client_addr::{ClientAddr, PeerAddr, TrustedProxies};
 use crate::layer::extract::{find_token, strip_query_token, QueryTokens};
 use crate::layer::{GuestPolicy, QueryToken};
@@ -52,6 +52,8 @@ pub(crate) struct Policy {
     pub(crate) optional_when: Vec<Predicate>,
     pub(crate) expired_allowed_when: Vec<Predicate>,
     pub(crate) suspended_allowed_when: Vec<Predicate>,
+    /// Scopes a request must have when its token has a scope set: `(rule, scope)`.
+    pub(crate) scopes_required_when: Vec<(Predicate, Arc<str>)>,
     pub(crate) revocation: Arc<dyn Revocation>,
     pub(crate) resolver: Option<Arc<dyn TokenResolver>>,
     pub(crate) accounts: Option<Arc<dyn AccountDirectory>>,
@@ -156,20 +158,19 @@ impl Policy {
         if let Some(wait) = self.limited_for(&token, parts) {
             return Decision::Reject(Rejection::rate_limited(wait));
         }
+        // A token that cannot be a macaroon (its first byte says so) goes to the resolver
+        // without a verification attempt.
+        if let Some(resolver) = &self.resolver {
+            if self.verifier.cannot_be_macaroon(&token) {
+                return self.resolver_decision(resolver.as_ref(), &token, parts);
+            }
+        }
         match self.verify(&token, parts) {
             Ok(verified) => self.after_verification(verified, parts),
             // Macaroons are told apart by their format alone, as the verifier reports it: a
             // macaroon, valid or not, never reaches the resolver; anything else does.
             Err(rejection) if rejection.is_not_a_macaroon() => match &self.resolver {
-                Some(resolver) => {
-                    let Ok(text) = std::str::from_utf8(&token) else {
-                        return Decision::Reject(Rejection::unknown(Unknown::NotResolved));
-                    };
-                    Decision::AwaitResolver {
-                        resolving: resolver.resolve(text),
-                        token_id: TokenId::from_secret("opaque", &token),
-                    }
-                }
+                Some(resolver) => self.resolver_decision(resolver.as_ref(), &token, parts),
                 None => Decision::Reject(rejection),
             },
             Err(rejection) => Decision::Reject(rejection),
@@ -193,7 +194,8 @@ impl Policy {
     }
 
     /// How long this request's address is still limited, unless its token is known good (the
-    /// verified-token cache holds it): checked only when some address is limited at all.
+    /// verified-token cache holds it, or the resolver has it at hand, as the introspection cache
+    /// does): checked only when some address is limited at all.
     #[cfg(feature = "limiter")]
     fn limited_for(&self, token: &[u8], parts: &Parts) -> Option<std::time::Duration> {
         let limiter = self.failure_limiter.as_ref()?;
@@ -201,10 +203,13 @@ impl Policy {
             return None;
         }
         let wait = limiter.limited_for(self.read_client_addr(parts)?)?;
-        match self.verifier.cached(token, TokenType::Access) {
-            Some(_) => None,
-            None => Some(wait),
+        if self.verifier.cached(token, TokenType::Access).is_some() {
+            return None;
         }
+        let resolved_now = self.resolver.as_ref().is_some_and(|resolver| {
+            std::str::from_utf8(token).is_ok_and(|text| resolver.resolve_now(text).is_some())
+        });
+        (!resolved_now).then_some(wait)
     }
 
     /// The verifier's verdict on an access token: the cache's, or a full verification.
@@ -221,6 +226,29 @@ impl Policy {
                 self.verifier
                     .verify_in_full(token, TokenType::Access, parts)
             }
+        }
+    }
+
+    /// A token that is not a macaroon: the resolver's cached answer now, or its look-up.
+    fn resolver_decision(
+        &self,
+        resolver: &dyn TokenResolver,
+        token: &[u8],
+        parts: &Parts,
+    ) -> Decision {
+        let Ok(text) = std::str::from_utf8(token) else {
+            return Decision::Reject(Rejection::unknown(Unknown::NotResolved));
+        };
+        // A cache hit is decided now: no parked request, no future.
+        if let Some(resolved) = resolver.resolve_now(text) {
+            return match self.settle_resolved_token(&resolved, || opaque_token_id(token), parts) {
+                Ok(user) => Decision::Pass(Some(user)),
+                Err(rejection) => Decision::Reject(rejection),
+            };
+        }
+        Decision::AwaitResolver {
+            resolving: resolver.resolve(text),
+            token_id: opaque_token_id(token),
         }
     }
 
@@ -267,7 +295,7 @@ impl Policy {
             } => (id, user_id, device_id),
         };
         let mut user = MatrixUser::vouched(
-            Credential::AppService,
+            crate::identity::Credential::AppService,
             &user_id,
             device_id.as_deref(),
             false,
@@ -319,31 +347,36 @@ impl Policy {
                 Err(Rejection::unavailable())
             }
             Ok(None) => Err(Rejection::unknown(Unknown::NotResolved)),
-            Ok(Some(resolved)) if !crate::macaroon::caveat::is_valid_user_id(&resolved.user_id) => {
-                tracing::warn!("token resolver answered a user id that is not a Matrix user id");
-                Err(Rejection::unknown(Unknown::NotResolved))
-            }
-            Ok(Some(resolved)) => {
-                let expired = resolved
-                    .expires_at_ms
-                    .is_some_and(|at| self.verifier.now_ms() >= at);
-                let user = MatrixUser::vouched(
-                    Credential::Opaque,
-                    &resolved.user_id,
-                    resolved.device_id.as_deref(),
-                    resolved.is_guest,
-                    resolved.expires_at_ms,
-                    token_id,
-                    None,
-                );
-                // Revocation of opaque tokens is the resolver's business: a revoked one is unknown.
-                self.settle(
-                    Ok(RevocationStatus::Active),
-                    Verified { user, expired },
-                    parts,
-                )
-            }
+            Ok(Some(resolved)) => self.settle_resolved_token(&resolved, || token_id, parts),
         }
+    }
+
+    /// The verdict on a token the resolver knows: its identity (built before, or now), then
+    /// [`Self::settle`]'s rules, with the soft logout on expiry as the resolver said.
+    fn settle_resolved_token(
+        &self,
+        resolved: &crate::hooks::resolver::ResolvedToken,
+        token_id: impl FnOnce() -> TokenId,
+        parts: &Parts,
+    ) -> Result<MatrixUser, Rejection> {
+        let user = match resolved.built_identity() {
+            Some(user) => user.clone(),
+            None if !crate::macaroon::caveat::is_valid_user_id(&resolved.user_id) => {
+                tracing::warn!("token resolver answered a user id that is not a Matrix user id");
+                return Err(Rejection::unknown(Unknown::NotResolved));
+            }
+            None => resolved.build_identity(token_id()),
+        };
+        let expired = resolved
+            .expires_at_ms
+            .is_some_and(|at| self.verifier.now_ms() >= at);
+        // Revocation of opaque tokens is the resolver's business: a revoked one is unknown.
+        self.settle_expiring(
+            Ok(RevocationStatus::Active),
+            Verified { user, expired },
+            parts,
+            resolved.soft_logout_on_expiry,
+        )
     }
 
     /// The verdict once the revocation state is known, in this order: revoked, then the
@@ -355,6 +388,21 @@ impl Policy {
         outcome: Result<RevocationStatus, BackendError>,
         verified: Verified,
         parts: &Parts,
+    ) -> Result<MatrixUser, Rejection> {
+        self.settle_expiring(outcome, verified, parts, true)
+    }
+
+    /// [`Self::settle`], saying whether an expired token gets a soft logout: a macaroon always
+    /// does; a resolved token as its resolver said ([`ResolvedToken::soft_logout_on_expiry`]).
+    /// Last, the scope rules, for a token with a scope set.
+    ///
+    /// [`ResolvedToken::soft_logout_on_expiry`]: crate::hooks::ResolvedToken::soft_logout_on_expiry
+    fn settle_expiring(
+        &self,
+        outcome: Result<RevocationStatus, BackendError>,
+        verified: Verified,
+        parts: &Parts,
+        soft_logout_on_expiry: bool,
     ) -> Result<MatrixUser, Rejection> {
         match outcome {
             Err(error) => {
@@ -374,7 +422,11 @@ impl Policy {
             _ => {}
         }
         if expired && !self.expired_allowed(parts) {
-            return Err(Rejection::unknown(Unknown::Expired));
+            return Err(Rejection::unknown(if soft_logout_on_expiry {
+                Unknown::Expired
+            } else {
+                Unknown::ExpiredNoSoftLogout
+            }));
         }
         if user.is_guest() && !self.guests_allowed(parts) {
             return Err(Rejection::guest_forbidden());
@@ -383,7 +435,22 @@ impl Policy {
             self.suspension(parts)?;
             user.mark_suspended();
         }
+        if let Some(scopes) = user.scopes() {
+            self.scopes_required(scopes, parts)?;
+        }
         Ok(user)
+    }
+
+    /// Whether a token with this scope set may make this request: every rule that picks the
+    /// request names a scope the set must hold. (Unlike the exceptions, a rule here only ever
+    /// narrows, so it applies on any path, normal or not.)
+    fn scopes_required(&self, scopes: &crate::Scopes, parts: &Parts) -> Result<(), Rejection> {
+        for (rule, scope) in &self.scopes_required_when {
+            if !scopes.contains(scope) && rule(parts) {
+                return Err(Rejection::of(Kind::InsufficientScope));
+            }
+        }
+        Ok(())
     }
 
     /// Readies an admitted request for the inner service: the identity goes into the
@@ -517,6 +584,7 @@ impl fmt::Debug for Policy {
             .field("skip_rules", &self.skip_when.len())
             .field("optional", &self.optional)
             .field("optional_rules", &self.optional_when.len())
+            .field("scope_rules", &self.scopes_required_when.len())
             .field("custom_renderer", &self.renderer.is_some())
             .field("trusted_proxies", &self.trusted_proxies)
             .field("peer_addr_reader", &self.peer_addr.is_some())

@@ -30,6 +30,7 @@ pub(crate) fn admitted(user: Option<&MatrixUser>) {
         Some(Credential::Macaroon) => ok!("macaroon"),
         Some(Credential::Opaque) => ok!("opaque"),
         Some(Credential::AppService) => ok!("appservice"),
+        Some(Credential::OAuth2) => ok!("oauth2"),
     }
 }
 
@@ -57,7 +58,8 @@ pub(crate) fn refused(rejection: &Rejection) {
         "guest_forbidden",
         "appservice_forbidden",
         "unavailable",
-        "rate_limited"
+        "rate_limited",
+        "insufficient_scope"
     );
 }
 

@@ -21,7 +21,7 @@
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `matrix_auth_decisions_total` | counter | `outcome`: `ok`, `missing_token`, `unknown_token`, `expired`, `locked`, `suspended`, `deactivated`, `guest_forbidden`, `appservice_forbidden`, `unavailable`, `rate_limited`; for `ok`, `credential`: `macaroon`, `opaque`, `appservice`, or `none` (an optional route without a token) |
+//! | `matrix_auth_decisions_total` | counter | `outcome`: `ok`, `missing_token`, `unknown_token`, `expired`, `locked`, `suspended`, `deactivated`, `guest_forbidden`, `appservice_forbidden`, `unavailable`, `rate_limited`, `insufficient_scope` (a [`require_scope_when`](MatrixAuthLayer::require_scope_when) rule); for `ok`, `credential`: `macaroon`, `opaque`, `appservice`, `oauth2`, or `none` (an optional route without a token) |
 //! | `matrix_auth_wait_seconds` | histogram | `on`: `revocation` (a store that answered later), `resolver` (opaque tokens, introspection) |
 //! | `matrix_auth_token_cache_total` | counter | `result`: `hit`, `miss` (the verified-token cache, on the layer's path) |
 //!
@@ -123,6 +123,7 @@ impl MatrixAuthLayer {
                 optional_when: Vec::new(),
                 expired_allowed_when: Vec::new(),
                 suspended_allowed_when: Vec::new(),
+                scopes_required_when: Vec::new(),
                 revocation: Arc::new(NeverRevoked),
                 resolver: None,
                 accounts: None,
@@ -248,6 +249,27 @@ impl MatrixAuthLayer {
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
     {
         self.update(|c| c.suspended_allowed_when.push(Arc::new(predicate)))
+    }
+
+    /// Requires `scope` of tokens that carry an OAuth 2.0 scope set
+    /// ([`crate::MatrixUser::scopes`]) on the requests `predicate` picks, e.g. Synapse's admin
+    /// scope on an admin API: `.require_scope_when(is_admin_route, "urn:synapse:admin:*")`. A
+    /// token without it gets `403 M_FORBIDDEN` there; rules add up (every matching rule's
+    /// scope is required).
+    ///
+    /// Tokens without a scope set (macaroons, opaque database tokens, `as_token`s) are not
+    /// limited by scopes and pass these rules: whether such a user may act as an administrator
+    /// is the handler's decision, as it always was. A handler that wants an OAuth 2.0 token
+    /// whatever happens checks [`crate::MatrixUser::credential`].
+    ///
+    /// Unlike the exceptions (`allow_*_when`, `skip_when`), a rule here only narrows, so it is
+    /// applied on every path, normal or not.
+    pub fn require_scope_when<F>(self, predicate: F, scope: impl Into<String>) -> Self
+    where
+        F: Fn(&Parts) -> bool + Send + Sync + 'static,
+    {
+        let scope: Arc<str> = scope.into().into();
+        self.update(|c| c.scopes_required_when.push((Arc::new(predicate), scope)))
     }
 
     /// Consults `revocation` for every token whose signature and caveats hold.

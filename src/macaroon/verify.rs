@@ -175,6 +175,13 @@ impl Verifier {
         }
     }
 
+    /// Whether `token` is within the length limit yet cannot be a macaroon in any format (its
+    /// first byte says so, [`wire::may_be_macaroon`]): what the layer sends to a resolver
+    /// without trying to verify it.
+    pub(crate) fn cannot_be_macaroon(&self, token: &[u8]) -> bool {
+        token.len() <= self.max_token_len && !wire::may_be_macaroon(token)
+    }
+
     /// The verdict on a token the cache holds, verified before as `expected`: its identity, and
     /// whether it has expired since. `None` when it must be verified in full.
     pub(crate) fn cached(&self, token: &[u8], expected: TokenType) -> Option<Verified> {

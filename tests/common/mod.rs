@@ -10,6 +10,8 @@ use http_body_util::{BodyExt, Full};
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_matrix_auth::{KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser};
 
+#[cfg(feature = "oauth2")]
+pub mod introspection;
 #[cfg(feature = "postgres")]
 pub mod pg;
 #[cfg(feature = "axum")]

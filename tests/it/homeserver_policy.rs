@@ -1261,3 +1261,195 @@ async fn metrics_count_what_was_sent() {
     );
     assert!(!text.contains(&good) && !text.contains("alice"), "{text}");
 }
+
+/// OAuth 2.0 delegation (`MATRIX_OAUTH2_*`): the example authenticates a token server's tokens
+/// (asking a scripted introspection endpoint with MAS's shared secret), its own macaroons and an
+/// application service side by side, answers `/auth_metadata` from the issuer, and refuses
+/// contradictory client credentials at start.
+#[tokio::test]
+async fn oauth2_delegation_beside_macaroons_and_appservices() {
+    use crate::common::introspection::{mas_active, IntrospectionServer, Mode};
+    let endpoint = IntrospectionServer::start().await;
+    let now_s = now_ms() / 1000;
+    endpoint.answer_for(
+        "mat_alice",
+        mas_active("alice", Some("PHONE"), now_s + 600, now_s),
+    );
+    let url = endpoint.url();
+    let issuer = format!("http://{}/", endpoint.addr);
+    let server = Homeserver::start(&[
+        ("MATRIX_OAUTH2_INTROSPECTION_URL", &url),
+        ("MATRIX_OAUTH2_SHARED_SECRET", "mas-secret"),
+        ("MATRIX_OAUTH2_ISSUER", &issuer),
+        ("MATRIX_APPSERVICE_TOKEN", "as_token_for_tests"),
+        ("MATRIX_APPSERVICE_NAMESPACE", "@bridge_.*:localhost"),
+    ]);
+    let whoami = "/_matrix/client/v3/account/whoami";
+    let (status, me) = server
+        .call(&Method::GET, whoami, Some("mat_alice"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(me["user_id"], "@alice:localhost");
+    assert_eq!(me["device_id"], "PHONE");
+    let seen = endpoint.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].authorization.as_deref(), Some("Bearer mas-secret"));
+    assert_eq!(seen[0].device_id_header.as_deref(), Some("1"));
+    // Cached (default TTL): no second introspection.
+    server
+        .call(&Method::GET, whoami, Some("mat_alice"), None)
+        .await;
+    assert_eq!(endpoint.count(), 1);
+    // Unknown to the token server: 401 without a soft logout.
+    let (status, error) = server
+        .call(&Method::GET, whoami, Some("mat_nobody"), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error["errcode"], "M_UNKNOWN_TOKEN");
+    assert_ne!(error.get("soft_logout"), Some(&json!(true)));
+    // The example's own macaroons and the application service: never sent to the endpoint.
+    let (status, me) = server
+        .call(
+            &Method::GET,
+            whoami,
+            Some(&minted("@carol:localhost")),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, me["user_id"].as_str()),
+        (StatusCode::OK, Some("@carol:localhost"))
+    );
+    let (status, me) = server
+        .call(&Method::GET, whoami, Some("as_token_for_tests"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(endpoint.count(), 2);
+    // The token server down: 503, then back.
+    endpoint.set_mode(Mode::Status500);
+    let (status, error) = server
+        .call(&Method::GET, whoami, Some("mat_new"), None)
+        .await;
+    assert_eq!(
+        (status, error["errcode"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("M_UNKNOWN"))
+    );
+    endpoint.set_mode(Mode::Normal);
+    endpoint.answer_for("mat_new", mas_active("dave", None, now_s + 600, now_s));
+    let (status, me) = server
+        .call(&Method::GET, whoami, Some("mat_new"), None)
+        .await;
+    assert_eq!(
+        (status, me["user_id"].as_str()),
+        (StatusCode::OK, Some("@dave:localhost"))
+    );
+    // Logout forgets the cached answer: the token revoked at the server is refused at once.
+    endpoint.answer_for("mat_alice", json!({"active": false}));
+    let (status, _) = server
+        .call(
+            &Method::POST,
+            "/_matrix/client/v3/logout",
+            Some("mat_alice"),
+            Some("{}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = server
+        .call(&Method::GET, whoami, Some("mat_alice"), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Discovery, unauthenticated.
+    let (status, metadata) = server
+        .call(&Method::GET, "/_matrix/client/v1/auth_metadata", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{metadata}");
+    assert_eq!(metadata["issuer"], issuer);
+    assert!(metadata["authorization_endpoint"].is_string());
+    assert!(!server.log().contains("mat_alice"), "{}", server.log());
+
+    // client_secret_basic, a TTL of 0 (every request asks), and no issuer: 404 there.
+    let basic = Homeserver::start(&[
+        ("MATRIX_OAUTH2_INTROSPECTION_URL", &url),
+        ("MATRIX_OAUTH2_CLIENT_ID", "homeserver"),
+        ("MATRIX_OAUTH2_CLIENT_SECRET", "client-secret"),
+        ("MATRIX_OAUTH2_CACHE_TTL_MS", "0"),
+    ]);
+    let before = endpoint.count();
+    for _ in 0..2 {
+        let (status, _) = basic
+            .call(&Method::GET, whoami, Some("mat_new"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(endpoint.count(), before + 2);
+    let last = endpoint.seen().pop().unwrap();
+    use base64::Engine;
+    let expected = base64::engine::general_purpose::STANDARD.encode("homeserver:client-secret");
+    assert_eq!(last.authorization, Some(format!("Basic {expected}")));
+    let (status, error) = basic
+        .call(&Method::GET, "/_matrix/client/v1/auth_metadata", None, None)
+        .await;
+    assert_eq!(
+        (status, error["errcode"].as_str()),
+        (StatusCode::NOT_FOUND, Some("M_UNRECOGNIZED"))
+    );
+}
+
+/// Contradictory or incomplete `MATRIX_OAUTH2_*` settings stop the server at start.
+#[test]
+fn oauth2_settings_refused_at_start() {
+    let url = (
+        "MATRIX_OAUTH2_INTROSPECTION_URL",
+        "http://127.0.0.1:9/oauth2/introspect",
+    );
+    for (env, message) in [
+        (
+            vec![
+                url,
+                ("MATRIX_OAUTH2_SHARED_SECRET", "s"),
+                ("MATRIX_OAUTH2_CLIENT_ID", "c"),
+            ],
+            "not both",
+        ),
+        (vec![url, ("MATRIX_OAUTH2_CLIENT_ID", "c")], "go together"),
+        (
+            vec![(
+                "MATRIX_OAUTH2_INTROSPECTION_URL",
+                "ftp://mas.example.org/oauth2/introspect",
+            )],
+            "not an http:// or https:// URL",
+        ),
+        (
+            vec![url, ("MATRIX_OAUTH2_CACHE_TTL_MS", "soon")],
+            "MATRIX_OAUTH2_CACHE_TTL_MS",
+        ),
+    ] {
+        // A server that starts after all is killed at the deadline, never waited on for good.
+        let mut child = command(&env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the example homeserver runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{env:?}: the server started instead of refusing");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert!(!status.success(), "{env:?}");
+        assert!(stderr.contains(message), "{env:?}: {stderr}");
+    }
+}

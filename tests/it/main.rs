@@ -21,6 +21,7 @@ mod lifecycle;
 mod lifecycle_properties;
 mod logout_all_hammer;
 mod metrics;
+mod oauth2;
 mod postgres;
 mod postgres_liveness;
 mod properties;

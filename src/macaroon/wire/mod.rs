@@ -222,6 +222,20 @@ pub(crate) fn decode_token_into<'b>(
     }
 }
 
+/// Whether `token` may be a macaroon in some supported format, judged by its first byte alone:
+/// `{` (V2JSON), or the base64 of a binary macaroon's first byte, which is `0x02` (V2) or a hex
+/// digit (a V1 packet's length). Those bytes' top six bits pick the first base64 character:
+/// `A` (0x02), `M` `N` `O` (`0`-`9`), `Q` `R` (`A`-`F`), `Y` `Z` (`a`-`f`), the same in the
+/// standard and the URL-safe alphabet. Any other token fails decoding or parsing anyway; this
+/// says so without decoding, so that an opaque token (MAS's `mat_…`, Synapse's `syt_…`) goes to
+/// the resolver at once.
+pub(crate) fn may_be_macaroon(token: &[u8]) -> bool {
+    matches!(
+        token.first(),
+        Some(b'{' | b'A' | b'M' | b'N' | b'O' | b'Q' | b'R' | b'Y' | b'Z')
+    )
+}
+
 /// Parses V1 or V2 binary, telling them apart by the first byte as libmacaroons does.
 pub(crate) fn parse_binary(data: &[u8], max_caveats: usize) -> Result<Macaroon<'_>, FormatError> {
     parse_binary_with(data, max_caveats, |_| {})

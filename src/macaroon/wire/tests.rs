@@ -328,3 +328,47 @@ mod debug_tests {
         }
     }
 }
+
+/// The first-byte sniff never calls a macaroon something else: every first byte a binary
+/// macaroon can start with (0x02, or a V1 length's hex digit), followed by anything, encodes
+/// to a first character the sniff accepts, in both alphabets; and every token the sniff
+/// refuses fails decoding or parsing anyway.
+#[test]
+fn the_first_byte_sniff_is_exact_enough() {
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let starts = std::iter::once(2u8).chain((b'0'..=b'9').chain(b'a'..=b'f').chain(b'A'..=b'F'));
+    for first in starts {
+        for second in [0u8, 0x7f, 0xff] {
+            for engine in [&STANDARD, &URL_SAFE_NO_PAD] {
+                let token = engine.encode([first, second, b'x']);
+                assert!(may_be_macaroon(token.as_bytes()), "{first:#x}: {token}");
+            }
+        }
+    }
+    assert!(may_be_macaroon(b"{\"v\":2}"));
+    // A Synapse-shaped V1 token and the opaque formats.
+    assert!(may_be_macaroon(b"MDAxY2xvY2F0aW9uIGV4YW1wbGUub3JnCg"));
+    for opaque in [
+        "mat_abc",
+        "syt_YWxpY2U_abc_123",
+        "mct_x",
+        "opaque-token",
+        "",
+        "Bearer",
+    ] {
+        assert!(!may_be_macaroon(opaque.as_bytes()), "{opaque}");
+    }
+    // Whatever follows a refused first character, the token does not parse.
+    let tail = "DAxY2xvY2F0aW9uIGV4YW1wbGUub3JnCjAwMTVpZGVudGlmaWVyIGtleQo";
+    for first in 0x21u8..0x7f {
+        let token = format!("{}{tail}", first as char);
+        if may_be_macaroon(token.as_bytes()) {
+            continue;
+        }
+        let mut buf = [0; DECODE_BUF];
+        let parsed = decode_token_into(token.as_bytes(), &mut buf)
+            .ok()
+            .map(|decoded| parse_binary(&decoded, 64).is_ok());
+        assert_ne!(parsed, Some(true), "{token}");
+    }
+}
