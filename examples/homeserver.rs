@@ -271,6 +271,8 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    // Before anything reports: the store reports its health as it connects.
+    let metrics = install_metrics()?;
     let server_name = env_or("MATRIX_SERVER_NAME", "localhost");
     let listen = env_or("MATRIX_LISTEN", DEFAULT_LISTEN);
     let keys = KeyRing::new().with_key("key", macaroon_secret()?);
@@ -460,7 +462,10 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
-    let app = with_metrics(app)?;
+    let app = match metrics {
+        Some(handle) => app.route("/metrics", get(move || std::future::ready(handle.render()))),
+        None => app,
+    };
 
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     let address: SocketAddr = listener.local_addr()?;
@@ -783,15 +788,15 @@ fn with_appservice(
 /// `MATRIX_METRICS=1`: the layer's metrics (and any other `metrics` user's) in Prometheus text on
 /// `GET /metrics`, on this listener and without authentication, so expose it to your monitoring
 /// only (a reverse proxy that does not forward `/metrics`, or a private listener).
-fn with_metrics(app: Router) -> Result<Router, Box<dyn std::error::Error>> {
+fn install_metrics(
+) -> Result<Option<metrics_exporter_prometheus::PrometheusHandle>, Box<dyn std::error::Error>> {
     match env_or("MATRIX_METRICS", "0").as_str() {
-        "0" => Ok(app),
-        "1" => {
-            let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        "0" => Ok(None),
+        "1" => Ok(Some(
+            metrics_exporter_prometheus::PrometheusBuilder::new()
                 .install_recorder()
-                .map_err(|e| format!("MATRIX_METRICS: {e}"))?;
-            Ok(app.route("/metrics", get(move || std::future::ready(handle.render()))))
-        }
+                .map_err(|e| format!("MATRIX_METRICS: {e}"))?,
+        )),
         other => Err(format!("MATRIX_METRICS must be `0` or `1`, not `{other}`").into()),
     }
 }

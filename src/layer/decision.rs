@@ -240,7 +240,10 @@ impl Policy {
             return Decision::Reject(Rejection::unknown(Unknown::NotResolved));
         };
         // A cache hit is decided now: no parked request, no future.
-        if let Some(resolved) = resolver.resolve_now(text) {
+        let now = resolver.resolve_now(text);
+        #[cfg(feature = "metrics")]
+        crate::layer::metrics::resolver_cache(now.is_some());
+        if let Some(resolved) = now {
             return match self.settle_resolved_token(&resolved, || opaque_token_id(token), parts) {
                 Ok(user) => Decision::Pass(Some(user)),
                 Err(rejection) => Decision::Reject(rejection),

@@ -83,6 +83,21 @@ pub(crate) fn waited(on: Wait, waited: Duration) {
     }
 }
 
+/// A resolver's answer at hand (an introspection cache hit) or to wait for.
+pub(crate) fn resolver_cache(hit: bool) {
+    if hit {
+        metrics::counter!("matrix_auth_resolver_cache_total", "result" => "hit").increment(1);
+    } else {
+        metrics::counter!("matrix_auth_resolver_cache_total", "result" => "miss").increment(1);
+    }
+}
+
+/// Whether a revocation store can answer (PostgreSQL: connected, view proven current).
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) fn store_healthy(healthy: bool) {
+    metrics::gauge!("matrix_auth_store_healthy").set(if healthy { 1.0 } else { 0.0 });
+}
+
 /// A look-up in the verified-token cache.
 pub(crate) fn token_cache(hit: bool) {
     if hit {

@@ -24,6 +24,8 @@
 //! | `matrix_auth_decisions_total` | counter | `outcome`: `ok`, `missing_token`, `unknown_token`, `expired`, `locked`, `suspended`, `deactivated`, `guest_forbidden`, `appservice_forbidden`, `unavailable`, `rate_limited`, `insufficient_scope` (a [`require_scope_when`](MatrixAuthLayer::require_scope_when) rule); for `ok`, `credential`: `macaroon`, `opaque`, `appservice`, `oauth2`, or `none` (an optional route without a token) |
 //! | `matrix_auth_wait_seconds` | histogram | `on`: `revocation` (a store that answered later), `resolver` (opaque tokens, introspection) |
 //! | `matrix_auth_token_cache_total` | counter | `result`: `hit`, `miss` (the verified-token cache, on the layer's path) |
+//! | `matrix_auth_resolver_cache_total` | counter | `result`: `hit` (the resolver had the answer at hand, e.g. the introspection cache), `miss` (it was asked and waited for) |
+//! | `matrix_auth_store_healthy` | gauge | none: 1 while the PostgreSQL store is connected with its view proven current, 0 while it fails closed |
 //!
 //! Skipped requests (skip rules, the federation OpenID route) are not decisions and are not
 //! counted.

@@ -1453,3 +1453,46 @@ fn oauth2_settings_refused_at_start() {
         assert!(stderr.contains(message), "{env:?}: {stderr}");
     }
 }
+
+/// `MATRIX_METRICS=1` on PostgreSQL: the store's health gauge, reported as it connected (so the
+/// recorder must be in place before), is 1 while it answers.
+#[tokio::test]
+async fn metrics_on_postgresql() {
+    if crate::common::pg::skip() {
+        return;
+    }
+    let url = crate::common::pg::fresh_database_url("metrics").await;
+    let server = Homeserver::start(&[
+        ("MATRIX_USERS", "alice:alice pw"),
+        ("MATRIX_METRICS", "1"),
+        ("MATRIX_DATABASE_URL", &url),
+    ]);
+    let (status, login) = server.login("alice", "alice pw").await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    let good = login["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(whoami(&server, &good).await.0, StatusCode::OK);
+    let response = server
+        .client
+        .get(format!("{}/metrics", server.base).parse().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.lines()
+            .any(|line| line == "matrix_auth_store_healthy 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("matrix_auth_decisions_total{outcome=\"ok\",credential=\"macaroon\"} 1"),
+        "{text}"
+    );
+}

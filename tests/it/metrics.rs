@@ -136,3 +136,60 @@ fn decisions_cache_and_waits_are_counted() {
 fn token_prefix() -> String {
     access_token(&[])[..20].to_owned()
 }
+
+/// A resolver with its answer at hand (as the introspection cache) is a hit; one that must be
+/// waited for is a miss, and its wait is in the histogram.
+#[test]
+fn resolver_hits_and_misses_are_counted() {
+    use std::sync::Arc;
+    use tower_matrix_auth::hooks::{ResolveFuture, ResolvedToken, TokenResolver};
+
+    struct Cached;
+    impl TokenResolver for Cached {
+        fn resolve(&self, _: &str) -> ResolveFuture {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(Some(ResolvedToken::user("@bob:example.org")))
+            })
+        }
+        fn resolve_now(&self, token: &str) -> Option<Arc<ResolvedToken>> {
+            (token == "opaque_cached").then(|| Arc::new(ResolvedToken::user("@bob:example.org")))
+        }
+    }
+    let recorder = DebuggingRecorder::new();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let layer = MatrixAuthLayer::with_verifier(
+                Verifier::new(keys()).clock(ManualClock::new(NOW_MS)),
+            )
+            .resolver(Cached);
+            for token in ["opaque_cached", "opaque_cached", "opaque_new"] {
+                let outcome = call(&layer, bearer("/x", token)).await;
+                assert_eq!(outcome.user_id(), Some("@bob:example.org"));
+            }
+        });
+    });
+    let seen = snapshot(&recorder);
+    assert_eq!(
+        counter(&seen, "matrix_auth_resolver_cache_total{result=hit}"),
+        2
+    );
+    assert_eq!(
+        counter(&seen, "matrix_auth_resolver_cache_total{result=miss}"),
+        1
+    );
+    assert_eq!(
+        counter(
+            &seen,
+            "matrix_auth_decisions_total{outcome=ok,credential=opaque}"
+        ),
+        3
+    );
+    assert!(seen
+        .iter()
+        .any(|(name, _)| name == "matrix_auth_wait_seconds{on=resolver}"));
+}

@@ -301,6 +301,8 @@ async fn supervise(shared: Arc<Shared>, mut link: Link) {
     loop {
         let ended = link.ended(live).await;
         live.connected.store(false, Ordering::SeqCst);
+        #[cfg(feature = "metrics")]
+        crate::layer::metrics::store_healthy(false);
         live.lost.notify_waiters();
         ended.log(live.options.freshness_deadline);
         // Aborting the driver drops the listening connection: reads pending on it fail at once.
@@ -412,6 +414,8 @@ impl Link {
             shared.absent.clear();
             *live.lock_reader() = Some(Arc::new(listener));
             live.connected.store(true, Ordering::SeqCst);
+            #[cfg(feature = "metrics")]
+            crate::layer::metrics::store_healthy(true);
             link.heartbeat = Some(tokio::spawn(heartbeat(shared.clone())));
             Ok(link)
         };
