@@ -455,6 +455,55 @@ async fn real_server_revocation_after_the_cache_ttl() {
 
     tokio::time::sleep((answered + TTL + Duration::from_millis(100)) - Instant::now()).await;
     assert_unknown_token("revoked, after the TTL", &whoami(&server, &token).await);
+
+    // Revoked, then logged out at the homeserver: its answer is forgotten at once.
+    let token = token_server.mint("bob", API, 300).await;
+    let sent = Instant::now();
+    assert_eq!(whoami(&server, &token).await.0, StatusCode::OK);
+    token_server.revoke(&token).await;
+    let bearer = format!("Bearer {token}");
+    let (status, _, answer) = send(
+        Method::POST,
+        &format!("{}/_matrix/client/v3/logout", server.base),
+        &[
+            (AUTHORIZATION.as_str(), &bearer),
+            (CONTENT_TYPE.as_str(), "application/json"),
+        ],
+        "{}".to_owned(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "logout: {answer}");
+    let refused = whoami(&server, &token).await;
+    assert!(
+        sent.elapsed() < TTL,
+        "the logout took longer than the cache TTL: the machine is too slow for this test"
+    );
+    assert_unknown_token("revoked and logged out, within the TTL", &refused);
+}
+
+/// The homeserver authenticates itself to the introspection endpoint: with a wrong client
+/// secret the token server refuses it (`401 invalid_client`), and requests fail closed
+/// (`503`), nobody logged out.
+#[tokio::test]
+async fn real_server_refuses_a_wrong_client_secret() {
+    if skip() {
+        return;
+    }
+    let token_server = TokenServer::start("client-secret");
+    let mut env = token_server.env("120000");
+    for (name, value) in &mut env {
+        if *name == "MATRIX_OAUTH2_CLIENT_SECRET" {
+            *value = "not the client's secret".to_owned();
+        }
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Homeserver::start(&env);
+    let token = token_server.mint("alice", API, 300).await;
+    let (status, headers, answer) = whoami(&server, &token).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["errcode"], "M_UNKNOWN", "{answer}");
+    assert!(headers.contains_key(RETRY_AFTER), "{headers:?}");
+    assert_eq!(token_server.introspections().await, 1);
 }
 
 /// The token server stopped: `503 M_UNKNOWN` with `Retry-After` (nobody logged out); started
