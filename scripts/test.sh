@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command, as the README gives it: `./scripts/test.sh`.
 # Needs only the Rust toolchain (with rustfmt and clippy) and Python 3; CI runs exactly this.
+# PostgreSQL and Node.js (with npm) are installed with apt-get when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,18 @@ eval "$(scripts/postgres.sh start)"
 trap 'scripts/postgres.sh stop "$MATRIX_TEST_PG_DIR"' EXIT
 # A plain `cargo test` skips the PostgreSQL tests (saying so); here they must run.
 export MATRIX_REQUIRE_POSTGRES=1
+
+step "a real OAuth 2.0 server (oidc-provider from npm) for tests/it/oidc_provider.rs (Node.js installed if missing)"
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; } >&2
+fi
+if [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 18 ]; then
+  echo "oidc-provider 8 needs Node.js 18 or later; this is $(node --version)"
+  exit 1
+fi
+(cd tests/oidc && npm ci --no-audit --no-fund)
+# A plain `cargo test` skips the tests against it (saying so); here they must run.
+export MATRIX_REQUIRE_OIDC=1
 
 step "benches and tools compile (not run: figures come from benches/ratios.rs and benches/load.sh)"
 cargo build --benches --all-features --quiet

@@ -25,12 +25,12 @@ use tower_matrix_auth::{
     Issuer, KeyRing, MacaroonSecret, MemoryStore, Sessions, TokenType, Verifier,
 };
 
-const SECRET: &str = "homeserver policy test: a macaroon secret of more than 32 bytes";
-const SERVER: &str = "localhost";
+pub(crate) const SECRET: &str = "homeserver policy test: a macaroon secret of more than 32 bytes";
+pub(crate) const SERVER: &str = "localhost";
 const ROOM: &str = "!room:localhost";
 
 /// The example binary, built once for the whole test binary.
-fn binary() -> PathBuf {
+pub(crate) fn binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
         .get_or_init(|| {
@@ -84,10 +84,10 @@ fn binary() -> PathBuf {
 }
 
 /// A running example homeserver, killed when dropped.
-struct Homeserver {
+pub(crate) struct Homeserver {
     child: Child,
-    base: String,
-    stderr: Arc<Mutex<String>>,
+    pub(crate) base: String,
+    pub(crate) stderr: Arc<Mutex<String>>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -119,7 +119,7 @@ fn command(env: &[(&str, &str)]) -> Command {
 
 impl Homeserver {
     /// Starts the example and waits until it listens.
-    fn start(env: &[(&str, &str)]) -> Self {
+    pub(crate) fn start(env: &[(&str, &str)]) -> Self {
         let mut child = command(env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -242,7 +242,7 @@ fn keys() -> KeyRing {
 
 /// An access token minted with the server's secret, as Synapse (or any process sharing the
 /// secret) mints them: the way to hold a token of an account that may not log in here.
-fn minted(user_id: &str) -> String {
+pub(crate) fn minted(user_id: &str) -> String {
     keys()
         .mint(user_id, TokenType::Access)
         .unwrap()

@@ -22,6 +22,7 @@ mod lifecycle_properties;
 mod logout_all_hammer;
 mod metrics;
 mod oauth2;
+mod oidc_provider;
 mod postgres;
 mod postgres_liveness;
 mod properties;
