@@ -1242,14 +1242,13 @@ async fn login(State(state): State<AppState>, request: Request<axum::body::Body>
 }
 
 /// `POST /_matrix/client/v3/logout`: this token's login, refresh token included.
-async fn logout(State(state): State<AppState>, user: MatrixUser) -> Response {
+async fn logout(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    user: MatrixUser,
+) -> Response {
     if user.credential() == Credential::OAuth2 {
-        // The token server's answer for this token goes; revoking the token is the token
-        // server's business (this server keeps no state about it).
-        if let Some(introspection) = &state.introspection {
-            introspection.invalidate(&user);
-        }
-        return Json(json!({})).into_response();
+        return oauth2_logout(&state, &headers, &user).await;
     }
     match state.sessions.logout(&user).await {
         Ok(()) => Json(json!({})).into_response(),
@@ -1257,10 +1256,56 @@ async fn logout(State(state): State<AppState>, user: MatrixUser) -> Response {
     }
 }
 
+/// `/logout` with an OAuth 2.0 token. Revoking it is the token server's business (this server
+/// keeps no state about it; with MAS, `/logout` is routed to MAS itself): the cached answer is
+/// dropped, then the token server is asked again. Inactive there (the client revoked it, RFC
+/// 7009): `200`. Still active: `403 M_FORBIDDEN`, since answering `200` would claim a logout that
+/// did not happen.
+async fn oauth2_logout(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    user: &MatrixUser,
+) -> Response {
+    let Some(introspection) = &state.introspection else {
+        return Json(json!({})).into_response();
+    };
+    introspection.invalidate(user);
+    let token = headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_once(' '))
+        .map(|(_, token)| token.to_owned());
+    let still_active = match &token {
+        Some(token) => match introspection.resolve(token).await {
+            Ok(answer) => answer.is_some(),
+            Err(error) => return store_unavailable(&error),
+        },
+        // Sent in the query (stripped before handlers): it cannot be asked about again.
+        None => true,
+    };
+    if still_active {
+        matrix_error(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "This token belongs to the OAuth 2.0 server: revoke it there (RFC 7009).",
+        )
+    } else {
+        Json(json!({})).into_response()
+    }
+}
+
 /// `POST /_matrix/client/v3/logout/all`: every token of the user minted before now.
 async fn logout_all(State(state): State<AppState>, user: MatrixUser) -> Response {
     if let Some(introspection) = &state.introspection {
         introspection.invalidate_user(user.user_id());
+    }
+    if user.credential() == Credential::OAuth2 {
+        // The token server holds these sessions: only it can end them all.
+        return matrix_error(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "These sessions belong to the OAuth 2.0 server: log out everywhere there.",
+        );
     }
     match state.sessions.logout_all(&user).await {
         Ok(()) => Json(json!({})).into_response(),

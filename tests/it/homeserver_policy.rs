@@ -1343,6 +1343,35 @@ async fn oauth2_delegation_beside_macaroons_and_appservices() {
         (status, me["user_id"].as_str()),
         (StatusCode::OK, Some("@dave:localhost"))
     );
+    // A logout the token server has not seen ends nothing: the example says so (403) instead of
+    // answering 200 for a token that keeps working.
+    let (status, refusal) = server
+        .call(
+            &Method::POST,
+            "/_matrix/client/v3/logout",
+            Some("mat_new"),
+            Some("{}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{refusal}");
+    assert_eq!(refusal["errcode"], "M_FORBIDDEN");
+    let (status, _) = server
+        .call(
+            &Method::POST,
+            "/_matrix/client/v3/logout/all",
+            Some("mat_new"),
+            Some("{}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        server
+            .call(&Method::GET, whoami, Some("mat_new"), None)
+            .await
+            .0,
+        StatusCode::OK,
+        "still valid at the token server"
+    );
     // Logout forgets the cached answer: the token revoked at the server is refused at once.
     endpoint.answer_for("mat_alice", json!({"active": false}));
     let (status, _) = server

@@ -741,3 +741,25 @@ async fn https_endpoint() {
     assert_eq!(out.user_id(), Some("@tls:example.org"));
     assert_eq!(handshakes.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// A request that starts after a logout's invalidation does not join the introspection that was
+/// in the air before it: that one may carry the answer from before the logout. (Found by review:
+/// the invalidation stopped the old answer from being cached but left its flight joinable.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_after_the_invalidation_does_not_join_the_old_flight() {
+    let s = setup().await;
+    s.server.set_delay(Duration::from_millis(300));
+    s.server
+        .answer_for("racing", mas_active("alice", Some("D"), NOW_S + 600, NOW_S));
+    let layer = s.layer.clone();
+    let first = tokio::spawn(async move { send(&layer, bearer(WHOAMI, "racing")).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The logout: the token server forgets the token, the homeserver drops its answer.
+    s.server.answer_for("racing", json!({"active": false}));
+    s.introspection.invalidate_token("racing");
+    let after = send(&s.layer, bearer(WHOAMI, "racing")).await;
+    // The request in the air before the logout may still get the old answer; this one may not.
+    assert_eq!(first.await.unwrap().status, StatusCode::OK);
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED, "{:?}", after.json);
+    assert_eq!(s.server.count(), 2, "a flight of its own");
+}

@@ -99,6 +99,10 @@ struct Entry {
 struct Entries {
     map: KeyMap<Entry>,
     generation: u64,
+    /// When a full map may next be swept of expired entries (ms): at most once a second, so a
+    /// stream of misses on a full cache costs O(1) each, not a walk of every entry under the
+    /// lock every hit takes.
+    next_sweep_ms: u64,
 }
 
 pub(crate) struct Cache {
@@ -164,7 +168,10 @@ impl Cache {
             return;
         }
         if entries.map.len() >= self.capacity && !entries.map.contains_key(&key) {
-            entries.map.retain(|_, entry| now_ms < entry.until_ms);
+            if now_ms >= entries.next_sweep_ms {
+                entries.map.retain(|_, entry| now_ms < entry.until_ms);
+                entries.next_sweep_ms = now_ms.saturating_add(1_000);
+            }
             if entries.map.len() >= self.capacity {
                 // The map's random hashing makes the first key an arbitrary one.
                 if let Some(victim) = entries.map.keys().next().copied() {
@@ -186,6 +193,10 @@ impl Cache {
     pub(crate) fn invalidate(&self, mut drop: impl FnMut(&Key, &ResolvedToken) -> bool) -> usize {
         let mut entries = lock(&self.entries);
         entries.generation = entries.generation.wrapping_add(1);
+        // Requests that arrive from now on start a flight of their own: one already in the air
+        // may carry the answer from before the logout. (Its waiters keep their share of it; its
+        // guard removes only its own flight.)
+        lock(&self.flights).clear();
         let before = entries.map.len();
         entries.map.retain(|key, entry| !drop(key, &entry.resolved));
         before - entries.map.len()
