@@ -941,6 +941,12 @@ impl TokenResolver for OpaqueThenOAuth2 {
             }
         })
     }
+
+    /// The introspection cache's hit, so that cached OAuth 2.0 tokens are decided at once (and
+    /// count as known good for the failed-authentication limiter).
+    fn resolve_now(&self, token: &str) -> Option<std::sync::Arc<ResolvedToken>> {
+        self.oauth2.resolve_now(token)
+    }
 }
 
 /// `GET /_matrix/client/v1/auth_metadata`'s source: the issuer's OpenID Provider metadata.
