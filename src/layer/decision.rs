@@ -445,11 +445,19 @@ impl Policy {
     }
 
     /// Whether a token with this scope set may make this request: every rule that picks the
-    /// request names a scope the set must hold. (Unlike the exceptions, a rule here only ever
-    /// narrows, so it applies on any path, normal or not.)
+    /// request names a scope the set must hold. On a path that is not normal (dot segments,
+    /// `//`), which a rule written with `starts_with` may misjudge while the router behind
+    /// normalises it (`/_synapse//admin/…`), every rule applies: such a request needs every
+    /// scope the rules name.
     fn scopes_required(&self, scopes: &crate::Scopes, parts: &Parts) -> Result<(), Rejection> {
+        let mut normal = None;
         for (rule, scope) in &self.scopes_required_when {
-            if !scopes.contains(scope) && rule(parts) {
+            if scopes.contains(scope) {
+                continue;
+            }
+            let applies =
+                !*normal.get_or_insert_with(|| is_normal_path(parts.uri.path())) || rule(parts);
+            if applies {
                 return Err(Rejection::of(Kind::InsufficientScope));
             }
         }

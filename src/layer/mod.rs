@@ -264,8 +264,10 @@ impl MatrixAuthLayer {
     /// is the handler's decision, as it always was. A handler that wants an OAuth 2.0 token
     /// whatever happens checks [`crate::MatrixUser::credential`].
     ///
-    /// Unlike the exceptions (`allow_*_when`, `skip_when`), a rule here only narrows, so it is
-    /// applied on every path, normal or not.
+    /// Unlike the exceptions (`allow_*_when`, `skip_when`), a rule here only narrows: on a path
+    /// that is not normal ([`crate::routes::is_normal_path`]: `//`, dot segments), which a
+    /// predicate may misjudge while the router behind normalises it, every rule applies, so
+    /// such a request needs every scope the rules name.
     pub fn require_scope_when<F>(self, predicate: F, scope: impl Into<String>) -> Self
     where
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
