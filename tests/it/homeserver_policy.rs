@@ -196,6 +196,18 @@ impl Homeserver {
         )
     }
 
+    /// `GET /metrics` (`MATRIX_METRICS=1`): the Prometheus text, after checking it is `200`.
+    async fn metrics(&self) -> String {
+        let response = self
+            .client
+            .get(format!("{}/metrics", self.base).parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
     /// `POST /_matrix/client/v3/login` with `m.login.password`.
     async fn login(&self, user: &str, password: &str) -> (StatusCode, Value) {
         let body = json!({
@@ -1221,22 +1233,7 @@ async fn metrics_count_what_was_sent() {
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
-    let response = server
-        .client
-        .get(format!("{}/metrics", server.base).parse().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let text = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let text = server.metrics().await;
     let value = |series: &str| -> f64 {
         text.lines()
             .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
@@ -1500,21 +1497,7 @@ async fn metrics_on_postgresql() {
     assert_eq!(status, StatusCode::OK, "{login}");
     let good = login["access_token"].as_str().unwrap().to_owned();
     assert_eq!(whoami(&server, &good).await.0, StatusCode::OK);
-    let response = server
-        .client
-        .get(format!("{}/metrics", server.base).parse().unwrap())
-        .await
-        .unwrap();
-    let text = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let text = server.metrics().await;
     assert!(
         text.lines()
             .any(|line| line == "matrix_auth_store_healthy 1"),
