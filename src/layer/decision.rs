@@ -567,19 +567,13 @@ impl Policy {
     fn respond(&self, rejection: &Rejection, client: Option<IpAddr>) -> Response<bytes::Bytes> {
         #[cfg(feature = "metrics")]
         crate::layer::metrics::refused(rejection);
-        match client {
-            Some(client) => tracing::debug!(
-                errcode = rejection.errcode(),
-                reason = rejection.reason(),
-                %client,
-                "matrix request rejected"
-            ),
-            None => tracing::debug!(
-                errcode = rejection.errcode(),
-                reason = rejection.reason(),
-                "matrix request rejected"
-            ),
-        }
+        // An absent client address records no field.
+        tracing::debug!(
+            errcode = rejection.errcode(),
+            reason = rejection.reason(),
+            client = client.map(tracing::field::display),
+            "matrix request rejected"
+        );
         self.render(rejection)
     }
 }

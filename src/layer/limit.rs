@@ -79,14 +79,18 @@ pub(crate) struct FailureLimiter {
     /// Replaced whole when a flood of addresses outgrows the bound.
     buckets: RwLock<DefaultKeyedRateLimiter<IpAddr>>,
     clock: DefaultClock,
-    /// Addresses over budget, and until when: only these are refused.
-    limited: Mutex<HashMap<IpAddr, Instant>>,
-    /// How many entries `limited` has, so that the common case (none) takes no lock.
+    limited: Mutex<Limits>,
+    /// How many addresses `limited` holds, so that the common case (none) takes no lock.
     limited_count: AtomicUsize,
-    /// When expired limits are next swept.
-    sweep_at: Mutex<Instant>,
     failures: AtomicUsize,
     max_addresses: usize,
+}
+
+/// Addresses over budget, and until when: only these are refused.
+struct Limits {
+    until: HashMap<IpAddr, Instant>,
+    /// When expired limits are next swept.
+    sweep_at: Instant,
 }
 
 /// An address as the limiter keys it: an IPv6 address by its /56.
@@ -107,15 +111,17 @@ impl FailureLimiter {
             quota,
             buckets: RwLock::new(RateLimiter::keyed(quota)),
             clock: DefaultClock::default(),
-            limited: Mutex::new(HashMap::new()),
+            limited: Mutex::new(Limits {
+                until: HashMap::new(),
+                sweep_at: Instant::now(),
+            }),
             limited_count: AtomicUsize::new(0),
-            sweep_at: Mutex::new(Instant::now()),
             failures: AtomicUsize::new(0),
             max_addresses: limit.max_addresses,
         }
     }
 
-    fn limited(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Instant>> {
+    fn limited(&self) -> std::sync::MutexGuard<'_, Limits> {
         self.limited.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -130,27 +136,20 @@ impl FailureLimiter {
     pub(crate) fn limited_for(&self, addr: IpAddr) -> Option<Duration> {
         let now = Instant::now();
         let mut limited = self.limited();
-        if now >= self.next_sweep(now) {
-            limited.retain(|_, until| *until > now);
-            self.limited_count.store(limited.len(), Ordering::Relaxed);
+        if now >= limited.sweep_at {
+            limited.until.retain(|_, until| *until > now);
+            limited.sweep_at = now + Duration::from_secs(1);
+            self.limited_count
+                .store(limited.until.len(), Ordering::Relaxed);
         }
-        let until = *limited.get(&key(addr))?;
+        let until = *limited.until.get(&key(addr))?;
         if until > now {
             return Some(until - now);
         }
-        limited.remove(&key(addr));
-        self.limited_count.store(limited.len(), Ordering::Relaxed);
+        limited.until.remove(&key(addr));
+        self.limited_count
+            .store(limited.until.len(), Ordering::Relaxed);
         None
-    }
-
-    /// When the next sweep of expired limits is due; moves it a second on when it is now.
-    fn next_sweep(&self, now: Instant) -> Instant {
-        let mut next = self.sweep_at.lock().unwrap_or_else(|e| e.into_inner());
-        let due = *next;
-        if now >= due {
-            *next = now + Duration::from_secs(1);
-        }
-        due
     }
 
     /// Counts a failed token check from `addr`; past the budget the address is limited until
@@ -160,7 +159,7 @@ impl FailureLimiter {
         let checked = self.buckets().check_key(&addr);
         if let Err(not_until) = checked {
             let wait = not_until.wait_time_from(self.clock.now());
-            let mut limited = self.limited();
+            let limited = &mut self.limited().until;
             if limited.len() >= self.max_addresses && !limited.contains_key(&addr) {
                 let now = Instant::now();
                 limited.retain(|_, until| *until > now);
@@ -195,7 +194,7 @@ impl FailureLimiter {
 
     /// How many addresses have a bucket, and how many are limited (tests, the soak).
     pub(crate) fn tracked(&self) -> (usize, usize) {
-        (self.buckets().len(), self.limited().len())
+        (self.buckets().len(), self.limited().until.len())
     }
 }
 
