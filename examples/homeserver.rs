@@ -137,6 +137,8 @@
 //! | `MATRIX_OPAQUE_TOKENS`     | `token:@user:server,...`: opaque (non-macaroon) tokens    | none       |
 //! | `MATRIX_LOGIN_TOKEN_LIFETIME_MS` | lifetime of the login tokens of `/v1/login/get_token` | `120000` |
 //! | `MATRIX_SESSION_LIFETIME_MS` | how long a session lives from its login, refreshes included (every token expires by then, a later refresh is `401 M_UNKNOWN_TOKEN`); bounds the revocation state even when other tokens never expire | no limit |
+//! | `MATRIX_REFRESH_GRACE_MS`  | a *replay* at `/v3/refresh` (a refresh token whose session has moved past it: its successor, or a later generation, was used) within this long of that token's first refresh gets a fresh pair of the generation in use instead of `401` (a client that lost the response and retried) | `0` |
+//! | `MATRIX_REFRESH_REPLAY`    | a replay outside the grace: `error` answers `401 M_UNKNOWN_TOKEN`; `revoke_session` also logs the whole session out, every generation (RFC 6819 §5.2.2.3). `/r0/tokenrefresh` stays strictly single use either way | `error` |
 //! | `MATRIX_CLOCK_LEEWAY_MS`   | how long past its `time <` a token still verifies (clock skew between servers); the layer and the token lifecycle share it | `0` |
 //! | `MATRIX_QUERY_TOKENS`      | `on`: `?access_token=` is read as spec v1.19 requires; `off`: a spec v1.20 server (MSC4127), where only an application service's `as_token` is still read from the query and every user must send `Authorization: Bearer` | `on` |
 //! | `MATRIX_AUTH_FAILURE_LIMIT` | failed token checks (`M_UNKNOWN_TOKEN`) per minute and client address; past it, that address's requests whose token is not in the verified-token cache get `429 M_LIMIT_EXCEEDED` with `Retry-After`. Off by default: behind a reverse proxy, set `MATRIX_TRUSTED_PROXIES` first, or every client shares the proxy's budget. `0` = off | `0` |
@@ -241,7 +243,7 @@ use tower_matrix_auth::{
     lifecycle::SessionRequest,
     macaroon::{is_valid_user_id, RECOMMENDED_SECRET_LEN},
     routes::is_whoami_route,
-    store::TokenStore,
+    store::{RefreshPolicy, ReplayAction, TokenStore},
     Credential, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore,
     PostgresStore, Sessions, TokenType, Verifier,
 };
@@ -360,7 +362,23 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         .access_lifetime(access_lifetime_ms.map(Duration::from_millis))
         .session_lifetime(session_lifetime_ms.map(Duration::from_millis))
         .login_lifetime(Duration::from_millis(login_token_lifetime_ms));
-    let sessions = Sessions::with_shared_store(issuer, verifier, store);
+    let replay = match env_or("MATRIX_REFRESH_REPLAY", "error").as_str() {
+        "error" => ReplayAction::Refuse,
+        "revoke_session" => ReplayAction::RevokeSession,
+        other => {
+            return Err(format!(
+                "MATRIX_REFRESH_REPLAY must be `error` or `revoke_session`, not `{other}`"
+            )
+            .into())
+        }
+    };
+    let refresh_policy = RefreshPolicy::new()
+        .grace(Duration::from_millis(
+            env_number("MATRIX_REFRESH_GRACE_MS")?.unwrap_or(0),
+        ))
+        .on_replay(replay);
+    let sessions =
+        Sessions::with_shared_store(issuer, verifier, store).refresh_policy(refresh_policy);
     let state = AppState {
         sessions: sessions.clone(),
         users: Arc::new(users),

@@ -25,7 +25,9 @@ use crate::identity::{MatrixUser, TokenType};
 use crate::lifecycle::issuer::{IssuedTokens, Issuer, SessionRequest};
 use crate::lifecycle::nonce::{NonceKind, TokenNonce};
 use crate::macaroon::verify::Verifier;
-use crate::store::{keep_until_ms, RefreshMode, TokenRef, TokenStore};
+use crate::store::{
+    keep_until_ms, RefreshMode, RefreshOutcome, RefreshPolicy, RefreshRequest, TokenRef, TokenStore,
+};
 
 /// Largest request body the refresh endpoints read.
 const MAX_BODY: usize = 64 * 1024;
@@ -73,11 +75,13 @@ impl fmt::Display for ExchangeError {
 
 impl std::error::Error for ExchangeError {}
 
+#[derive(Clone)]
 struct Inner {
     issuer: Issuer,
     verifier: Verifier,
     store: Arc<dyn TokenStore>,
     rate_limit: Option<Arc<dyn RefreshRateLimit>>,
+    policy: RefreshPolicy,
 }
 
 #[doc = include_str!("../../docs/sessions.md")]
@@ -117,21 +121,24 @@ impl Sessions {
                 verifier,
                 store,
                 rate_limit: None,
+                policy: RefreshPolicy::default(),
             }),
         }
     }
 
     /// Rate-limits the refresh endpoints.
-    pub fn rate_limit(self, limit: impl RefreshRateLimit) -> Self {
-        let inner = &self.inner;
-        Self {
-            inner: Arc::new(Inner {
-                issuer: inner.issuer.clone(),
-                verifier: inner.verifier.clone(),
-                store: inner.store.clone(),
-                rate_limit: Some(Arc::new(limit)),
-            }),
-        }
+    pub fn rate_limit(mut self, limit: impl RefreshRateLimit) -> Self {
+        Arc::make_mut(&mut self.inner).rate_limit = Some(Arc::new(limit));
+        self
+    }
+
+    /// How `/v3/refresh` treats a replayed refresh token: a grace window, and whether a replay
+    /// outside it logs the session out. The default is MSC2918's: no grace, replays refused.
+    /// An absolute ceiling on a session is the issuer's
+    /// [`session_lifetime`](crate::Issuer::session_lifetime).
+    pub fn refresh_policy(mut self, policy: RefreshPolicy) -> Self {
+        Arc::make_mut(&mut self.inner).policy = policy;
+        self
     }
 
     /// The store, to hand to the layer as its revocation check.
@@ -192,12 +199,14 @@ impl Sessions {
             .issuer
             .successor_session_expires_ms(&nonce, now)
             .map_or(u64::MAX, |at| at.saturating_add(inner.verifier.leeway_ms()));
-        let generation = inner
+        let request = RefreshRequest::new(mode, until, now).policy(inner.policy);
+        let outcome = inner
             .store
-            .refresh(&TokenRef::of(&user), mode, until)
+            .refresh(&TokenRef::of(&user), &request)
             .await
-            .map_err(ExchangeError::Unavailable)?
-            .ok_or(ExchangeError::Invalid)?;
+            .map_err(ExchangeError::Unavailable)?;
+        record_replay(outcome);
+        let generation = outcome.generation().ok_or(ExchangeError::Invalid)?;
         Ok(inner.issuer.successor(&user, &nonce, generation, now))
     }
 
@@ -302,11 +311,39 @@ impl Sessions {
     }
 }
 
+/// Logs and counts replays: a replay outside the grace window means that two parties hold one
+/// session, which an operator wants to see.
+fn record_replay(outcome: RefreshOutcome) {
+    let action = match outcome {
+        RefreshOutcome::GrantedInGrace(_) => {
+            tracing::debug!("refresh token replayed within the grace window: granted");
+            "granted_in_grace"
+        }
+        RefreshOutcome::Replayed { session_revoked } => {
+            tracing::warn!(
+                session_revoked,
+                "refresh token replayed outside the grace window: its session has moved past it"
+            );
+            if session_revoked {
+                "session_revoked"
+            } else {
+                "refused"
+            }
+        }
+        _ => return,
+    };
+    #[cfg(feature = "metrics")]
+    metrics::counter!("matrix_auth_refresh_replays_total", "action" => action).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = action;
+}
+
 impl fmt::Debug for Sessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sessions")
             .field("issuer", &self.inner.issuer)
             .field("rate_limited", &self.inner.rate_limit.is_some())
+            .field("policy", &self.inner.policy)
             .finish_non_exhaustive()
     }
 }

@@ -14,7 +14,9 @@ use crate::hooks::clock::{Clock, SystemClock};
 use crate::hooks::revocation::{Revocation, RevocationCheck, RevocationStatus};
 use crate::identity::MatrixUser;
 use crate::store::view::{Judgement, View};
-use crate::store::{RefreshMode, SessionState, StoreFuture, TokenRef, TokenStore, Verdict};
+use crate::store::{
+    RefreshOutcome, RefreshRequest, SessionState, StoreFuture, TokenRef, TokenStore, Verdict,
+};
 
 /// Revocation state in this process's memory. Cloning shares the state.
 ///
@@ -118,18 +120,17 @@ impl TokenStore for MemoryStore {
     fn refresh(
         &self,
         token: &TokenRef,
-        mode: RefreshMode,
-        until_ms: u64,
-    ) -> StoreFuture<'_, Option<u32>> {
+        request: &RefreshRequest,
+    ) -> StoreFuture<'_, RefreshOutcome> {
         let outcome = self
             .with_session(token, |s, user_revoked| {
                 if user_revoked {
-                    None
+                    RefreshOutcome::Refused
                 } else {
-                    s.refresh(token.generation, mode, until_ms)
+                    s.refresh(token.generation, request)
                 }
             })
-            .flatten();
+            .unwrap_or(RefreshOutcome::Refused);
         Box::pin(std::future::ready(Ok(outcome)))
     }
 

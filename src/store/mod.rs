@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use crate::hooks::revocation::{BackendError, Revocation};
 use crate::identity::MatrixUser;
@@ -28,6 +29,126 @@ pub enum RefreshMode {
     /// `POST /_matrix/client/r0/tokenrefresh` (the original spec): the used refresh token and the
     /// access token issued with it are invalid at once; of concurrent calls exactly one wins.
     SingleUse,
+}
+
+/// What a `/v3/refresh` does with a *replay*: a refresh token of a session that is still logged
+/// in but has moved past it (a later generation has been used, or a later refresh of the same
+/// token replaced it). See [`Sessions::refresh_policy`](crate::Sessions::refresh_policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ReplayAction {
+    /// Refuse it (`401 M_UNKNOWN_TOKEN`); the session goes on. The default, as MSC2918 and
+    /// Synapse.
+    #[default]
+    Refuse,
+    /// Refuse it and log the whole session out, every generation (RFC 6819 §5.2.2.3: two
+    /// parties hold the session, and the server cannot tell which one is legitimate).
+    RevokeSession,
+}
+
+/// How `/v3/refresh` treats replays: a grace window and what happens outside it. The default is
+/// MSC2918's behaviour: no grace, a replay is refused. `/r0/tokenrefresh` ignores it (strictly
+/// single use: of concurrent calls exactly one wins, the others are refused and nothing more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[must_use = "a configuration unused configures nothing: builder methods return the configured value"]
+pub struct RefreshPolicy {
+    grace_ms: u64,
+    on_replay: ReplayAction,
+}
+
+impl RefreshPolicy {
+    /// MSC2918's behaviour: no grace, replays refused.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A replay of a refresh token within `grace` of that token's first refresh (a client that
+    /// lost the response, or two of its tabs racing) gets a fresh pair of the generation in use
+    /// instead of an error, as tuwunel's `refresh_token_reuse_grace`. Only the generation most
+    /// recently refreshed has a grace: once the generation after it is refreshed in turn, it has
+    /// none left.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// What a replay outside the grace window does.
+    pub fn on_replay(mut self, action: ReplayAction) -> Self {
+        self.on_replay = action;
+        self
+    }
+
+    /// The grace window, in ms.
+    pub fn grace_ms(&self) -> u64 {
+        self.grace_ms
+    }
+
+    /// What a replay outside the grace window does.
+    pub fn replay_action(&self) -> ReplayAction {
+        self.on_replay
+    }
+}
+
+/// One refresh, as the store is asked to record it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RefreshRequest {
+    /// Which endpoint.
+    pub mode: RefreshMode,
+    /// When every token of the session, the successor's included, has stopped verifying.
+    pub until_ms: u64,
+    /// Now, on the issuer's clock (the instant the successor is minted at).
+    pub now_ms: u64,
+    /// The replay policy (applied in [`RefreshMode::Rotating`] only).
+    pub policy: RefreshPolicy,
+}
+
+impl RefreshRequest {
+    /// A refresh at `now_ms` whose session's tokens have all stopped verifying by `until_ms`,
+    /// with the default policy.
+    pub fn new(mode: RefreshMode, until_ms: u64, now_ms: u64) -> Self {
+        Self {
+            mode,
+            until_ms,
+            now_ms,
+            policy: RefreshPolicy::default(),
+        }
+    }
+
+    /// With `policy`.
+    pub fn policy(mut self, policy: RefreshPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+}
+
+/// What a store decided about one refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefreshOutcome {
+    /// Mint this generation: the successor.
+    Granted(u32),
+    /// A replay within the grace window: mint this generation, the one in use, again.
+    GrantedInGrace(u32),
+    /// Refused: the token is revoked (its session logged out, its user logged out everywhere,
+    /// or used at `/r0/tokenrefresh`).
+    Refused,
+    /// Refused as a replay outside the grace window; `session_revoked`: the policy logged the
+    /// session out for it.
+    Replayed {
+        /// Whether the session was logged out.
+        session_revoked: bool,
+    },
+}
+
+impl RefreshOutcome {
+    /// The generation to mint, if granted.
+    pub fn generation(self) -> Option<u32> {
+        match self {
+            Self::Granted(generation) | Self::GrantedInGrace(generation) => Some(generation),
+            Self::Refused | Self::Replayed { .. } => None,
+        }
+    }
 }
 
 /// What the store needs to know about a verified token.
@@ -153,6 +274,13 @@ pub struct SessionState {
     pub until_ms: u64,
     /// Bumped by every change: orders updates that reach a process out of order.
     pub version: u64,
+    /// The generation most recently refreshed (`None`: never refreshed), and when it was first
+    /// refreshed (ms since the epoch): a replay of it within [`RefreshPolicy::grace`] of that
+    /// instant gets a pair. The PostgreSQL store keeps this in the row only (its processes'
+    /// views do not follow it; a replay is always decided from the row).
+    pub refreshed_generation: Option<u32>,
+    /// See `refreshed_generation`.
+    pub refreshed_at_ms: u64,
 }
 
 impl Default for SessionState {
@@ -164,6 +292,8 @@ impl Default for SessionState {
             revoked: false,
             until_ms: 0,
             version: 0,
+            refreshed_generation: None,
+            refreshed_at_ms: 0,
         }
     }
 }
@@ -202,26 +332,60 @@ impl SessionState {
         }
     }
 
-    /// Consumes a refresh token of `generation`; returns the generation to mint, or `None` if the
-    /// token is revoked. A later refresh of the same token replaces an unused successor.
-    pub fn refresh(&mut self, generation: u32, mode: RefreshMode, until_ms: u64) -> Option<u32> {
+    /// Consumes a refresh token of `generation`: the generation to mint, or why not. A later
+    /// refresh of the same token replaces an unused successor (MSC2918); a replay (see
+    /// [`ReplayAction`]) of a [`RefreshMode::Rotating`] refresh follows `request.policy`.
+    pub fn refresh(&mut self, generation: u32, request: &RefreshRequest) -> RefreshOutcome {
         match self.verdict(generation) {
-            Verdict::Revoked => return None,
+            Verdict::Revoked if self.revoked => return RefreshOutcome::Refused,
+            Verdict::Revoked => return self.replay(generation, request),
             Verdict::Promote => self.promote(generation),
             Verdict::Active => {}
         }
         let successor = self.next_generation;
-        self.next_generation = self.next_generation.checked_add(1)?;
-        match mode {
+        let Some(next) = successor.checked_add(1) else {
+            return RefreshOutcome::Refused;
+        };
+        self.next_generation = next;
+        // The grace window runs from a token's first refresh, not from a retry's.
+        if self.refreshed_generation != Some(generation) {
+            self.refreshed_generation = Some(generation);
+            self.refreshed_at_ms = request.now_ms;
+        }
+        match request.mode {
             RefreshMode::Rotating => self.pending_generation = Some(successor),
             RefreshMode::SingleUse => {
                 self.live_generation = successor;
                 self.pending_generation = None;
             }
         }
-        self.until_ms = self.until_ms.max(until_ms);
+        self.until_ms = self.until_ms.max(request.until_ms);
         self.version += 1;
-        Some(successor)
+        RefreshOutcome::Granted(successor)
+    }
+
+    /// A refresh token of a session still logged in, which the session has moved past.
+    fn replay(&mut self, generation: u32, request: &RefreshRequest) -> RefreshOutcome {
+        if request.mode == RefreshMode::SingleUse {
+            return RefreshOutcome::Refused;
+        }
+        let policy = request.policy;
+        let in_grace = self.refreshed_generation == Some(generation)
+            && request.now_ms < self.refreshed_at_ms.saturating_add(policy.grace_ms);
+        if in_grace {
+            // The pair minted is of the generation in use: valid at once, and as strong as what
+            // the client that moved the session on holds, no more.
+            if request.until_ms > self.until_ms {
+                self.until_ms = request.until_ms;
+                self.version += 1;
+            }
+            return RefreshOutcome::GrantedInGrace(self.live_generation);
+        }
+        let session_revoked = policy.on_replay == ReplayAction::RevokeSession;
+        if session_revoked {
+            self.revoke(request.until_ms);
+        }
+        RefreshOutcome::Replayed { session_revoked }
     }
 
     /// Logs the session out.
@@ -236,16 +400,13 @@ impl SessionState {
 /// tokens. [`memory::MemoryStore`] is the default; `postgres::PostgresStore` (feature `postgres`)
 /// shares the state between processes.
 pub trait TokenStore: Revocation {
-    /// Atomically consumes a refresh token; `Ok(None)` if it is revoked (or already used, in
-    /// [`RefreshMode::SingleUse`]), or its user logged out everywhere since its session began.
-    /// `until_ms` is when every token of the session, the successor's included, has stopped
-    /// verifying.
+    /// Atomically consumes a refresh token, by [`SessionState::refresh`]'s rules; refused if its
+    /// user logged out everywhere since its session began.
     fn refresh(
         &self,
         token: &TokenRef,
-        mode: RefreshMode,
-        until_ms: u64,
-    ) -> StoreFuture<'_, Option<u32>>;
+        request: &RefreshRequest,
+    ) -> StoreFuture<'_, RefreshOutcome>;
 
     /// Logs out the token's session (every generation of it), keeping that until `until_ms`.
     fn revoke_session(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, ()>;
@@ -268,10 +429,9 @@ impl<T: TokenStore + ?Sized> TokenStore for std::sync::Arc<T> {
     fn refresh(
         &self,
         token: &TokenRef,
-        mode: RefreshMode,
-        until_ms: u64,
-    ) -> StoreFuture<'_, Option<u32>> {
-        (**self).refresh(token, mode, until_ms)
+        request: &RefreshRequest,
+    ) -> StoreFuture<'_, RefreshOutcome> {
+        (**self).refresh(token, request)
     }
     fn revoke_session(&self, token: &TokenRef, until_ms: u64) -> StoreFuture<'_, ()> {
         (**self).revoke_session(token, until_ms)
@@ -291,16 +451,31 @@ impl<T: TokenStore + ?Sized> TokenStore for std::sync::Arc<T> {
 mod tests {
     use super::*;
 
+    fn rotating(until_ms: u64) -> RefreshRequest {
+        RefreshRequest::new(RefreshMode::Rotating, until_ms, 1_000)
+    }
+
+    fn single_use(until_ms: u64) -> RefreshRequest {
+        RefreshRequest::new(RefreshMode::SingleUse, until_ms, 1_000)
+    }
+
+    fn granted(outcome: RefreshOutcome) -> Option<u32> {
+        match outcome {
+            RefreshOutcome::Granted(generation) => Some(generation),
+            _ => None,
+        }
+    }
+
     #[test]
     fn rotating_refresh_keeps_the_old_generation_until_the_new_one_is_used() {
         let mut s = SessionState::default();
-        assert_eq!(s.refresh(0, RefreshMode::Rotating, 10), Some(1));
+        assert_eq!(granted(s.refresh(0, &rotating(10))), Some(1));
         assert_eq!(
             (s.verdict(0), s.verdict(1)),
             (Verdict::Active, Verdict::Promote)
         );
         // Refreshing the old token again replaces the unused successor.
-        assert_eq!(s.refresh(0, RefreshMode::Rotating, 10), Some(2));
+        assert_eq!(granted(s.refresh(0, &rotating(10))), Some(2));
         assert_eq!(
             (s.verdict(1), s.verdict(2)),
             (Verdict::Revoked, Verdict::Promote)
@@ -310,22 +485,32 @@ mod tests {
             (s.verdict(0), s.verdict(2)),
             (Verdict::Revoked, Verdict::Active)
         );
-        assert_eq!(s.refresh(0, RefreshMode::Rotating, 10), None);
+        assert_eq!(
+            s.refresh(0, &rotating(10)),
+            RefreshOutcome::Replayed {
+                session_revoked: false
+            }
+        );
+        assert_eq!(
+            s.verdict(2),
+            Verdict::Active,
+            "a refused replay changes nothing"
+        );
     }
 
     #[test]
     fn single_use_refresh_revokes_at_once() {
         let mut s = SessionState::default();
-        assert_eq!(s.refresh(0, RefreshMode::SingleUse, 10), Some(1));
+        assert_eq!(granted(s.refresh(0, &single_use(10))), Some(1));
         assert_eq!(
             (s.verdict(0), s.verdict(1)),
             (Verdict::Revoked, Verdict::Active)
         );
-        assert_eq!(s.refresh(0, RefreshMode::SingleUse, 10), None);
+        assert_eq!(s.refresh(0, &single_use(10)), RefreshOutcome::Refused);
         // Using the pending successor of a rotating refresh also counts as its first use.
         let mut s = SessionState::default();
-        s.refresh(0, RefreshMode::Rotating, 10);
-        assert_eq!(s.refresh(1, RefreshMode::SingleUse, 10), Some(2));
+        s.refresh(0, &rotating(10));
+        assert_eq!(granted(s.refresh(1, &single_use(10))), Some(2));
         assert_eq!(
             (s.verdict(0), s.verdict(1), s.verdict(2)),
             (Verdict::Revoked, Verdict::Revoked, Verdict::Active)
@@ -335,12 +520,113 @@ mod tests {
     #[test]
     fn logout_revokes_every_generation() {
         let mut s = SessionState::default();
-        s.refresh(0, RefreshMode::Rotating, 10);
+        s.refresh(0, &rotating(10));
         s.revoke(20);
         assert_eq!(
             (s.verdict(0), s.verdict(1), s.until_ms),
             (Verdict::Revoked, Verdict::Revoked, 20)
         );
-        assert_eq!(s.refresh(1, RefreshMode::Rotating, 30), None);
+        assert_eq!(s.refresh(1, &rotating(30)), RefreshOutcome::Refused);
+    }
+
+    /// A session refreshed at t = 1,000 (generation 0 → 1) and moved on (1 used).
+    fn moved_on() -> SessionState {
+        let mut s = SessionState::default();
+        s.refresh(0, &rotating(10));
+        s.promote(1);
+        s
+    }
+
+    #[test]
+    fn a_replay_within_the_grace_window_gets_the_generation_in_use() {
+        let policy = RefreshPolicy::new().grace(Duration::from_millis(500));
+        let mut s = moved_on();
+        let at = |now_ms| RefreshRequest::new(RefreshMode::Rotating, 40, now_ms).policy(policy);
+        assert_eq!(s.refresh(0, &at(1_499)), RefreshOutcome::GrantedInGrace(1));
+        assert_eq!((s.live_generation, s.pending_generation), (1, None));
+        assert_eq!(
+            s.until_ms, 40,
+            "the pair minted again is kept as long as it verifies"
+        );
+        // Counted from the first refresh of generation 0: the window has closed.
+        assert_eq!(
+            s.refresh(0, &at(1_500)),
+            RefreshOutcome::Replayed {
+                session_revoked: false
+            }
+        );
+    }
+
+    #[test]
+    fn the_window_runs_from_the_first_refresh_not_from_a_retry() {
+        let policy = RefreshPolicy::new().grace(Duration::from_millis(500));
+        let at = |now_ms| RefreshRequest::new(RefreshMode::Rotating, 40, now_ms).policy(policy);
+        let mut s = SessionState::default();
+        assert_eq!(s.refresh(0, &at(1_000)), RefreshOutcome::Granted(1));
+        // The response was lost; the retry replaces the unused successor.
+        assert_eq!(s.refresh(0, &at(1_400)), RefreshOutcome::Granted(2));
+        s.promote(2);
+        assert_eq!(s.refreshed_at_ms, 1_000);
+        assert!(matches!(
+            s.refresh(0, &at(1_600)),
+            RefreshOutcome::Replayed { .. }
+        ));
+    }
+
+    #[test]
+    fn only_the_generation_most_recently_refreshed_has_a_grace() {
+        let policy = RefreshPolicy::new().grace(Duration::from_secs(60));
+        let at = |now_ms| RefreshRequest::new(RefreshMode::Rotating, 40, now_ms).policy(policy);
+        let mut s = moved_on();
+        assert_eq!(s.refresh(1, &at(1_100)), RefreshOutcome::Granted(2));
+        s.promote(2);
+        assert!(matches!(
+            s.refresh(0, &at(1_200)),
+            RefreshOutcome::Replayed { .. }
+        ));
+        assert_eq!(s.refresh(1, &at(1_200)), RefreshOutcome::GrantedInGrace(2));
+        // A successor replaced before its first use was never refreshed: no grace.
+        let mut s = SessionState::default();
+        s.refresh(0, &at(1_000));
+        s.refresh(0, &at(1_001));
+        assert!(matches!(
+            s.refresh(1, &at(1_002)),
+            RefreshOutcome::Replayed { .. }
+        ));
+    }
+
+    #[test]
+    fn a_replay_outside_the_grace_window_can_revoke_the_whole_session() {
+        let policy = RefreshPolicy::new()
+            .grace(Duration::from_millis(500))
+            .on_replay(ReplayAction::RevokeSession);
+        let at = |now_ms| RefreshRequest::new(RefreshMode::Rotating, 70, now_ms).policy(policy);
+        let mut s = moved_on();
+        assert_eq!(s.refresh(0, &at(1_200)), RefreshOutcome::GrantedInGrace(1));
+        assert!(!s.revoked);
+        assert_eq!(
+            s.refresh(0, &at(2_000)),
+            RefreshOutcome::Replayed {
+                session_revoked: true
+            }
+        );
+        assert_eq!(
+            (s.verdict(0), s.verdict(1), s.until_ms),
+            (Verdict::Revoked, Verdict::Revoked, 70)
+        );
+        assert_eq!(s.refresh(1, &at(2_001)), RefreshOutcome::Refused);
+    }
+
+    #[test]
+    fn the_single_use_endpoint_ignores_the_policy() {
+        let policy = RefreshPolicy::new()
+            .grace(Duration::from_secs(60))
+            .on_replay(ReplayAction::RevokeSession);
+        let mut s = SessionState::default();
+        let request = single_use(10).policy(policy);
+        assert_eq!(s.refresh(0, &request), RefreshOutcome::Granted(1));
+        // Within the grace window and with "revoke": the loser of a race is only refused.
+        assert_eq!(s.refresh(0, &request), RefreshOutcome::Refused);
+        assert_eq!((s.revoked, s.verdict(1)), (false, Verdict::Active));
     }
 }

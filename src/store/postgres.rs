@@ -31,7 +31,9 @@ use crate::hooks::revocation::{BackendError, Revocation, RevocationCheck, Revoca
 use crate::identity::MatrixUser;
 use crate::lifecycle::nonce::SessionId;
 use crate::store::view::{Judgement, View};
-use crate::store::{RefreshMode, SessionState, StoreFuture, TokenRef, TokenStore, Verdict};
+use crate::store::{
+    RefreshOutcome, RefreshRequest, SessionState, StoreFuture, TokenRef, TokenStore, Verdict,
+};
 
 const CHANNEL: &str = "matrix_auth_revocations";
 
@@ -78,7 +80,8 @@ const PURGE_BATCH: i64 = 5000;
 /// A session's row (if any) and its user's floor, in one round trip: the one read a write makes
 /// when this process's view could not tell it the current state.
 const READ_SESSION: &str = "SELECT s.user_id, s.live_generation, s.pending_generation, \
-    s.next_generation, s.revoked, s.until_ms, s.version, u.revoked_before_ms \
+    s.next_generation, s.revoked, s.until_ms, s.version, s.refreshed_generation, \
+    s.refreshed_at_ms, u.revoked_before_ms \
     FROM (SELECT $1::TEXT AS id, $2::TEXT AS uid) k \
     LEFT JOIN matrix_auth_sessions s ON s.session_id = k.id \
     LEFT JOIN matrix_auth_users u ON u.user_id = k.uid";
@@ -87,10 +90,17 @@ const READ_SESSION: &str = "SELECT s.user_id, s.live_generation, s.pending_gener
 /// from, belongs to the user, and the user's floor has not passed the session's epoch; notifies
 /// in the same statement (so in the same transaction). One row back if and only if it wrote.
 /// $1 session, $2 user, $3–$8 the new state, $9 the version it replaces, $10 the epoch (or
-/// `i64::MAX`: no floor check), $11 the notification.
+/// `i64::MAX`: no floor check), $11 the notification, $12 the generation this write refreshes
+/// (NULL: none) and $13 now. The refresh record ([`SessionState::refreshed_generation`]) is kept
+/// from the row, not computed from the view's guess, which does not follow it: a generation's
+/// first refresh sets it, a retry of that refresh keeps the first instant.
 const UPDATE_SESSION: &str = "WITH w AS (UPDATE matrix_auth_sessions SET \
     live_generation = $3::BIGINT, pending_generation = $4::BIGINT, next_generation = $5::BIGINT, \
-    revoked = $6::BOOLEAN, until_ms = $7::BIGINT, version = $8::BIGINT \
+    revoked = $6::BOOLEAN, until_ms = $7::BIGINT, version = $8::BIGINT, \
+    refreshed_at_ms = CASE WHEN $12::BIGINT IS NULL \
+        OR refreshed_generation IS NOT DISTINCT FROM $12::BIGINT \
+        THEN refreshed_at_ms ELSE $13::BIGINT END, \
+    refreshed_generation = COALESCE($12::BIGINT, refreshed_generation) \
     WHERE session_id = $1::TEXT AND user_id = $2::TEXT AND version = $9::BIGINT \
     AND NOT EXISTS (SELECT 1 FROM matrix_auth_users \
         WHERE user_id = $2::TEXT AND revoked_before_ms > $10::BIGINT) \
@@ -98,10 +108,12 @@ const UPDATE_SESSION: &str = "WITH w AS (UPDATE matrix_auth_sessions SET \
     SELECT pg_notify('matrix_auth_revocations', $11::TEXT) FROM w";
 
 /// The same for a session that has no row yet: writes it unless one appeared meanwhile.
-/// $1–$8 as above, $9 the epoch, $10 the notification.
+/// $1–$8 as above, $9 the epoch, $10 the notification, $11 and $12 the refresh record.
 const INSERT_SESSION: &str = "WITH w AS (INSERT INTO matrix_auth_sessions \
-    (session_id, user_id, live_generation, pending_generation, next_generation, revoked, until_ms, version) \
-    SELECT $1::TEXT, $2::TEXT, $3::BIGINT, $4::BIGINT, $5::BIGINT, $6::BOOLEAN, $7::BIGINT, $8::BIGINT \
+    (session_id, user_id, live_generation, pending_generation, next_generation, revoked, until_ms, \
+     version, refreshed_generation, refreshed_at_ms) \
+    SELECT $1::TEXT, $2::TEXT, $3::BIGINT, $4::BIGINT, $5::BIGINT, $6::BOOLEAN, $7::BIGINT, \
+        $8::BIGINT, $11::BIGINT, $12::BIGINT \
     WHERE NOT EXISTS (SELECT 1 FROM matrix_auth_users \
         WHERE user_id = $2::TEXT AND revoked_before_ms > $9::BIGINT) \
     ON CONFLICT (session_id) DO NOTHING RETURNING 1) \
@@ -150,6 +162,15 @@ struct Basis {
     confirmed: bool,
 }
 
+/// What a change is told besides the state it changes.
+#[derive(Clone, Copy)]
+struct Known {
+    /// The user logged out everywhere after the session's epoch.
+    user_revoked: bool,
+    /// The state is the row as read just now, not the view's guess.
+    from_row: bool,
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -183,6 +204,10 @@ fn state_from_row(row: &tokio_postgres::Row) -> SessionState {
         revoked: row.get("revoked"),
         until_ms: to_u64(row.get("until_ms")),
         version: to_u64(row.get("version")),
+        refreshed_generation: row
+            .get::<_, Option<i64>>("refreshed_generation")
+            .map(generation),
+        refreshed_at_ms: to_u64(row.get("refreshed_at_ms")),
     }
 }
 
@@ -225,6 +250,10 @@ fn apply_notification(view: &mut View, payload: &str) {
                     revoked: *revoked == "1",
                     until_ms: until.parse().ok()?,
                     version: version.parse().ok()?,
+                    // Not carried (older releases parse exactly the fields above): views do not
+                    // follow the refresh record, the row does.
+                    refreshed_generation: None,
+                    refreshed_at_ms: 0,
                 };
                 Some((state, *user_id))
             })();
@@ -383,13 +412,15 @@ impl PostgresStore {
     /// yet). `change` also learns whether `user_id` logged out everywhere after `epoch` (when
     /// given); the statement checks the floor again, so a "log out everywhere" committed before
     /// it wins, and one committed after revokes the successor anyway (it carries the session's
-    /// epoch). `Ok(None)` if the session belongs to another user: nothing is changed.
+    /// epoch). `change` may also answer `None`: it cannot decide from the view (which does not
+    /// follow [`SessionState::refreshed_generation`]), read the row. `Ok(None)` if the session
+    /// belongs to another user: nothing is changed.
     async fn update_session<T: Send>(
         &self,
         session: SessionId,
         user_id: &str,
         epoch: Option<u64>,
-        change: impl Fn(&mut SessionState, bool) -> T + Send,
+        change: impl Fn(&mut SessionState, Known) -> Option<T> + Send,
     ) -> Result<Option<T>, BackendError> {
         let client = self.connection().await?;
         let outcome = self
@@ -405,7 +436,7 @@ impl PostgresStore {
         session: SessionId,
         user_id: &str,
         epoch: Option<u64>,
-        change: impl Fn(&mut SessionState, bool) -> T + Send,
+        change: impl Fn(&mut SessionState, Known) -> Option<T> + Send,
     ) -> Result<Option<T>, BackendError> {
         let key = session_key(session);
         let floor_check = epoch.map_or(i64::MAX, to_i64);
@@ -452,7 +483,17 @@ impl PostgresStore {
             };
             let before = current.unwrap_or_default();
             let mut state = before;
-            let outcome = change(&mut state, user_revoked);
+            let known = Known {
+                user_revoked,
+                from_row: confirmed,
+            };
+            let Some(outcome) = change(&mut state, known) else {
+                if confirmed {
+                    return Err(BackendError::new("a change undecided on its row"));
+                }
+                // Read the row, then decide again.
+                continue;
+            };
             if state == before {
                 if confirmed {
                     return Ok(Some(outcome));
@@ -460,6 +501,13 @@ impl PostgresStore {
                 continue;
             }
             let payload = session_payload(session, user_id, &state);
+            // This write refreshes a generation: the statement keeps the row's record of it (see
+            // UPDATE_SESSION); the basis may be a guess that does not know it.
+            let refreshed = (state.refreshed_generation != before.refreshed_generation
+                || state.refreshed_at_ms != before.refreshed_at_ms)
+                .then(|| state.refreshed_generation.map(i64::from))
+                .flatten();
+            let refreshed_at = to_i64(state.refreshed_at_ms);
             let (live, pending, next, until, version) = (
                 i64::from(state.live_generation),
                 state.pending_generation.map(i64::from),
@@ -488,6 +536,8 @@ impl PostgresStore {
                                 &to_i64(before.version),
                                 &floor_check,
                                 &payload,
+                                &refreshed,
+                                &refreshed_at,
                             ],
                         )
                         .await
@@ -511,6 +561,8 @@ impl PostgresStore {
                                 &version,
                                 &floor_check,
                                 &payload,
+                                &state.refreshed_generation.map(i64::from),
+                                &refreshed_at,
                             ],
                         )
                         .await
@@ -588,19 +640,16 @@ impl PostgresStore {
         generation: u32,
     ) -> Result<RevocationStatus, BackendError> {
         let outcome = self
-            .update_session(
-                session,
-                &user_id,
-                Some(epoch),
-                |state, user_revoked| match state.verdict(generation) {
-                    _ if user_revoked => RevocationStatus::Revoked,
+            .update_session(session, &user_id, Some(epoch), |state, known| {
+                Some(match state.verdict(generation) {
+                    _ if known.user_revoked => RevocationStatus::Revoked,
                     Verdict::Revoked => RevocationStatus::Revoked,
                     _ => {
                         state.promote(generation);
                         RevocationStatus::Active
                     }
-                },
-            )
+                })
+            })
             .await?;
         Ok(outcome.unwrap_or(RevocationStatus::Revoked))
     }
@@ -675,10 +724,9 @@ impl TokenStore for PostgresStore {
     fn refresh(
         &self,
         token: &TokenRef,
-        mode: RefreshMode,
-        until_ms: u64,
-    ) -> StoreFuture<'_, Option<u32>> {
-        let token = token.clone();
+        request: &RefreshRequest,
+    ) -> StoreFuture<'_, RefreshOutcome> {
+        let (token, request) = (token.clone(), *request);
         Box::pin(async move {
             let generation = token.generation;
             let outcome = self
@@ -686,16 +734,22 @@ impl TokenStore for PostgresStore {
                     token.session,
                     &token.user_id,
                     Some(token.epoch),
-                    |state, user_revoked| {
-                        if user_revoked {
-                            None
-                        } else {
-                            state.refresh(generation, mode, until_ms)
+                    |state, known| {
+                        if known.user_revoked {
+                            return Some(RefreshOutcome::Refused);
                         }
+                        // A replay is judged on the row's refresh record, which the view does
+                        // not follow.
+                        let replay =
+                            !state.revoked && state.verdict(generation) == Verdict::Revoked;
+                        if replay && !known.from_row {
+                            return None;
+                        }
+                        Some(state.refresh(generation, &request))
                     },
                 )
                 .await?;
-            Ok(outcome.flatten())
+            Ok(outcome.unwrap_or(RefreshOutcome::Refused))
         })
     }
 
@@ -704,7 +758,8 @@ impl TokenStore for PostgresStore {
         Box::pin(async move {
             // Another user's session (which no token of this user can name): nothing to log out.
             self.update_session(token.session, &token.user_id, None, |state, _| {
-                state.revoke(until_ms)
+                state.revoke(until_ms);
+                Some(())
             })
             .await
             .map(drop)
@@ -743,7 +798,7 @@ impl TokenStore for PostgresStore {
                 .update_session(token.session, &token.user_id, None, |state, _| {
                     let first = !state.revoked;
                     state.revoke(until_ms);
-                    first
+                    Some(first)
                 })
                 .await?;
             Ok(first.unwrap_or(false))

@@ -7,7 +7,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::StatusCode;
 use tower_matrix_auth::{
-    hooks::ManualClock, store::TokenStore, Issuer, MatrixAuthLayer, MatrixUser, Sessions, Verifier,
+    hooks::ManualClock,
+    store::{RefreshPolicy, TokenStore},
+    Issuer, MatrixAuthLayer, MatrixUser, Sessions, Verifier,
 };
 
 use super::{keys, NOW_MS};
@@ -25,19 +27,28 @@ async fn whoami(user: MatrixUser) -> Json<serde_json::Value> {
 /// whoami behind the layer, logout and logout/all (expired tokens allowed), both refresh
 /// endpoints (rate-limited when a request carries `x-test-flood`). `clock` drives everything.
 pub async fn start_with(store: Arc<dyn TokenStore>, clock: ManualClock) -> Server {
+    start_with_policy(store, clock, RefreshPolicy::default()).await
+}
+
+/// [`start_with`], with a refresh policy.
+pub async fn start_with_policy(
+    store: Arc<dyn TokenStore>,
+    clock: ManualClock,
+    policy: RefreshPolicy,
+) -> Server {
     let verifier = Verifier::new(keys()).clock(clock.clone());
     let issuer = Issuer::new(keys())
         .clock(clock.clone())
         .refreshable_access_lifetime(std::time::Duration::from_millis(60_000));
-    let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store).rate_limit(
-        |parts: &http::request::Parts| {
+    let sessions = Sessions::with_shared_store(issuer, verifier.clone(), store)
+        .rate_limit(|parts: &http::request::Parts| {
             parts
                 .headers
                 .get("x-test-flood")
                 .is_some()
                 .then(|| Duration::from_millis(1500))
-        },
-    );
+        })
+        .refresh_policy(policy);
     let auth = MatrixAuthLayer::with_verifier(verifier)
         .revocation(sessions.store())
         .allow_expired_on_logout();

@@ -26,6 +26,7 @@ mod oidc_provider;
 mod postgres;
 mod postgres_liveness;
 mod properties;
+mod refresh_policy;
 mod revocation_state;
 mod routes;
 mod ruma_errors;

@@ -423,7 +423,19 @@ async fn migrations_adopt_an_unversioned_database_and_run_once_from_many_process
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, vec![1], "one row, at the current version");
+    assert_eq!(versions, vec![2], "one row, at the current version");
+    // Migration 2 added the refresh record; the row from before reads as never refreshed.
+    let record = admin
+        .query_one(
+            "SELECT refreshed_generation, refreshed_at_ms FROM matrix_auth_sessions",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (record.get::<_, Option<i64>>(0), record.get::<_, i64>(1)),
+        (None, 0)
+    );
     let kept: i64 = admin
         .query_one("SELECT count(*) FROM matrix_auth_sessions", &[])
         .await

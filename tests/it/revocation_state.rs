@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::{keys, mint_raw};
-use tower_matrix_auth::store::{RefreshMode, StoreFuture, TokenRef};
+use tower_matrix_auth::store::{
+    RefreshMode, RefreshOutcome, RefreshRequest, StoreFuture, TokenRef,
+};
 use tower_matrix_auth::{
     hooks::{Clock, ManualClock, Revocation, RevocationCheck, RevocationStatus, SystemClock},
     lifecycle::{IssuedTokens, SessionRequest},
@@ -286,12 +288,11 @@ impl TokenStore for PausingStore {
     fn refresh(
         &self,
         token: &TokenRef,
-        mode: RefreshMode,
-        until_ms: u64,
-    ) -> StoreFuture<'_, Option<u32>> {
-        let token = token.clone();
+        request: &RefreshRequest,
+    ) -> StoreFuture<'_, RefreshOutcome> {
+        let (token, request) = (token.clone(), *request);
         Box::pin(async move {
-            let decided = self.inner.refresh(&token, mode, until_ms).await;
+            let decided = self.inner.refresh(&token, &request).await;
             self.decided.notify_one();
             self.resume.notified().await;
             decided
