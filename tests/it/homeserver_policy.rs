@@ -1093,6 +1093,14 @@ fn refused_at_start() {
             ("MATRIX_LOCKED_USERS", "bob,@not a user id"),
             "MATRIX_LOCKED_USERS: `@not a user id` is not a Matrix user id",
         ),
+        (
+            ("MATRIX_REFRESH_REPLAY", "revoke"),
+            "MATRIX_REFRESH_REPLAY must be `error` or `revoke_session`, not `revoke`",
+        ),
+        (
+            ("MATRIX_REFRESH_GRACE_MS", "15s"),
+            "MATRIX_REFRESH_GRACE_MS must be a whole number, not `15s`",
+        ),
     ] {
         let mut child = command(&[env])
             .stdout(Stdio::piped())
@@ -1507,4 +1515,152 @@ async fn metrics_on_postgresql() {
         text.contains("matrix_auth_decisions_total{outcome=\"ok\",credential=\"macaroon\"} 1"),
         "{text}"
     );
+}
+
+/// `POST /v3/refresh`: the status and the answer.
+async fn refresh(server: &Homeserver, refresh_token: &str) -> (StatusCode, Value) {
+    let body = json!({ "refresh_token": refresh_token }).to_string();
+    server
+        .call(
+            &Method::POST,
+            "/_matrix/client/v3/refresh",
+            None,
+            Some(&body),
+        )
+        .await
+}
+
+/// A refreshable login of alice: its access and refresh tokens.
+async fn refreshable_login(server: &Homeserver) -> (String, String) {
+    let body = json!({
+        "type": "m.login.password",
+        "identifier": { "type": "m.id.user", "user": "alice" },
+        "password": "alice pw",
+        "refresh_token": true,
+    });
+    let (status, answer) = server
+        .call(
+            &Method::POST,
+            "/_matrix/client/v3/login",
+            None,
+            Some(&body.to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let token = |name: &str| answer[name].as_str().unwrap().to_owned();
+    (token("access_token"), token("refresh_token"))
+}
+
+fn assert_unknown_token(status: StatusCode, answer: &Value, what: &str) {
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {answer}");
+    assert_eq!(answer["errcode"], "M_UNKNOWN_TOKEN", "{what}");
+    assert_ne!(
+        answer["soft_logout"], true,
+        "{what}: the client must log in again"
+    );
+}
+
+/// Refreshes `r0` on `first` and uses the successor there; then replays `r0` on `second`.
+async fn replay(first: &Homeserver, second: &Homeserver) -> (String, (StatusCode, Value)) {
+    let (_, r0) = refreshable_login(first).await;
+    let (status, answer) = refresh(first, &r0).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let a1 = answer["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(whoami(first, &a1).await.0, StatusCode::OK);
+    (a1, refresh(second, &r0).await)
+}
+
+/// `MATRIX_REFRESH_GRACE_MS`, `MATRIX_REFRESH_REPLAY` and `MATRIX_SESSION_LIFETIME_MS` over real
+/// HTTP, in memory and (when configured) on PostgreSQL with the replay sent to a second process.
+#[tokio::test]
+async fn the_refresh_policy_of_the_example() {
+    let mut databases = vec![None];
+    if !crate::common::pg::skip() {
+        databases.push(Some(
+            crate::common::pg::fresh_database_url("refresh_policy").await,
+        ));
+    }
+    for database in databases {
+        let env = |extra: &[(&'static str, &'static str)]| {
+            let mut env: Vec<(&str, String)> = vec![("MATRIX_USERS", "alice:alice pw".into())];
+            if let Some(url) = &database {
+                env.push(("MATRIX_DATABASE_URL", url.clone()));
+            }
+            env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+            env
+        };
+        let start = |extra: &[(&'static str, &'static str)]| {
+            let env = env(extra);
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Homeserver::start(&env)
+        };
+        let store = if database.is_some() {
+            "postgres"
+        } else {
+            "memory"
+        };
+        // Two processes on PostgreSQL (one server twice in memory, which shares nothing).
+        let pair = |extra: &[(&'static str, &'static str)]| {
+            let first = start(extra);
+            let second = database.is_some().then(|| start(extra));
+            (first, second)
+        };
+
+        // A grace window: the replay gets a pair that works, on both processes.
+        let (first, second) = pair(&[("MATRIX_REFRESH_GRACE_MS", "60000")]);
+        let second = second.as_ref().unwrap_or(&first);
+        let (a1, (status, answer)) = replay(&first, second).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{store}: a replay in grace: {answer}"
+        );
+        let again = answer["access_token"].as_str().unwrap();
+        for server in [&first, second] {
+            assert_eq!(whoami(server, again).await.0, StatusCode::OK, "{store}");
+            assert_eq!(whoami(server, &a1).await.0, StatusCode::OK, "{store}");
+        }
+
+        // The default: refused, the session goes on.
+        let (first, second) = pair(&[]);
+        let second = second.as_ref().unwrap_or(&first);
+        let (a1, (status, answer)) = replay(&first, second).await;
+        assert_unknown_token(status, &answer, store);
+        assert_eq!(whoami(&first, &a1).await.0, StatusCode::OK, "{store}");
+
+        // revoke_session: refused, and the whole session logged out, on both processes.
+        let (first, second) = pair(&[
+            ("MATRIX_REFRESH_REPLAY", "revoke_session"),
+            ("MATRIX_METRICS", "1"),
+        ]);
+        let second = second.as_ref().unwrap_or(&first);
+        let (a1, (status, answer)) = replay(&first, second).await;
+        assert_unknown_token(status, &answer, store);
+        assert_eq!(
+            whoami(second, &a1).await.0,
+            StatusCode::UNAUTHORIZED,
+            "{store}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while whoami(&first, &a1).await.0 != StatusCode::UNAUTHORIZED {
+            assert!(
+                Instant::now() < deadline,
+                "{store}: the first process still accepts it"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let counted = "matrix_auth_refresh_replays_total{action=\"session_revoked\"} 1";
+        let text = second.metrics().await;
+        assert!(text.lines().any(|line| line == counted), "{store}: {text}");
+
+        // The session ceiling: past it, a refresh is refused for good, not a soft logout.
+        let server = start(&[("MATRIX_SESSION_LIFETIME_MS", "1500")]);
+        let (_, r0) = refreshable_login(&server).await;
+        let (status, answer) = refresh(&server, &r0).await;
+        assert_eq!(status, StatusCode::OK, "{store}: {answer}");
+        let r1 = answer["refresh_token"].as_str().unwrap().to_owned();
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        let (status, answer) = refresh(&server, &r1).await;
+        assert_unknown_token(status, &answer, store);
+    }
 }
