@@ -26,6 +26,7 @@
 //! | `matrix_auth_token_cache_total` | counter | `result`: `hit`, `miss` (the verified-token cache, on the layer's path) |
 //! | `matrix_auth_resolver_cache_total` | counter | `result`: `hit` (the resolver had the answer at hand, e.g. the introspection cache), `miss` (it was asked and waited for) |
 //! | `matrix_auth_store_healthy` | gauge | none: 1 while the PostgreSQL store is connected with its view proven current, 0 while it fails closed |
+//! | `matrix_auth_refresh_replays_total` | counter | `action`: `granted_in_grace`, `refused`, `session_revoked`: replayed refresh tokens at `/v3/refresh` (see [`Sessions::refresh_policy`](crate::Sessions::refresh_policy)) |
 //!
 //! Skipped requests (skip rules, the federation OpenID route) are not decisions and are not
 //! counted.
