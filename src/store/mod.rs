@@ -274,9 +274,10 @@ pub struct SessionState {
     pub until_ms: u64,
     /// Bumped by every change: orders updates that reach a process out of order.
     pub version: u64,
-    /// The generation most recently refreshed (`None`: never refreshed), and when it was first
-    /// refreshed (ms since the epoch): a replay of it within [`RefreshPolicy::grace`] of that
-    /// instant gets a pair. The PostgreSQL store keeps this in the row only (its processes'
+    /// The generation most recently refreshed at `/v3/refresh` (`None`: none since the session
+    /// began or was last refreshed at `/r0/tokenrefresh`), and when it was first refreshed (ms
+    /// since the epoch): a replay of it within [`RefreshPolicy::grace`] of that instant gets a
+    /// pair. The PostgreSQL store keeps this in the row only (its processes'
     /// views do not follow it; a replay is always decided from the row).
     pub refreshed_generation: Option<u32>,
     /// See `refreshed_generation`.
@@ -347,16 +348,21 @@ impl SessionState {
             return RefreshOutcome::Refused;
         };
         self.next_generation = next;
-        // The grace window runs from a token's first refresh, not from a retry's.
-        if self.refreshed_generation != Some(generation) {
-            self.refreshed_generation = Some(generation);
-            self.refreshed_at_ms = request.now_ms;
-        }
         match request.mode {
-            RefreshMode::Rotating => self.pending_generation = Some(successor),
+            RefreshMode::Rotating => {
+                self.pending_generation = Some(successor);
+                // The grace window runs from a token's first refresh, not from a retry's.
+                if self.refreshed_generation != Some(generation) {
+                    self.refreshed_generation = Some(generation);
+                    self.refreshed_at_ms = request.now_ms;
+                }
+            }
             RefreshMode::SingleUse => {
                 self.live_generation = successor;
                 self.pending_generation = None;
+                // Used up at once, for good: no grace for it, nor for an older token.
+                self.refreshed_generation = None;
+                self.refreshed_at_ms = 0;
             }
         }
         self.until_ms = self.until_ms.max(request.until_ms);
@@ -628,5 +634,21 @@ mod tests {
         // Within the grace window and with "revoke": the loser of a race is only refused.
         assert_eq!(s.refresh(0, &request), RefreshOutcome::Refused);
         assert_eq!((s.revoked, s.verdict(1)), (false, Verdict::Active));
+        // Nor does a token used up there get a grace at /v3/refresh.
+        let rotating = RefreshRequest::new(RefreshMode::Rotating, 10, 1_000).policy(policy);
+        assert_eq!(
+            s.refresh(0, &rotating),
+            RefreshOutcome::Replayed {
+                session_revoked: true
+            }
+        );
+        // And a rotating refresh in grace loses it to a single-use one of the next generation.
+        let mut s = SessionState::default();
+        s.refresh(0, &rotating);
+        assert_eq!(s.refresh(1, &request), RefreshOutcome::Granted(2));
+        assert!(matches!(
+            s.refresh(0, &rotating),
+            RefreshOutcome::Replayed { .. }
+        ));
     }
 }

@@ -91,16 +91,19 @@ const READ_SESSION: &str = "SELECT s.user_id, s.live_generation, s.pending_gener
 /// in the same statement (so in the same transaction). One row back if and only if it wrote.
 /// $1 session, $2 user, $3–$8 the new state, $9 the version it replaces, $10 the epoch (or
 /// `i64::MAX`: no floor check), $11 the notification, $12 the generation this write refreshes
-/// (NULL: none) and $13 now. The refresh record ([`SessionState::refreshed_generation`]) is kept
-/// from the row, not computed from the view's guess, which does not follow it: a generation's
-/// first refresh sets it, a retry of that refresh keeps the first instant.
+/// at `/v3/refresh` (NULL: the write leaves the refresh record alone; -1: it clears it) and $13
+/// now. The refresh record ([`SessionState::refreshed_generation`]) is kept from the row, not
+/// computed from the view's guess, which does not follow it: a generation's first refresh sets
+/// it, a retry of that refresh keeps the first instant.
 const UPDATE_SESSION: &str = "WITH w AS (UPDATE matrix_auth_sessions SET \
     live_generation = $3::BIGINT, pending_generation = $4::BIGINT, next_generation = $5::BIGINT, \
     revoked = $6::BOOLEAN, until_ms = $7::BIGINT, version = $8::BIGINT, \
-    refreshed_at_ms = CASE WHEN $12::BIGINT IS NULL \
-        OR refreshed_generation IS NOT DISTINCT FROM $12::BIGINT \
-        THEN refreshed_at_ms ELSE $13::BIGINT END, \
-    refreshed_generation = COALESCE($12::BIGINT, refreshed_generation) \
+    refreshed_at_ms = CASE WHEN $12::BIGINT IS NULL THEN refreshed_at_ms \
+        WHEN $12::BIGINT < 0 THEN 0 \
+        WHEN refreshed_generation IS NOT DISTINCT FROM $12::BIGINT THEN refreshed_at_ms \
+        ELSE $13::BIGINT END, \
+    refreshed_generation = CASE WHEN $12::BIGINT IS NULL THEN refreshed_generation \
+        WHEN $12::BIGINT < 0 THEN NULL ELSE $12::BIGINT END \
     WHERE session_id = $1::TEXT AND user_id = $2::TEXT AND version = $9::BIGINT \
     AND NOT EXISTS (SELECT 1 FROM matrix_auth_users \
         WHERE user_id = $2::TEXT AND revoked_before_ms > $10::BIGINT) \
@@ -160,6 +163,17 @@ struct Basis {
     user_revoked: bool,
     /// Read from the database just now, not guessed from the view.
     confirmed: bool,
+}
+
+/// The view's copy of a session as the basis of a write: its refresh record marked unknown (the
+/// views do not follow it), so that whatever a change does to the record differs from it and
+/// reaches the statement, which applies it to the row's.
+fn guessed(state: &SessionState) -> SessionState {
+    SessionState {
+        refreshed_generation: None,
+        refreshed_at_ms: u64::MAX,
+        ..*state
+    }
 }
 
 /// What a change is told besides the state it changes.
@@ -444,7 +458,7 @@ impl PostgresStore {
             let view = self.read();
             match view.state(session, user_id) {
                 Ok(state) => Some(Basis {
-                    state: state.copied(),
+                    state: state.map(guessed),
                     user_revoked: epoch.is_some_and(|e| view.user_revoked(user_id, e)),
                     confirmed: false,
                 }),
@@ -501,12 +515,11 @@ impl PostgresStore {
                 continue;
             }
             let payload = session_payload(session, user_id, &state);
-            // This write refreshes a generation: the statement keeps the row's record of it (see
-            // UPDATE_SESSION); the basis may be a guess that does not know it.
-            let refreshed = (state.refreshed_generation != before.refreshed_generation
-                || state.refreshed_at_ms != before.refreshed_at_ms)
-                .then(|| state.refreshed_generation.map(i64::from))
-                .flatten();
+            // What this write does to the refresh record, which the statement applies to the row's
+            // (see UPDATE_SESSION): the basis may be a guess that does not know it.
+            let record = (state.refreshed_generation, state.refreshed_at_ms);
+            let refreshed = (record != (before.refreshed_generation, before.refreshed_at_ms))
+                .then(|| state.refreshed_generation.map_or(-1, i64::from));
             let refreshed_at = to_i64(state.refreshed_at_ms);
             let (live, pending, next, until, version) = (
                 i64::from(state.live_generation),

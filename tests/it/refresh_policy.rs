@@ -248,6 +248,36 @@ async fn tokenrefresh_ignores_the_policy() {
         assert_eq!(status, StatusCode::FORBIDDEN, "{store}: {json}");
         assert_eq!(whoami(&a, &winner).await, StatusCode::OK, "{store}");
         assert_eq!(whoami(&b, &winner).await, StatusCode::OK, "{store}");
+
+        // A token used up at /r0/tokenrefresh has no grace at /v3/refresh either, nor has an
+        // older one: rotated at t, then its successor used up at /r0 on the other process.
+        let login = a
+            .sessions
+            .login(&user("r0-then-v3"), &SessionRequest::new().refresh(true));
+        let r0 = login.refresh_token.unwrap();
+        let (_, r1) = refreshed(&a, &r0).await;
+        let (status, json, _) = send(
+            b.addr,
+            "POST",
+            "/_matrix/client/r0/tokenrefresh",
+            None,
+            Some(&refresh_body(&r1)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{store}: {json}");
+        let a2 = json["access_token"].as_str().unwrap().to_owned();
+        for token in [&r0, &r1] {
+            let (status, json) = refresh(&a, token).await;
+            assert_refused(status, &json, store);
+        }
+        // A replay outside any window, with "revoke": the session is logged out.
+        eventually(
+            &b,
+            &a2,
+            StatusCode::UNAUTHORIZED,
+            "the session is logged out",
+        )
+        .await;
     }
 }
 
