@@ -6,8 +6,11 @@
 //! `ManualClock` that starts at [`NOW_MS`] and moves only when the script says), the two refresh
 //! endpoints and a layer consulting the same store. Input, as text so that seeds and a
 //! dictionary can steer it: one configuration byte (bits 0-1: format V1, V2, V2JSON, V1; bit 2:
-//! refresh tokens live an hour; bit 3: access tokens without a refresh token live a day; bit 6:
-//! refreshable access tokens live 1 ms; bit 7: a location), then one operation per line:
+//! refresh tokens live an hour; bit 3: access tokens without a refresh token live a day; bit 4
+//! **clear**: a 30 s grace window for replays at `/v3/refresh`; bit 5 **clear**: a replay outside
+//! it revokes the session (both set in an ASCII digit: the seeds written before the refresh
+//! policy run without it); bit 6: refreshable access tokens live 1 ms; bit 7: a location), then
+//! one operation per line:
 //!
 //! | line | operation |
 //! |---|---|
@@ -67,13 +70,13 @@ use tower_matrix_auth::{
     layer::GuestPolicy,
     lifecycle::{ExchangeError, SessionRequest, TokenNonce},
     macaroon::{attenuate, MacaroonFormat},
-    store::{RefreshMode, TokenStore},
+    store::{RefreshMode, RefreshPolicy, ReplayAction, TokenStore},
     Credential, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore,
     Sessions, TokenType, Verifier,
 };
 use tower_matrix_auth_fuzz::oracle::lifecycle::{
     canonical_nonce, check_nonce, minted_caveats, nonce_grammar, Answer, Check, Generation,
-    Lifetimes, Model, Nonce, Position, Seen,
+    Lifetimes, Model, Nonce, Policy, Position, Seen,
 };
 use tower_matrix_auth_fuzz::oracle::{Identity, Verdict};
 use tower_matrix_auth_fuzz::{chain_prefix, empty_parts, expected_verdict_at, identity_of, keys};
@@ -254,6 +257,7 @@ struct Config {
     format: MacaroonFormat,
     lifetimes: Lifetimes,
     location: bool,
+    policy: Policy,
 }
 
 impl Config {
@@ -276,6 +280,10 @@ impl Config {
                 login_ms: LOGIN_LIFETIME_MS,
             },
             location: byte & 128 != 0,
+            policy: Policy {
+                grace_ms: if byte & 16 == 0 { 30_000 } else { 0 },
+                revoke: byte & 32 == 0,
+            },
         }
     }
 }
@@ -391,8 +399,17 @@ impl Run {
             issuer = issuer.location("example.org");
         }
         let store = MemoryStore::new().with_clock(clock.clone());
-        let sessions =
-            Sessions::new(issuer, verifier.clone(), store.clone()).rate_limit(rate_limit);
+        let action = if config.policy.revoke {
+            ReplayAction::RevokeSession
+        } else {
+            ReplayAction::Refuse
+        };
+        let policy = RefreshPolicy::new()
+            .grace(Duration::from_millis(config.policy.grace_ms))
+            .on_replay(action);
+        let sessions = Sessions::new(issuer, verifier.clone(), store.clone())
+            .rate_limit(rate_limit)
+            .refresh_policy(policy);
         let layer = MatrixAuthLayer::with_verifier(verifier)
             .revocation(sessions.store())
             .guests(GuestPolicy::Allowed)
@@ -407,7 +424,7 @@ impl Run {
             sessions,
             store,
             layer: BoxCloneService::new(layer),
-            model: Model::new(lifetimes),
+            model: Model::with_policy(lifetimes, config.policy),
             pool: Pool::default(),
         }
     }

@@ -26,14 +26,16 @@ use tower::{service_fn, Layer, ServiceExt};
 use tower_matrix_auth::{
     hooks::{Clock, ManualClock, SystemClock},
     lifecycle::{SessionId, SessionRequest, TokenNonce},
-    store::{RefreshMode, TokenStore},
+    store::{RefreshMode, RefreshPolicy, ReplayAction, TokenStore},
     Issuer, MatrixAuthLayer, MatrixUser, MemoryStore, PostgresStore, Sessions, TokenType, Verifier,
 };
 
 use crate::common::keys;
 // The model's `Generation`: the tokens of one generation as the issuer must mint them.
 use crate::oracle::lifecycle::Generation as Expected;
-use crate::oracle::lifecycle::{nonce_grammar, Answer, Lifetimes, Mismatch, Model, Position, Seen};
+use crate::oracle::lifecycle::{
+    nonce_grammar, Answer, Lifetimes, Mismatch, Model, Policy, Position, Seen,
+};
 
 /// Lifetime of an access token issued with a refresh token.
 const ACCESS_MS: u64 = 60_000;
@@ -142,6 +144,15 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..USERS, any::<bool>()).prop_map(|(user, refresh)| Op::Login { user, refresh }),
         8 => pick().prop_map(Op::Use),
         8 => (pick(), mode).prop_map(|(p, m)| Op::Refresh(p, m)),
+        // The token before the newest at /v3/refresh: once the newest is used, a replay (the
+        // refresh policy's case).
+        3 => any::<Index>().prop_map(|login| Op::Refresh(
+            Pick {
+                login,
+                generation: Generation::Back(1),
+            },
+            RefreshMode::Rotating
+        )),
         1 => pick().prop_map(Op::Logout),
         1 => pick().prop_map(Op::LogoutAll),
         1 => pick().prop_map(Op::RefreshAsAccess),
@@ -180,6 +191,7 @@ struct Login {
 /// One engine over one store, with the layer in front of whoami, logout and logout/all.
 struct System {
     sessions: Sessions,
+    policy: Policy,
     clock: ManualClock,
     layer: MatrixAuthLayer,
     store: Store,
@@ -195,6 +207,16 @@ enum Store {
 impl System {
     /// A fresh engine at `start_ms`: a new memory store on the same clock, or `postgres`.
     fn new(postgres: Option<&PostgresStore>, start_ms: u64, user_ids: [String; USERS]) -> Self {
+        Self::with_policy(postgres, start_ms, user_ids, Policy::default())
+    }
+
+    /// [`System::new`] whose `/v3/refresh` follows `policy`.
+    fn with_policy(
+        postgres: Option<&PostgresStore>,
+        start_ms: u64,
+        user_ids: [String; USERS],
+        policy: Policy,
+    ) -> Self {
         let clock = ManualClock::new(start_ms);
         let store = match postgres {
             Some(p) => Store::Postgres(p.clone()),
@@ -210,12 +232,23 @@ impl System {
             .refreshable_access_lifetime(std::time::Duration::from_millis(ACCESS_MS))
             .access_lifetime(Some(std::time::Duration::from_millis(PLAIN_MS)))
             .refresh_lifetime(Some(std::time::Duration::from_millis(REFRESH_MS)));
-        let sessions = Sessions::with_shared_store(issuer, verifier.clone(), shared);
+        let action = if policy.revoke {
+            ReplayAction::RevokeSession
+        } else {
+            ReplayAction::Refuse
+        };
+        let sessions = Sessions::with_shared_store(issuer, verifier.clone(), shared)
+            .refresh_policy(
+                RefreshPolicy::new()
+                    .grace(std::time::Duration::from_millis(policy.grace_ms))
+                    .on_replay(action),
+            );
         let layer = MatrixAuthLayer::with_verifier(verifier)
             .revocation(sessions.store())
             .allow_expired_when(|parts| parts.uri.path().starts_with(LOGOUT));
         Self {
             sessions,
+            policy,
             clock,
             layer,
             store,
@@ -612,7 +645,7 @@ impl Case<'_> {
 async fn run(system: &System, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut case = Case {
         system,
-        model: Model::new(LIFETIMES),
+        model: Model::with_policy(LIFETIMES, system.policy),
         logins: Vec::new(),
     };
     for (step, op) in ops.iter().enumerate() {
@@ -637,14 +670,19 @@ fn user_ids(unique: bool) -> [String; USERS] {
 }
 
 /// Random sequences against the memory store (`postgres: None`) or the database.
-fn check_sequences(rt: &tokio::runtime::Runtime, postgres: Option<&PostgresStore>, cases: u32) {
+fn check_sequences(
+    rt: &tokio::runtime::Runtime,
+    postgres: Option<&PostgresStore>,
+    cases: u32,
+    policy: Policy,
+) {
     let mut runner = TestRunner::new(config(cases));
     let result = runner.run(&ops(), |ops| {
         let system = match postgres {
             // The database outlives test runs and the store keeps its own (system) clock for
             // loading and purging: unique users, and a test clock that starts now.
-            Some(_) => System::new(postgres, SystemClock.now_ms(), user_ids(true)),
-            None => System::new(None, crate::common::NOW_MS, user_ids(false)),
+            Some(_) => System::with_policy(postgres, SystemClock.now_ms(), user_ids(true), policy),
+            None => System::with_policy(None, crate::common::NOW_MS, user_ids(false), policy),
         };
         rt.block_on(run(&system, &ops))
     });
@@ -655,7 +693,7 @@ fn check_sequences(rt: &tokio::runtime::Runtime, postgres: Option<&PostgresStore
 
 #[test]
 fn memory_store_follows_the_readme_rules() {
-    check_sequences(&runtime(), None, 256);
+    check_sequences(&runtime(), None, 256, Policy::default());
 }
 
 #[test]
@@ -667,7 +705,40 @@ fn postgres_store_follows_the_readme_rules() {
     let store = rt
         .block_on(PostgresStore::connect(&crate::common::pg::database_url()))
         .expect("the test database answers");
-    check_sequences(&rt, Some(&store), 64);
+    check_sequences(&rt, Some(&store), 64, Policy::default());
+}
+
+/// A grace window about as long as the access tokens' lifetime (the clock moves by up to 70 s a
+/// step, sometimes by much more), replays outside it revoking the session.
+const POLICY: Policy = Policy {
+    grace_ms: 30_000,
+    revoke: true,
+};
+
+#[test]
+fn memory_store_follows_the_refresh_policy() {
+    check_sequences(&runtime(), None, 256, POLICY);
+    check_sequences(
+        &runtime(),
+        None,
+        64,
+        Policy {
+            revoke: false,
+            ..POLICY
+        },
+    );
+}
+
+#[test]
+fn postgres_store_follows_the_refresh_policy() {
+    if crate::common::pg::skip() {
+        return;
+    }
+    let rt = runtime();
+    let store = rt
+        .block_on(PostgresStore::connect(&crate::common::pg::database_url()))
+        .expect("the test database answers");
+    check_sequences(&rt, Some(&store), 64, POLICY);
 }
 
 // ---- Concurrent single-use refreshes ------------------------------------------------------------

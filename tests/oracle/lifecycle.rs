@@ -37,6 +37,12 @@
 //! - What is minted: generation 0 at login (the session starts now, in the user's current epoch),
 //!   one more per refresh (inheriting the session's start and epoch), every nonce stamped with the
 //!   clock, the session's expiry the latest `time <` of its tokens so far; the docs' caveats.
+//! - The refresh policy (`docs/sessions.md`, "The refresh policy"): a *replay* is a refresh token
+//!   at `/v3/refresh` of a session still logged in whose standing is revoked. Within the grace
+//!   window of the generation most recently refreshed there (from its first refresh), it mints
+//!   the live generation again and changes nothing else; outside, it is refused and, with
+//!   "revoke", logs the session out. `/r0/tokenrefresh` refuses replays only, and forgets the
+//!   session's last `/v3/refresh` (no window left).
 //! - A token once refused stays refused (refresh endpoints, login tokens, the layer) unless a
 //!   sweep forgot the state that refused it, or a refresh may still mint its generation, or it
 //!   has a `time >`/`time ==` caveat; a login token works once.
@@ -315,6 +321,9 @@ pub struct State {
     logged_out: bool,
     /// Until when the store keeps it: a sweep at `now >= until` forgets it.
     until: u64,
+    /// The generation last refreshed at `/v3/refresh` and when first, unless `/r0/tokenrefresh`
+    /// refreshed since.
+    last_rotated: Option<(u32, u64)>,
 }
 
 impl State {
@@ -326,6 +335,7 @@ impl State {
             next: 1,
             logged_out: false,
             until: 0,
+            last_rotated: None,
         }
     }
 
@@ -528,10 +538,19 @@ type Refused = HashMap<Vec<u8>, Vec<u128>>;
 
 // ---- The model --------------------------------------------------------------------------------
 
+/// The refresh policy the engine runs with (`Sessions::refresh_policy`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy {
+    pub grace_ms: u64,
+    /// A replay outside the window logs the session out.
+    pub revoke: bool,
+}
+
 /// The engine as the docs describe it: the store's sessions and floors, what the issuer minted,
 /// and what was refused for good.
 pub struct Model {
     lifetimes: Lifetimes,
+    policy: Policy,
     sessions: HashMap<u128, State>,
     /// User → floor: raised by each "log out everywhere" to max(floor + 1, now).
     floors: HashMap<String, u64>,
@@ -551,8 +570,13 @@ pub struct Model {
 
 impl Model {
     pub fn new(lifetimes: Lifetimes) -> Self {
+        Self::with_policy(lifetimes, Policy::default())
+    }
+
+    pub fn with_policy(lifetimes: Lifetimes, policy: Policy) -> Self {
         Self {
             lifetimes,
+            policy,
             sessions: HashMap::new(),
             floors: HashMap::new(),
             forgotten: HashSet::new(),
@@ -721,18 +745,36 @@ impl Model {
         at: &Position,
         mode: RefreshMode,
         until: u64,
+        now: u64,
     ) -> Result<u32, Judged> {
         let user_revoked = self.floor(&at.user_id) > at.epoch;
+        let policy = self.policy;
         let refused = Judged::Revoked { for_good: true };
         let state = self.state_mut(at.session, &at.user_id).ok_or(refused)?;
         if user_revoked {
             return Err(refused);
         }
+        let in_window = |state: &State| {
+            state.last_rotated.is_some_and(|(generation, first)| {
+                generation == at.generation && now < first.saturating_add(policy.grace_ms)
+            })
+        };
         match state.standing(at.generation) {
+            Standing::Revoked if state.logged_out => return Err(refused),
             Standing::Revoked => {
-                return Err(Judged::Revoked {
-                    for_good: state.for_good(at.generation),
-                })
+                // A replay.
+                if mode == RefreshMode::Rotating {
+                    if in_window(state) {
+                        state.until = state.until.max(until);
+                        return Ok(state.live);
+                    }
+                    if policy.revoke {
+                        state.revoke(until);
+                    }
+                }
+                // A single-use refusal inside a window may still be granted at /v3/refresh.
+                let for_good = state.for_good(at.generation) && !in_window(state);
+                return Err(Judged::Revoked { for_good });
             }
             Standing::FirstUse => state.first_use(at.generation),
             Standing::Valid => {}
@@ -742,11 +784,17 @@ impl Model {
         match mode {
             // The old pair stays valid until the successor is first used; refreshing the old
             // token again replaces an unused successor.
-            RefreshMode::Rotating => state.pending = Some(successor),
+            RefreshMode::Rotating => {
+                state.pending = Some(successor);
+                if state.last_rotated.map(|(generation, _)| generation) != Some(at.generation) {
+                    state.last_rotated = Some((at.generation, now));
+                }
+            }
             // Strictly single use: the old pair dies at once.
             RefreshMode::SingleUse => {
                 state.live = successor;
                 state.pending = None;
+                state.last_rotated = None;
             }
         }
         state.until = state.until.max(until);
@@ -899,7 +947,7 @@ impl Model {
                     // expired too.
                     let expires = self.lifetimes.session_expiry(true, nonce.expires_ms, now);
                     let outcome = self
-                        .refresh_state(at, mode, keep(expires))
+                        .refresh_state(at, mode, keep(expires), now)
                         .map(|generation| self.successor(&nonce, generation, now));
                     (outcome, vec![at.session])
                 }
