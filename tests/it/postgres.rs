@@ -489,3 +489,74 @@ async fn purge_expired_deletes_in_batches_and_keeps_the_rest() {
     assert_eq!(left, 10);
     assert_eq!(store.purge_expired().await.unwrap(), 0);
 }
+
+/// A process whose role may use the tables but not create any (PostgreSQL 15 no longer lets every
+/// role create in `public`) connects to a database at the current version: the migration check
+/// then needs no DDL. On a database that still needs migrating it fails, with the database's
+/// reason, until a role that may create has connected once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_without_create_uses_a_migrated_database() {
+    if crate::common::pg::skip() {
+        return;
+    }
+    let url = crate::common::pg::fresh_database_url("no_create").await;
+    let admin = plain(&url).await;
+    let role = format!(
+        "matrix_auth_app_{:x}",
+        tower_matrix_auth::lifecycle::SessionId::random().as_u128() as u32
+    );
+    let database: String = admin
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT CONNECT ON DATABASE {database} TO {role}; \
+             GRANT USAGE ON SCHEMA public TO {role}; REVOKE CREATE ON SCHEMA public FROM PUBLIC; \
+             ALTER DEFAULT PRIVILEGES IN SCHEMA public \
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role};"
+        ))
+        .await
+        .unwrap();
+    let (head, tail) = url.split_once("://").unwrap();
+    let (_, host_and_path) = tail.split_once('@').unwrap();
+    let app_url = format!("{head}://{role}@{host_and_path}");
+
+    let refused = PostgresStore::connect(&app_url).await;
+    assert!(
+        refused.is_err(),
+        "an empty database needs a role that may create tables"
+    );
+
+    // The operator's role migrates once; the application's role then starts, and works.
+    drop(PostgresStore::connect(&url).await.unwrap());
+    let app = PostgresStore::connect(&app_url).await.unwrap();
+    let clock = ManualClock::new(NOW_MS);
+    let server = start_with(Arc::new(app.clone()), clock).await;
+    let login = server
+        .sessions
+        .login(&uid("@no-create"), &SessionRequest::new().refresh(true));
+    let (status_code, json, _) = send(
+        server.addr,
+        "POST",
+        "/_matrix/client/v3/refresh",
+        None,
+        Some(&refresh_body(login.refresh_token.as_deref().unwrap())),
+    )
+    .await;
+    assert_eq!(status_code, StatusCode::OK, "{json}");
+    let (status_code, _, _) = send(
+        server.addr,
+        "POST",
+        "/_matrix/client/v3/logout",
+        Some(json["access_token"].as_str().unwrap()),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(status_code, StatusCode::OK);
+    drop(app);
+    let _ = admin
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await;
+}

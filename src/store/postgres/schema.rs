@@ -1,8 +1,10 @@
 //! The store's schema and its migrations: versioned, idempotent, and safe to run from several
 //! processes at once.
 //!
-//! Every (re)connection runs [`migrate`] on its listening connection before loading the state:
-//! one transaction that takes a transaction-level advisory lock (so processes starting together
+//! Every (re)connection runs [`migrate`] on its listening connection before loading the state.
+//! A database already at this build's version (or newer) is used as it is, without a lock or any
+//! DDL, so that processes whose role may not create tables (PostgreSQL 15 no longer lets every
+//! role create in `public`) run once the schema is current. Otherwise, one transaction that takes a transaction-level advisory lock (so processes starting together
 //! migrate one after the other, and the lock goes with the transaction whatever happens), creates
 //! `matrix_auth_schema` if needed, reads the version recorded there, applies every later migration
 //! in order, and records the new version. A migration that fails rolls the whole transaction back
@@ -47,8 +49,30 @@ pub(super) fn current_version() -> i32 {
     i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX)
 }
 
+/// The version recorded in the database, if it has the version table.
+async fn recorded_version(
+    client: &tokio_postgres::Client,
+) -> Result<Option<i32>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('matrix_auth_schema') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    client
+        .query_one("SELECT max(version) FROM matrix_auth_schema", &[])
+        .await
+        .map(|row| row.get(0))
+}
+
 /// Brings the database's schema to [`current_version`]; returns the version found before.
 pub(super) async fn migrate(client: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
+    if let Some(found) = recorded_version(client).await? {
+        if found >= current_version() {
+            return Ok(found);
+        }
+    }
     client
         .batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock({LOCK_KEY}); \
