@@ -8,8 +8,8 @@
 //! dictionary can steer it: one configuration byte (bits 0-1: format V1, V2, V2JSON, V1; bit 2:
 //! refresh tokens live an hour; bit 3: access tokens without a refresh token live a day; bit 4
 //! **clear**: a 30 s grace window for replays at `/v3/refresh`; bit 5 **clear**: a replay outside
-//! it revokes the session (both set in an ASCII digit: the seeds written before the refresh
-//! policy run without it); bit 6: refreshable access tokens live 1 ms; bit 7: a location), then
+//! it revokes the session (both set in an ASCII digit, so seeds led by a digit run without the
+//! policy; the few older seeds led by another byte now run with it); bit 6: refreshable access tokens live 1 ms; bit 7: a location), then
 //! one operation per line:
 //!
 //! | line | operation |

@@ -32,8 +32,9 @@ pub enum RefreshMode {
 }
 
 /// What a `/v3/refresh` does with a *replay*: a refresh token of a session that is still logged
-/// in but has moved past it (a later generation has been used, or a later refresh of the same
-/// token replaced it). See [`Sessions::refresh_policy`](crate::Sessions::refresh_policy).
+/// in, whose successor (or a later generation) has been used. A successor replaced before anyone
+/// used it (two tabs refreshed the same token) is refused but is no replay: nobody else used the
+/// session through it. See [`Sessions::refresh_policy`](crate::Sessions::refresh_policy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum ReplayAction {
@@ -274,14 +275,18 @@ pub struct SessionState {
     pub until_ms: u64,
     /// Bumped by every change: orders updates that reach a process out of order.
     pub version: u64,
-    /// The generation most recently refreshed at `/v3/refresh` (`None`: none since the session
-    /// began or was last refreshed at `/r0/tokenrefresh`), and when it was first refreshed (ms
-    /// since the epoch): a replay of it within [`RefreshPolicy::grace`] of that instant gets a
-    /// pair. The PostgreSQL store keeps this in the row only (its processes'
-    /// views do not follow it; a replay is always decided from the row).
+    /// The refresh record: the generation last refreshed at `/v3/refresh` (`None`: none yet),
+    /// when it was first refreshed (ms since the epoch), and `next_generation` right after its
+    /// latest refresh. While `next_generation` still equals that, nothing was refreshed since (at
+    /// either endpoint, by any process of any release): the record is current, and a replay of
+    /// that generation within [`RefreshPolicy::grace`] of its first refresh gets a pair. The
+    /// PostgreSQL store keeps the record in the row only (its processes' views do not follow
+    /// it; a replay is always decided from the row).
     pub refreshed_generation: Option<u32>,
     /// See `refreshed_generation`.
     pub refreshed_at_ms: u64,
+    /// See `refreshed_generation`.
+    pub refreshed_next: u32,
 }
 
 impl Default for SessionState {
@@ -295,6 +300,7 @@ impl Default for SessionState {
             version: 0,
             refreshed_generation: None,
             refreshed_at_ms: 0,
+            refreshed_next: 0,
         }
     }
 }
@@ -356,13 +362,13 @@ impl SessionState {
                     self.refreshed_generation = Some(generation);
                     self.refreshed_at_ms = request.now_ms;
                 }
+                self.refreshed_next = next;
             }
+            // Used up at once, for good. Leaving the record as it is makes it stale (`next`
+            // moved on): no window for this token, nor for an older one.
             RefreshMode::SingleUse => {
                 self.live_generation = successor;
                 self.pending_generation = None;
-                // Used up at once, for good: no grace for it, nor for an older token.
-                self.refreshed_generation = None;
-                self.refreshed_at_ms = 0;
             }
         }
         self.until_ms = self.until_ms.max(request.until_ms);
@@ -375,8 +381,21 @@ impl SessionState {
         if request.mode == RefreshMode::SingleUse {
             return RefreshOutcome::Refused;
         }
+        // The record names the generation last refreshed, and nothing was refreshed since.
+        let current = (
+            self.refreshed_generation,
+            self.refreshed_next == self.next_generation,
+        );
+        // Never used, so no replay: above the generation in use (which only grows, and every
+        // generation used was in use), or minted by the recorded generation's refreshes (only
+        // one of which can have been used: the one in use).
+        let never_used = generation > self.live_generation
+            || matches!(current, (Some(last), true) if generation > last);
+        if never_used {
+            return RefreshOutcome::Refused;
+        }
         let policy = request.policy;
-        let in_grace = self.refreshed_generation == Some(generation)
+        let in_grace = current == (Some(generation), true)
             && request.now_ms < self.refreshed_at_ms.saturating_add(policy.grace_ms);
         if in_grace {
             // The pair minted is of the generation in use: valid at once, and as strong as what
@@ -591,14 +610,27 @@ mod tests {
             RefreshOutcome::Replayed { .. }
         ));
         assert_eq!(s.refresh(1, &at(1_200)), RefreshOutcome::GrantedInGrace(2));
-        // A successor replaced before its first use was never refreshed: no grace.
+    }
+
+    /// Two tabs refreshed the same token before either used its successor: the one replaced
+    /// was never used, so presenting it is no replay, and "revoke" leaves the session alone.
+    #[test]
+    fn a_successor_replaced_before_its_first_use_is_refused_but_no_replay() {
+        let policy = RefreshPolicy::new()
+            .grace(Duration::from_secs(60))
+            .on_replay(ReplayAction::RevokeSession);
+        let at = |now_ms| RefreshRequest::new(RefreshMode::Rotating, 40, now_ms).policy(policy);
         let mut s = SessionState::default();
-        s.refresh(0, &at(1_000));
-        s.refresh(0, &at(1_001));
-        assert!(matches!(
-            s.refresh(1, &at(1_002)),
-            RefreshOutcome::Replayed { .. }
-        ));
+        assert_eq!(s.refresh(0, &at(1_000)), RefreshOutcome::Granted(1));
+        assert_eq!(s.refresh(0, &at(1_001)), RefreshOutcome::Granted(2));
+        // Above the generation in use.
+        assert_eq!(s.refresh(1, &at(1_002)), RefreshOutcome::Refused);
+        s.promote(2);
+        // Below it now, but minted by the recorded generation's refreshes.
+        assert_eq!(s.refresh(1, &at(1_003)), RefreshOutcome::Refused);
+        assert_eq!((s.revoked, s.verdict(2)), (false, Verdict::Active));
+        // The token both tabs refreshed is a replay, within the window.
+        assert_eq!(s.refresh(0, &at(1_004)), RefreshOutcome::GrantedInGrace(2));
     }
 
     #[test]
@@ -634,7 +666,7 @@ mod tests {
         // Within the grace window and with "revoke": the loser of a race is only refused.
         assert_eq!(s.refresh(0, &request), RefreshOutcome::Refused);
         assert_eq!((s.revoked, s.verdict(1)), (false, Verdict::Active));
-        // Nor does a token used up there get a grace at /v3/refresh.
+        // Nor does a token used up there get a grace at /v3/refresh: its record is stale.
         let rotating = RefreshRequest::new(RefreshMode::Rotating, 10, 1_000).policy(policy);
         assert_eq!(
             s.refresh(0, &rotating),

@@ -81,7 +81,7 @@ const PURGE_BATCH: i64 = 5000;
 /// when this process's view could not tell it the current state.
 const READ_SESSION: &str = "SELECT s.user_id, s.live_generation, s.pending_generation, \
     s.next_generation, s.revoked, s.until_ms, s.version, s.refreshed_generation, \
-    s.refreshed_at_ms, u.revoked_before_ms \
+    s.refreshed_at_ms, s.refreshed_next, u.revoked_before_ms \
     FROM (SELECT $1::TEXT AS id, $2::TEXT AS uid) k \
     LEFT JOIN matrix_auth_sessions s ON s.session_id = k.id \
     LEFT JOIN matrix_auth_users u ON u.user_id = k.uid";
@@ -91,19 +91,18 @@ const READ_SESSION: &str = "SELECT s.user_id, s.live_generation, s.pending_gener
 /// in the same statement (so in the same transaction). One row back if and only if it wrote.
 /// $1 session, $2 user, $3–$8 the new state, $9 the version it replaces, $10 the epoch (or
 /// `i64::MAX`: no floor check), $11 the notification, $12 the generation this write refreshes
-/// at `/v3/refresh` (NULL: the write leaves the refresh record alone; -1: it clears it) and $13
-/// now. The refresh record ([`SessionState::refreshed_generation`]) is kept from the row, not
-/// computed from the view's guess, which does not follow it: a generation's first refresh sets
-/// it, a retry of that refresh keeps the first instant.
+/// at `/v3/refresh` (NULL: the write leaves the refresh record alone) and $13 now. The refresh
+/// record ([`SessionState::refreshed_generation`]) is kept from the row, not computed from the
+/// view's guess, which does not follow it: a generation's first refresh sets it, a retry of that
+/// refresh keeps the first instant, and each records the new `next_generation`.
 const UPDATE_SESSION: &str = "WITH w AS (UPDATE matrix_auth_sessions SET \
     live_generation = $3::BIGINT, pending_generation = $4::BIGINT, next_generation = $5::BIGINT, \
     revoked = $6::BOOLEAN, until_ms = $7::BIGINT, version = $8::BIGINT, \
-    refreshed_at_ms = CASE WHEN $12::BIGINT IS NULL THEN refreshed_at_ms \
-        WHEN $12::BIGINT < 0 THEN 0 \
-        WHEN refreshed_generation IS NOT DISTINCT FROM $12::BIGINT THEN refreshed_at_ms \
-        ELSE $13::BIGINT END, \
-    refreshed_generation = CASE WHEN $12::BIGINT IS NULL THEN refreshed_generation \
-        WHEN $12::BIGINT < 0 THEN NULL ELSE $12::BIGINT END \
+    refreshed_at_ms = CASE WHEN $12::BIGINT IS NULL \
+        OR refreshed_generation IS NOT DISTINCT FROM $12::BIGINT \
+        THEN refreshed_at_ms ELSE $13::BIGINT END, \
+    refreshed_generation = COALESCE($12::BIGINT, refreshed_generation), \
+    refreshed_next = CASE WHEN $12::BIGINT IS NULL THEN refreshed_next ELSE $5::BIGINT END \
     WHERE session_id = $1::TEXT AND user_id = $2::TEXT AND version = $9::BIGINT \
     AND NOT EXISTS (SELECT 1 FROM matrix_auth_users \
         WHERE user_id = $2::TEXT AND revoked_before_ms > $10::BIGINT) \
@@ -111,12 +110,12 @@ const UPDATE_SESSION: &str = "WITH w AS (UPDATE matrix_auth_sessions SET \
     SELECT pg_notify('matrix_auth_revocations', $11::TEXT) FROM w";
 
 /// The same for a session that has no row yet: writes it unless one appeared meanwhile.
-/// $1–$8 as above, $9 the epoch, $10 the notification, $11 and $12 the refresh record.
+/// $1–$8 as above, $9 the epoch, $10 the notification, $11–$13 the refresh record.
 const INSERT_SESSION: &str = "WITH w AS (INSERT INTO matrix_auth_sessions \
     (session_id, user_id, live_generation, pending_generation, next_generation, revoked, until_ms, \
-     version, refreshed_generation, refreshed_at_ms) \
+     version, refreshed_generation, refreshed_at_ms, refreshed_next) \
     SELECT $1::TEXT, $2::TEXT, $3::BIGINT, $4::BIGINT, $5::BIGINT, $6::BOOLEAN, $7::BIGINT, \
-        $8::BIGINT, $11::BIGINT, $12::BIGINT \
+        $8::BIGINT, $11::BIGINT, $12::BIGINT, $13::BIGINT \
     WHERE NOT EXISTS (SELECT 1 FROM matrix_auth_users \
         WHERE user_id = $2::TEXT AND revoked_before_ms > $9::BIGINT) \
     ON CONFLICT (session_id) DO NOTHING RETURNING 1) \
@@ -172,6 +171,7 @@ fn guessed(state: &SessionState) -> SessionState {
     SessionState {
         refreshed_generation: None,
         refreshed_at_ms: u64::MAX,
+        refreshed_next: u32::MAX,
         ..*state
     }
 }
@@ -222,6 +222,7 @@ fn state_from_row(row: &tokio_postgres::Row) -> SessionState {
             .get::<_, Option<i64>>("refreshed_generation")
             .map(generation),
         refreshed_at_ms: to_u64(row.get("refreshed_at_ms")),
+        refreshed_next: generation(row.get("refreshed_next")),
     }
 }
 
@@ -268,6 +269,7 @@ fn apply_notification(view: &mut View, payload: &str) {
                     // follow the refresh record, the row does.
                     refreshed_generation: None,
                     refreshed_at_ms: 0,
+                    refreshed_next: 0,
                 };
                 Some((state, *user_id))
             })();
@@ -517,9 +519,11 @@ impl PostgresStore {
             let payload = session_payload(session, user_id, &state);
             // What this write does to the refresh record, which the statement applies to the row's
             // (see UPDATE_SESSION): the basis may be a guess that does not know it.
-            let record = (state.refreshed_generation, state.refreshed_at_ms);
-            let refreshed = (record != (before.refreshed_generation, before.refreshed_at_ms))
-                .then(|| state.refreshed_generation.map_or(-1, i64::from));
+            let record =
+                |s: &SessionState| (s.refreshed_generation, s.refreshed_at_ms, s.refreshed_next);
+            let refreshed = (record(&state) != record(&before))
+                .then(|| state.refreshed_generation.map(i64::from))
+                .flatten();
             let refreshed_at = to_i64(state.refreshed_at_ms);
             let (live, pending, next, until, version) = (
                 i64::from(state.live_generation),
@@ -576,6 +580,7 @@ impl PostgresStore {
                                 &payload,
                                 &state.refreshed_generation.map(i64::from),
                                 &refreshed_at,
+                                &i64::from(state.refreshed_next),
                             ],
                         )
                         .await

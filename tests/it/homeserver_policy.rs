@@ -1653,8 +1653,12 @@ async fn the_refresh_policy_of_the_example() {
         let text = second.metrics().await;
         assert!(text.lines().any(|line| line == counted), "{store}: {text}");
 
-        // The session ceiling: past it, a refresh is refused for good, not a soft logout.
-        let server = start(&[("MATRIX_SESSION_LIFETIME_MS", "1500")]);
+        // The session ceiling: past it, a refresh is refused for good, not a soft logout. With
+        // a clock leeway the refresh token itself still verifies then: the ceiling refuses.
+        let server = start(&[
+            ("MATRIX_SESSION_LIFETIME_MS", "1500"),
+            ("MATRIX_CLOCK_LEEWAY_MS", "5000"),
+        ]);
         let (_, r0) = refreshable_login(&server).await;
         let (status, answer) = refresh(&server, &r0).await;
         assert_eq!(status, StatusCode::OK, "{store}: {answer}");

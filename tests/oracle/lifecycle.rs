@@ -38,7 +38,8 @@
 //!   one more per refresh (inheriting the session's start and epoch), every nonce stamped with the
 //!   clock, the session's expiry the latest `time <` of its tokens so far; the docs' caveats.
 //! - The refresh policy (`docs/sessions.md`, "The refresh policy"): a *replay* is a refresh token
-//!   at `/v3/refresh` of a session still logged in whose standing is revoked. Within the grace
+//!   at `/v3/refresh` of a session still logged in whose standing is revoked, and which was used
+//!   (not a successor replaced before its first use). Within the grace
 //!   window of the generation most recently refreshed there (from its first refresh), it mints
 //!   the live generation again and changes nothing else; outside, it is refused and, with
 //!   "revoke", logs the session out. `/r0/tokenrefresh` refuses replays only, and forgets the
@@ -762,8 +763,15 @@ impl Model {
         match state.standing(at.generation) {
             Standing::Revoked if state.logged_out => return Err(refused),
             Standing::Revoked => {
+                // A successor replaced before anyone used it: refused, no replay. Generations
+                // are used in order, so one above the live one was never used; nor was one that
+                // the last rotated generation's refreshes minted and that is not live.
+                let never_used = at.generation > state.live
+                    || state
+                        .last_rotated
+                        .is_some_and(|(last, _)| at.generation > last);
                 // A replay.
-                if mode == RefreshMode::Rotating {
+                if mode == RefreshMode::Rotating && !never_used {
                     if in_window(state) {
                         state.until = state.until.max(until);
                         return Ok(state.live);

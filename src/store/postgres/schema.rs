@@ -37,12 +37,13 @@ CREATE TABLE IF NOT EXISTS matrix_auth_users (
     -- The user's floor: sessions whose epoch is below it are revoked.
     revoked_before_ms BIGINT NOT NULL
 );", "
--- The refresh record (the generation most recently refreshed and when it was first refreshed)
--- that a refresh replay's grace window is counted from. Constant defaults: no table rewrite.
--- Releases before it neither read nor write these columns: a refresh they make leaves the
--- record naming an older generation, which only shortens a grace window.
+-- The refresh record: the generation last refreshed at /v3/refresh, when first, and
+-- next_generation right after its latest refresh (a refresh replay's grace window). Constant
+-- defaults: no table rewrite. Releases before it neither read nor write these columns, but
+-- every refresh they make advances next_generation, which makes the record stale: no window.
 ALTER TABLE matrix_auth_sessions ADD COLUMN IF NOT EXISTS refreshed_generation BIGINT;
-ALTER TABLE matrix_auth_sessions ADD COLUMN IF NOT EXISTS refreshed_at_ms BIGINT NOT NULL DEFAULT 0;"];
+ALTER TABLE matrix_auth_sessions ADD COLUMN IF NOT EXISTS refreshed_at_ms BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE matrix_auth_sessions ADD COLUMN IF NOT EXISTS refreshed_next BIGINT NOT NULL DEFAULT 0;"];
 
 /// The schema version this build writes and expects.
 pub(super) fn current_version() -> i32 {
