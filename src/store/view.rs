@@ -144,6 +144,14 @@ impl View {
         }
     }
 
+    /// Makes room for `sessions` sessions in all (a load's count), so that the map does not grow
+    /// step by step while they are merged.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn reserve_sessions(&mut self, sessions: usize) {
+        self.sessions
+            .reserve(sessions.saturating_sub(self.sessions.len()));
+    }
+
     /// Raises a user's floor to `floor` (never lowers it).
     pub(crate) fn merge_user(&mut self, user_id: &str, floor: u64) {
         let entry = self.users.entry(user_id.into()).or_insert(0);
