@@ -325,17 +325,39 @@ async fn load_in_batches(
     let fetch = listener
         .prepare(&format!("FETCH {LOAD_BATCH} FROM matrix_auth_load"))
         .await?;
+    let mut batch = listener.query(&fetch, &[]).await?;
     loop {
-        let batch = listener.query(&fetch, &[]).await?;
+        let last = batch.len() < LOAD_BATCH;
+        // The next batch is asked for (the first poll sends the FETCH) before this one is merged,
+        // so that the server reads and sends it meanwhile.
+        let mut next = pin!(async {
+            if last {
+                Ok(Vec::new())
+            } else {
+                listener.query(&fetch, &[]).await
+            }
+        });
+        let mut early = None;
+        poll_fn(|cx| {
+            if let Poll::Ready(rows) = next.as_mut().poll(cx) {
+                early = Some(rows);
+            }
+            Poll::Ready(())
+        })
+        .await;
         {
             let mut view = write_view(shared);
             for row in &batch {
                 apply(&mut view, row);
             }
         }
-        if batch.len() < LOAD_BATCH {
+        if last {
             break;
         }
+        batch = match early {
+            Some(rows) => rows?,
+            None => next.await?,
+        };
     }
     listener.batch_execute("CLOSE matrix_auth_load").await
 }

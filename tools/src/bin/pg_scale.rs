@@ -514,6 +514,22 @@ fn status_kb(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// This process's CPU time (user and system) so far: the client's share of a load, which the
+/// wall time mixes with the server's and with whatever else the machine runs.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name (which is in parentheses): utime and stime are the
+            // 12th and 13th, in clock ticks (100 a second on Linux).
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some(ticks as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 fn rss_bytes() -> u64 {
     status_kb("VmRSS:") * 1024
 }
@@ -637,6 +653,7 @@ async fn view_at_size<F: std::future::Future<Output = ()>>(
     reset_peak();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = sample_peak(stop.clone());
+    let cpu = cpu_seconds();
     let t = Instant::now();
     let store = PostgresStore::connect_with(
         &args.url,
@@ -645,6 +662,7 @@ async fn view_at_size<F: std::future::Future<Output = ()>>(
     .await
     .expect("a store");
     let load = t.elapsed();
+    let cpu = cpu_seconds() - cpu;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak = peak_bytes().max(sampler.join().expect("the sampler"));
     let after = rss_bytes();
@@ -652,9 +670,10 @@ async fn view_at_size<F: std::future::Future<Output = ()>>(
     let trimmed = rss_bytes();
     let per = |bytes: u64| bytes.saturating_sub(before) as f64 / rows as f64;
     println!(
-        "| {rows} logged-out sessions | generated in {} | loaded in {:.2} s | peak +{} ({:.0} B/session) | after +{} ({:.0} B/session), after malloc_trim +{} ({:.0} B/session) | map {} ({:.0} B/session) |",
+        "| {rows} logged-out sessions | generated in {} | loaded in {:.2} s ({:.2} s CPU here) | peak +{} ({:.0} B/session) | after +{} ({:.0} B/session), after malloc_trim +{} ({:.0} B/session) | map {} ({:.0} B/session) |",
         generated.map_or("(reused)".to_owned(), |g| format!("{:.1} s", g.as_secs_f64())),
         load.as_secs_f64(),
+        cpu,
         mb(peak.saturating_sub(before)),
         per(peak),
         mb(after.saturating_sub(before)),
