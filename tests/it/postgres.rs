@@ -581,7 +581,10 @@ async fn the_load_reads_every_row_across_its_batches() {
         status(&store, &tokens.revoked[3].0).await,
         RevocationStatus::Active
     );
-    assert_eq!(status(&store, &tokens.control).await, RevocationStatus::Active);
+    assert_eq!(
+        status(&store, &tokens.control).await,
+        RevocationStatus::Active
+    );
 }
 
 /// A reload (after the listening connection is lost) that cannot finish leaves the store
@@ -601,19 +604,29 @@ async fn the_store_refuses_checks_until_a_reload_completes() {
     let store = PostgresStore::connect(&with_application_name(&url, &name))
         .await
         .unwrap();
-    assert_eq!(status(&store, &tokens.control).await, RevocationStatus::Active);
+    assert_eq!(
+        status(&store, &tokens.control).await,
+        RevocationStatus::Active
+    );
     let admin = plain(&url).await;
-    // Holds the reload back inside its transaction (its first read waits for the lock), and
-    // logs out one more session without a notification: only a reload begun after the lock is
-    // released can know it.
-    let blocker = plain(&url).await;
+    // A logout written without a notification (as by nothing that runs the store): only a
+    // reload can know it.
     let (session, user_id) = tokens.revoked[3].1.split_once('|').unwrap();
-    blocker
+    admin
         .batch_execute(&format!(
-            "BEGIN; LOCK TABLE matrix_auth_sessions IN ACCESS EXCLUSIVE MODE; \
-             INSERT INTO matrix_auth_sessions VALUES ('{session}', 0, NULL, 1, TRUE, \
+            "INSERT INTO matrix_auth_sessions VALUES ('{session}', 0, NULL, 1, TRUE, \
              9223372036854775807, 1, '{user_id}');"
         ))
+        .await
+        .unwrap();
+    assert_eq!(
+        status(&store, &tokens.revoked[3].0).await,
+        RevocationStatus::Active
+    );
+    // Holds the reload back inside its transaction (its first read waits for the lock).
+    let blocker = plain(&url).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE matrix_auth_sessions IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
     let kill = format!(
@@ -663,5 +676,8 @@ async fn the_store_refuses_checks_until_a_reload_completes() {
         status(&store, &tokens.floored.0).await,
         RevocationStatus::Revoked
     );
-    assert_eq!(status(&store, &tokens.control).await, RevocationStatus::Active);
+    assert_eq!(
+        status(&store, &tokens.control).await,
+        RevocationStatus::Active
+    );
 }

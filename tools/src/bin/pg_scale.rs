@@ -524,7 +524,8 @@ fn cpu_seconds() -> f64 {
             // 12th and 13th, in clock ticks (100 a second on Linux).
             let rest = stat.rsplit_once(')')?.1;
             let fields: Vec<&str> = rest.split_whitespace().collect();
-            let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            let ticks =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
             Some(ticks as f64 / 100.0)
         })
         .unwrap_or(0.0)
@@ -591,7 +592,10 @@ async fn size(args: Args) {
     // Creates the tables (a store loads them too: only when there are none).
     let url = args.url.clone();
     let exists = tokio::task::spawn_blocking(move || {
-        psql_value(&url, "SELECT to_regclass('matrix_auth_sessions') IS NOT NULL")
+        psql_value(
+            &url,
+            "SELECT to_regclass('matrix_auth_sessions') IS NOT NULL",
+        )
     })
     .await
     .expect("psql");
@@ -618,7 +622,9 @@ fn psql_value(url: &str, sql: &str) -> String {
 
 /// Samples the RSS every millisecond until `stop`; returns the highest seen (the kernel's
 /// `VmHWM` is the exact figure; this is a check on it).
-fn sample_peak(stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u64> {
+fn sample_peak(
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut peak = 0;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {

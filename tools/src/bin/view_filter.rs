@@ -109,31 +109,49 @@ fn main() {
     // Ids that are not members (a collision of 128 random bits does not happen).
     let others: Vec<u128> = (0..probes).map(|_| rng.gen()).collect();
     let results = [
-        measure("sorted Vec<u64> (64 bits of the id)", &members, &others, |m| {
-            let mut set: Vec<u64> = m.iter().map(|&id| id as u64).collect();
-            set.sort_unstable();
-            set.shrink_to_fit();
-            let bytes = set.capacity() * 8;
-            (bytes, Box::new(move |id| set.binary_search(&(id as u64)).is_ok()))
-        }),
-        measure("sorted Vec<u32> (32 bits of the id)", &members, &others, |m| {
-            let mut set: Vec<u32> = m.iter().map(|&id| (id >> 64) as u32).collect();
-            set.sort_unstable();
-            set.shrink_to_fit();
-            let bytes = set.capacity() * 4;
-            (
-                bytes,
-                Box::new(move |id| set.binary_search(&((id >> 64) as u32)).is_ok()),
-            )
-        }),
-        measure("blocked Bloom filter, 10 bits a session", &members, &others, |m| {
-            let mut bloom = Bloom::new(m.len(), 10);
-            for &id in m {
-                bloom.insert(id);
-            }
-            let bytes = bloom.blocks.len() * 64;
-            (bytes, Box::new(move |id| bloom.contains(id)))
-        }),
+        measure(
+            "sorted Vec<u64> (64 bits of the id)",
+            &members,
+            &others,
+            |m| {
+                let mut set: Vec<u64> = m.iter().map(|&id| id as u64).collect();
+                set.sort_unstable();
+                set.shrink_to_fit();
+                let bytes = set.capacity() * 8;
+                (
+                    bytes,
+                    Box::new(move |id| set.binary_search(&(id as u64)).is_ok()),
+                )
+            },
+        ),
+        measure(
+            "sorted Vec<u32> (32 bits of the id)",
+            &members,
+            &others,
+            |m| {
+                let mut set: Vec<u32> = m.iter().map(|&id| (id >> 64) as u32).collect();
+                set.sort_unstable();
+                set.shrink_to_fit();
+                let bytes = set.capacity() * 4;
+                (
+                    bytes,
+                    Box::new(move |id| set.binary_search(&((id >> 64) as u32)).is_ok()),
+                )
+            },
+        ),
+        measure(
+            "blocked Bloom filter, 10 bits a session",
+            &members,
+            &others,
+            |m| {
+                let mut bloom = Bloom::new(m.len(), 10);
+                for &id in m {
+                    bloom.insert(id);
+                }
+                let bytes = bloom.blocks.len() * 64;
+                (bytes, Box::new(move |id| bloom.contains(id)))
+            },
+        ),
     ];
     println!(
         "{sessions} sessions in the set, {probes} probes of ids not in it (a false positive = a needless database read)"
