@@ -508,7 +508,7 @@ async fn database_for_load(name: &str) -> (String, LoadTokens) {
         )
     };
     let parts = http::Request::new(()).into_parts().0;
-    let mut mint = |name: &str| {
+    let mint = |name: &str| {
         let user_id = uid(name);
         let token = engine
             .login(&user_id, &SessionRequest::default())

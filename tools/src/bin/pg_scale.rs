@@ -20,7 +20,8 @@
 //! beside the map's own size computed from its layout), and the reload after the listening
 //! connection is killed (how long checks fail closed); then `purge_expired` on ROWS expired rows
 //! beside the single `DELETE` it replaced. `--reuse 1` keeps the sessions table if it already
-//! holds ROWS rows (and leaves it there); `--skip-purge 1` skips the purge.
+//! holds ROWS rows (and leaves them there, unless the purge replaces them; otherwise the table is
+//! emptied at the end); `--skip-purge 1` skips the purge.
 //!
 //! `run` prints one table: for each process count, pgbench's rates (the ceilings, with as many
 //! listening connections as the store has processes: one refresh's work as a transaction of
@@ -606,7 +607,12 @@ async fn size(args: Args) {
         view_at_size(&args, rows, &setup).await;
     }
     if !args.skip_purge {
-        purge_at_size(&args, rows, setup).await;
+        purge_at_size(&args, rows, &setup).await;
+    }
+    if !args.reuse {
+        // A database shared with the tests must not keep millions of rows: every store that
+        // connects to it loads them.
+        setup("TRUNCATE matrix_auth_sessions".into()).await;
     }
 }
 
@@ -737,7 +743,7 @@ async fn view_at_size<F: std::future::Future<Output = ()>>(
 async fn purge_at_size<F: std::future::Future<Output = ()>>(
     args: &Args,
     rows: usize,
-    setup: impl Fn(String) -> F,
+    setup: &impl Fn(String) -> F,
 ) {
     // Purge: the same number of expired rows.
     setup(format!(
