@@ -286,37 +286,126 @@ fn apply_notification(view: &mut View, payload: &str) {
     }
 }
 
+/// Rows the load fetches at a time: all the load holds beside the view is one batch of rows.
+const LOAD_BATCH: usize = 10_000;
+
 /// The data half of every (re)connection, on the listening connection: migrates the schema if
-/// needed (see `schema`), listens, and loads the whole state into the view (the `liveness` module does the rest).
+/// needed (see `schema`), listens, and loads the whole state into the view (the `liveness` module
+/// does the rest: the store refuses every check until this has returned `Ok` and a heartbeat has
+/// come back).
+///
+/// The state is read through cursors, [`LOAD_BATCH`] rows at a time, in one read-only repeatable
+/// read transaction (one snapshot for the count, the sessions and the users), and merged into the
+/// view batch by batch: the load's peak memory is the view plus one batch, not the view plus
+/// every row at once. A load that fails midway leaves merged rows in the view (each the committed
+/// state, merged by version like any other) and the store failing closed; the caller drops the
+/// connection, which ends the transaction, and retries the whole load.
 async fn listen_and_load(shared: &Shared, listener: &Client) -> Result<(), tokio_postgres::Error> {
     schema::migrate(listener).await?;
     listener
         .batch_execute(&format!("LISTEN {CHANNEL};"))
         .await?;
-    // LISTEN is active before the load, so nothing committed after the load is missed.
+    // LISTEN is active before the load's snapshot is taken (by its first query, below), so
+    // everything committed after the snapshot is notified (after the transaction ends: a
+    // connection in a transaction receives no notifications) and nothing is missed.
     let now = to_i64(shared.clock.now_ms());
-    let sessions = listener
-        .query(
-            "SELECT * FROM matrix_auth_sessions WHERE until_ms > $1",
-            &[&now],
+    // cursor_tuple_fraction: every row will be fetched, so plan for all of them (a sequential
+    // scan), not for the first tenth.
+    listener
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SET LOCAL cursor_tuple_fraction = 1",
         )
         .await?;
-    let users = listener
-        .query(
-            "SELECT user_id, revoked_before_ms FROM matrix_auth_users",
-            &[],
+    let live = "FROM matrix_auth_sessions WHERE until_ms > $1::BIGINT";
+    let rows: i64 = listener
+        .query_one(&format!("SELECT count(*) {live}"), &[&now])
+        .await?
+        .get(0);
+    // The map at its final size at once: no doubling and rehashing while it fills, and no old
+    // table beside the new one at each doubling.
+    write_view(shared).reserve_sessions(usize::try_from(rows).unwrap_or(0));
+    load_in_batches(
+        listener,
+        &format!("SELECT * {live}"),
+        &[&now],
+        |view, row| {
+            if let Some(session) = parse_session_key(row.get("session_id")) {
+                view.merge(session, row.get("user_id"), state_from_row(row));
+            }
+        },
+        shared,
+    )
+    .await?;
+    load_in_batches(
+        listener,
+        "SELECT user_id, revoked_before_ms FROM matrix_auth_users",
+        &[],
+        |view, row| view.merge_user(row.get(0), to_u64(row.get(1))),
+        shared,
+    )
+    .await?;
+    write_view(shared).loaded();
+    listener.batch_execute("COMMIT").await
+}
+
+fn write_view(shared: &Shared) -> RwLockWriteGuard<'_, View> {
+    shared.view.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `query` through a cursor (in the caller's transaction) and applies each row to the view,
+/// [`LOAD_BATCH`] rows at a time (the view's lock is taken once a batch).
+async fn load_in_batches(
+    listener: &Client,
+    query: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    mut apply: impl FnMut(&mut View, &tokio_postgres::Row),
+    shared: &Shared,
+) -> Result<(), tokio_postgres::Error> {
+    listener
+        .execute(
+            &format!("DECLARE matrix_auth_load NO SCROLL CURSOR FOR {query}"),
+            params,
         )
         .await?;
-    let mut view = shared.view.write().unwrap_or_else(|e| e.into_inner());
-    for row in &sessions {
-        if let Some(session) = parse_session_key(row.get("session_id")) {
-            view.merge(session, row.get("user_id"), state_from_row(row));
+    let fetch = listener
+        .prepare(&format!("FETCH {LOAD_BATCH} FROM matrix_auth_load"))
+        .await?;
+    let mut batch = listener.query(&fetch, &[]).await?;
+    loop {
+        let last = batch.len() < LOAD_BATCH;
+        // The next batch is asked for (the first poll sends the FETCH) before this one is merged,
+        // so that the server reads and sends it meanwhile.
+        let mut next = pin!(async {
+            if last {
+                Ok(Vec::new())
+            } else {
+                listener.query(&fetch, &[]).await
+            }
+        });
+        let mut early = None;
+        poll_fn(|cx| {
+            if let Poll::Ready(rows) = next.as_mut().poll(cx) {
+                early = Some(rows);
+            }
+            Poll::Ready(())
+        })
+        .await;
+        {
+            let mut view = write_view(shared);
+            for row in &batch {
+                apply(&mut view, row);
+            }
         }
+        if last {
+            break;
+        }
+        batch = match early {
+            Some(rows) => rows?,
+            None => next.await?,
+        };
     }
-    for row in &users {
-        view.merge_user(row.get(0), to_u64(row.get(1)));
-    }
-    Ok(())
+    listener.batch_execute("CLOSE matrix_auth_load").await
 }
 
 impl PostgresStore {

@@ -144,6 +144,22 @@ impl View {
         }
     }
 
+    /// Makes room for `sessions` sessions in all (a load's count), so that the map does not grow
+    /// step by step while they are merged.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn reserve_sessions(&mut self, sessions: usize) {
+        self.sessions
+            .reserve(sessions.saturating_sub(self.sessions.len()));
+    }
+
+    /// A load of every live session is complete: nothing in the map has expired, so the next
+    /// sweep waits until it has doubled again (rather than running through the whole map, under
+    /// the write lock, at the first write after a load of millions).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn loaded(&mut self) {
+        self.swept_at_len = self.sessions.len();
+    }
+
     /// Raises a user's floor to `floor` (never lowers it).
     pub(crate) fn merge_user(&mut self, user_id: &str, floor: u64) {
         let entry = self.users.entry(user_id.into()).or_insert(0);
@@ -172,6 +188,27 @@ impl View {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a load the map holds only live sessions: the first write does not sweep it all.
+    #[test]
+    fn the_first_write_after_a_load_does_not_sweep_the_whole_map() {
+        let state = SessionState {
+            until_ms: 10,
+            ..SessionState::default()
+        };
+        let mut view = View::default();
+        for i in 0..4096 {
+            view.merge(SessionId::from_u128(i), "@a:b", state);
+        }
+        view.loaded();
+        // At 20 these have expired (a sweep would forget them): none is due yet.
+        view.sweep_if_due(20);
+        assert_eq!(view.sessions.len(), 4096);
+        // Without `loaded`, the first write after the load sweeps everything.
+        view.swept_at_len = 0;
+        view.sweep_if_due(20);
+        assert_eq!(view.sessions.len(), 0);
+    }
     use crate::{lifecycle::SessionRequest, Issuer, KeyRing, MacaroonSecret, TokenType, Verifier};
 
     /// A generation the view has not heard of is `Unheard` (a shared store asks its database),

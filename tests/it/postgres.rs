@@ -560,3 +560,207 @@ async fn a_role_without_create_uses_a_migrated_database() {
         .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
         .await;
 }
+
+/// `url` with `application_name` set, so that the test can find the store's connections.
+fn with_application_name(url: &str, name: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}application_name={name}")
+}
+
+/// Tokens for the load tests: `revoked` are logged out by rows the test writes itself (spread
+/// over the table among filler rows), `floored` by its user's floor; `control` has no row.
+struct LoadTokens {
+    revoked: Vec<(String, String)>,
+    floored: (String, String),
+    control: String,
+}
+
+/// A database holding 25,000 filler rows and the rows of `tokens.revoked` at the start, middle
+/// and end of the table (so in the first, second and last of the load's batches), and a floor
+/// for `tokens.floored`'s user.
+async fn database_for_load(name: &str) -> (String, LoadTokens) {
+    use tower_matrix_auth::lifecycle::TokenNonce;
+    let url = crate::common::pg::fresh_database_url(name).await;
+    let store = PostgresStore::connect(&url).await.unwrap();
+    let engine = {
+        let clock = ManualClock::new(NOW_MS);
+        tower_matrix_auth::Sessions::new(
+            tower_matrix_auth::Issuer::new(keys()).clock(clock.clone()),
+            tower_matrix_auth::Verifier::new(keys()).clock(clock),
+            store.clone(),
+        )
+    };
+    let parts = http::Request::new(()).into_parts().0;
+    let mint = |name: &str| {
+        let user_id = uid(name);
+        let token = engine
+            .login(&user_id, &SessionRequest::default())
+            .access_token;
+        let user = engine
+            .verifier()
+            .verify(token.as_bytes(), TokenType::Access, &parts)
+            .unwrap();
+        let session = TokenNonce::of(&user).unwrap().session;
+        (token, format!("{:032x}|{user_id}", session.as_u128()))
+    };
+    let revoked: Vec<_> = (0..4).map(|i| mint(&format!("@load-{i}"))).collect();
+    let floored = mint("@load-floored");
+    let control = mint("@load-control").0;
+    drop(store);
+    let admin = plain(&url).await;
+    let row = |key: &str| {
+        let (session, user_id) = key.split_once('|').unwrap();
+        format!(
+            "INSERT INTO matrix_auth_sessions VALUES ('{session}', 0, NULL, 1, TRUE, \
+             9223372036854775807, 1, '{user_id}');"
+        )
+    };
+    let filler = |from: u32, to: u32| {
+        format!(
+            "INSERT INTO matrix_auth_sessions SELECT md5(i::text), 0, NULL, 1, TRUE, \
+             9223372036854775807, 1, '@filler:example.org' FROM generate_series({from}, {to}) i;"
+        )
+    };
+    let floored_user = floored.1.split_once('|').unwrap().1.to_owned();
+    admin
+        .batch_execute(&format!(
+            "{}{}{}{}{}INSERT INTO matrix_auth_users VALUES ('{floored_user}', 9000000000000000);",
+            row(&revoked[0].1),
+            filler(1, 12_000),
+            row(&revoked[1].1),
+            filler(12_001, 25_000),
+            row(&revoked[2].1),
+        ))
+        .await
+        .unwrap();
+    (
+        url,
+        LoadTokens {
+            revoked,
+            floored,
+            control,
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_reads_every_row_across_its_batches() {
+    if crate::common::pg::skip() {
+        return;
+    }
+    let (url, tokens) = database_for_load("load_batches").await;
+    let store = PostgresStore::connect(&url).await.unwrap();
+    assert_eq!(view_sessions(&store), 25_003, "every row is in the view");
+    for (token, _) in &tokens.revoked[..3] {
+        assert_eq!(status(&store, token).await, RevocationStatus::Revoked);
+    }
+    assert_eq!(
+        status(&store, &tokens.floored.0).await,
+        RevocationStatus::Revoked,
+        "the users' floors are loaded"
+    );
+    // No row: never logged out.
+    assert_eq!(
+        status(&store, &tokens.revoked[3].0).await,
+        RevocationStatus::Active
+    );
+    assert_eq!(
+        status(&store, &tokens.control).await,
+        RevocationStatus::Active
+    );
+}
+
+/// A reload (after the listening connection is lost) that cannot finish leaves the store
+/// refusing every check; one that fails midway is retried from the start, and the store answers
+/// again only once a reload has completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_refuses_checks_until_a_reload_completes() {
+    if crate::common::pg::skip() {
+        return;
+    }
+    use tower_matrix_auth::hooks::Revocation as _;
+    let (url, tokens) = database_for_load("load_refuses").await;
+    let name = format!(
+        "load_refuses_{:x}",
+        tower_matrix_auth::lifecycle::SessionId::random().as_u128() as u32
+    );
+    let store = PostgresStore::connect(&with_application_name(&url, &name))
+        .await
+        .unwrap();
+    assert_eq!(
+        status(&store, &tokens.control).await,
+        RevocationStatus::Active
+    );
+    let admin = plain(&url).await;
+    // A logout written without a notification (as by nothing that runs the store): only a
+    // reload can know it.
+    let (session, user_id) = tokens.revoked[3].1.split_once('|').unwrap();
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO matrix_auth_sessions VALUES ('{session}', 0, NULL, 1, TRUE, \
+             9223372036854775807, 1, '{user_id}');"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        status(&store, &tokens.revoked[3].0).await,
+        RevocationStatus::Active
+    );
+    // Holds the reload back inside its transaction (its first read waits for the lock).
+    let blocker = plain(&url).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE matrix_auth_sessions IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let kill = format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = '{name}'"
+    );
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{name}' \
+         AND wait_event_type = 'Lock'"
+    );
+    let user = |token: &str| {
+        let parts = http::Request::new(()).into_parts().0;
+        tower_matrix_auth::Verifier::new(keys())
+            .clock(ManualClock::new(NOW_MS))
+            .verify(token.as_bytes(), TokenType::Access, &parts)
+            .unwrap()
+    };
+    let control = user(&tokens.control);
+    let refuses = |store: &PostgresStore| {
+        !store.is_healthy() && matches!(poll_once(store.check(&control)), Some(Err(_)))
+    };
+    for _attempt in 0..2 {
+        admin.batch_execute(&kill).await.unwrap();
+        wait_until(Duration::from_secs(5), || !store.is_healthy()).await;
+        // The reload starts and waits for the lock, inside its transaction.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(refuses(&store), "a store answered before its reload");
+            let stuck: i64 = admin.query_one(&waiting, &[]).await.unwrap().get(0);
+            if stuck == 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no reload began");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(refuses(&store), "a store answered during its reload");
+        // The next round kills the reload midway: it must be retried.
+    }
+    blocker.batch_execute("COMMIT").await.unwrap();
+    wait_until(Duration::from_secs(10), || store.is_healthy()).await;
+    assert_eq!(view_sessions(&store), 25_004);
+    for (token, _) in &tokens.revoked {
+        assert_eq!(status(&store, token).await, RevocationStatus::Revoked);
+    }
+    assert_eq!(
+        status(&store, &tokens.floored.0).await,
+        RevocationStatus::Revoked
+    );
+    assert_eq!(
+        status(&store, &tokens.control).await,
+        RevocationStatus::Active
+    );
+}

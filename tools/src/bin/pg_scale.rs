@@ -7,7 +7,7 @@
 //! pg_scale run --url URL [--clients 16] [--seconds 10] [--procs 1,2,4] [--pgbench PATH]
 //!              [--ops refresh,tokenrefresh,logout,logout-all] [--pool N]
 //! pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE
-//! pg_scale size --url URL --clients ROWS [--skip-view 1]
+//! pg_scale size --url URL --clients ROWS [--skip-view 1] [--skip-purge 1] [--reuse 1]
 //! pg_scale fanout --url URL [--clients 16] [--seconds 10] [--procs 4]
 //! ```
 //!
@@ -15,9 +15,13 @@
 //! (as in `run`), four more stores log sessions out on one and time how long until the three
 //! others refuse them.
 //!
-//! `size` (ROWS given as `--clients`) measures the store at size: the view's start-up load and
-//! bytes per session with ROWS logged-out sessions, then `purge_expired` on ROWS expired rows
-//! beside the single `DELETE` it replaced.
+//! `size` (ROWS given as `--clients`) measures the store at size: with ROWS logged-out sessions,
+//! the view's start-up load (time, peak RSS during it, RSS after it and after `malloc_trim`,
+//! beside the map's own size computed from its layout), and the reload after the listening
+//! connection is killed (how long checks fail closed); then `purge_expired` on ROWS expired rows
+//! beside the single `DELETE` it replaced. `--reuse 1` keeps the sessions table if it already
+//! holds ROWS rows (and leaves them there, unless the purge replaces them; otherwise the table is
+//! emptied at the end); `--skip-purge 1` skips the purge.
 //!
 //! `run` prints one table: for each process count, pgbench's rates (the ceilings, with as many
 //! listening connections as the store has processes: one refresh's work as a transaction of
@@ -44,7 +48,7 @@ const BENCH_ROWS: u32 = 10_000;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: pg_scale run --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--pgbench PATH] [--pool N]\n       pg_scale size --url URL --clients ROWS [--skip-view 1]\n       pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE"
+        "usage: pg_scale run --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--pgbench PATH] [--pool N]\n       pg_scale size --url URL --clients ROWS [--skip-view 1] [--skip-purge 1] [--reuse 1]\n       pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE"
     );
     std::process::exit(2)
 }
@@ -59,6 +63,8 @@ struct Args {
     out: Option<PathBuf>,
     pool: Option<usize>,
     skip_view: bool,
+    skip_purge: bool,
+    reuse: bool,
     ops: Vec<String>,
 }
 
@@ -73,6 +79,8 @@ fn parse(mut args: impl Iterator<Item = String>) -> Args {
         out: None,
         pool: None,
         skip_view: false,
+        skip_purge: false,
+        reuse: false,
         ops: vec!["refresh".into()],
     };
     while let Some(flag) = args.next() {
@@ -92,6 +100,8 @@ fn parse(mut args: impl Iterator<Item = String>) -> Args {
             "--out" => a.out = Some(value.into()),
             "--pool" => a.pool = Some(value.parse().unwrap_or_else(|_| usage())),
             "--skip-view" => a.skip_view = value == "1",
+            "--skip-purge" => a.skip_purge = value == "1",
+            "--reuse" => a.reuse = value == "1",
             "--ops" => a.ops = value.split(',').map(str::to_owned).collect(),
             _ => usage(),
         }
@@ -493,16 +503,80 @@ fn run(args: Args) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn rss_bytes() -> u64 {
+fn status_kb(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
             status
                 .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
-        .map_or(0, |kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// This process's CPU time (user and system) so far: the client's share of a load, which the
+/// wall time mixes with the server's and with whatever else the machine runs.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name (which is in parentheses): utime and stime are the
+            // 12th and 13th, in clock ticks (100 a second on Linux).
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some(ticks as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn rss_bytes() -> u64 {
+    status_kb("VmRSS:") * 1024
+}
+
+/// Resets the kernel's peak RSS (`VmHWM`) to the current RSS.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_bytes() -> u64 {
+    status_kb("VmHWM:") * 1024
+}
+
+/// Gives the allocator's free memory back to the kernel (glibc), so that the RSS that remains is
+/// what is in use.
+fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: glibc's malloc_trim takes a size and touches only the allocator's own state.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
+/// One bucket of the view's session map: a `SessionId` (a `u128`, 16-aligned) and an `Entry`
+/// (the user's key, 8 bytes, and a `SessionState`, 40), plus hashbrown's control byte.
+const BUCKET_BYTES: u64 = 16 + 48 + 1;
+
+/// The bytes of the view's session map holding `rows` sessions: hashbrown keeps at most 7/8 of
+/// its buckets full, and their number is a power of two.
+fn map_bytes(rows: u64) -> u64 {
+    let buckets = if rows < 8 {
+        8
+    } else {
+        (rows * 8).div_ceil(7).next_power_of_two()
+    };
+    buckets * BUCKET_BYTES
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.0} MB", bytes as f64 / 1e6)
 }
 
 /// The view and `purge_expired` at `args.clients` rows.
@@ -516,28 +590,90 @@ async fn size(args: Args) {
                 .expect("psql");
         }
     };
-    // Creates the tables.
-    drop(PostgresStore::connect(&args.url).await.expect("a store"));
-    setup("TRUNCATE matrix_auth_sessions".into()).await;
-    if !args.skip_view {
-        view_at_size(&args, rows, setup).await;
+    // Creates the tables (a store loads them too: only when there are none).
+    let url = args.url.clone();
+    let exists = tokio::task::spawn_blocking(move || {
+        psql_value(
+            &url,
+            "SELECT to_regclass('matrix_auth_sessions') IS NOT NULL",
+        )
+    })
+    .await
+    .expect("psql");
+    if exists != "t" {
+        drop(PostgresStore::connect(&args.url).await.expect("a store"));
     }
-    purge_at_size(&args, rows, setup).await;
+    if !args.skip_view {
+        view_at_size(&args, rows, &setup).await;
+    }
+    if !args.skip_purge {
+        purge_at_size(&args, rows, &setup).await;
+    }
+    if !args.reuse {
+        // A database shared with the tests must not keep millions of rows: every store that
+        // connects to it loads them.
+        setup("TRUNCATE matrix_auth_sessions".into()).await;
+    }
+}
+
+fn psql_value(url: &str, sql: &str) -> String {
+    let bin = pgbench_path(None).with_file_name("psql");
+    let output = Command::new(bin)
+        .args(["-qAt", "-v", "ON_ERROR_STOP=1", url, "-c", sql])
+        .output()
+        .expect("running psql");
+    assert!(output.status.success(), "psql failed: {sql}");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Samples the RSS every millisecond until `stop`; returns the highest seen (the kernel's
+/// `VmHWM` is the exact figure; this is a check on it).
+fn sample_peak(
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            peak = peak.max(rss_bytes());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        peak
+    })
 }
 
 async fn view_at_size<F: std::future::Future<Output = ()>>(
     args: &Args,
     rows: usize,
-    setup: impl Fn(String) -> F,
+    setup: &impl Fn(String) -> F,
 ) {
-    let t = Instant::now();
-    setup(format!(
-        "INSERT INTO matrix_auth_sessions SELECT md5(i::text), 0, NULL, 1, TRUE, 9223372036854775807, 1, \
-         '@user' || (i % 100000) || ':example.org' FROM generate_series(1, {rows}) i"
-    ))
-    .await;
-    let generated = t.elapsed();
+    let have = {
+        let url = args.url.clone();
+        tokio::task::spawn_blocking(move || {
+            psql_value(&url, "SELECT count(*) FROM matrix_auth_sessions")
+        })
+        .await
+        .expect("psql")
+    };
+    let generated = if args.reuse && have == rows.to_string() {
+        None
+    } else {
+        let t = Instant::now();
+        setup(format!(
+            "TRUNCATE matrix_auth_sessions; INSERT INTO matrix_auth_sessions SELECT md5(i::text), 0, NULL, 1, TRUE, 9223372036854775807, 1, \
+             '@user' || (i % 100000) || ':example.org' FROM generate_series(1, {rows}) i"
+        ))
+        .await;
+        let generated = t.elapsed();
+        // Hint bits and statistics, so that the first load does not pay for them.
+        setup("VACUUM ANALYZE matrix_auth_sessions".into()).await;
+        Some(generated)
+    };
+    trim();
     let before = rss_bytes();
+    reset_peak();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_peak(stop.clone());
+    let cpu = cpu_seconds();
     let t = Instant::now();
     let store = PostgresStore::connect_with(
         &args.url,
@@ -546,12 +682,60 @@ async fn view_at_size<F: std::future::Future<Output = ()>>(
     .await
     .expect("a store");
     let load = t.elapsed();
+    let cpu = cpu_seconds() - cpu;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = peak_bytes().max(sampler.join().expect("the sampler"));
     let after = rss_bytes();
+    trim();
+    let trimmed = rss_bytes();
+    let per = |bytes: u64| bytes.saturating_sub(before) as f64 / rows as f64;
     println!(
-        "| {rows} logged-out sessions | generated in {:.1} s | view loaded in {:.2} s | {:.0} bytes a session (RSS) |",
-        generated.as_secs_f64(),
+        "| {rows} logged-out sessions | generated in {} | loaded in {:.2} s ({:.2} s CPU here) | peak +{} ({:.0} B/session) | after +{} ({:.0} B/session), after malloc_trim +{} ({:.0} B/session) | map {} ({:.0} B/session) |",
+        generated.map_or("(reused)".to_owned(), |g| format!("{:.1} s", g.as_secs_f64())),
         load.as_secs_f64(),
-        after.saturating_sub(before) as f64 / rows as f64
+        cpu,
+        mb(peak.saturating_sub(before)),
+        per(peak),
+        mb(after.saturating_sub(before)),
+        per(after),
+        mb(trimmed.saturating_sub(before)),
+        per(trimmed),
+        mb(map_bytes(rows as u64)),
+        map_bytes(rows as u64) as f64 / rows as f64,
+    );
+    // A reconnection: the listening connection killed, the store fails closed until it has
+    // reconnected and reloaded everything (into the view it already has).
+    let before = rss_bytes();
+    reset_peak();
+    let url = args.url.clone();
+    tokio::task::spawn_blocking(move || {
+        psql_value(
+            &url,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'tower-matrix-auth'",
+        )
+    })
+    .await
+    .expect("psql");
+    let cpu = cpu_seconds();
+    let t = Instant::now();
+    while store.is_healthy() && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let noticed = t.elapsed();
+    while !store.is_healthy() && t.elapsed() < Duration::from_secs(600) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let back = t.elapsed();
+    let cpu = cpu_seconds() - cpu;
+    let peak = peak_bytes();
+    println!(
+        "| {rows} logged-out sessions, reconnection | unhealthy after {:.3} s | healthy again after {:.2} s ({:.2} s CPU here; checks refused meanwhile) | peak +{} over the loaded view ({:.0} B/session) |",
+        noticed.as_secs_f64(),
+        back.as_secs_f64(),
+        cpu,
+        mb(peak.saturating_sub(before)),
+        peak.saturating_sub(before) as f64 / rows as f64
     );
     drop(store);
 }
@@ -559,7 +743,7 @@ async fn view_at_size<F: std::future::Future<Output = ()>>(
 async fn purge_at_size<F: std::future::Future<Output = ()>>(
     args: &Args,
     rows: usize,
-    setup: impl Fn(String) -> F,
+    setup: &impl Fn(String) -> F,
 ) {
     // Purge: the same number of expired rows.
     setup(format!(
@@ -616,6 +800,8 @@ async fn fanout(args: Args) {
             out: None,
             pool: args.pool,
             skip_view: true,
+            skip_purge: true,
+            reuse: false,
             ops: vec!["refresh".into()],
         };
         let dir = dir.clone();
