@@ -696,8 +696,8 @@ fn memory_store_follows_the_readme_rules() {
     check_sequences(&runtime(), None, 256, Policy::default());
 }
 
-#[test]
-fn postgres_store_follows_the_readme_rules() {
+/// [`check_sequences`] on the test database, when there is one.
+fn check_sequences_on_postgres(cases: u32, policy: Policy) {
     if crate::common::pg::skip() {
         return;
     }
@@ -705,7 +705,12 @@ fn postgres_store_follows_the_readme_rules() {
     let store = rt
         .block_on(PostgresStore::connect(&crate::common::pg::database_url()))
         .expect("the test database answers");
-    check_sequences(&rt, Some(&store), 64, Policy::default());
+    check_sequences(&rt, Some(&store), cases, policy);
+}
+
+#[test]
+fn postgres_store_follows_the_readme_rules() {
+    check_sequences_on_postgres(64, Policy::default());
 }
 
 /// A grace window about as long as the access tokens' lifetime (the clock moves by up to 70 s a
@@ -731,14 +736,7 @@ fn memory_store_follows_the_refresh_policy() {
 
 #[test]
 fn postgres_store_follows_the_refresh_policy() {
-    if crate::common::pg::skip() {
-        return;
-    }
-    let rt = runtime();
-    let store = rt
-        .block_on(PostgresStore::connect(&crate::common::pg::database_url()))
-        .expect("the test database answers");
-    check_sequences(&rt, Some(&store), 64, POLICY);
+    check_sequences_on_postgres(64, POLICY);
 }
 
 // ---- Concurrent single-use refreshes ------------------------------------------------------------

@@ -61,6 +61,20 @@ async fn pairs(policy: RefreshPolicy) -> Vec<(&'static str, Pair)> {
     pairs
 }
 
+/// A refreshable login of a new user on `server`: its refresh token.
+fn refreshable_login(server: &Server, name: &str) -> String {
+    let request = SessionRequest::new().refresh(true);
+    let login = server.sessions.login(&user(name), &request);
+    login.refresh_token.unwrap()
+}
+
+/// A window of [`GRACE_MS`], and a replay outside it revoking the session.
+fn revoking() -> RefreshPolicy {
+    RefreshPolicy::new()
+        .grace(Duration::from_millis(GRACE_MS))
+        .on_replay(ReplayAction::RevokeSession)
+}
+
 fn user(name: &str) -> String {
     format!(
         "@{name}-{:x}:example.org",
@@ -120,10 +134,7 @@ fn assert_refused(status: StatusCode, json: &Value, what: &str) {
 async fn a_replay_within_the_grace_window_gets_a_working_pair() {
     let policy = RefreshPolicy::new().grace(Duration::from_millis(GRACE_MS));
     for (store, Pair { a, b, clock }) in pairs(policy).await {
-        let login = a
-            .sessions
-            .login(&user("grace"), &SessionRequest::new().refresh(true));
-        let r0 = login.refresh_token.unwrap();
+        let r0 = refreshable_login(&a, "grace");
         let t0 = NOW_MS;
         let _lost = refreshed(&a, &r0).await;
         clock.advance_ms(100);
@@ -156,14 +167,9 @@ async fn a_replay_within_the_grace_window_gets_a_working_pair() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_outside_the_grace_window_can_revoke_the_whole_session() {
-    let policy = RefreshPolicy::new()
-        .grace(Duration::from_millis(GRACE_MS))
-        .on_replay(ReplayAction::RevokeSession);
+    let policy = revoking();
     for (store, Pair { a, b, clock }) in pairs(policy).await {
-        let login = a
-            .sessions
-            .login(&user("revoke"), &SessionRequest::new().refresh(true));
-        let r0 = login.refresh_token.unwrap();
+        let r0 = refreshable_login(&a, "revoke");
         let (a1, r1) = refreshed(&a, &r0).await;
         assert_eq!(whoami(&a, &a1).await, StatusCode::OK, "{store}");
         // Within the window: granted, nothing revoked.
@@ -194,10 +200,7 @@ async fn a_replay_outside_the_grace_window_can_revoke_the_whole_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_default_a_replay_is_only_refused() {
     for (store, Pair { a, b, .. }) in pairs(RefreshPolicy::default()).await {
-        let login = a
-            .sessions
-            .login(&user("default"), &SessionRequest::new().refresh(true));
-        let r0 = login.refresh_token.unwrap();
+        let r0 = refreshable_login(&a, "default");
         let (a1, r1) = refreshed(&a, &r0).await;
         assert_eq!(whoami(&a, &a1).await, StatusCode::OK, "{store}");
         let (status, json) = refresh(&b, &r0).await;
@@ -211,14 +214,9 @@ async fn by_default_a_replay_is_only_refused() {
 /// within the window and nothing is revoked outside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokenrefresh_ignores_the_policy() {
-    let policy = RefreshPolicy::new()
-        .grace(Duration::from_millis(GRACE_MS))
-        .on_replay(ReplayAction::RevokeSession);
+    let policy = revoking();
     for (store, Pair { a, b, clock }) in pairs(policy).await {
-        let login = a
-            .sessions
-            .login(&user("r0"), &SessionRequest::new().refresh(true));
-        let r0 = login.refresh_token.unwrap();
+        let r0 = refreshable_login(&a, "r0");
         let tokenrefresh = |server: &Server| {
             let addr = server.addr;
             let body = refresh_body(&r0);
@@ -251,10 +249,7 @@ async fn tokenrefresh_ignores_the_policy() {
 
         // A token used up at /r0/tokenrefresh has no grace at /v3/refresh either, nor has an
         // older one: rotated at t, then its successor used up at /r0 on the other process.
-        let login = a
-            .sessions
-            .login(&user("r0-then-v3"), &SessionRequest::new().refresh(true));
-        let r0 = login.refresh_token.unwrap();
+        let r0 = refreshable_login(&a, "r0-then-v3");
         let (a1, r1) = refreshed(&a, &r0).await;
         assert_eq!(whoami(&a, &a1).await, StatusCode::OK, "{store}");
         let (status, json, _) = send(
@@ -289,10 +284,7 @@ async fn concurrent_replays_within_the_window_and_a_refresh() {
     for (store, Pair { a, b, .. }) in pairs(policy).await {
         let a = Arc::new(a);
         let b = Arc::new(b);
-        let login = a
-            .sessions
-            .login(&user("race"), &SessionRequest::new().refresh(true));
-        let r0 = login.refresh_token.unwrap();
+        let r0 = refreshable_login(&a, "race");
         let (a1, r1) = refreshed(&a, &r0).await;
         assert_eq!(whoami(&a, &a1).await, StatusCode::OK, "{store}");
         // One replay before the race, granted for certain.
@@ -340,14 +332,9 @@ async fn concurrent_replays_within_the_window_and_a_refresh() {
 /// so "revoke" leaves the session, and the other tab, alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tabs_racing_are_no_replay() {
-    let policy = RefreshPolicy::new()
-        .grace(Duration::from_millis(GRACE_MS))
-        .on_replay(ReplayAction::RevokeSession);
+    let policy = revoking();
     for (store, Pair { a, b, clock }) in pairs(policy).await {
-        let login = a
-            .sessions
-            .login(&user("tabs"), &SessionRequest::new().refresh(true));
-        let r0 = login.refresh_token.unwrap();
+        let r0 = refreshable_login(&a, "tabs");
         let (_, r1) = refreshed(&a, &r0).await; // tab A
         let (a2, _) = refreshed(&b, &r0).await; // tab B: replaces A's unused successor
         clock.advance_ms(100);
@@ -375,10 +362,7 @@ async fn an_older_process_refreshing_closes_the_window() {
     }
     let policy = RefreshPolicy::new().grace(Duration::from_millis(GRACE_MS));
     let Pair { a, b, .. } = postgres_pair(policy).await;
-    let login = a
-        .sessions
-        .login(&user("rolling"), &SessionRequest::new().refresh(true));
-    let r0 = login.refresh_token.unwrap();
+    let r0 = refreshable_login(&a, "rolling");
     let (a1, _r1) = refreshed(&a, &r0).await;
     assert_eq!(whoami(&a, &a1).await, StatusCode::OK);
     let parts = http::Request::new(()).into_parts().0;
