@@ -263,6 +263,7 @@ struct Figures {
     rate: f64,
     p50_ms: f64,
     p99_ms: f64,
+    max_ms: f64,
     errors: u64,
 }
 
@@ -279,6 +280,7 @@ fn figures(mut latencies_us: Vec<u64>, seconds: u64, errors: u64) -> Figures {
         rate: latencies_us.len() as f64 / seconds as f64,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
+        max_ms: pct(1.0),
         errors,
     }
 }
@@ -287,6 +289,7 @@ fn psql(url: &str, sql: &str) {
     let bin = pgbench_path(None).with_file_name("psql");
     let status = Command::new(bin)
         .args(["-q", "-v", "ON_ERROR_STOP=1", url, "-c", sql])
+        .stdout(std::process::Stdio::null())
         .status()
         .expect("running psql");
     assert!(status.success(), "psql failed: {sql}");
@@ -568,11 +571,26 @@ async fn purge_at_size<F: std::future::Future<Output = ()>>(
     ))
     .await;
     setup("VACUUM ANALYZE matrix_auth_sessions".into()).await;
+    // Each batch's own time, from the server's statement log (the store has no per-batch hook).
+    let log = statement_log();
+    let log_from = log
+        .as_ref()
+        .and_then(|l| std::fs::metadata(l).ok())
+        .map_or(0, |m| m.len());
+    if log.is_some() {
+        setup("ALTER SYSTEM SET log_min_duration_statement = 0".into()).await;
+        setup("SELECT pg_reload_conf()".into()).await;
+    }
     let store = PostgresStore::connect(&args.url).await.expect("a store");
     let t = Instant::now();
     let deleted = store.purge_expired().await.expect("a purge");
     let batched = t.elapsed();
     drop(store);
+    if let Some(log) = log {
+        setup("ALTER SYSTEM RESET log_min_duration_statement".into()).await;
+        setup("SELECT pg_reload_conf()".into()).await;
+        print_batches(&log, log_from);
+    }
     setup(format!(
         "INSERT INTO matrix_auth_sessions SELECT md5(i::text), 0, NULL, 1, TRUE, 1000, 1, \
          '@user' || (i % 100000) || ':example.org' FROM generate_series(1, {rows}) i"
@@ -588,6 +606,46 @@ async fn purge_at_size<F: std::future::Future<Output = ()>>(
         deleted.div_ceil(5000),
         batched.as_secs_f64() * 1000.0 / deleted.div_ceil(5000).max(1) as f64,
         single.as_secs_f64()
+    );
+}
+
+/// The server's log of the throwaway server (`scripts/postgres.sh` writes it to
+/// `$MATRIX_TEST_PG_DIR/log`), if there is one.
+fn statement_log() -> Option<PathBuf> {
+    std::env::var_os("MATRIX_TEST_PG_DIR")
+        .map(|dir| PathBuf::from(dir).join("log"))
+        .filter(|log| log.exists())
+}
+
+/// The durations the server logged (`log_min_duration_statement = 0`) for the purge's batches,
+/// the `DELETE … USING doomed` statements executed after byte `from` of `log`.
+fn print_batches(log: &Path, from: u64) {
+    use std::io::{Read, Seek};
+    let mut text = String::new();
+    let mut file = std::fs::File::open(log).expect("the server's log");
+    file.seek(std::io::SeekFrom::Start(from))
+        .expect("seeking the log");
+    file.read_to_string(&mut text).expect("reading the log");
+    // `… LOG:  duration: 53.712 ms  execute s3: WITH doomed AS (…) DELETE FROM …`
+    let mut us: Vec<u64> = text
+        .lines()
+        .filter(|l| l.contains("execute") && l.contains("DELETE FROM matrix_auth_sessions"))
+        .filter_map(|l| l.split("duration: ").nth(1)?.split(' ').next()?.parse::<f64>().ok())
+        .map(|ms| (ms * 1000.0) as u64)
+        .collect();
+    let (first, last) = (us.first().copied(), us.last().copied());
+    let n = us.len();
+    let total_ms = us.iter().sum::<u64>() as f64 / 1000.0;
+    let f = figures(std::mem::take(&mut us), 1, 0);
+    let ms = |v: Option<u64>| v.map_or(f64::NAN, |v| v as f64 / 1000.0);
+    println!(
+        "| purge batches (server-side, {n} logged) | mean {:.1} ms | p50 {:.1} ms | p99 {:.1} ms | max {:.1} ms | first {:.1} ms, last {:.1} ms |",
+        total_ms / n.max(1) as f64,
+        f.p50_ms,
+        f.p99_ms,
+        f.max_ms,
+        ms(first),
+        ms(last)
     );
 }
 
