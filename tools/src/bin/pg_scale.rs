@@ -10,7 +10,8 @@
 //! pg_scale size --url URL --clients ROWS [--skip-view 1]
 //! pg_scale fanout --url URL [--clients 16] [--seconds 10] [--procs 4]
 //! pg_scale http --url URL [--clients 16] [--seconds 10] [--procs 1,2,4] [--fanout 1]
-//!               [--ops login,refresh,tokenrefresh,logout,logout-all] [--homeserver PATH]
+//!               [--ops login,refresh,tokenrefresh,logout,logout-all] [--sticky 1]
+//!               [--homeserver PATH]
 //! ```
 //!
 //! `http` measures the same operations through the example homeserver
@@ -19,7 +20,8 @@
 //! secret, `RUST_LOG=warn`), and one client process (a single-threaded tokio runtime, so that it
 //! takes at most one of the cores it shares with the servers and PostgreSQL) runs `--clients`
 //! clients, each with a keep-alive HTTP/1.1 connection to every process, its requests going
-//! round-robin over them. One request each: `login` is `POST /v3/login` (password, with a
+//! round-robin over them (`--sticky 1`: client `i` sends all of its requests to process
+//! `i % procs`, as behind a load balancer that keeps a client on one process). One request each: `login` is `POST /v3/login` (password, with a
 //! refresh token); `refresh` and `tokenrefresh` are chains of `POST /v3/refresh` and
 //! `/r0/tokenrefresh`, each with the refresh token of the previous answer (on whichever process
 //! the previous refresh ran: one write that promotes the previous generation and mints the next,
@@ -70,7 +72,7 @@ const BENCH_ROWS: u32 = 10_000;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: pg_scale run --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--pgbench PATH] [--pool N]\n       pg_scale http --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--ops login,refresh,tokenrefresh,logout,logout-all] [--fanout 1] [--homeserver PATH]\n       pg_scale size --url URL --clients ROWS [--skip-view 1]\n       pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE"
+        "usage: pg_scale run --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--pgbench PATH] [--pool N]\n       pg_scale http --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--ops login,refresh,tokenrefresh,logout,logout-all] [--fanout 1] [--sticky 1] [--homeserver PATH]\n       pg_scale size --url URL --clients ROWS [--skip-view 1]\n       pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE"
     );
     std::process::exit(2)
 }
@@ -91,6 +93,9 @@ struct Args {
     homeserver: Option<PathBuf>,
     /// `http`: also time the NOTIFY fan-out between four homeserver processes.
     fanout: bool,
+    /// `http`: each client sends every request to one process (client `i` to process
+    /// `i % procs`) instead of round-robin.
+    sticky: bool,
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Args {
@@ -107,6 +112,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Args {
         ops: vec!["refresh".into()],
         homeserver: None,
         fanout: false,
+        sticky: false,
     };
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
@@ -128,6 +134,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Args {
             "--ops" => a.ops = value.split(',').map(str::to_owned).collect(),
             "--homeserver" => a.homeserver = Some(value.into()),
             "--fanout" => a.fanout = value == "1",
+            "--sticky" => a.sticky = value == "1",
             _ => usage(),
         }
     }
@@ -728,6 +735,7 @@ async fn fanout(args: Args) {
             ops: vec!["refresh".into()],
             homeserver: None,
             fanout: false,
+            sticky: false,
         };
         let dir = dir.clone();
         std::thread::spawn(move || store(&args, procs, &dir))
@@ -1013,6 +1021,7 @@ mod over_http {
         begin: Instant,
         end: Instant,
         mint: Rc<Sessions>,
+        sticky: bool,
     ) -> Tally {
         let mut conns: Vec<Conn> = addrs.iter().map(|&a| Conn::new(a)).collect();
         let procs = conns.len();
@@ -1040,7 +1049,7 @@ mod over_http {
         tokio::time::sleep_until(begin.into()).await;
         let mut k = i;
         while Instant::now() < end {
-            let conn = &mut conns[k % procs];
+            let conn = &mut conns[if sticky { i % procs } else { k % procs }];
             k += 1;
             let t = Instant::now();
             let answer = match op {
@@ -1127,7 +1136,15 @@ mod over_http {
         let end = begin + Duration::from_secs(args.seconds);
         let tasks: Vec<_> = (0..args.clients)
             .map(|i| {
-                tokio::task::spawn_local(client(i, op, addrs.clone(), begin, end, mint.clone()))
+                tokio::task::spawn_local(client(
+                    i,
+                    op,
+                    addrs.clone(),
+                    begin,
+                    end,
+                    mint.clone(),
+                    args.sticky,
+                ))
             })
             .collect();
         let mut tally = Tally::default();
@@ -1162,8 +1179,14 @@ mod over_http {
             )
         });
         println!(
-            "HTTP: {} clients (one keep-alive connection to each homeserver process, requests round-robin), {} s a run; login = POST /v3/login with a refresh token; refresh, tokenrefresh = a chain of POST /v3/refresh (/r0/tokenrefresh), each with the previous answer's refresh token; logout, logout-all = POST /v3/logout (/logout/all) of a session minted by the client",
-            args.clients, args.seconds
+            "HTTP: {} clients (one keep-alive connection to each homeserver process, requests {}), {} s a run; login = POST /v3/login with a refresh token; refresh, tokenrefresh = a chain of POST /v3/refresh (/r0/tokenrefresh), each with the previous answer's refresh token; logout, logout-all = POST /v3/logout (/logout/all) of a session minted by the client",
+            args.clients,
+            if args.sticky {
+                "each to one process (sticky)"
+            } else {
+                "round-robin"
+            },
+            args.seconds
         );
         println!(
             "| processes | operation | pgbench tx req/s (p50 / p99 ms) | pgbench 1-statement req/s (p50 / p99 ms) | HTTP req/s (p50 / p99 ms) | non-2xx | HTTP / tx | HTTP / 1-statement |"
