@@ -237,6 +237,7 @@ async fn worker(args: Args) {
             tokio::time::sleep_until(begin.into()).await;
             let mut latencies = Vec::new();
             let mut errors = 0u64;
+            let mut first_error = None;
             while Instant::now() < end {
                 let t = Instant::now();
                 let ok = match op.as_str() {
@@ -251,7 +252,10 @@ async fn worker(args: Args) {
                                 refresh = next.refresh_token.expect("a refresh token");
                                 true
                             }
-                            Err(_) => false,
+                            Err(e) => {
+                                first_error.get_or_insert_with(|| format!("{e:?}"));
+                                false
+                            }
                         }
                     }
                     // A login (nothing stored), then its logout: one write.
@@ -265,11 +269,15 @@ async fn worker(args: Args) {
                                 &parts,
                             )
                             .expect("a valid token");
-                        if op == "logout" {
-                            sessions.logout(&who).await.is_ok()
+                        let outcome = if op == "logout" {
+                            sessions.logout(&who).await
                         } else {
-                            sessions.logout_all(&who).await.is_ok()
+                            sessions.logout_all(&who).await
+                        };
+                        if let Err(e) = &outcome {
+                            first_error.get_or_insert_with(|| e.to_string());
                         }
+                        outcome.is_ok()
                     }
                     other => panic!("unknown op {other}"),
                 };
@@ -279,14 +287,18 @@ async fn worker(args: Args) {
                     errors += 1;
                 }
             }
-            (latencies, errors)
+            (latencies, errors, first_error)
         }));
     }
     let mut out = String::new();
     let mut errors = 0;
     for task in tasks {
-        let (latencies, e) = task.await.expect("a worker task");
+        let (latencies, e, first_error) = task.await.expect("a worker task");
         errors += e;
+        if let Some(error) = first_error {
+            // The first error of each task, on standard error (the table counts them all).
+            eprintln!("pg_scale worker {}: {error}", std::process::id());
+        }
         for l in latencies {
             let _ = writeln!(out, "{l}");
         }
