@@ -10,7 +10,7 @@
 //! pg_scale size --url URL --clients ROWS [--skip-view 1]
 //! pg_scale fanout --url URL [--clients 16] [--seconds 10] [--procs 4]
 //! pg_scale http --url URL [--clients 16] [--seconds 10] [--procs 1,2,4] [--fanout 1]
-//!               [--ops login,refresh,tokenrefresh,logout,logout-all] [--sticky 1]
+//!               [--ops login,refresh,tokenrefresh,logout,logout-all] [--sticky 1] [--pool N]
 //!               [--homeserver PATH]
 //! ```
 //!
@@ -21,7 +21,8 @@
 //! takes at most one of the cores it shares with the servers and PostgreSQL) runs `--clients`
 //! clients, each with a keep-alive HTTP/1.1 connection to every process, its requests going
 //! round-robin over them (`--sticky 1`: client `i` sends all of its requests to process
-//! `i % procs`, as behind a load balancer that keeps a client on one process). One request each: `login` is `POST /v3/login` (password, with a
+//! `i % procs`, as behind a load balancer that keeps a client on one process; `--pool N`: each
+//! homeserver's `MATRIX_DATABASE_POOL`). One request each: `login` is `POST /v3/login` (password, with a
 //! refresh token); `refresh` and `tokenrefresh` are chains of `POST /v3/refresh` and
 //! `/r0/tokenrefresh`, each with the refresh token of the previous answer (on whichever process
 //! the previous refresh ran: one write that promotes the previous generation and mints the next,
@@ -72,7 +73,7 @@ const BENCH_ROWS: u32 = 10_000;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: pg_scale run --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--pgbench PATH] [--pool N]\n       pg_scale http --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--ops login,refresh,tokenrefresh,logout,logout-all] [--fanout 1] [--sticky 1] [--homeserver PATH]\n       pg_scale size --url URL --clients ROWS [--skip-view 1]\n       pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE"
+        "usage: pg_scale run --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--pgbench PATH] [--pool N]\n       pg_scale http --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--ops login,refresh,tokenrefresh,logout,logout-all] [--fanout 1] [--sticky 1] [--pool N] [--homeserver PATH]\n       pg_scale size --url URL --clients ROWS [--skip-view 1]\n       pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE"
     );
     std::process::exit(2)
 }
@@ -858,7 +859,11 @@ mod over_http {
         (0..procs)
             .map(|i| {
                 let log = dir.join(format!("homeserver_{procs}_{i}.log"));
-                let mut child = Command::new(homeserver(args.homeserver.as_deref()))
+                let mut command = Command::new(homeserver(args.homeserver.as_deref()));
+                if let Some(pool) = args.pool {
+                    command.env("MATRIX_DATABASE_POOL", pool.to_string());
+                }
+                let mut child = command
                     .env("MATRIX_LISTEN", "127.0.0.1:0")
                     .env("MATRIX_DATABASE_URL", &args.url)
                     .env("MATRIX_MACAROON_SECRET", SECRET)
@@ -1280,7 +1285,8 @@ mod over_http {
         logouts: u64,
         /// From the logout's 200 to the first 401 on another process, µs.
         delays: Vec<u64>,
-        /// Every whoami poll's round trip, µs.
+        /// The round trip of each poll that saw the 401, µs: how late the refusal may have been
+        /// seen (it happened between that poll's request and its answer, or before).
         rtts: Vec<u64>,
         first_poll: u64,
         missed: u64,
@@ -1324,7 +1330,7 @@ mod over_http {
         let fan = figures(probe.delays, 1, 0);
         let rtt = figures(probe.rtts, 1, 0);
         format!(
-            "| fan-out, {} processes, {:.0} refreshes/s ({load_errors} non-2xx) | {} logouts, {timed} refusals timed, {:.0}% at the first poll | logout's 200 → first 401 elsewhere: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms | whoami poll round trip (the resolution): p50 {:.2} ms, p99 {:.2} ms |",
+            "| fan-out, {} processes, {:.0} refreshes/s ({load_errors} non-2xx) | {} logouts, {timed} refusals timed, {:.0}% at the first poll | logout's 200 → first 401 elsewhere: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms | the 401 poll's round trip (the resolution): p50 {:.2} ms, p99 {:.2} ms |",
             addrs.len(),
             load_rate,
             probe.logouts,
@@ -1394,7 +1400,9 @@ mod over_http {
             });
             for (delay, rtts, wrong) in futures_join(polls).await {
                 let polls = rtts.len();
-                p.rtts.extend(rtts);
+                if delay.is_some() {
+                    p.rtts.extend(rtts.last());
+                }
                 match (delay, wrong) {
                     (Some(d), _) => {
                         p.delays.push(d.as_micros() as u64);
