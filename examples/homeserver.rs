@@ -131,6 +131,7 @@
 //! | `MATRIX_REFRESH_TOKEN_LIFETIME_MS` | refresh token lifetime                            | never expire |
 //! | `MATRIX_ACCESS_TOKEN_LIFETIME_MS` | access token lifetime without a refresh token      | never expire |
 //! | `MATRIX_DATABASE_URL`      | PostgreSQL for revocation state shared by processes      | in memory  |
+//! | `MATRIX_DATABASE_POOL`     | the most writing connections to it (`PostgresOptions::max_connections`, at least 1) | `8` |
 //! | `MATRIX_APPSERVICE_TOKEN`  | register one application service with this `as_token`     | none       |
 //! | `MATRIX_APPSERVICE_SENDER` | its sender user id                                        | `@appservice:<server name>` |
 //! | `MATRIX_APPSERVICE_NAMESPACE` | its (exclusive) user namespace regex                   | none       |
@@ -243,7 +244,7 @@ use tower_matrix_auth::{
     lifecycle::SessionRequest,
     macaroon::{is_valid_user_id, RECOMMENDED_SECRET_LEN},
     routes::is_whoami_route,
-    store::{RefreshPolicy, ReplayAction, TokenStore},
+    store::{PostgresOptions, RefreshPolicy, ReplayAction, TokenStore},
     Credential, Issuer, KeyRing, MacaroonSecret, MatrixAuthLayer, MatrixUser, MemoryStore,
     PostgresStore, Sessions, TokenType, Verifier,
 };
@@ -318,7 +319,11 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let store: Arc<dyn TokenStore> = match std::env::var("MATRIX_DATABASE_URL") {
         Ok(url) if !url.is_empty() => {
             tracing::info!("revocation state in PostgreSQL");
-            let store = PostgresStore::connect(&url).await?;
+            let mut options = PostgresOptions::default();
+            if let Some(pool) = env_number("MATRIX_DATABASE_POOL")? {
+                options = options.max_connections(usize::try_from(pool)?);
+            }
+            let store = PostgresStore::connect_with(&url, options).await?;
             // The view forgets expired state by itself; deleting expired rows is up to us.
             let purger = store.clone();
             tokio::spawn(async move {

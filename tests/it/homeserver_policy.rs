@@ -1077,32 +1077,42 @@ async fn leeway_sweep_and_login_token_lifetime() {
 }
 
 /// Configurations the server refuses to start with: an empty secret, a zero sweep interval, a
-/// malformed account list.
+/// malformed account list, a pool size that is not a number (before connecting).
 #[test]
 fn refused_at_start() {
     for (env, message) in [
         (
-            ("MATRIX_MACAROON_SECRET", ""),
+            &[("MATRIX_MACAROON_SECRET", "")][..],
             "MATRIX_MACAROON_SECRET is set but empty",
         ),
         (
-            ("MATRIX_SWEEP_INTERVAL_MS", "0"),
+            &[("MATRIX_SWEEP_INTERVAL_MS", "0")],
             "MATRIX_SWEEP_INTERVAL_MS must be at least 1",
         ),
         (
-            ("MATRIX_LOCKED_USERS", "bob,@not a user id"),
+            &[("MATRIX_LOCKED_USERS", "bob,@not a user id")],
             "MATRIX_LOCKED_USERS: `@not a user id` is not a Matrix user id",
         ),
         (
-            ("MATRIX_REFRESH_REPLAY", "revoke"),
+            &[("MATRIX_REFRESH_REPLAY", "revoke")],
             "MATRIX_REFRESH_REPLAY must be `error` or `revoke_session`, not `revoke`",
         ),
         (
-            ("MATRIX_REFRESH_GRACE_MS", "15s"),
+            &[("MATRIX_REFRESH_GRACE_MS", "15s")],
             "MATRIX_REFRESH_GRACE_MS must be a whole number, not `15s`",
         ),
+        (
+            &[
+                (
+                    "MATRIX_DATABASE_URL",
+                    "postgresql://postgres@127.0.0.1:1/none",
+                ),
+                ("MATRIX_DATABASE_POOL", "eight"),
+            ],
+            "MATRIX_DATABASE_POOL must be a whole number, not `eight`",
+        ),
     ] {
-        let mut child = command(&[env])
+        let mut child = command(env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
