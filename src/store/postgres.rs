@@ -129,10 +129,17 @@ const REVOKE_USER: &str = "WITH f AS (INSERT INTO matrix_auth_users VALUES ($1::
     SELECT revoked_before_ms, \
         pg_notify('matrix_auth_revocations', 'u ' || revoked_before_ms || ' ' || $1::TEXT) FROM f";
 
-/// One batch of `purge_expired`: rows a writer holds are skipped (the next run gets them).
-const PURGE: &str = "WITH doomed AS (SELECT session_id FROM matrix_auth_sessions \
-    WHERE until_ms <= $1::BIGINT LIMIT $2::BIGINT FOR UPDATE SKIP LOCKED) \
-    DELETE FROM matrix_auth_sessions s USING doomed WHERE s.session_id = doomed.session_id";
+/// One batch of `purge_expired`: the `$2` expired rows (`until_ms <= $1`) with the earliest
+/// `until_ms` from `$3` on, found through the `until_ms` index in its order and deleted by their
+/// row ids; rows a writer holds are skipped (the next run gets them). Returns how many and the
+/// latest `until_ms` deleted, where the next batch starts: so that no batch walks again past the
+/// index entries of the rows the batches before it deleted, nor scans the table.
+const PURGE: &str = "WITH gone AS (DELETE FROM matrix_auth_sessions WHERE ctid = ANY(ARRAY( \
+        SELECT ctid FROM matrix_auth_sessions \
+        WHERE until_ms <= $1::BIGINT AND until_ms >= $3::BIGINT \
+        ORDER BY until_ms LIMIT $2::BIGINT FOR UPDATE SKIP LOCKED)) \
+    RETURNING until_ms) \
+    SELECT count(*), max(until_ms) FROM gone";
 
 /// A write given up (see `PostgresStore::bounded`): its connection may be dead, so it does not
 /// go back to the pool.
@@ -769,22 +776,24 @@ impl PostgresStore {
     /// locks or runs long on a large table.
     pub async fn purge_expired(&self) -> Result<u64, BackendError> {
         let now = self.shared.clock.now_ms();
-        let mut deleted = 0;
+        let (mut deleted, mut from) = (0, i64::MIN);
         loop {
             let client = self.connection().await?;
             let outcome = self
                 .bounded(async {
                     let purge = client.prepare_cached(PURGE).await.map_err(db_error)?;
                     client
-                        .execute(&purge, &[&to_i64(now), &PURGE_BATCH])
+                        .query_one(&purge, &[&to_i64(now), &PURGE_BATCH, &from])
                         .await
                         .map_err(db_error)
                 })
                 .await;
-            let batch = settle(client, outcome)?;
-            deleted += batch;
-            if batch < PURGE_BATCH as u64 {
-                break;
+            let row = settle(client, outcome)?;
+            let batch: i64 = row.get(0);
+            deleted += u64::try_from(batch).unwrap_or(0);
+            match row.get::<_, Option<i64>>(1) {
+                Some(latest) if batch >= PURGE_BATCH => from = latest,
+                _ => break,
             }
         }
         self.write_view().sweep(now);
