@@ -33,8 +33,8 @@ pub enum RefreshMode {
 
 /// What a `/v3/refresh` does with a *replay*: a refresh token of a session that is still logged
 /// in, whose successor (or a later generation) has been used. A successor replaced before anyone
-/// used it (two tabs refreshed the same token) is refused but is no replay: nobody else used the
-/// session through it. See [`Sessions::refresh_policy`](crate::Sessions::refresh_policy).
+/// used it (two tabs refreshed the same token) shares the grace window of the token whose refresh
+/// minted it; outside it, it is refused but is no replay: nobody else used the session through it. See [`Sessions::refresh_policy`](crate::Sessions::refresh_policy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum ReplayAction {
@@ -66,8 +66,8 @@ impl RefreshPolicy {
     /// A replay of a refresh token within `grace` of that token's first refresh (a client that
     /// lost the response, or two of its tabs racing) gets a fresh pair of the generation in use
     /// instead of an error, as tuwunel's `refresh_token_reuse_grace`. Only the generation most
-    /// recently refreshed has a grace: once the generation after it is refreshed in turn, it has
-    /// none left.
+    /// recently refreshed has a grace (shared with the successors its refreshes minted that were
+    /// replaced before anyone used them): once anything is refreshed again, it has none left.
     pub fn grace(mut self, grace: Duration) -> Self {
         self.grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
         self
@@ -381,23 +381,16 @@ impl SessionState {
         if request.mode == RefreshMode::SingleUse {
             return RefreshOutcome::Refused;
         }
-        // The record names the generation last refreshed, and nothing was refreshed since.
-        let current = (
-            self.refreshed_generation,
-            self.refreshed_next == self.next_generation,
-        );
-        // Never used, so no replay: above the generation in use (which only grows, and every
-        // generation used was in use), or minted by the recorded generation's refreshes (only
-        // one of which can have been used: the one in use).
-        let never_used = generation > self.live_generation
-            || matches!(current, (Some(last), true) if generation > last);
-        if never_used {
-            return RefreshOutcome::Refused;
-        }
+        // The generation last refreshed, if nothing was refreshed since.
+        let last = self
+            .refreshed_generation
+            .filter(|_| self.refreshed_next == self.next_generation);
+        // Minted by the last generation's refreshes and not in use: replaced before anyone used
+        // it (only one of them can have been used: the one in use).
+        let minted_by_last = last.is_some_and(|last| generation > last);
         let policy = request.policy;
-        let in_grace = current == (Some(generation), true)
-            && request.now_ms < self.refreshed_at_ms.saturating_add(policy.grace_ms);
-        if in_grace {
+        let in_window = request.now_ms < self.refreshed_at_ms.saturating_add(policy.grace_ms);
+        if in_window && (last == Some(generation) || minted_by_last) {
             // The pair minted is of the generation in use: valid at once, and as strong as what
             // the client that moved the session on holds, no more.
             if request.until_ms > self.until_ms {
@@ -405,6 +398,11 @@ impl SessionState {
                 self.version += 1;
             }
             return RefreshOutcome::GrantedInGrace(self.live_generation);
+        }
+        // Never used (above the generation in use, which only grows, or replaced before use):
+        // refused, and no replay.
+        if generation > self.live_generation || minted_by_last {
+            return RefreshOutcome::Refused;
         }
         let session_revoked = policy.on_replay == ReplayAction::RevokeSession;
         if session_revoked {
@@ -613,7 +611,8 @@ mod tests {
     }
 
     /// Two tabs refreshed the same token before either used its successor: the one replaced
-    /// was never used, so presenting it is no replay, and "revoke" leaves the session alone.
+    /// was never used, so presenting it is no replay, and "revoke" leaves the session alone;
+    /// within the window it gets a pair, as the token both tabs refreshed does.
     #[test]
     fn a_successor_replaced_before_its_first_use_is_refused_but_no_replay() {
         let policy = RefreshPolicy::new()
@@ -623,14 +622,21 @@ mod tests {
         let mut s = SessionState::default();
         assert_eq!(s.refresh(0, &at(1_000)), RefreshOutcome::Granted(1));
         assert_eq!(s.refresh(0, &at(1_001)), RefreshOutcome::Granted(2));
-        // Above the generation in use.
-        assert_eq!(s.refresh(1, &at(1_002)), RefreshOutcome::Refused);
+        // Above the generation in use, within the window: the pair in use.
+        assert_eq!(s.refresh(1, &at(1_002)), RefreshOutcome::GrantedInGrace(0));
         s.promote(2);
         // Below it now, but minted by the recorded generation's refreshes.
-        assert_eq!(s.refresh(1, &at(1_003)), RefreshOutcome::Refused);
-        assert_eq!((s.revoked, s.verdict(2)), (false, Verdict::Active));
-        // The token both tabs refreshed is a replay, within the window.
+        assert_eq!(s.refresh(1, &at(1_003)), RefreshOutcome::GrantedInGrace(2));
         assert_eq!(s.refresh(0, &at(1_004)), RefreshOutcome::GrantedInGrace(2));
+        // Outside the window: refused, and still no replay for the one never used.
+        assert_eq!(s.refresh(1, &at(61_000)), RefreshOutcome::Refused);
+        assert_eq!((s.revoked, s.verdict(2)), (false, Verdict::Active));
+        assert_eq!(
+            s.refresh(0, &at(61_000)),
+            RefreshOutcome::Replayed {
+                session_revoked: true
+            }
+        );
     }
 
     #[test]

@@ -39,10 +39,11 @@
 //!   clock, the session's expiry the latest `time <` of its tokens so far; the docs' caveats.
 //! - The refresh policy (`docs/sessions.md`, "The refresh policy"): a *replay* is a refresh token
 //!   at `/v3/refresh` of a session still logged in whose standing is revoked, and which was used
-//!   (not a successor replaced before its first use). Within the grace
-//!   window of the generation most recently refreshed there (from its first refresh), it mints
-//!   the live generation again and changes nothing else; outside, it is refused and, with
-//!   "revoke", logs the session out. `/r0/tokenrefresh` refuses replays only, and forgets the
+//!   (not a successor replaced before its first use). Within the grace window of the generation
+//!   most recently refreshed there (from its first refresh), its token and the successors its
+//!   refreshes minted that were replaced mint the live generation again and change nothing else;
+//!   outside, a replay is refused and, with "revoke", logs the session out, a replaced successor
+//!   only refused. `/r0/tokenrefresh` refuses replays only, and forgets the
 //!   session's last `/v3/refresh` (no window left).
 //! - A token once refused stays refused (refresh endpoints, login tokens, the layer) unless a
 //!   sweep forgot the state that refused it, or a refresh may still mint its generation, or it
@@ -755,14 +756,20 @@ impl Model {
         if user_revoked {
             return Err(refused);
         }
+        // Within the window of the generation last rotated: that generation's token, or one its
+        // rotations minted (a successor replaced before anyone used it).
         let in_window = |state: &State| {
-            state.last_rotated.is_some_and(|(generation, first)| {
-                generation == at.generation && now < first.saturating_add(policy.grace_ms)
+            state.last_rotated.is_some_and(|(last, first)| {
+                at.generation >= last && now < first.saturating_add(policy.grace_ms)
             })
         };
         match state.standing(at.generation) {
             Standing::Revoked if state.logged_out => return Err(refused),
             Standing::Revoked => {
+                if mode == RefreshMode::Rotating && in_window(state) {
+                    state.until = state.until.max(until);
+                    return Ok(state.live);
+                }
                 // A successor replaced before anyone used it: refused, no replay. Generations
                 // are used in order, so one above the live one was never used; nor was one that
                 // the last rotated generation's refreshes minted and that is not live.
@@ -771,14 +778,8 @@ impl Model {
                         .last_rotated
                         .is_some_and(|(last, _)| at.generation > last);
                 // A replay.
-                if mode == RefreshMode::Rotating && !never_used {
-                    if in_window(state) {
-                        state.until = state.until.max(until);
-                        return Ok(state.live);
-                    }
-                    if policy.revoke {
-                        state.revoke(until);
-                    }
+                if mode == RefreshMode::Rotating && !never_used && policy.revoke {
+                    state.revoke(until);
                 }
                 // A single-use refusal inside a window may still be granted at /v3/refresh.
                 let for_good = state.for_good(at.generation) && !in_window(state);
