@@ -331,7 +331,9 @@ async fn listen_and_load(shared: &Shared, listener: &Client) -> Result<(), tokio
         .get(0);
     // The map at its final size at once: no doubling and rehashing while it fills, and no old
     // table beside the new one at each doubling.
-    write_view(shared).reserve_sessions(usize::try_from(rows).unwrap_or(0));
+    shared
+        .write_view()
+        .reserve_sessions(usize::try_from(rows).unwrap_or(0));
     load_in_batches(
         listener,
         &format!("SELECT * {live}"),
@@ -352,12 +354,16 @@ async fn listen_and_load(shared: &Shared, listener: &Client) -> Result<(), tokio
         shared,
     )
     .await?;
-    write_view(shared).loaded();
+    shared.write_view().loaded();
     listener.batch_execute("COMMIT").await
 }
 
-fn write_view(shared: &Shared) -> RwLockWriteGuard<'_, View> {
-    shared.view.write().unwrap_or_else(|e| e.into_inner())
+impl Shared {
+    /// The view, to change (a lock poisoned by a panic elsewhere still guards consistent maps,
+    /// as in the memory store: every update is a single insert or field write).
+    fn write_view(&self) -> RwLockWriteGuard<'_, View> {
+        self.view.write().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Runs `query` through a cursor (in the caller's transaction) and applies each row to the view,
@@ -399,7 +405,7 @@ async fn load_in_batches(
         })
         .await;
         {
-            let mut view = write_view(shared);
+            let mut view = shared.write_view();
             for row in &batch {
                 apply(&mut view, row);
             }
@@ -467,7 +473,7 @@ impl PostgresStore {
     }
 
     fn write_view(&self) -> RwLockWriteGuard<'_, View> {
-        self.shared.view.write().unwrap_or_else(|e| e.into_inner())
+        self.shared.write_view()
     }
 
     fn unavailable() -> BackendError {

@@ -482,7 +482,7 @@ async fn drive_listener(
                     // Another process's heartbeat.
                     Some(None) => {}
                     None => {
-                        let mut view = shared.view.write().unwrap_or_else(|e| e.into_inner());
+                        let mut view = shared.write_view();
                         apply_notification(&mut view, n.payload());
                         // Every write anywhere lands here: forget expired state as the memory
                         // store does, or the view grows with every logout ever.
