@@ -75,6 +75,15 @@ use tower_matrix_auth::{Issuer, KeyRing, MacaroonSecret, PostgresStore, Sessions
 const SECRET: &str = "pg_scale macaroon secret";
 const BENCH_ROWS: u32 = 10_000;
 
+/// The runtime `size`, `fanout` and `worker` run on (multi-threaded, two workers).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: pg_scale run --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--pgbench PATH] [--pool N]\n       pg_scale http --url URL [--clients N] [--seconds S] [--procs 1,2,4] [--ops login,refresh,tokenrefresh,logout,logout-all] [--fanout 1] [--sticky 1] [--pool N] [--homeserver PATH]\n       pg_scale size --url URL --clients ROWS [--skip-view 1] [--skip-purge 1] [--reuse 1]\n       pg_scale worker --url URL --clients N --seconds S --start-ms T --out FILE"
@@ -176,30 +185,15 @@ fn main() {
         }
         Some("size") => {
             let args = parse(args);
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("a tokio runtime")
-                .block_on(size(args));
+            runtime().block_on(size(args));
         }
         Some("fanout") => {
             let args = parse(args);
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("a tokio runtime")
-                .block_on(fanout(args));
+            runtime().block_on(fanout(args));
         }
         Some("worker") => {
             let args = parse(args);
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("a tokio runtime")
-                .block_on(worker(args));
+            runtime().block_on(worker(args));
         }
         _ => usage(),
     }
